@@ -1,0 +1,248 @@
+"""The target model: a Llama-style decoder in plain PyTorch, its loaders and its tokenizer.
+
+Everything the speculative decoder verifies against lives here:
+
+* `Transformer` -- token embedding, `n_layers` x (RMSNorm, grouped-query attention with
+  rotary embeddings, RMSNorm, SwiGLU MLP), final RMSNorm, LM head (tied or not).
+  `forward(tokens, input_pos, mask, cache)` returns the logits *and* the last hidden state
+  after the final norm: that feature f_t is what EAGLE drafters read (study eq. 3).
+  Explicit position ids plus a boolean mask let one call score a whole draft *tree*
+  (each node sees the prefix and its own ancestors, position = prefix length + depth),
+  which is how verification (study eq. 5, Lemma A.2) is done in a single target call.
+* `KVCache` -- append a block, then `keep` only the accepted path of a verified tree.
+* Loaders for Hugging Face checkpoint directories and the embedded default target.
+
+Module names equal the Hugging Face `LlamaForCausalLM` names (minus the `model.` prefix),
+so checkpoints load and save without a renaming table.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class TapsError(Exception):
+    """A one-line, user-facing error: what went wrong, where, and what to do."""
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class ModelArgs:
+    dim: int = 576                 # hidden size H
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3            # grouped-query attention: n_heads / n_kv_heads queries share a K/V head
+    vocab_size: int = 49152
+    hidden_dim: int = 1536         # SwiGLU intermediate size
+    head_dim: Optional[int] = None  # defaults to dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    rope_scaling: Optional[dict] = None  # Llama-3.1 style {"rope_type": "llama3", ...}
+    tie_embeddings: bool = True
+    qkv_bias: bool = False         # Qwen2-style biases on q/k/v projections
+    max_seq_len: int = 8192
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int | list] = None
+    name: str = ""                 # identity of the checkpoint, recorded in drafters and results
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise TapsError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+
+# ----------------------------------------------------------------------------- layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 (as HF does) so bf16 runs match the reference closely.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Rotary frequencies theta^(-2i/d), with Llama-3.1's long-context rescaling if configured."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return scaled.float()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, nh, T, hd); cos/sin: (B, 1, T, hd). HF convention: pairs are (i, i + hd/2).
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: Optional["KVCache"], layer: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                                            # (B, nkv, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)   # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer. The drafter reuses it with `input_layernorm` = Identity."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Preallocated keys/values for `n_layers` layers, all sharing one `length`.
+
+    A forward call appends its T new positions at [length, length + T); `keep` then retains
+    only chosen new positions (the accepted path of a verified tree) and drops the rest.
+    """
+
+    def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer, k, v):
+        L, T = self.length, k.shape[2]
+        if L + T > self.max_len:
+            raise TapsError(f"KV cache is full ({L} + {T} > max_len {self.max_len}): raise max_len or shorten the prompt")
+        self.k[layer][:, :, L:L + T] = k
+        self.v[layer][:, :, L:L + T] = v
+        return self.k[layer][:, :, :L + T], self.v[layer][:, :, :L + T]
+
+    def keep(self, start: int, idx: torch.Tensor):
+        """Keep positions start + idx (in that order) at start, start+1, ...; drop everything after."""
+        idx = torch.as_tensor(idx, device=self.k[0].device) + start
+        for buf in self.k + self.v:
+            buf[:, :, start:start + len(idx)] = buf.index_select(2, idx)
+        self.length = start + len(idx)
+
+    def truncate(self, length: int):
+        self.length = length
+
+
+# ----------------------------------------------------------------------------- model
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def head(self, h):
+        """LM head on final-norm features (shared, frozen, by the drafter)."""
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, w)
+
+    def rope(self, input_pos, dtype):
+        freqs = input_pos[..., None].float() * self.inv_freq        # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]             # (B, 1, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def new_cache(self, batch_size=1, max_len=None, dtype=None, device=None) -> KVCache:
+        p = self.embed_tokens.weight
+        return KVCache(self.args.n_layers, batch_size, self.args.n_kv_heads, max_len or self.args.max_seq_len,
+                       self.args.head_dim, dtype or p.dtype, device or p.device)
+
+    def forward(self, tokens, input_pos=None, mask=None, cache: Optional[KVCache] = None, last_only=False):
+        """Score T new tokens after the `cache.length` cached ones.
+
+        tokens: (B, T) ids. input_pos: (B, T) rotary positions (default: consecutive after the
+        cache). mask: (B, T, T) bool over the new tokens (True = may attend; the cached prefix is
+        always visible) or (B, T, S) over all S = cache.length + T keys; default causal.
+        Returns logits (B, T, V) (or (B, 1, V) with last_only) and final-norm features (B, T, H).
+        """
+        B, T = tokens.shape
+        L = cache.length if cache is not None else 0
+        if input_pos is None:
+            input_pos = torch.arange(L, L + T, device=tokens.device).expand(B, T)
+        attn_mask = build_mask(mask, B, T, L, tokens.device)
+        x = self.embed_tokens(tokens)                                # (B, T, H)
+        cos, sin = self.rope(input_pos, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn_mask, cache, i)
+        if cache is not None:
+            cache.length = L + T
+        h = self.norm(x)                                             # (B, T, H): the EAGLE feature f
+        logits = self.head(h[:, -1:] if last_only else h)
+        return logits.float(), h
+
+
+def build_mask(mask, B, T, L, device):
+    """Expand a new-token mask to SDPA's (B, 1, T, L + T) boolean layout; None when unrestricted."""
+    if mask is None:
+        if T == 1:
+            return None  # one new token sees everything cached
+        mask = torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(B, T, T)
+    if mask.shape[-1] == T and L > 0:
+        mask = torch.cat([torch.ones(B, T, L, dtype=torch.bool, device=device), mask.expand(B, T, T)], dim=-1)
+    if mask.shape[-2:] != (T, L + T):
+        raise TapsError(f"attention mask has shape {tuple(mask.shape)}, expected (B, {T}, {T}) or (B, {T}, {L + T})")
+    return mask[:, None]
