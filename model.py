@@ -246,3 +246,29 @@ def build_mask(mask, B, T, L, device):
     if mask.shape[-2:] != (T, L + T):
         raise TapsError(f"attention mask has shape {tuple(mask.shape)}, expected (B, {T}, {T}) or (B, {T}, {L + T})")
     return mask[:, None]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def logits_to_probs(logits, temperature: float = 1.0, top_p: float = 1.0):
+    """The target distribution p after temperature and nucleus (top-p) processing, (..., V) -> (..., V).
+
+    Every draw from the target -- plain sampling, and verification's correction and bonus tokens --
+    goes through this one function: sampling from raw logits when T != 1 would be lossy.
+    temperature 0 means greedy: a one-hot distribution on the argmax.
+    """
+    if temperature < 0:
+        raise TapsError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise TapsError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        # Keep the smallest prefix of tokens (by probability) whose mass reaches top_p.
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p       # mass before this token already reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
