@@ -126,7 +126,7 @@ def _sharegpt_conversation(record):
 
 @functools.lru_cache(maxsize=1)
 def _chat_items():
-    """[(group, conversation)] for ShareGPT, parsed once per process (about 2 s).
+    """[(group, conversation)] for ShareGPT, parsed once per process (about 1 s).
 
     group = the chat a chunk came from, so held-out chunks never continue training ones.
     Exact duplicate conversations (about 740, e.g. "hello") are kept once, so that no
