@@ -1,0 +1,582 @@
+"""Task-aware speculative decoding: the EAGLE drafter, EAGLE-2 dynamic trees, lossless verification.
+
+Naming, fixed for the whole file: **p is the target** distribution, **q is the draft**
+distribution (the study's eqs. 1-2 use the opposite letters, its eq. 5 this one).
+
+* `Drafter` (eq. 3) -- input at position t is cat(embed(x_{t+1}), f_t): the target's (frozen)
+  token embedding and the target's final-norm feature f_t, projected by `fc: 2H -> H`, then one
+  Llama decoder layer without its input RMSNorm, then the target's (frozen) LM head.
+* `grow_tree` / `draft_tree` (eq. 6) -- the EAGLE-2 dynamic draft tree: expand the top_k
+  children of the top_k frontier nodes by cumulative draft log-probability for `depth` steps,
+  then keep the `total_tokens` best nodes overall. The result is a plain `Tree`.
+* `verify_tree` (eq. 5) -- recursive rejection sampling over each node's children, each child
+  a proposal with probability 1. Temperature 0 is the special case of a one-hot p.
+* `verify_chain` (eqs. 1-2) -- classic speculative sampling of a sampled draft chain: accept
+  x with probability min(1, p(x)/q(x)), otherwise resample from norm(max(0, p - q)).
+* `generate` -- draft -> verify until `max_new_tokens` or a stop token, with statistics.
+  Acceptance length: each verifier call emits its accepted draft tokens plus one token drawn
+  by the verifier (the correction, or the bonus token after a leaf), and
+
+      tau = new tokens / verifier calls,
+
+  where new tokens excludes the first token, which comes from the prefill call.
+
+All randomness goes through a `RandomSource` (one Bernoulli and one categorical draw), and the
+verifiers only index, zero and renormalise probability vectors, so the exact tests run this
+very code with `fractions.Fraction` vectors and a random source that enumerates every outcome.
+
+    python taps.py --prompt "What is 7 * 6?" --drafter random
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import Block, KVCache, ModelArgs, TapsError, Transformer, build_mask, logits_to_probs
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of distributions given as log-probs (..., V) -> (...); 0 log 0 = 0."""
+    return torch.special.entr(logp.exp()).sum(-1)
+
+
+class RandomSource(Protocol):
+    """Every random draw of decoding. Tests substitute an enumerator with exact weights."""
+
+    def bernoulli(self, prob) -> bool: ...
+
+    def categorical(self, probs) -> int: ...  # probs need not be normalised
+
+
+class TorchRandom:
+    """The random source of real runs: a seeded CPU generator (the same stream on every device)."""
+
+    def __init__(self, seed: int = 0):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def bernoulli(self, prob) -> bool:
+        return torch.rand((), generator=self.g).item() < float(prob)  # prob 1 always, prob 0 never
+
+    def categorical(self, probs) -> int:
+        return int(torch.multinomial(probs.detach().float().cpu(), 1, generator=self.g))
+
+
+# ----------------------------------------------------------------------------- verification (eqs. 1-2, 5)
+
+def residual(r, x):
+    """Remove a rejected proposal x from r and renormalise (r is the verifier's own copy)."""
+    r[x] = 0
+    return r / r.sum()
+
+
+def verify_tree(tree: "Tree", p_at: Callable[[int], object], rng: RandomSource):
+    """Recursive rejection sampling down a draft tree (eq. 5); exact for any draft-side tree.
+
+    p_at(node) returns a fresh, writable vector of target probabilities (already processed by
+    `logits_to_probs`) for the token after that node's path; any type with indexing, item
+    assignment, .sum() and division works (torch tensors, numpy arrays of Fractions).
+    Every child is a deterministic proposal, i.e. a draft distribution that is a point mass, so
+    min(1, p/q) = r(s) and the residual max(0, r - q) is r with r(s) set to 0. A duplicate
+    sibling therefore finds r(s) = 0 and is never accepted.
+    Returns (path, x, rejected): accepted node ids from the root (path[0] == 0), the token the
+    verifier emits after them (correction, or bonus at a leaf), the children tried and rejected.
+    """
+    children = tree.children()
+    path, rejected = [0], []
+    while True:
+        r = p_at(path[-1])
+        for s in children[path[-1]]:
+            x = tree.tokens[s]
+            if rng.bernoulli(r[x]):
+                path.append(s)
+                break
+            rejected.append(s)
+            r = residual(r, x)
+        else:  # no child accepted (or a leaf, where r is still p): emit a draw from r
+            return path, rng.categorical(r), rejected
+
+
+def verify_chain(tokens: Sequence[int], q: Sequence, p_at: Callable[[int], object], rng: RandomSource):
+    """Classic speculative sampling (eqs. 1-2) of a chain tokens[1:], tokens[i] ~ q[i-1].
+
+    q[i] and p_at(i) are the draft and target distributions of the token after position i of the
+    chain (position 0 is the root). Accept tokens[i+1] with probability min(1, p/q); on the first
+    rejection resample from norm(max(0, p - q)); after a fully accepted chain draw a bonus from p.
+    Returns (path, x, rejected) as `verify_tree` does, for the chain's node ids 0..len-1.
+    """
+    for i, x in enumerate(tokens[1:]):
+        p, qi = p_at(i), q[i]
+        if not rng.bernoulli(min(1, p[x] / qi[x])):
+            r = p - qi
+            r = r * (r > 0)
+            return list(range(i + 1)), rng.categorical(r / r.sum()), [i + 1]
+    return list(range(len(tokens))), rng.categorical(p_at(len(tokens) - 1)), []
+
+
+# ----------------------------------------------------------------------------- draft trees (eq. 6)
+
+@dataclass
+class Tree:
+    """A draft tree, node 0 the root (the last accepted token, not yet seen by the target).
+
+    Parents precede children (parents[i] < i), so several trees can be merged into one by
+    concatenating lists and offsetting parent indices.
+    """
+    tokens: list[int]
+    parents: list[int]        # parents[0] == -1
+    logq: list[float]         # cumulative draft log-prob of the node's path: its EAGLE-2 score (root 0)
+    entropy: list[float]      # entropy of the draft distribution the node was drawn from (root: nan)
+
+    def __len__(self):
+        return len(self.tokens)
+
+    @property
+    def confidence(self) -> list[float]:
+        """Path probability under the drafter, exp(logq)."""
+        return [math.exp(s) for s in self.logq]
+
+    def depths(self) -> list[int]:
+        d = [0] * len(self)
+        for i in range(1, len(self)):
+            d[i] = d[self.parents[i]] + 1
+        return d
+
+    def children(self) -> list[list[int]]:
+        c = [[] for _ in self.tokens]
+        for i in range(1, len(self)):
+            c[self.parents[i]].append(i)
+        return c
+
+    def paths(self) -> list[list[int]]:
+        """Root-to-leaf node paths."""
+        children = self.children()
+        out = []
+        for leaf in (i for i in range(len(self)) if not children[i]):
+            path = [leaf]
+            while path[-1] != 0:
+                path.append(self.parents[path[-1]])
+            out.append(path[::-1])
+        return out
+
+    def mask(self, device=None) -> torch.Tensor:
+        """(N, N) bool: each node attends to itself and its ancestors (the prefix is always visible)."""
+        m = torch.eye(len(self), dtype=torch.bool, device=device)
+        for i in range(1, len(self)):
+            m[i] |= m[self.parents[i]]
+        return m
+
+
+def check_tree_args(top_k: int, depth: int, total_tokens: int):
+    if top_k < 1 or depth < 1:
+        raise TapsError(f"top_k and depth must be >= 1, got top_k={top_k}, depth={depth}")
+    if total_tokens < depth:
+        raise TapsError(f"total_tokens ({total_tokens}) must be >= depth ({depth})")
+
+
+def grow_tree(root_token: int, logp0: torch.Tensor, expand, top_k: int, depth: int, total_tokens: int) -> Tree:
+    """The EAGLE-2 dynamic tree (eq. 6) from draft log-probs.
+
+    logp0: (V,) draft log-probs of the root's children. expand(tokens, slots) runs the drafter on
+    the frontier, tokens (k,), whose parents are `slots` (k,) into the previous frontier (None for
+    the root's children), and returns the children's log-probs (k, V). Each of the `depth` steps
+    adds the top_k children of every frontier node to the candidate pool, scored by cumulative
+    log-prob, and makes the top_k of those the next frontier. Finally the `total_tokens` best
+    candidates are kept: a child never outscores its parent and ties go to the earlier (shallower)
+    node, so the kept set is a connected tree. Nodes stay in pool order: parents before children.
+    """
+    check_tree_args(top_k, depth, total_tokens)
+    k = min(top_k, logp0.shape[-1])
+    score, tok = logp0.topk(k)                                        # (k,)
+    pool_tok, pool_score = [tok], [score]
+    pool_parent = [torch.full((k,), -1, device=tok.device)]
+    pool_ent = [entropy(logp0).expand(k)]
+    frontier, slots, n = torch.arange(k, device=tok.device), None, k  # pool ids of the frontier
+    for _ in range(depth):
+        logp = expand(tok, slots)                                     # (k, V)
+        child_lp, child_tok = logp.topk(k, dim=-1)                    # (k, k)
+        cand = (score[:, None] + child_lp).flatten()                  # (k*k,) cumulative log q
+        pool_tok.append(child_tok.flatten())
+        pool_score.append(cand)
+        pool_parent.append(frontier.repeat_interleave(k))
+        pool_ent.append(entropy(logp).repeat_interleave(k))
+        score, best = cand.topk(k)
+        slots, tok, frontier = best // k, child_tok.flatten()[best], n + best
+        n += k * k
+    scores = torch.cat(pool_score)
+    keep = scores.sort(descending=True, stable=True).indices[:total_tokens].sort().values
+    new_id = torch.full((n,), -1, dtype=torch.long, device=keep.device)
+    new_id[keep] = torch.arange(1, len(keep) + 1, device=keep.device)
+    parent = torch.cat(pool_parent)[keep]
+    parents = torch.where(parent < 0, 0, new_id[parent.clamp(min=0)])
+    return Tree(tokens=[root_token] + torch.cat(pool_tok)[keep].tolist(),
+                parents=[-1] + parents.tolist(),
+                logq=[0.0] + scores[keep].tolist(),
+                entropy=[math.nan] + torch.cat(pool_ent)[keep].tolist())
+
+
+# ----------------------------------------------------------------------------- the drafter (eq. 3)
+
+class Drafter(nn.Module):
+    """EAGLE-1/2 drafter: fc(cat(embed(x_{t+1}), f_t)) -> one decoder layer -> target LM head.
+
+    Only `fc` and the layer are the drafter's own weights; the embedding, rotary table and LM
+    head are the target's, passed in at call time (frozen, shared, never saved twice).
+    Parameter names match EAGLE checkpoints (fc.*, layers.0.*).
+    """
+
+    def __init__(self, args: ModelArgs, meta: Optional[dict] = None):
+        super().__init__()
+        self.args = args                          # the target's config with n_layers = 1
+        self.meta = dict(meta or {})              # backbone, domain, data summary, target identity
+        self.fc = nn.Linear(2 * args.dim, args.dim, bias=True)
+        layer = Block(args)
+        layer.input_layernorm = nn.Identity()     # fc's output is not normalised before attention
+        self.layers = nn.ModuleList([layer])
+
+    @classmethod
+    def for_target(cls, target: Transformer, **meta) -> "Drafter":
+        p = target.embed_tokens.weight
+        args = dataclasses.replace(target.args, n_layers=1)
+        meta = {"target": target.args.name, "vocab_size": target.args.vocab_size, "dim": target.args.dim, **meta}
+        return cls(args, meta).to(device=p.device, dtype=p.dtype)
+
+    @classmethod
+    def random(cls, target: Transformer, seed: int = 0) -> "Drafter":
+        """An untrained drafter: verification must still reproduce the target exactly."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls.for_target(target, backbone="eagle", domain="none", data="untrained (random init)")
+
+    def forward(self, target: Transformer, tokens, feats, cache: Optional[KVCache] = None, input_pos=None, mask=None):
+        """tokens (B, T) are x_{t+1}, feats (B, T, H) the features f_t; mask/input_pos as the target's.
+
+        Returns draft logits (B, T, V) for x_{t+2} and the drafter's features (B, T, H), its
+        prediction of f_{t+1}, which deeper tree nodes read in place of the target's feature.
+        """
+        B, T = tokens.shape
+        L = cache.length if cache is not None else 0
+        if input_pos is None:
+            input_pos = torch.arange(L, L + T, device=tokens.device).expand(B, T)
+        x = self.fc(torch.cat([target.embed_tokens(tokens), feats], dim=-1))  # (B, T, H)
+        cos, sin = target.rope(input_pos, x.dtype)
+        h = self.layers[0](x, cos, sin, build_mask(mask, B, T, L, tokens.device), cache, 0)
+        if cache is not None:
+            cache.length = L + T
+        return target.head(h).float(), h
+
+    def new_cache(self, max_len: int) -> KVCache:
+        p = self.fc.weight
+        return KVCache(1, 1, self.args.n_kv_heads, max_len, self.args.head_dim, p.dtype, p.device)
+
+    def save(self, path):
+        from safetensors.torch import save_file
+        meta = {**self.meta, "config": dataclasses.asdict(self.args)}
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata={"taps": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path, target: Transformer) -> "Drafter":
+        """Load a drafter saved by `save`; it must have been trained for this target."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["taps"])
+            state = load_file(str(path))
+        except FileNotFoundError:
+            raise TapsError(f"{path}: no such drafter checkpoint") from None
+        except Exception as e:
+            raise TapsError(f"{path}: not a taps drafter checkpoint ({type(e).__name__}: {e})") from None
+        a = target.args
+        if (meta.get("target"), meta.get("vocab_size"), meta.get("dim")) != (a.name, a.vocab_size, a.dim):
+            raise TapsError(f"{path}: drafter was trained for target {meta.get('target')!r} (vocab "
+                            f"{meta.get('vocab_size')}, hidden {meta.get('dim')}), not {a.name!r} (vocab {a.vocab_size}, hidden {a.dim})")
+        config = {k: v for k, v in meta.pop("config").items() if k in {f.name for f in dataclasses.fields(ModelArgs)}}
+        drafter = cls(ModelArgs(**config), meta)
+        drafter.load_state_dict(state)
+        p = target.embed_tokens.weight
+        return drafter.to(device=p.device, dtype=p.dtype).eval()
+
+
+def check_drafter(drafter: Drafter, target: Transformer):
+    a, b = drafter.args, target.args
+    if (a.vocab_size, a.dim) != (b.vocab_size, b.dim):
+        raise TapsError(f"drafter (vocab {a.vocab_size}, hidden {a.dim}) does not match the target "
+                        f"(vocab {b.vocab_size}, hidden {b.dim})")
+
+
+@dataclass
+class DraftState:
+    """One drafter's view of the sequence: its KV cache over the accepted prefix and its last output."""
+    drafter: Drafter
+    cache: KVCache
+    logits: Optional[torch.Tensor] = None   # (V,) draft logits of the token after the root
+    h: Optional[torch.Tensor] = None        # (H,) drafter feature at the root, input of depth-1 nodes
+
+    def extend(self, target: Transformer, tokens: torch.Tensor, feats: torch.Tensor):
+        """Feed pairs (x_{t+1}, f_t) for newly accepted positions: tokens (T,), target features (T, H)."""
+        logits, h = self.drafter(target, tokens[None], feats[None], self.cache)
+        self.logits, self.h = logits[0, -1], h[0, -1]
+
+
+def draft_tree(state: DraftState, target: Transformer, root_token: int, top_k: int, depth: int, total_tokens: int) -> Tree:
+    """Run the drafter `depth` times over the growing tree; its cache is back to the prefix after."""
+    cache, L = state.cache, state.cache.length
+    dev = state.h.device
+    rows = h = None          # frontier's mask rows over the tree nodes fed so far; its drafter features
+    step = 0                 # depth of the frontier being expanded
+
+    def expand(tokens, slots):                                        # tokens, slots: (k,)
+        nonlocal rows, h, step
+        k, step = len(tokens), step + 1
+        if slots is None:    # the root's children read the drafter's feature at the root
+            feats, anc = state.h.expand(k, -1), torch.zeros(k, 0, dtype=torch.bool, device=dev)
+        else:                # deeper nodes read their parent's drafter feature and see its ancestors
+            feats, anc = h[slots], rows[slots]
+        rows = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev)], dim=1)   # (k, fed + k)
+        mask = torch.cat([torch.ones(k, L, dtype=torch.bool, device=dev), rows], dim=1)[None]
+        pos = torch.full((1, k), L + step - 1, device=dev)            # a depth-d node sits at L + d - 1
+        logits, out = state.drafter(target, tokens[None], feats[None], cache, pos, mask)
+        h = out[0]
+        return torch.log_softmax(logits[0], dim=-1)
+
+    try:
+        return grow_tree(root_token, torch.log_softmax(state.logits, -1), expand, top_k, depth, total_tokens)
+    finally:
+        cache.truncate(L)
+
+
+def draft_chain(state: DraftState, target: Transformer, root_token: int, length: int,
+                temperature: float, top_p: float, rng: RandomSource) -> tuple[Tree, torch.Tensor]:
+    """Sample a chain x_1..x_length, x_i ~ q_i, for `verify_chain`; returns it as a one-child-per-node
+    Tree and the draft distributions q (length, V), processed like p (temperature, top-p)."""
+    cache, L = state.cache, state.cache.length
+    logits, h = state.logits, state.h
+    tree, q = Tree([root_token], [-1], [0.0], [math.nan]), []
+    try:
+        for i in range(length):
+            q.append(logits_to_probs(logits, temperature, top_p))
+            x = rng.categorical(q[-1])
+            tree.tokens.append(x)
+            tree.parents.append(i)
+            tree.logq.append(tree.logq[-1] + math.log(q[-1][x]))
+            tree.entropy.append(entropy(torch.log_softmax(logits, -1)).item())
+            if i + 1 < length:
+                out, hs = state.drafter(target, torch.tensor([[x]], device=h.device), h[None, None], cache)
+                logits, h = out[0, -1], hs[0, -1]
+    finally:
+        cache.truncate(L)
+    return tree, torch.stack(q)
+
+
+# ----------------------------------------------------------------------------- generation
+
+def compose_single(trees: list[Tree]) -> Tree:
+    if len(trees) != 1:
+        raise TapsError(f"compose 'single' takes exactly one drafter, got {len(trees)}")
+    return trees[0]
+
+
+# How the trees of several drafters become the one tree the target verifies. Any function of the
+# trees alone (draft-side quantities only) keeps verification lossless.
+COMPOSE: dict[str, Callable[[list[Tree]], Tree]] = {"single": compose_single}
+
+
+@dataclass
+class Stats:
+    """Per-generation statistics; lists have one entry per verifier call unless named per token."""
+    accepted: list[int] = field(default_factory=list)      # draft tokens accepted per verifier call
+    tree_size: list[int] = field(default_factory=list)     # nodes verified per call, root included
+    new_tokens: int = 0                                    # generated tokens minus the prefill token
+    draft_entropy_accepted: list[float] = field(default_factory=list)   # per token, nats, drafter at T = 1
+    draft_entropy_rejected: list[float] = field(default_factory=list)
+    target_entropy_accepted: list[float] = field(default_factory=list)  # target at T = 1, at the token's parent
+    target_entropy_rejected: list[float] = field(default_factory=list)
+    prefill_time: float = 0.0
+    draft_time: float = 0.0                                # drafter: cache extension + tree drafting
+    verify_time: float = 0.0                               # target call + rejection sampling + cache keep
+
+    @property
+    def calls(self) -> int:
+        return len(self.accepted)
+
+    @property
+    def tau(self) -> float:
+        """Acceptance length: new tokens per verifier call (each call emits accepted + 1)."""
+        return self.new_tokens / self.calls if self.calls else math.nan
+
+    def acceptance_by_depth(self) -> list[float]:
+        """alpha[d-1]: of the calls that accepted a token at depth d-1 (the root is depth 0), the share
+        that accepted one at depth d."""
+        alpha, d = [], 1
+        while reached := sum(a >= d - 1 for a in self.accepted):
+            alpha.append(sum(a >= d for a in self.accepted) / reached)
+            d += 1
+        return alpha
+
+    def summary(self) -> dict:
+        mean = lambda xs: sum(xs) / len(xs) if xs else math.nan
+        return {"new_tokens": self.new_tokens, "calls": self.calls, "tau": self.tau,
+                "alpha_by_depth": [round(a, 3) for a in self.acceptance_by_depth()],
+                "mean_tree_size": mean(self.tree_size),
+                "draft_entropy": {"accepted": mean(self.draft_entropy_accepted), "rejected": mean(self.draft_entropy_rejected)},
+                "target_entropy": {"accepted": mean(self.target_entropy_accepted), "rejected": mean(self.target_entropy_rejected)},
+                "prefill_s": self.prefill_time, "draft_s": self.draft_time, "verify_s": self.verify_time}
+
+
+def _emit(out: list[int], new: list[int], max_new_tokens: int, stop_ids) -> bool:
+    """Append tokens until a stop token (kept) or the budget; True when generation is over."""
+    for x in new:
+        out.append(x)
+        if x in stop_ids or len(out) >= max_new_tokens:
+            return True
+    return False
+
+
+def _clock(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.inference_mode()
+def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 10, depth: int = 5, total_tokens: int = 60,
+             compose="single", chain: bool = False, stop_ids=(), rng: Optional[RandomSource] = None):
+    """Speculative decoding: draft -> verify until `max_new_tokens` or a stop token.
+
+    drafters: a Drafter or a list; each keeps its own KV cache, drafts its own tree every step, and
+    `compose` (a name in COMPOSE or a function of the list of trees) makes the one tree to verify.
+    chain=True drafts a sampled chain of depth + 1 tokens instead and verifies it with eqs. 1-2.
+    Returns the generated tokens (prompt excluded; the first comes from prefill) and `Stats`.
+    """
+    logits_to_probs(torch.zeros(1), temperature, top_p)  # validate sampling arguments before any work
+    check_tree_args(top_k, depth, total_tokens)
+    if max_new_tokens < 1:
+        raise TapsError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    drafters = [drafters] if isinstance(drafters, Drafter) else list(drafters)
+    for d in drafters:
+        check_drafter(d, target)
+    if isinstance(compose, str):
+        if compose not in COMPOSE:
+            raise TapsError(f"unknown compose {compose!r} (choose from {', '.join(COMPOSE)})")
+        compose = COMPOSE[compose]
+    if chain and len(drafters) != 1:
+        raise TapsError("chain speculative sampling takes exactly one drafter")
+    rng = rng or TorchRandom(0)
+    dev = target.embed_tokens.weight.device
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).flatten()
+    if len(prompt) == 0:
+        raise TapsError("the prompt is empty")
+    max_len = len(prompt) + max_new_tokens + total_tokens + depth + 2   # a whole tree is appended before `keep`
+    cache, stats = target.new_cache(1, max_len), Stats()
+
+    t0 = _clock(dev)
+    logits, f = target(prompt[None], cache=cache, last_only=True)      # (1, 1, V), (1, n, H)
+    x = rng.categorical(logits_to_probs(logits[0, -1], temperature, top_p))
+    out: list[int] = []
+    done = _emit(out, [x], max_new_tokens, stop_ids)
+    states = [DraftState(d, d.new_cache(max_len + depth * top_k)) for d in drafters]
+    for s in states:   # pairs (x_{t+1}, f_t) over the prompt, ending with the token just sampled
+        s.extend(target, torch.cat([prompt[1:], prompt.new_tensor([x])]), f[0])
+    stats.prefill_time = _clock(dev) - t0
+
+    while not done:
+        t0 = _clock(dev)
+        if chain:
+            tree, q = draft_chain(states[0], target, x, depth + 1, temperature, top_p, rng)
+        else:
+            tree = compose([draft_tree(s, target, x, top_k, depth, total_tokens) for s in states])
+        t1 = _clock(dev)
+        L = cache.length
+        tokens = torch.tensor([tree.tokens], device=dev)
+        pos = L + torch.tensor([tree.depths()], device=dev)                # position = prefix length + depth
+        logits, h = target(tokens, pos, tree.mask(dev)[None], cache)      # (1, N, V), (1, N, H)
+        p = logits_to_probs(logits[0], temperature, top_p)               # (N, V)
+        if chain:
+            path, x, rejected = verify_chain(tree.tokens, q, lambda i: p[i], rng)
+        else:
+            path, x, rejected = verify_tree(tree, lambda i: p[i].clone(), rng)
+        cache.keep(L, torch.tensor(path, device=dev))
+        t2 = _clock(dev)
+        stats.draft_time += t1 - t0
+        stats.verify_time += t2 - t1
+
+        stats.accepted.append(len(path) - 1)
+        stats.tree_size.append(len(tree))
+        judged = path[1:] + rejected   # target entropy is that of p at the node's parent
+        h_target = entropy(torch.log_softmax(logits[0, [tree.parents[i] for i in judged]], -1)).tolist()
+        m = len(path) - 1
+        stats.draft_entropy_accepted += [tree.entropy[i] for i in path[1:]]
+        stats.draft_entropy_rejected += [tree.entropy[i] for i in rejected]
+        stats.target_entropy_accepted += h_target[:m]
+        stats.target_entropy_rejected += h_target[m:]
+
+        new = [tree.tokens[i] for i in path[1:]] + [x]
+        done = _emit(out, new, max_new_tokens, stop_ids)
+        if not done:   # drafters see the accepted tokens with the target's features at their parents
+            t0 = _clock(dev)
+            for s in states:
+                s.extend(target, torch.tensor(new, device=dev), h[0, path])
+            stats.draft_time += _clock(dev) - t0
+    stats.new_tokens = len(out) - 1
+    return out, stats
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv=None):
+    from model import DTYPES, default_device, load_target
+    ap = argparse.ArgumentParser(description="Speculative decoding with EAGLE drafters (lossless: the reply is "
+                                             "distributed exactly as the target's own).")
+    ap.add_argument("--prompt", required=True, help="user message to answer")
+    ap.add_argument("--drafter", action="append", required=True, metavar="CKPT",
+                    help="drafter checkpoint (.safetensors), or 'random' for an untrained one; repeat to compose")
+    ap.add_argument("--compose", default="single", choices=sorted(COMPOSE))
+    ap.add_argument("--chain", action="store_true", help="classic chain speculative sampling instead of a tree")
+    ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default target)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--total-tokens", type=int, default=60)
+    ap.add_argument("--depth", type=int, default=5)
+    ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=default_device())
+    ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    a = ap.parse_args(argv)
+    try:
+        dtype = DTYPES[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
+        target, tokenizer = load_target(a.target, a.device, dtype)
+        drafters = [Drafter.random(target, a.seed) if d == "random" else Drafter.load(d, target) for d in a.drafter]
+        ids, _ = tokenizer.encode_chat([{"role": "user", "content": a.prompt}], add_generation_prompt=True)
+        out, stats = generate(target, drafters, ids, a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.depth,
+                              a.total_tokens, a.compose, a.chain, tokenizer.stop_ids, TorchRandom(a.seed))
+    except TapsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]))
+    s = stats.summary()
+    wall = s["prefill_s"] + s["draft_s"] + s["verify_s"]
+    print(f"\n[{len(out)} tokens in {wall:.2f} s ({len(out) / wall:.1f} tok/s); {s['calls']} verifier calls, "
+          f"tau = {s['tau']:.2f}; alpha by depth {s['alpha_by_depth']}; draft {s['draft_s']:.2f} s, "
+          f"verify {s['verify_s']:.2f} s, prefill {s['prefill_s']:.2f} s]")
+    print(f"[entropy (nats) accepted/rejected: draft {s['draft_entropy']['accepted']:.2f}/"
+          f"{s['draft_entropy']['rejected']:.2f}, target {s['target_entropy']['accepted']:.2f}/"
+          f"{s['target_entropy']['rejected']:.2f}]")
+
+
+if __name__ == "__main__":
+    main()
