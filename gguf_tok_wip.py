@@ -121,6 +121,8 @@ def read_gguf(path):
         dims = [cur.read("<Q") for _ in range(cur.read("<I"))]
         infos.append((name, tuple(reversed(dims)), cur.read("<I"), cur.read("<Q")))
     align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0:
+        raise TapsError(f"{path}: general.alignment is {align!r}; the file is corrupt, download it again")
     data_start = -(-cur.pos // align) * align
     tensors = {}
     for name, shape, gtype, offset in infos:
@@ -322,16 +324,18 @@ def _hf_split_pattern(tokenizer):
 
 
 class Tokenizer:
-    """Byte-level BPE on tiktoken. The token id is the tiktoken rank: tiktoken's merge-lowest-rank
-    rule equals BPE's merge order because every merge's result has a larger id than all earlier
-    ones (checked on load). Control tokens are tiktoken special tokens, so plain text never
-    turns into them."""
+    """Byte-level BPE on tiktoken. The token id is the tiktoken rank: tiktoken merges the pair
+    whose result has the lowest rank, which replays the BPE merge list when merge results have
+    increasing ids (checked on load; ids matched HF tokenizers on all test strings). Control
+    tokens are tiktoken special tokens, so plain text never turns into them."""
 
     def __init__(self, name, ranks, pattern, specials, default_system=None):
         self.name = name
         self.n_vocab = max([*ranks.values(), *specials.values()]) + 1
-        # tiktoken needs every single byte; bytes the vocab lacks (21 for SmolLM2) get ids past
-        # n_vocab and encode() drops them, as HF tokenizers does for a BPE without unk_token.
+        # tiktoken needs every single byte; bytes the vocab lacks (21 for SmolLM2, e.g. \x04) get
+        # ids past n_vocab and encode() drops them, as HF tokenizers does for a BPE without
+        # unk_token. The only difference from HF: HF goes on merging across the gap inside the
+        # pre-token ("!\x04!" is "!!" there, "!", "!" here).
         missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
         ranks = ranks | {b: self.n_vocab + i for i, b in enumerate(missing)}
         self.enc = tiktoken.Encoding(os.path.basename(name), pat_str=pattern, mergeable_ranks=ranks,
@@ -362,10 +366,13 @@ class Tokenizer:
             raise TapsError(f"{path}: not valid JSON; pass an HF tokenizer.json or a Llama 3 "
                             f"tokenizer.model") from None
         config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
-        config = {}
-        if os.path.exists(config_path):
+        try:
             with open(config_path, encoding="utf-8") as f:
                 config = json.load(f)
+        except FileNotFoundError:
+            config = {}
+        except ValueError:
+            raise TapsError(f"{config_path}: not valid JSON; fix or remove this file") from None
         return cls.from_hf(tokenizer, config, path)
 
     @classmethod
@@ -425,7 +432,9 @@ class Tokenizer:
         """Plain text to ids ("<|...|>" strings stay text); bos/eos add those tokens where the
         tokenizer has them."""
         ids = [i for i in self.enc.encode_ordinary(text) if i < self.n_vocab]
-        return [self.bos_id] * (bos and self.bos_id is not None) + ids + [self.eos_id] * (eos and self.eos_id is not None)
+        head = [self.bos_id] if bos and self.bos_id is not None else []
+        tail = [self.eos_id] if eos and self.eos_id is not None else []
+        return head + ids + tail
 
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids])
