@@ -127,6 +127,24 @@ def test_smol_chat_default_system_and_mask(smol):
     assert smol.encode_chat([], add_generation_prompt=True) == (header, [0] * len(header))
 
 
+def _conversations(text):
+    message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": text})
+    return st.lists(message, max_size=5)
+
+
+def _check_mask(tok, messages, end):
+    ids, mask = tok.encode_chat(messages, add_generation_prompt=True)
+    assert len(ids) == len(mask) and set(mask) <= {0, 1}
+    expected = "".join(m["content"] + end for m in messages if m["role"] == "assistant")
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(messages=_conversations(_smol_text()))
+def test_smol_chat_mask_is_exactly_assistant_turns(smol, messages):
+    _check_mask(smol, messages, "<|im_end|>")
+
+
 # --- Llama 3 -------------------------------------------------------------------------------------
 def test_llama3_golden_and_specials(llama3):
     assert llama3.encode("This is a test sentence.", bos=True, eos=True) == [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
@@ -155,6 +173,12 @@ def test_llama3_chat_format_and_mask(llama3):
     assert ids[:2] == [128000, 128006]
     assert llama3.decode([i for i, m in zip(ids, mask) if m]) == "Hello!<|eot_id|>"
     assert llama3.encode_chat(messages[1:2])[0][:2] == [128000, 128006]  # no default system message
+
+
+@settings(max_examples=100, deadline=None)
+@given(messages=_conversations(st.text(max_size=40)))
+def test_llama3_chat_mask_is_exactly_assistant_turns(llama3, messages):
+    _check_mask(llama3, messages, "<|eot_id|>")
 
 
 # --- errors ----------------------------------------------------------------------------------------
