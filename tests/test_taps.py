@@ -1,0 +1,354 @@
+"""taps.py on tiny random targets: trees, drafter checkpoints, bad input, tau, greedy equivalence
+(exact, float64) and Monte Carlo losslessness of the real torch path (chi-square, alpha = 1e-6)."""
+import itertools
+import math
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from model import ModelArgs, TapsError, Transformer, generate_plain
+from taps import (COMPOSE, DraftState, Drafter, Stats, TorchRandom, Tree, draft_tree, generate, grow_tree, main)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+def tiny(V=64, n_layers=2, seed=0, dtype=torch.float64, device="cpu", dim=64, name=""):
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=V, hidden_dim=128,
+                     tie_embeddings=False, name=name)
+    return Transformer(args).to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def near_oracle(target: Transformer) -> Drafter:
+    """A drafter that nearly *is* a one-layer target, so that drafts are often accepted.
+
+    With unit-RMS embeddings the target's input norm is the identity, so fc = [I, 0] and a copy of
+    the target's layer compute its pre-norm feature (rotary is relative, so the drafter's position
+    offset of one does not matter); only the first prompt token, which the drafter never sees, and
+    the missing final norm (a per-token temperature) differ.
+    """
+    assert target.args.n_layers == 1
+    e = target.embed_tokens.weight
+    e /= e.pow(2).mean(-1, keepdim=True).sqrt()
+    d = Drafter.for_target(target)
+    H = target.args.dim
+    d.fc.weight.zero_()
+    d.fc.bias.zero_()
+    d.fc.weight[:, :H] = torch.eye(H)
+    d.layers[0].load_state_dict({k: v for k, v in target.layers[0].state_dict().items()
+                                 if not k.startswith("input_layernorm")})
+    return d
+
+
+def prompts(V, n=4, length=7):
+    g = torch.Generator().manual_seed(123)
+    return [torch.randint(V, (length + i,), generator=g).tolist() for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- trees
+
+def test_tree_structure():
+    #      0
+    #    1   2
+    #   3 4   5
+    #   6
+    t = Tree(tokens=[9, 1, 2, 3, 4, 5, 6], parents=[-1, 0, 0, 1, 1, 2, 3], logq=[0, -1, -2, -1.5, -3, -2.5, -2],
+             entropy=[math.nan] + [0.5] * 6)
+    assert t.depths() == [0, 1, 1, 2, 2, 2, 3]
+    assert t.children() == [[1, 2], [3, 4], [5], [6], [], [], []]
+    assert t.paths() == [[0, 1, 4], [0, 2, 5], [0, 1, 3, 6]]
+    m = t.mask()
+    assert m[6].tolist() == [True, True, False, True, False, False, True]
+    assert m.sum().item() == 1 + 2 + 2 + 3 + 3 + 3 + 4
+    assert t.confidence[1] == pytest.approx(math.exp(-1))
+
+
+def table_expand(V, seed):
+    """grow_tree's expand() over a fixed random table of draft log-probs, one row per token path."""
+    def logp_of(path):
+        g = torch.Generator().manual_seed(hash((seed,) + path) % 2**31)
+        return torch.log_softmax(torch.randn(V, generator=g) * 2, -1)
+
+    frontiers = []   # token paths of each expanded frontier
+
+    def expand(tokens, slots):
+        parents = [()] * len(tokens) if slots is None else [frontiers[-1][s] for s in slots.tolist()]
+        frontiers.append([p + (x,) for p, x in zip(parents, tokens.tolist())])
+        return torch.stack([logp_of(p) for p in frontiers[-1]])
+    return logp_of, expand, frontiers
+
+
+def node_path(tree, i):
+    out = []
+    while i:
+        out.append(tree.tokens[i])
+        i = tree.parents[i]
+    return tuple(out[::-1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(V=st.integers(2, 12), top_k=st.integers(1, 5), depth=st.integers(1, 4), n=st.integers(1, 40), seed=st.integers(0, 999))
+def test_grow_tree_is_eagle2(V, top_k, depth, n, seed):
+    total = max(n, depth)
+    k = min(top_k, V)
+    trees = []
+    for total_tokens in (10**6, total):
+        logp_of, expand, frontiers = table_expand(V, seed)
+        trees.append(grow_tree(7, logp_of(()), expand, top_k, depth, total_tokens))
+        assert len(frontiers) == depth
+    full, small = trees
+    assert len(full) - 1 == k + depth * k * k                        # the whole candidate pool
+    assert len(small) - 1 == min(total, len(full) - 1)
+    for t in (full, small):
+        assert t.tokens[0] == 7 and t.parents[0] == -1
+        assert all(0 <= t.parents[i] < i for i in range(1, len(t)))     # connected, parents first
+        assert max(t.depths()) <= depth + 1
+    # scores are cumulative draft log-probs; every expanded node has its top-k children
+    children = full.children()
+    for i in range(1, len(full)):
+        par = full.parents[i]
+        lp = logp_of(node_path(full, par))
+        assert full.logq[i] == pytest.approx(full.logq[par] + lp[full.tokens[i]].item(), abs=1e-5)
+        if children[i]:
+            assert sorted(full.tokens[c] for c in children[i]) == sorted(logp_of(node_path(full, i)).topk(k).indices.tolist())
+    # the frontier at each depth is the top-k by score of that depth's candidates
+    d = full.depths()
+    for level in range(1, depth + 1):
+        nodes = [i for i in range(1, len(full)) if d[i] == level]
+        best = sorted(nodes, key=lambda i: -full.logq[i])[:k]
+        assert {full.logq[i] for i in nodes if children[i]} == {full.logq[i] for i in best}
+    # the kept tree is the best `total_tokens` of the pool
+    ranked = sorted(range(1, len(full)), key=lambda i: (-full.logq[i], i))[:len(small) - 1]
+    assert {node_path(full, i) for i in ranked} == {node_path(small, i) for i in range(1, len(small))}
+
+
+def test_draft_tree_masks_and_positions_match_a_plain_chain_run():
+    """Every tree node's score equals the drafter run causally, without a tree, along its path."""
+    target = tiny(V=32)
+    drafter = Drafter.random(target, 1).double()
+    prompt = prompts(32)[0]
+    with torch.inference_mode():
+        cache = target.new_cache(1, 64)
+        _, f = target(torch.tensor([prompt]), cache=cache)
+        state = DraftState(drafter, drafter.new_cache(128))
+        pairs = torch.tensor(prompt[1:] + [5])
+        state.extend(target, pairs, f[0])
+        L = state.cache.length
+        tree = draft_tree(state, target, 5, top_k=3, depth=3, total_tokens=20)
+        assert state.cache.length == L                              # back to the prefix
+        for i in range(1, len(tree)):
+            path = node_path(tree, i)
+            logits, h, logq = state.logits, state.h, 0.0
+            for j, x in enumerate(path):
+                logq += torch.log_softmax(logits, -1)[x].item()
+                if j + 1 < len(path):
+                    out, hs = drafter(target, torch.tensor([[x]]), h[None, None], state.cache)
+                    logits, h = out[0, -1], hs[0, -1]
+            state.cache.truncate(L)
+            assert tree.logq[i] == pytest.approx(logq, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- drafter checkpoints and bad input
+
+def test_drafter_checkpoint_roundtrip(tmp_path):
+    target = tiny(V=32, name="tiny-a")
+    d = Drafter.random(target, 3)
+    d.meta.update(backbone="hass", domain="math", data="gsm8k train, 100 conversations")
+    d.save(tmp_path / "d.safetensors")
+    e = Drafter.load(tmp_path / "d.safetensors", target)
+    assert e.meta["backbone"] == "hass" and e.meta["domain"] == "math" and e.meta["target"] == "tiny-a"
+    assert e.meta["vocab_size"] == 32 and e.meta["dim"] == 64
+    for k, v in d.state_dict().items():
+        assert torch.equal(v, e.state_dict()[k])
+    assert set(d.state_dict()) >= {"fc.weight", "fc.bias", "layers.0.self_attn.q_proj.weight",
+                                   "layers.0.post_attention_layernorm.weight", "layers.0.mlp.up_proj.weight"}
+    assert not any("input_layernorm" in k or "embed" in k for k in d.state_dict())
+
+
+@pytest.mark.parametrize("other", [dict(V=48, name="tiny-a"), dict(V=32, dim=32, name="tiny-a"), dict(V=32, name="tiny-b")])
+def test_drafter_for_another_target_is_refused(tmp_path, other):
+    Drafter.random(tiny(V=32, name="tiny-a"), 0).save(tmp_path / "d.safetensors")
+    with pytest.raises(TapsError, match="d.safetensors: drafter was trained for target 'tiny-a'"):
+        Drafter.load(tmp_path / "d.safetensors", tiny(**other))
+
+
+def test_unreadable_drafter_checkpoint(tmp_path):
+    target = tiny(V=32)
+    with pytest.raises(TapsError, match="no such drafter checkpoint"):
+        Drafter.load(tmp_path / "missing.safetensors", target)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(TapsError, match="junk.safetensors: not a taps drafter checkpoint"):
+        Drafter.load(tmp_path / "junk.safetensors", target)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(total_tokens=3, depth=5), r"total_tokens \(3\) must be >= depth \(5\)"),
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=0), "top_k and depth must be >= 1"),
+    (dict(compose="nonsense"), "unknown compose 'nonsense'"),
+])
+def test_bad_arguments(kwargs, message):
+    target = tiny(V=32)
+    with pytest.raises(TapsError, match=message):
+        generate(target, Drafter.random(target), [1, 2, 3], 8, **kwargs)
+
+
+@pytest.mark.parametrize("other", [dict(V=48), dict(V=32, dim=32)])
+def test_mismatched_drafter(other):
+    target = tiny(V=32)
+    with pytest.raises(TapsError, match="does not match the target"):
+        generate(target, Drafter.random(tiny(**other)), [1, 2, 3], 8)
+
+
+def test_single_compose_takes_one_drafter():
+    target = tiny(V=32)
+    with pytest.raises(TapsError, match="compose 'single' takes exactly one drafter, got 2"):
+        generate(target, [Drafter.random(target, 0), Drafter.random(target, 1)], [1, 2, 3], 8)
+    assert "single" in COMPOSE
+
+
+# ----------------------------------------------------------------------------- tau and statistics
+
+def test_tau_definition_by_hand():
+    s = Stats(accepted=[2, 0, 3], new_tokens=(2 + 1) + (0 + 1) + (3 + 1))
+    assert s.calls == 3 and s.tau == 8 / 3
+    # of the calls that reached depth d-1, the share that accepted a token at depth d
+    assert s.acceptance_by_depth() == [2 / 3, 2 / 2, 1 / 2, 0 / 1]
+    assert math.isnan(Stats().tau)
+
+
+def test_tau_on_a_one_token_vocabulary():
+    """V = 1: every draft is right. top_k 1, depth 2 -> a 3-node chain, all accepted + 1 bonus per call."""
+    target = tiny(V=1)
+    d = Drafter.random(target)
+    out, s = generate(target, d, [0, 0], max_new_tokens=9, top_k=1, depth=2, total_tokens=3)
+    # 1 prefill token + 2 calls x (3 accepted + 1 bonus) = 9
+    assert out == [0] * 9 and s.accepted == [3, 3] and s.new_tokens == 8 and s.tau == 4.0
+    assert s.acceptance_by_depth() == [1, 1, 1, 0]
+    out, s = generate(target, d, [0, 0], max_new_tokens=10, top_k=1, depth=2, total_tokens=3)
+    # the third call is cut to its first token: tau counts tokens generated, (10 - 1) / 3
+    assert len(out) == 10 and s.calls == 3 and s.tau == 3.0
+
+
+def test_statistics_are_consistent():
+    target = tiny(V=16, n_layers=1)
+    d = near_oracle(target)
+    out, s = generate(target, d, prompts(16)[0], 40, temperature=1.0, top_k=4, depth=3, total_tokens=12, rng=TorchRandom(1))
+    assert len(out) == 40 and s.new_tokens == 39 and s.tau == 39 / s.calls
+    assert sum(s.accepted) + s.calls >= s.new_tokens > sum(s.accepted[:-1]) + s.calls - 1
+    assert len(s.draft_entropy_accepted) == len(s.target_entropy_accepted) == sum(s.accepted)
+    assert len(s.draft_entropy_rejected) == len(s.target_entropy_rejected) > 0
+    assert all(0 <= h <= math.log(16) + 1e-6 for h in s.draft_entropy_accepted + s.target_entropy_rejected)
+    assert s.draft_time > 0 and s.verify_time > 0 and s.tree_size and max(s.tree_size) <= 13
+    assert set(s.summary()) >= {"tau", "alpha_by_depth", "draft_entropy", "target_entropy", "draft_s", "verify_s"}
+
+
+# ----------------------------------------------------------------------------- greedy equivalence
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("setup", ["random-2-layer", "near-oracle-1-layer"])
+@pytest.mark.parametrize("chain, top_k, depth, total_tokens", [(False, 10, 5, 60), (False, 3, 4, 10), (True, 10, 4, 10)])
+def test_greedy_is_exactly_the_target(device, setup, chain, top_k, depth, total_tokens):
+    V = 64
+    if setup == "random-2-layer":
+        target = tiny(V=V, device=device)
+        drafter = Drafter.random(target, 1)
+    else:
+        target = tiny(V=V, n_layers=1, device=device)
+        drafter = near_oracle(target)
+    accepted = 0
+    for prompt in prompts(V):
+        ref = generate_plain(target, prompt, 48)
+        out, s = generate(target, drafter, prompt, 48, top_k=top_k, depth=depth, total_tokens=total_tokens, chain=chain)
+        assert out == ref
+        accepted += sum(s.accepted)
+        stop = ref[20]   # a stop token: both stop right after its first occurrence
+        out, _ = generate(target, drafter, prompt, 48, top_k=top_k, depth=depth, total_tokens=total_tokens,
+                          chain=chain, stop_ids={stop})
+        assert out == ref[:ref.index(stop) + 1]
+    if setup == "near-oracle-1-layer":
+        assert accepted > 100   # long accepted paths were exercised, not just corrections
+
+
+# ----------------------------------------------------------------------------- Monte Carlo at temperature > 0
+
+def exact_first_tokens(target, prompt, n, temperature=1.0):
+    """The target's exact distribution of its first n sampled tokens (all V^n continuations)."""
+    V = target.args.vocab_size
+    conts = torch.tensor(list(itertools.product(range(V), repeat=n - 1)), dtype=torch.long).reshape(-1, n - 1)
+    seqs = torch.cat([torch.tensor(prompt).expand(len(conts), -1), conts], 1)
+    with torch.inference_mode():
+        logits, _ = target(seqs)
+    logp = torch.log_softmax(logits.double()[:, len(prompt) - 1:] / temperature, -1)   # (V^(n-1), n, V)
+    dist = {}
+    for row, cont in enumerate(conts.tolist()):
+        base = sum(logp[row, j, x].item() for j, x in enumerate(cont))
+        for x in range(V):
+            dist[tuple(cont) + (x,)] = math.exp(base + logp[row, n - 1, x].item())
+    return dist
+
+
+def chi_square_p(counts: Counter, expected: dict, n: int) -> float:
+    """Pearson chi-square p-value; cells with expectation < 5 are pooled into one."""
+    small = [k for k in expected if expected[k] * n < 5]
+    cells = [([k], expected[k]) for k in expected if k not in small]
+    if small:
+        cells.append((small, sum(expected[k] for k in small)))
+    stat = sum((sum(counts[k] for k in ks) - n * e) ** 2 / (n * e) for ks, e in cells)
+    df = len(cells) - 1
+    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)).item()
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_monte_carlo_first_tokens_match_the_target(chain):
+    """Temperature 1, V = 4: the first two (and three) generated tokens are distributed as the target's."""
+    target = tiny(V=4, n_layers=1)
+    drafter = near_oracle(target)
+    prompt, n, rng = [1, 2, 3], 1500, TorchRandom(7)
+    samples, accepted = [], 0
+    for _ in range(n):
+        out, s = generate(target, drafter, prompt, 3, temperature=1.0, top_k=2, depth=2, total_tokens=5, chain=chain, rng=rng)
+        samples.append(tuple(out))
+        accepted += sum(s.accepted)
+    assert accepted > n / 4                      # the drafts matter: many tokens come from accepted drafts
+    for k in (2, 3):
+        p = chi_square_p(Counter(x[:k] for x in samples), exact_first_tokens(target, prompt, k), n)
+        print(f"chain={chain} first {k} tokens: chi-square p = {p:.3g}")
+        assert p > 1e-6
+
+
+def test_monte_carlo_with_temperature_and_top_p():
+    """T = 0.6, top-p 0.8 go through the same processing for every draw: still the target's distribution."""
+    target = tiny(V=4, n_layers=1, seed=3)
+    drafter = near_oracle(target)
+    prompt, n, rng = [0, 3], 1500, TorchRandom(11)
+    samples = [tuple(generate(target, drafter, prompt, 2, temperature=0.6, top_p=0.8, top_k=2, depth=2,
+                              total_tokens=5, rng=rng)[0]) for _ in range(n)]
+    expected = exact_first_tokens_top_p(target, prompt, 0.6, 0.8)
+    p = chi_square_p(Counter(samples), expected, n)
+    print(f"T=0.6 top-p=0.8 first 2 tokens: chi-square p = {p:.3g}")
+    assert p > 1e-6
+
+
+def exact_first_tokens_top_p(target, prompt, temperature, top_p):
+    from model import logits_to_probs
+    V = target.args.vocab_size
+    seqs = torch.tensor([prompt + [x] for x in range(V)])
+    with torch.inference_mode():
+        logits, _ = target(seqs)
+    p1 = logits_to_probs(logits[0, len(prompt) - 1].double(), temperature, top_p)
+    p2 = logits_to_probs(logits[:, len(prompt)].double(), temperature, top_p)
+    return {(a, b): (p1[a] * p2[a, b]).item() for a in range(V) for b in range(V) if p1[a] * p2[a, b] > 0}
+
+
+def test_cli_reports_errors_in_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--prompt", "hi", "--drafter", "random", "--temperature", "-1", "--target", "/nonexistent/dir"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
