@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gguf_tok_wip import TapsError, Tokenizer, default_gguf_path, gguf_tokenizer_files, read_gguf
+from model import TapsError, Tokenizer, default_gguf_path, gguf_tokenizer_files, read_gguf
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 # The 21 single bytes SmolLM2's vocabulary lacks; in text: six control characters, and the UTF-8
