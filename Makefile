@@ -18,3 +18,11 @@ demo: install
 
 bench: install
 	$(PY) model.py --bench
+
+# make train DOMAIN=math|chat|mixed BACKBONE=eagle|hass [SIZE=demo|full] -> checkpoints/$(BACKBONE)-$(DOMAIN).safetensors
+DOMAIN ?= math
+BACKBONE ?= eagle
+SIZE ?= demo
+.PHONY: train
+train: install
+	$(PY) train.py --domain $(DOMAIN) --backbone $(BACKBONE) --size $(SIZE)
