@@ -68,7 +68,7 @@ BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + 3 context-alignment
     "hass": dict(topk_w=1.0, align_steps=3),
 }
 SIZES = {
-    "demo": dict(n_train={"math": 600, "chat": 200}, max_len=320, n_heldout=24, epochs=2, lr=1e-3, batch_size=4,
+    "demo": dict(n_train={"math": 300, "chat": 150}, max_len=320, n_heldout=24, epochs=3, lr=1e-3, batch_size=2,
                  warmup=0.05),
     "full": dict(n_train={"math": None, "chat": None}, max_len=2048, n_heldout=200, epochs=20, lr=3e-5,
                  batch_size=8, warmup=0.01),
@@ -328,10 +328,10 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
                     chunk = [ids for ids, _ in shard[b:b + batch_size]]
                     T = max(map(len, chunk))
                     tokens = torch.tensor([ids + [0] * (T - len(ids)) for ids in chunk], device=dev)
-                    logits, h = target(tokens)                                # (B, T, V), (B, T, H)
+                    _, h = target(tokens, last_only=True)                     # (B, T, H)
                     for k, ids in enumerate(chunk):
                         feats.append(h[k, :len(ids)].to("cpu", torch.float16))
-                        nexts.append(logits[k, :len(ids)].argmax(-1).to("cpu", torch.int32))
+                        nexts.append(logits(target, h[k, :len(ids)]).argmax(-1).to("cpu", torch.int32))
                     bar.update(sum(map(len, chunk)))
             tensors = {"ids": torch.tensor([t for ids, _ in shard for t in ids], dtype=torch.int32),
                        "mask": torch.tensor([m for _, ms in shard for m in ms], dtype=torch.uint8),
@@ -465,9 +465,11 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
         drafter.load_state_dict(saved["drafter"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
-        g.set_state(saved["rng"].cpu() if dev.type == "cpu" else saved["rng"])
+        g.set_state(saved["rng"].cpu())
         st = saved["progress"]
         print(f"resuming {out} at epoch {st['epoch'] + 1}, batch {st['batch']} of {per_epoch}")
+    elif resume:
+        print(f"no training state at {state_path}: starting from scratch")
 
     def save_state():
         s = {"config": config, "target": target_identity(target), "drafter": drafter.state_dict(),
