@@ -260,11 +260,13 @@ class Drafter(nn.Module):
             torch.manual_seed(seed)
             return cls.for_target(target, backbone="eagle", domain="none", data="untrained (random init)")
 
-    def forward(self, target: Transformer, tokens, feats, cache: Optional[KVCache] = None, input_pos=None, mask=None):
+    def forward(self, target: Transformer, tokens, feats, cache: Optional[KVCache] = None, input_pos=None, mask=None,
+                last_only=False):
         """tokens (B, T) are x_{t+1}, feats (B, T, H) the features f_t; mask/input_pos as the target's.
 
-        Returns draft logits (B, T, V) for x_{t+2} and the drafter's features (B, T, H), its
-        prediction of f_{t+1}, which deeper tree nodes read in place of the target's feature.
+        Returns draft logits (B, T, V) (or (B, 1, V) with last_only) for x_{t+2} and the drafter's
+        features (B, T, H), its prediction of f_{t+1}, which deeper tree nodes read in place of the
+        target's feature.
         """
         B, T = tokens.shape
         L = cache.length if cache is not None else 0
@@ -275,7 +277,7 @@ class Drafter(nn.Module):
         h = self.layers[0](x, cos, sin, build_mask(mask, B, T, L, tokens.device), cache, 0)
         if cache is not None:
             cache.length = L + T
-        return target.head(h).float(), h
+        return target.head(h[:, -1:] if last_only else h).float(), h
 
     def new_cache(self, max_len: int) -> KVCache:
         p = self.fc.weight
@@ -327,7 +329,7 @@ class DraftState:
 
     def extend(self, target: Transformer, tokens: torch.Tensor, feats: torch.Tensor):
         """Feed pairs (x_{t+1}, f_t) for newly accepted positions: tokens (T,), target features (T, H)."""
-        logits, h = self.drafter(target, tokens[None], feats[None], self.cache)
+        logits, h = self.drafter(target, tokens[None], feats[None], self.cache, last_only=True)
         self.logits, self.h = logits[0, -1], h[0, -1]
 
 
@@ -503,12 +505,18 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
         L = cache.length
         tokens = torch.tensor([tree.tokens], device=dev)
         pos = L + torch.tensor([tree.depths()], device=dev)                # position = prefix length + depth
-        logits, h = target(tokens, pos, tree.mask(dev)[None], cache)      # (1, N, V), (1, N, H)
-        p = logits_to_probs(logits[0], temperature, top_p)               # (N, V)
+        _, h = target(tokens, pos, tree.mask(dev)[None], cache, last_only=True)   # (1, N, H)
+        logits = {}   # the LM head runs only on the nodes verification visits: one path, not all N
+
+        def p_at(i):  # a fresh processed target distribution p after node i
+            if i not in logits:
+                logits[i] = target.head(h[0, i]).float()                      # (V,)
+            return logits_to_probs(logits[i], temperature, top_p)
+
         if chain:
-            path, x, rejected = verify_chain(tree.tokens, q, lambda i: p[i], rng)
+            path, x, rejected = verify_chain(tree.tokens, q, p_at, rng)
         else:
-            path, x, rejected = verify_tree(tree, lambda i: p[i].clone(), rng)
+            path, x, rejected = verify_tree(tree, p_at, rng)
         cache.keep(L, torch.tensor(path, device=dev))
         t2 = _clock(dev)
         stats.draft_time += t1 - t0
@@ -517,7 +525,7 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
         stats.accepted.append(len(path) - 1)
         stats.tree_size.append(len(tree))
         judged = path[1:] + rejected   # target entropy is that of p at the node's parent
-        h_target = entropy(torch.log_softmax(logits[0, [tree.parents[i] for i in judged]], -1)).tolist()
+        h_target = [entropy(torch.log_softmax(logits[tree.parents[i]], -1)).item() for i in judged]
         m = len(path) - 1
         stats.draft_entropy_accepted += [tree.entropy[i] for i in path[1:]]
         stats.draft_entropy_rejected += [tree.entropy[i] for i in rejected]
