@@ -13,6 +13,8 @@ distribution (the study's eqs. 1-2 use the opposite letters, its eq. 5 this one)
   a proposal with probability 1. Temperature 0 is the special case of a one-hot p.
 * `verify_chain` (eqs. 1-2) -- classic speculative sampling of a sampled draft chain: accept
   x with probability min(1, p(x)/q(x)), otherwise resample from norm(max(0, p - q)).
+* `average` (eq. 11), `route` / `route_entropy` (eqs. 12-13), `merge` -- composing specialist
+  drafters: one averaged drafter, or one tree chosen from (or packed from) each drafter's tree.
 * `generate` -- draft -> verify until `max_new_tokens` or a stop token, with statistics.
   Acceptance length: each verifier call emits its accepted draft tokens plus one token drawn
   by the verifier (the correction, or the bonus token after a leaf), and
@@ -139,6 +141,7 @@ class Tree:
     parents: list[int]        # parents[0] == -1
     logq: list[float]         # cumulative draft log-prob of the node's path: its EAGLE-2 score (root 0)
     entropy: list[float]      # entropy of the draft distribution the node was drawn from (root: nan)
+    origin: list[int] = field(default_factory=list)   # index of the drafter that drafted each node (root -1); [] untagged
 
     def __len__(self):
         return len(self.tokens)
@@ -383,7 +386,48 @@ def draft_chain(state: DraftState, target: Transformer, root_token: int, length:
     return tree, torch.stack(q)
 
 
-# ----------------------------------------------------------------------------- generation
+# ----------------------------------------------------------------------------- composing specialists (eqs. 11-13)
+# Several drafters, one verifier call. A tree composition is a function of the drafted trees alone
+# (tokens, parents, draft scores and entropies), so the tree the target sees is fixed before the
+# target is consulted and recursive rejection sampling stays exactly lossless (Lemma A.2). Picking
+# a tree by what the *target* says (verify both, keep the longer) would not be.
+
+def average(drafters: Sequence[Drafter], lam: float) -> Drafter:
+    """Weight averaging (eq. 11): theta = lam * theta_0 + (1 - lam) * theta_1 (the study: 0 = math, 1 = chat).
+
+    A zero-weight term is left out rather than multiplied by 0, so lam = 1 and lam = 0 return the
+    specialists bit for bit (x * 1.0 is exact; x + 0.0 would turn -0.0 into 0.0).
+    """
+    if len(drafters) != 2:
+        raise TapsError(f"weight averaging takes exactly two drafters, got {len(drafters)}")
+    if not 0 <= lam <= 1:
+        raise TapsError(f"lambda must be in [0, 1], got {lam}")
+    a, b = drafters
+    if a.meta.get("target") != b.meta.get("target") or a.args != b.args:
+        raise TapsError(f"cannot average drafters trained for different targets ({a.meta.get('target')!r} "
+                        f"and {b.meta.get('target')!r}) or with different configurations")
+    sa, sb = a.state_dict(), b.state_dict()
+    terms = [(w, s) for w, s in ((lam, sa), (1 - lam, sb)) if w]
+    state = {}
+    for k in sa:
+        state[k] = terms[0][0] * terms[0][1][k]
+        for w, s in terms[1:]:
+            state[k] = state[k] + w * s[k]
+    out = Drafter(a.args, {**a.meta, "domain": "average", "lambda": lam,
+                           "sources": [a.meta.get("domain"), b.meta.get("domain")]})
+    out.load_state_dict(state)
+    return out.to(device=a.fc.weight.device, dtype=a.fc.weight.dtype).eval()
+
+
+def tag(tree: Tree, origin: int) -> Tree:
+    """Mark every non-root node as drafted by drafter `origin` (the root is -1)."""
+    tree.origin = [-1] + [origin] * (len(tree) - 1)
+    return tree
+
+
+def _mean(xs) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
 
 def compose_single(trees: list[Tree]) -> Tree:
     if len(trees) != 1:
@@ -391,16 +435,82 @@ def compose_single(trees: list[Tree]) -> Tree:
     return trees[0]
 
 
-# How the trees of several drafters become the one tree the target verifies. Any function of the
-# trees alone (draft-side quantities only) keeps verification lossless.
-COMPOSE: dict[str, Callable[[list[Tree]], Tree]] = {"single": compose_single}
+def _at_least_two(name, trees):
+    if len(trees) < 2:
+        raise TapsError(f"compose {name!r} takes two or more drafters, got {len(trees)}")
 
+
+def route(trees: list[Tree]) -> Tree:
+    """Confidence routing (eqs. 12-13): the tree whose nodes have the highest mean draft confidence
+    exp(logq) (EAGLE-2's cumulative path probability, root excluded); ties go to the first."""
+    _at_least_two("route", trees)
+    return max(trees, key=lambda t: _mean(t.confidence[1:]))
+
+
+def route_entropy(trees: list[Tree]) -> Tree:
+    """The study's comparison: the tree whose nodes were drawn from the lowest mean draft entropy."""
+    _at_least_two("route-entropy", trees)
+    return min(trees, key=lambda t: _mean(t.entropy[1:]))
+
+
+def merge(trees: list[Tree], dedup: bool = False) -> Tree:
+    """Pack trees under their shared root: the root, then each tree's non-root nodes in order.
+
+    Parent indices are offset, so each subtree keeps its own mask (`Tree.mask`: a node sees its
+    ancestors only, never another subtree) and depth-based positions (`Tree.depths`). With dedup,
+    a node whose (parent, token) is already present is united with it: the result is the trie of
+    all input paths (every path kept, fewer nodes). A united node keeps the score, entropy and
+    origin of the first tree holding it. Root-to-node paths are never created, only shared.
+    """
+    if len({t.tokens[0] for t in trees}) != 1:
+        raise TapsError("trees to merge must share their root (the same prefix)")
+    out = Tree(trees[0].tokens[:1], [-1], [0.0], [math.nan], [-1])
+    index = {}                                     # (merged parent, token) -> merged node
+    for t in trees:
+        new_id = [0]                               # this tree's node -> merged node
+        for i in range(1, len(t)):
+            key = (new_id[t.parents[i]], t.tokens[i])
+            if dedup and key in index:
+                new_id.append(index[key])
+                continue
+            new_id.append(len(out))
+            index.setdefault(key, len(out))
+            out.tokens.append(t.tokens[i])
+            out.parents.append(key[0])
+            out.logq.append(t.logq[i])
+            out.entropy.append(t.entropy[i])
+            out.origin.append(t.origin[i] if t.origin else -1)
+    return out
+
+
+def compose_merged(trees: list[Tree]) -> Tree:
+    _at_least_two("merged", trees)
+    return merge(trees)
+
+
+def compose_merged_dedup(trees: list[Tree]) -> Tree:
+    _at_least_two("merged-dedup", trees)
+    return merge(trees, dedup=True)
+
+
+# How the trees of several drafters become the one tree the target verifies. Any function of the
+# trees alone (draft-side quantities only) keeps verification lossless. Weight averaging is not
+# here: it makes one drafter (`average`), which then runs as "single".
+COMPOSE: dict[str, Callable[[list[Tree]], Tree]] = {
+    "single": compose_single, "route": route, "route-entropy": route_entropy,
+    "merged": compose_merged, "merged-dedup": compose_merged_dedup,
+}
+
+
+# ----------------------------------------------------------------------------- generation
 
 @dataclass
 class Stats:
     """Per-generation statistics; lists have one entry per verifier call unless named per token."""
     accepted: list[int] = field(default_factory=list)      # draft tokens accepted per verifier call
     tree_size: list[int] = field(default_factory=list)     # nodes verified per call, root included
+    routed: list[int] = field(default_factory=list)        # drafter whose tree was verified per call (-1: several)
+    accepted_from: list[int] = field(default_factory=list) # drafter of the first accepted node per call (-1: none)
     new_tokens: int = 0                                    # generated tokens minus the prefill token
     draft_entropy_accepted: list[float] = field(default_factory=list)   # per token, nats, drafter at T = 1
     draft_entropy_rejected: list[float] = field(default_factory=list)
@@ -499,8 +609,9 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
         t0 = _clock(dev)
         if chain:
             tree, q = draft_chain(states[0], target, x, depth + 1, temperature, top_p, rng)
+            tag(tree, 0)
         else:
-            tree = compose([draft_tree(s, target, x, top_k, depth, total_tokens) for s in states])
+            tree = compose([tag(draft_tree(s, target, x, top_k, depth, total_tokens), i) for i, s in enumerate(states)])
         t1 = _clock(dev)
         L = cache.length
         tokens = torch.tensor([tree.tokens], device=dev)
@@ -524,6 +635,9 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
 
         stats.accepted.append(len(path) - 1)
         stats.tree_size.append(len(tree))
+        origins = set(tree.origin[1:])
+        stats.routed.append(origins.pop() if len(origins) == 1 else -1)
+        stats.accepted_from.append(tree.origin[path[1]] if len(path) > 1 and tree.origin else -1)
         judged = path[1:] + rejected   # target entropy is that of p at the node's parent
         h_target = [entropy(torch.log_softmax(logits[tree.parents[i]], -1)).item() for i in judged]
         m = len(path) - 1
