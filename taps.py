@@ -592,7 +592,8 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).flatten()
     if len(prompt) == 0:
         raise TapsError("the prompt is empty")
-    max_len = len(prompt) + max_new_tokens + total_tokens + depth + 2   # a whole tree is appended before `keep`
+    # a whole (composed: up to one tree per drafter) tree is appended before `keep`
+    max_len = len(prompt) + max_new_tokens + len(drafters) * total_tokens + depth + 2
     cache, stats = target.new_cache(1, max_len), Stats()
 
     t0 = _clock(dev)

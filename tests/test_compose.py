@@ -1,0 +1,240 @@
+"""Composing specialist drafters (taps.py's composition section): merged-tree packing against
+hand-built trees, the de-duplicated trie, weight averaging at the endpoints, routing by draft-side
+quantities, exact losslessness of the real composition functions, greedy equivalence, bad input."""
+import math
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from model import TapsError, generate_plain
+from taps import (COMPOSE, Drafter, Stats, TorchRandom, Tree, average, generate, merge, route, route_entropy, tag,
+                  verify_tree)
+from test_taps import one_thread, prompts, tiny  # noqa: F401  (one_thread: autouse fixture)
+from test_verify_exact import Target, drafts, lossless, node_tokens, spec_dist, tree_call
+
+
+def small_trees():
+    #  a: 0 -> 1 (x=5) -> 2 (x=6)        b: 0 -> 1 (x=5) -> 3 (x=7)
+    #           \\-> 3 (x=8)                    \\-> 2 (x=9)
+    a = tag(Tree([4, 5, 6, 8], [-1, 0, 1, 0], [0, -0.5, -1.0, -2.0], [math.nan, 1.0, 0.5, 1.0]), 0)
+    b = tag(Tree([4, 5, 9, 7], [-1, 0, 0, 1], [0, -0.2, -3.0, -0.4], [math.nan, 2.0, 2.0, 0.1]), 1)
+    return a, b
+
+
+# ----------------------------------------------------------------------------- merged trees
+
+def test_merged_packing_by_hand():
+    a, b = small_trees()
+    m = merge([a, b])
+    # root, a's non-root nodes (1..3), b's non-root nodes (4..6) with parents offset by 3
+    assert m.tokens == [4, 5, 6, 8, 5, 9, 7]
+    assert m.parents == [-1, 0, 1, 0, 0, 0, 4]
+    assert m.origin == [-1, 0, 0, 0, 1, 1, 1]
+    assert m.logq == [0, -0.5, -1.0, -2.0, -0.2, -3.0, -0.4]
+    assert m.depths() == [0, 1, 2, 1, 1, 1, 2]      # verifier positions: prefix length + depth
+    T, F = True, False
+    assert m.mask().tolist() == [
+        [T, F, F, F, F, F, F],
+        [T, T, F, F, F, F, F],
+        [T, T, T, F, F, F, F],
+        [T, F, F, T, F, F, F],
+        [T, F, F, F, T, F, F],
+        [T, F, F, F, F, T, F],
+        [T, F, F, F, T, F, T]]
+    # path (retrieve) indices: a's as they were, b's offset by len(a) - 1
+    assert m.paths() == [[0, 1, 2], [0, 3], [0, 5], [0, 4, 6]]   # by leaf index
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), k=st.integers(2, 4))
+def test_merged_mask_is_block_diagonal_as_in_the_study(seed, k):
+    """The study's _merge_trees: [root | tree 1 | tree 2 ...], each block its own tree's mask, column 0
+    visible to all, nothing across blocks; positions are each tree's own."""
+    trees = drafts(seed, 4, (1,), k)
+    m = merge(trees)
+    n = len(m)
+    expect = torch.zeros(n, n, dtype=torch.bool)
+    expect[:, 0] = True
+    pos, at = [0], 1
+    for t in trees:
+        s = len(t) - 1
+        expect[at:at + s, at:at + s] = t.mask()[1:, 1:]
+        pos += t.depths()[1:]
+        at += s
+    assert torch.equal(m.mask(), expect)
+    assert m.depths() == pos
+    assert len(m) == 1 + sum(len(t) - 1 for t in trees)
+
+
+def token_paths(tree):
+    return {node_tokens(tree, i) for i in range(len(tree))}
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6), k=st.integers(1, 4), V=st.integers(2, 4))
+def test_dedup_merge_is_the_trie_of_all_paths(seed, k, V):
+    trees = drafts(seed, V, (0,), k)
+    d = merge(trees, dedup=True)
+    every = set().union(*(token_paths(t) for t in trees))
+    assert token_paths(d) == every                   # every input path kept, no new one made
+    assert len(d) == len(every)                       # one node per distinct path: a trie
+    assert all(0 <= d.parents[i] < i for i in range(1, len(d)))
+    for kids in d.children():
+        assert len({d.tokens[c] for c in kids}) == len(kids)   # no duplicate siblings left
+    assert len(d) <= len(merge(trees))
+
+
+def greedy_next(V, seed, path):
+    """A deterministic 'target': the token that follows a token path."""
+    return random.Random(f"{seed} {path}").randrange(V)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 10**6), k=st.integers(2, 3), V=st.integers(2, 3))
+def test_dedup_merge_at_temperature_0_accepts_the_longest_matching_path(seed, k, V):
+    """Greedy: the trie accepts the longest input path that matches the target (the study's
+    longest-path rule on the plain merged tree); the plain merge accepts a prefix of it (a duplicate
+    sibling's subtree is never entered), and both emit the target's tokens."""
+    trees = drafts(seed, V, (0,), k)
+    greedy = [()]
+    while greedy[-1] in set().union(*(token_paths(t) for t in trees)):
+        greedy.append(greedy[-1] + (greedy_next(V, seed, greedy[-1]),))
+    best = greedy[-1]                      # the longest matching path plus the target's next token
+
+    def one_hot(tree, node):
+        p = torch.zeros(V, dtype=torch.float64)
+        p[greedy_next(V, seed, node_tokens(tree, node))] = 1
+        return p
+
+    def emitted(tree):
+        path, x, _ = verify_tree(tree, lambda node: one_hot(tree, node), TorchRandom(0))
+        return tuple(tree.tokens[i] for i in path[1:]) + (x,)
+    assert emitted(merge(trees, dedup=True)) == best
+    plain = emitted(merge(trees))
+    assert plain == best[:len(plain)]
+
+
+def test_merge_needs_a_shared_root():
+    a, b = small_trees()
+    b.tokens[0] = 99
+    with pytest.raises(TapsError, match="share their root"):
+        merge([a, b])
+
+
+# ----------------------------------------------------------------------------- routing
+
+def test_route_by_mean_confidence_and_by_entropy():
+    a, b = small_trees()
+    # mean exp(logq): a (e^-.5 + e^-1 + e^-2) / 3 = 0.370, b (e^-.2 + e^-3 + e^-.4) / 3 = 0.512
+    assert route([a, b]) is b and route([b, a]) is b
+    # mean draft entropy: a 0.83, b 1.37 -> the lower is a
+    assert route_entropy([a, b]) is a and route_entropy([b, a]) is a
+    assert route([a, a]) is a and route([a, Tree(**{**a.__dict__})]) is a   # ties go to the first
+
+
+def test_routing_reads_nothing_but_the_trees():
+    """Same draft-side quantities -> same choice, whatever else the trees carry (none of it target-side)."""
+    a, b = small_trees()
+    for fn in (route, route_entropy):
+        choice = fn([a, b])
+        shuffled = [Tree(t.tokens[:1] + [0] * (len(t) - 1), t.parents, t.logq, t.entropy) for t in (a, b)]
+        assert fn(shuffled) is shuffled[[a, b].index(choice)]   # tokens do not matter, scores do
+
+
+# ----------------------------------------------------------------------------- exact losslessness of the real functions
+
+def compose_scheme(fn, target, seed):
+    """One verifier call: two or three draft-side trees (random scores and entropies), composed by the
+    real taps function, verified by the real verify_tree with rational p and every outcome enumerated."""
+    def step(ctx, rng):
+        rnd = random.Random(f"n {seed} {ctx}")
+        trees = [tag(t, i) for i, t in enumerate(drafts(seed, target.V, ctx, rnd.randint(2, 3)))]
+        for t in trees:
+            t.entropy = [math.nan] + [rnd.random() for _ in t.tokens[1:]]
+        return tree_call(target, fn(trees), ctx, rng)
+    return step
+
+
+@settings(max_examples=120, deadline=None)
+@given(name=st.sampled_from(["route", "route-entropy", "merged", "merged-dedup"]), V=st.integers(2, 4),
+       seed=st.integers(0, 10**9), n=st.integers(1, 3), half_temperature=st.booleans())
+def test_every_composition_is_exactly_lossless(name, V, seed, n, half_temperature):
+    target = Target(V, seed, half_temperature)
+    ctx = (seed % V,)
+    assert spec_dist(compose_scheme(COMPOSE[name], target, seed), ctx, n) == target.dist(ctx, n)
+
+
+def test_the_exactness_check_still_rejects_keep_longer():
+    assert any(not lossless("keep_longer", 3, seed, 2, False) for seed in range(30))
+
+
+# ----------------------------------------------------------------------------- weight averaging (eq. 11)
+
+def test_average_endpoints_are_the_specialists_bit_for_bit():
+    target = tiny(V=32, dtype=torch.float32)
+    a, b = Drafter.random(target, 1), Drafter.random(target, 2)
+    with torch.no_grad():
+        a.fc.bias[0] = -0.0
+    for lam, ref in ((1.0, a), (0.0, b)):
+        avg = average([a, b], lam)
+        for k, v in ref.state_dict().items():
+            w = avg.state_dict()[k]
+            assert w.dtype == v.dtype and torch.equal(w.view(torch.int32), v.view(torch.int32)), k
+    mid = average([a, b], 0.25)
+    for k, v in mid.state_dict().items():
+        assert torch.allclose(v, 0.25 * a.state_dict()[k] + 0.75 * b.state_dict()[k])
+    assert mid.meta["lambda"] == 0.25 and mid.meta["domain"] == "average"
+
+
+@pytest.mark.parametrize("lam", [-0.1, 1.5, math.nan])
+def test_average_lambda_out_of_range(lam):
+    target = tiny(V=32)
+    with pytest.raises(TapsError, match=r"lambda must be in \[0, 1\]"):
+        average([Drafter.random(target, 1), Drafter.random(target, 2)], lam)
+
+
+def test_average_refuses_one_drafter_and_different_targets():
+    target = tiny(V=32, name="tiny-a")
+    with pytest.raises(TapsError, match="exactly two drafters, got 1"):
+        average([Drafter.random(target, 1)], 0.5)
+    other = Drafter.random(tiny(V=32, name="tiny-b"), 2)
+    with pytest.raises(TapsError, match="different targets"):
+        average([Drafter.random(target, 1), other], 0.5)
+
+
+# ----------------------------------------------------------------------------- generate with several drafters
+
+@pytest.mark.parametrize("name", ["route", "route-entropy", "merged", "merged-dedup"])
+def test_compositions_need_two_drafters(name):
+    target = tiny(V=32)
+    with pytest.raises(TapsError, match=f"compose '{name}' takes two or more drafters, got 1"):
+        generate(target, [Drafter.random(target, 0)], [1, 2, 3], 8, compose=name)
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSE))
+def test_greedy_of_every_composition_is_the_target(name):
+    V = 64
+    target = tiny(V=V)
+    drafters = [Drafter.random(target, s) for s in ((1,) if name == "single" else (1, 2, 3))]
+    for prompt in prompts(V, n=2):
+        ref = generate_plain(target, prompt, 32)
+        out, s = generate(target, drafters, prompt, 32, top_k=4, depth=3, total_tokens=10, compose=name)
+        assert out == ref
+        assert len(s.routed) == len(s.accepted_from) == s.calls
+        if name in ("merged", "merged-dedup"):
+            assert set(s.routed) == {-1} and max(s.tree_size) <= 1 + 3 * 10
+        else:
+            assert set(s.routed) <= set(range(len(drafters)))
+        assert all(o == -1 if a == 0 else o in range(len(drafters)) for o, a in zip(s.accepted_from, s.accepted))
+    out, _ = generate(target, average(drafters[:2], 0.5) if name != "single" else drafters[0], prompts(V)[0], 32,
+                      top_k=4, depth=3, total_tokens=10)
+    assert out == generate_plain(target, prompts(V)[0], 32)
+
+
+def test_single_drafter_stats_name_drafter_0():
+    target = tiny(V=1)
+    _, s = generate(target, Drafter.random(target), [0, 0], max_new_tokens=9, top_k=1, depth=2, total_tokens=3)
+    assert s.routed == [0, 0] and s.accepted_from == [0, 0]
+    assert Stats().routed == []
