@@ -1,0 +1,71 @@
+"""taps on the embedded default target (SmolLM2-135M-Instruct, fp32): LOADS THE 135M MODEL.
+
+Greedy speculative decoding is token-identical to plain greedy decoding on real chat prompts, and
+the CLI with `--drafter random` prints exactly the target's own greedy reply.
+"""
+import pytest
+import torch
+
+import model
+from model import TapsError, generate_plain
+from taps import Drafter, generate, main
+
+PROMPTS = [
+    "What is 7 * 6?",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Write a haiku about the sea.",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """On the shared 2-core machine, spinning OpenMP workers make these tests ~8x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def default():
+    try:
+        return model.load_target()
+    except TapsError as e:
+        pytest.skip(f"embedded default target unavailable: {e}")
+
+
+@pytest.mark.parametrize("i, n, tree", [(0, 10, dict(total_tokens=60, depth=5, top_k=10)),
+                                        (1, 16, dict(total_tokens=16, depth=4, top_k=4)),
+                                        (2, 16, dict(total_tokens=8, depth=3, top_k=4))])
+def test_default_greedy_is_exactly_the_target(default, i, n, tree):
+    target, tok = default
+    ids, _ = tok.encode_chat([{"role": "user", "content": PROMPTS[i]}], add_generation_prompt=True)
+    ref = generate_plain(target, ids, n, stop_ids=tok.stop_ids)
+    out, stats = generate(target, Drafter.random(target, i), ids, n, stop_ids=tok.stop_ids, **tree)
+    assert out == ref
+    assert stats.new_tokens == len(out) - 1 and stats.calls >= 1
+
+
+def test_cli_random_drafter_prints_the_target_greedy_reply(default, capsys):
+    target, tok = default
+    ids, _ = tok.encode_chat([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True)
+    ref = generate_plain(target, ids, 8, stop_ids=tok.stop_ids)
+    main(["--prompt", PROMPTS[0], "--drafter", "random", "--max-new-tokens", "8", "--device", "cpu",
+          "--total-tokens", "8", "--depth", "3", "--top-k", "4"])
+    out = capsys.readouterr().out
+    reply = tok.decode([t for t in ref if t not in tok.stop_ids])
+    assert out.startswith(reply + "\n")
+    assert "tau = " in out and "verifier calls" in out
+
+
+def test_cli_refuses_a_drafter_for_another_target(default, tmp_path, capsys):
+    tiny = model.Transformer(model.ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32,
+                                             hidden_dim=128, name="tiny"))
+    Drafter.random(tiny).save(tmp_path / "tiny.safetensors")
+    for ckpt, message in [(tmp_path / "tiny.safetensors", "drafter was trained for target 'tiny'"),
+                          (tmp_path / "missing.safetensors", "no such drafter checkpoint")]:
+        with pytest.raises(SystemExit) as e:
+            main(["--prompt", "hi", "--drafter", str(ckpt), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
