@@ -38,12 +38,10 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from model import Block, KVCache, ModelArgs, TapsError, Transformer, build_mask, logits_to_probs
 
@@ -176,10 +174,10 @@ class Tree:
 
     def mask(self, device=None) -> torch.Tensor:
         """(N, N) bool: each node attends to itself and its ancestors (the prefix is always visible)."""
-        m = torch.eye(len(self), dtype=torch.bool, device=device)
+        m = torch.eye(len(self), dtype=torch.bool)    # built row by row on the CPU, then moved once
         for i in range(1, len(self)):
             m[i] |= m[self.parents[i]]
-        return m
+        return m.to(device)
 
 
 def check_tree_args(top_k: int, depth: int, total_tokens: int):
