@@ -117,19 +117,6 @@ def random_tree(rnd: random.Random, V, root, max_nodes=8, max_depth=4) -> Tree:
     return tree
 
 
-def merged(trees) -> Tree:
-    """Several trees packed under one shared root (each subtree keeps its own nodes)."""
-    out = Tree(trees[0].tokens[:1], [-1], [0.0], [0.0])
-    for t in trees:
-        offset = len(out) - 1
-        for i in range(1, len(t)):
-            out.tokens.append(t.tokens[i])
-            out.parents.append(0 if t.parents[i] == 0 else t.parents[i] + offset)
-            out.logq.append(t.logq[i])
-            out.entropy.append(t.entropy[i])
-    return out
-
-
 def node_tokens(tree, node):
     """Tokens on the path root -> node, the root excluded."""
     out = []
@@ -160,10 +147,9 @@ def scheme(name, target, seed):
         if name == "tree":
             return tree_call(target, drafts(seed, V, ctx)[0], ctx, rng)
         if name == "merged":
-            return tree_call(target, merged(drafts(seed, V, ctx, 2)), ctx, rng)
+            return tree_call(target, taps.merge(drafts(seed, V, ctx, 2)), ctx, rng)
         if name == "routed":      # pick one of two trees by draft confidence: draft-side only, still exact
-            trees = drafts(seed, V, ctx, 2)
-            return tree_call(target, max(trees, key=lambda t: sum(t.confidence[1:])), ctx, rng)
+            return tree_call(target, taps.route(drafts(seed, V, ctx, 2)), ctx, rng)
         if name == "keep_longer":  # WRONG: verify both trees and keep the longer result
             results = [tree_call(target, t, ctx, rng) for t in drafts(seed, V, ctx, 2)]
             return max(results, key=len)
