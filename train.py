@@ -34,12 +34,19 @@
    <out>.jsonl), and the training state <out>.state.pt (also every `save_interval` seconds);
    --resume continues from it and reproduces an uninterrupted run exactly.
 
-Sizes (CPU timings measured on the shared 2-core dev box, under load, SmolLM2-135M target):
-  demo  600 math or 200 chat conversations, max_len 320, 2 epochs, lr 1e-3, batch 4.
-        make train DOMAIN=math: ~9 min cold (features included), ~4 min with cached features.
-  full  the whole corpus, max_len 2048, 20 epochs, lr 3e-5, batch 8: the study's configuration.
-        On this CPU: ~20 h of feature extraction for chat alone and weeks of training; on one
-        GPU (Llama-3-8B-Instruct, bf16) about an hour of extraction and a day of training.
+Sizes. demo fits `make train` in 10 minutes on a 2-core CPU; timings measured on the shared dev
+box under load from other jobs (one torch thread), SmolLM2-135M target, fp32 features at ~240 tok/s:
+  demo  300 math / 150 chat conversations (121 chat ones keep an assistant token within max_len),
+        max_len 320, 24 held-out per domain, 3 epochs, lr 1e-3, batch 2. Extraction costs more than
+        an epoch, so the demo takes few conversations and several epochs over them.
+        make train DOMAIN=math: 541 s cold (features 284 s incl. both held-out sets, training 252 s);
+        make train DOMAIN=chat: 506 s (features 208 s, training 292 s). HASS trains 4 passes per
+        batch: about 4x the training time. mixed reuses both caches (2x the training time).
+  full  the whole corpus (7.3k math, 16.4k chat conversations; ~1.4M and ~22M tokens at max_len
+        2048), 200 held-out, 20 epochs, lr 3e-5 (EAGLE's), batch 8. On this CPU: ~11 h of chat
+        extraction (26 GB of fp16 features) and ~10 days of EAGLE training on chat (~400 loss
+        positions/s). Estimated on one H100 for Llama-3-8B-Instruct (bf16, extraction batch 8):
+        ~30 min of chat extraction (~180 GB), a few hours per EAGLE run, ~4x that for HASS.
 """
 from __future__ import annotations
 
