@@ -228,13 +228,13 @@ def drafter_loss(drafter, target, batch, cfg: TrainConfig, g: Optional[torch.Gen
 
     Returns the loss (summed over alignment steps) and the plain pass's terms (v, ce, topk, top1)."""
     ids, mask, f, lengths = batch["ids"], batch["mask"], batch["feats"], batch["lengths"]
-    tokens, f_in, f_next = ids[:, 1:-1], f[:, :-2], f[:, 1:-1]    # (B, T) x_{t+1}; (B, T, H) f_t, f_{t+1}
-    sel = mask[:, 2:].bool()                                               # (B, T) x_{t+2} is an assistant token
+    tokens, f_in, f_next = ids[:, 1:-1], f[:, :-2], f[:, 1:-1]   # (B, T) x_{t+1}; (B, T, H) f_t, f_{t+1}
+    sel = mask[:, 2:].bool()                                      # (B, T): x_{t+2} is an assistant token
     if g is not None:
-        scale = cfg.noise * 512 / lengths.to(f_in.dtype)                  # EAGLE: noise shrinks with length
+        scale = cfg.noise * 512 / lengths.to(f_in.dtype)         # (B,) EAGLE: noise shrinks with length
         noise = torch.rand(f_in.shape, generator=g, device=f_in.device) - 0.5
         f_in = f_in + noise * scale[:, None, None]
-    f_tgt = f_next[sel]                                                    # (N, H)
+    f_tgt = f_next[sel]                                           # (N, H)
     total, first = 0.0, None
     for h in aligned_passes(drafter, target, tokens, f_in, cfg.steps):
         v = feature_loss(h[sel], f_tgt)
@@ -300,8 +300,6 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
     see the padding after them."""
     from safetensors.torch import save_file
     from tqdm import tqdm
-    if not examples:
-        raise TapsError(f"{desc}: no conversations to extract features from")
     dev = target.embed_tokens.weight.device
     n_shards = math.ceil(len(examples) / shard_size)
     digest = hashlib.sha1(json.dumps(examples).encode()).hexdigest()[:16]
@@ -440,6 +438,11 @@ def train_step(drafter, target, opt, sched, batch, cfg, g):
     return loss.item(), terms
 
 
+def lr_factor(step, warm, total):
+    """Linear warmup over `warm` steps, then linear decay to 0 at step `total`."""
+    return min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
+
+
 def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out, resume=False,
           save_interval: float = 120.0) -> Drafter:
     """Train a drafter for `target` on `train_sets`; writes `out` (+ .jsonl log, .state.pt) each epoch.
@@ -460,7 +463,7 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     per_epoch = len(epoch_plan(train_sets, cfg, 0))
     total = cfg.epochs * per_epoch
     warm = max(1, round(cfg.warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / (total - warm + 1e-9))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warm, total))
     g = torch.Generator(device=dev).manual_seed(cfg.seed)
     config = dataclasses.asdict(cfg)
     st = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "top1_sum": 0.0, "log": []}
