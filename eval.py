@@ -1,0 +1,474 @@
+"""Evaluate task-aware speculative decoding on the study's benchmarks and print its tables.
+
+    python eval.py --compose merged --drafters checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors --limit 5
+    python eval.py --compose single,average,route,route-entropy,merged --temperature 0,1 --json runs/demo.json
+    python eval.py --report runs/demo-*.json
+
+Methods (--compose, one or a comma-separated list; drafters in --drafters order, math first as in
+the study, so lambda weights the first):
+  single         each drafter alone, one row per checkpoint
+  average        one drafter theta = lam * theta_0 + (1 - lam) * theta_1 (eq. 11); --lam-sweep: Figure 6
+  route          each step, only the tree with the highest mean draft confidence is verified (eqs. 12-13)
+  route-entropy  each step, the tree with the lowest mean draft entropy (the study's comparison)
+  merged         every drafter's tree under one shared root, verified once (lossless: Lemma A.2)
+  merged-dedup   beyond the study: the merged tree as a trie, identical paths united
+  --equal-budget beyond the study: also run the merged kinds with total_tokens // k nodes per tree,
+                 so that a merged tree is no larger than one single tree
+Every choice between or within trees uses draft-side quantities only (taps.COMPOSE), so the output
+is distributed exactly as the target's own.
+
+Measurement. For every prompt (MT-Bench: both turns, the second continuing the conversation with
+the method's own first answer, which losslessness makes a sample of the target's) and every
+method, speculative decoding runs, then plain target decoding of exactly as many tokens (no stop
+tokens, so the same length) is timed in the same process; a plain timing is reused by the methods
+that produce the same (prompt, length) -- at temperature 0 all of them. Per benchmark:
+  tau     = new tokens / verifier calls over all its turns (taps.Stats: the prefill token excluded)
+  speedup = total plain time / total speculative time
+  greedy_match (temperature 0) = share of turns whose output equals plain greedy decoding: must be 1.
+Tables (markdown, shaped like the study's): Table 1 (tau and speedup per benchmark and their
+average), Table 3 (routing: share of prompts whose majority of steps went to each drafter, and share
+of verifier calls), Tables 7-8 (mean entropy of accepted vs rejected draft tokens, draft and target
+at T = 1), Tables 9-11 (acceptance rate by depth), Figure 6 (tau vs lambda), merged trees (whose
+subtree the accepted path started in).
+
+JSON (--json PATH): one file per (method, temperature) run, each
+
+    {"config": {method, compose, lambda, temperature, tree budget, drafters (path, sha256, metadata),
+                target, benchmarks, limit, seed, versions (python, torch, git commit), ...},
+     "results": {"<bench>": {"tau", "speedup", "greedy_match", "alpha_by_depth", "entropy",
+                             "routing", "accepted_from", "mean_tree_size", times, counts, "turns": [...]},
+                 ..., "average": {"tau", "speedup"}}}
+
+so `results[bench]["tau"]` reads directly. One run writes PATH itself; several write
+PATH's stem + "-<method>-T<temperature>" + suffix (e.g. runs/demo-merged-T0.json) next to each
+other, and `--report` prints the tables of any set of them. Each file is rewritten (atomically)
+after every benchmark, so Ctrl-C loses at most the benchmark in progress.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from data import BENCHMARKS, DataError, load_bench
+from model import DTYPES, TapsError, atomic_write, default_device, generate_plain, load_target, logits_to_probs
+from taps import COMPOSE, Drafter, Stats, TorchRandom, average, generate
+
+METHODS = ("single", "average", *(m for m in COMPOSE if m != "single"))
+MERGED = ("merged", "merged-dedup")
+BENCH_NAMES = {"mt_bench": "MT-Bench", "gsm8k": "GSM8K", "math_500": "MATH-500", "svamp": "SVAMP"}
+
+
+@dataclass
+class Run:
+    """One row of the tables: a method at one temperature, with its drafters and what it measured."""
+    name: str
+    compose: str                       # a taps.COMPOSE key
+    drafters: list                     # Drafter objects handed to taps.generate
+    temperature: float
+    budget: int                        # total_tokens of each drafted tree
+    config: dict                       # what the JSON records about this run
+    results: dict = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9.]+", "-", self.name).strip("-") + f"-T{self.temperature:g}"
+
+
+# ----------------------------------------------------------------------------- setup
+
+def floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def versions() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"python": platform.python_version(), "torch": torch.__version__, "git_commit": commit, "git_dirty": dirty}
+
+
+def identity(path: str, drafter: Drafter) -> dict:
+    """Which drafter this is: its file, a fingerprint of the file, and the metadata it was saved with."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if Path(path).is_file() else None
+    return {"path": str(path), "sha256_16": digest, **drafter.meta}
+
+
+def plan(a, drafters: list, names: list[str], idents: list[dict], shared: dict) -> list[Run]:
+    """The runs (rows) asked for: methods x temperatures, `single` once per drafter, `average` per lambda."""
+    k = len(drafters)
+    runs = []
+    for t in a.temperature:
+        for method in a.compose:
+            if method != "single" and k < 2:
+                raise TapsError(f"compose {method!r} takes two or more drafters, got {k}")
+            base = dict(shared, compose=method, temperature=t, tree_budget=a.total_tokens, equal_budget=False,
+                        drafters=idents, **{"lambda": None})
+            if method == "single":
+                for name, d, ident in zip(names, drafters, idents):
+                    runs.append(Run(name, "single", [d], t, a.total_tokens, dict(base, method=name, drafters=[ident])))
+            elif method == "average":
+                for lam in a.lam_sweep or [a.lam]:
+                    name = f"average λ={lam:g}"
+                    runs.append(Run(name, "single", [average(drafters, lam)], t, a.total_tokens,
+                                    dict(base, method=name, **{"lambda": lam})))
+            else:
+                runs.append(Run(method, method, drafters, t, a.total_tokens, dict(base, method=method)))
+                if method in MERGED and a.equal_budget:
+                    budget = a.total_tokens // k
+                    name = f"{method}, equal budget ({k}x{budget})"
+                    runs.append(Run(name, method, drafters, t, budget,
+                                    dict(base, method=name, tree_budget=budget, equal_budget=True)))
+    return runs
+
+
+# ----------------------------------------------------------------------------- measurement
+
+class PlainClock:
+    """Plain decoding of n tokens after a prompt, timed; reused for an identical (prompt, n, T)."""
+
+    def __init__(self, target, seed):
+        self.target, self.seed, self.memo = target, seed, {}
+
+    def __call__(self, ids, n, temperature):
+        key = (tuple(ids), n, temperature)
+        if key not in self.memo:
+            g = torch.Generator(device=self.target.embed_tokens.weight.device).manual_seed(self.seed)
+            t0 = clock(self.target)
+            out = generate_plain(self.target, ids, n, temperature, generator=g)   # no stop ids: exactly n tokens
+            self.memo[key] = (clock(self.target) - t0, out)
+        return self.memo[key]
+
+
+def clock(target) -> float:
+    if target.embed_tokens.weight.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def run_item(target, tokenizer, run: Run, item: dict, a, seed: int, plain: PlainClock) -> list[tuple[dict, Stats]]:
+    """All turns of one benchmark item: speculative decoding, then plain decoding of the same length."""
+    messages, turns = [], []
+    for turn, question in enumerate(item["turns"]):
+        messages.append({"role": "user", "content": question})
+        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        t0 = clock(target)
+        out, stats = generate(target, run.drafters, ids, a.max_new_tokens, run.temperature, a.top_p, a.top_k, a.depth,
+                              run.budget, run.compose, stop_ids=tokenizer.stop_ids, rng=TorchRandom(seed + turn))
+        spec_s = clock(target) - t0
+        plain_s, ref = plain(ids, len(out), run.temperature)
+        turns.append(({"question_id": item["question_id"], "turn": turn + 1, "new_tokens": stats.new_tokens,
+                       "calls": stats.calls, "tau": stats.tau, "spec_s": spec_s, "plain_s": plain_s,
+                       "match": out == ref if run.temperature == 0 else None}, stats))
+        messages.append({"role": "assistant", "content": tokenizer.decode([t for t in out if t not in tokenizer.stop_ids])})
+    return turns
+
+
+def combine(stats: list[Stats]) -> Stats:
+    """One Stats for many generations: per-call and per-token lists concatenated, counts and times summed."""
+    out = Stats()
+    for s in stats:
+        for f in dataclasses.fields(Stats):
+            setattr(out, f.name, getattr(out, f.name) + getattr(s, f.name))
+    return out
+
+
+def shares(values: list[int], k: int) -> list[float]:
+    return [values.count(i) / len(values) if values else math.nan for i in range(k)]
+
+
+def bench_results(items: list[list[tuple[dict, Stats]]], k: int) -> dict:
+    """A benchmark's figures from its items' turns (each item a list of (record, Stats))."""
+    records = [r for turns in items for r, _ in turns]
+    s = combine([st for turns in items for _, st in turns])
+    summary = s.summary()
+    votes = [Counter(x for _, st in turns for x in st.routed) for turns in items]
+    majority = [v.most_common(1)[0][0] for v in votes if v]   # ties: the drafter chosen first
+    spec_s, plain_s = sum(r["spec_s"] for r in records), sum(r["plain_s"] for r in records)
+    matches = [r["match"] for r in records if r["match"] is not None]
+    return {
+        "tau": summary["tau"], "speedup": plain_s / spec_s,
+        "greedy_match": sum(matches) / len(matches) if matches else None,
+        "alpha_by_depth": summary["alpha_by_depth"],
+        "entropy": {"draft": summary["draft_entropy"], "target": summary["target_entropy"]},
+        # routing: the drafter whose tree was verified (-1 = a merged tree), per call and by prompt majority
+        "routing": {"per_call": shares(s.routed, k), "per_prompt_majority": shares(majority, k),
+                    "merged_calls": s.routed.count(-1) / max(s.calls, 1)},
+        # the drafter whose subtree the accepted path started in; the last entry: nothing accepted
+        "accepted_from": shares(s.accepted_from, k) + [s.accepted_from.count(-1) / max(s.calls, 1)],
+        "mean_tree_size": summary["mean_tree_size"],
+        "prompts": len(items), "new_tokens": s.new_tokens, "calls": s.calls,
+        "spec_s": spec_s, "plain_s": plain_s, "draft_s": s.draft_time, "verify_s": s.verify_time,
+        "prefill_s": s.prefill_time, "turns": records,
+    }
+
+
+def averages(results: dict) -> dict:
+    benches = [b for b in results if b != "average"]
+    mean = lambda key: sum(results[b][key] for b in benches) / len(benches)
+    return {"tau": mean("tau"), "speedup": mean("speedup")}
+
+
+def finite(x):
+    """NaN (e.g. a mean over no rejected tokens) -> None, so the JSON is standard."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [finite(v) for v in x]
+    return x
+
+
+def as_dict(run: Run) -> dict:
+    return finite({"config": run.config, "results": run.results})
+
+
+def json_path(base: Path, run: Run, several: bool) -> Path:
+    return base.with_name(f"{base.stem}-{run.slug}{base.suffix}") if several else base
+
+
+def write_json(path: Path, run: Run):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: p.write_text(json.dumps(as_dict(run), indent=1, ensure_ascii=False) + "\n"))
+
+
+def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, a, json_base: Optional[Path] = None):
+    """Every benchmark, every item, every run side by side; results land in run.results."""
+    from tqdm import tqdm
+    plain = PlainClock(target, a.seed)
+    warm = tokenizer.encode_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=True)[0]
+    generate_plain(target, warm, 4)                                    # first-call overheads out of the timings
+    generate(target, runs[0].drafters, warm, 4, top_k=a.top_k, depth=a.depth, total_tokens=runs[0].budget,
+             compose=runs[0].compose)
+    k = max(len(r.drafters) for r in runs)
+    for bench, items in bench_items.items():
+        per_run = {id(r): [] for r in runs}
+        for i, item in enumerate(tqdm(items, desc=bench, unit="prompt", file=sys.stderr)):
+            for r in runs:
+                per_run[id(r)].append(run_item(target, tokenizer, r, item, a, a.seed * 1_000_003 + 1000 * i, plain))
+        for r in runs:
+            r.results[bench] = bench_results(per_run[id(r)], k)
+            r.results["average"] = averages(r.results)
+            if json_base is not None:
+                write_json(json_path(json_base, r, len(runs) > 1), r)
+
+
+# ----------------------------------------------------------------------------- tables
+
+def fmt(x, spec=".2f"):
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def pct(x):
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
+
+
+def get(run: dict, *keys):
+    """run["results"][k1][k2]..., None where anything is missing (a partial or older run)."""
+    x = run["results"]
+    for k in keys:
+        if isinstance(x, dict):
+            x = x.get(k)
+        elif isinstance(x, list) and k < len(x):
+            x = x[k]
+        else:
+            return None
+    return x
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def row_order(c: dict, paths: list[str]):
+    """Rows in METHODS order: singles by drafter, averages by lambda, each merged kind before its equal budget."""
+    kind = "average" if c["lambda"] is not None else c["compose"]
+    first = paths.index(c["drafters"][0]["path"]) if c["drafters"][0]["path"] in paths else 0
+    return METHODS.index(kind) if kind in METHODS else len(METHODS), first, c["lambda"] or 0, c["equal_budget"]
+
+
+def tables(runs: list[dict]) -> str:
+    """The study's tables from run dicts {"config", "results"} (one per method and temperature)."""
+    out = []
+    for t in sorted({r["config"]["temperature"] for r in runs}):
+        rs = [r for r in runs if r["config"]["temperature"] == t]
+        benches = [b for b in BENCHMARKS if any(b in r["results"] for r in rs)]
+        names = [BENCH_NAMES[b] for b in benches]
+        method = lambda r: r["config"]["method"]
+        drafter_paths = [d["path"] for d in max((r["config"]["drafters"] for r in rs), key=len)]
+        drafter_names = [Path(p).stem for p in drafter_paths]
+        rs.sort(key=lambda r: row_order(r["config"], drafter_paths))
+
+        rows = []
+        for r in rs:
+            matches = [x["match"] for b in benches for x in get(r, b, "turns") or [] if x["match"] is not None]
+            sizes = [x for b in benches if (x := get(r, b, "mean_tree_size")) is not None]
+            rows.append([method(r)]
+                        + [f"{fmt(get(r, b, 'tau'))} ({fmt(get(r, b, 'speedup'))}×)" for b in benches]
+                        + [f"{fmt(get(r, 'average', 'tau'))} ({fmt(get(r, 'average', 'speedup'))}×)",
+                           fmt(sum(sizes) / len(sizes) if sizes else None, ".0f")]
+                        + ([f"{sum(matches)}/{len(matches)}"] if t == 0 else []))
+        out.append(f"### Table 1 (T = {t:g}): acceptance length τ (speedup over plain decoding)\n\n"
+                   + table(["method"] + names + ["average", "nodes/call"] + (["greedy = plain"] if t == 0 else []), rows))
+
+        routed = [r for r in rs if r["config"]["compose"] in ("route", "route-entropy")]
+        if routed:
+            rows = [[method(r), name] + [f"{pct(get(r, b, 'routing', 'per_prompt_majority', i))} / "
+                                         f"{pct(get(r, b, 'routing', 'per_call', i))}" for b in benches]
+                    for r in routed for i, name in enumerate(drafter_names)]
+            out.append(f"### Table 3 (T = {t:g}): routing decisions, share of prompts (majority of steps) / "
+                       f"share of verifier calls\n\n" + table(["method", "drafter"] + names, rows))
+
+        merged = [r for r in rs if r["config"]["compose"] in MERGED]
+        if merged:
+            rows = [[method(r)] + [" / ".join(pct(x) for x in get(r, b, "accepted_from") or []) for b in benches]
+                    for r in merged]
+            out.append(f"### Merged trees (T = {t:g}): the accepted path started in the subtree of "
+                       f"{' / '.join(drafter_names)} / nothing accepted\n\n" + table(["method"] + names, rows))
+
+        for who, n in (("draft", 7), ("target", 8)):
+            rows = [[method(r)] + [f"{fmt(get(r, b, 'entropy', who, 'accepted'))} / "
+                                   f"{fmt(get(r, b, 'entropy', who, 'rejected'))}" for b in benches] for r in rs]
+            out.append(f"### Table {n} (T = {t:g}): {who} entropy (nats, at T = 1) of accepted / rejected draft "
+                       f"tokens\n\n" + table(["method"] + names, rows))
+
+        alphas = {(method(r), b): get(r, b, "alpha_by_depth") or [] for r in rs for b in benches}
+        depth = max(map(len, alphas.values()), default=0)
+        rows = [[m, BENCH_NAMES[b]] + [fmt(x) for x in a] + ["–"] * (depth - len(a)) for (m, b), a in alphas.items()]
+        out.append(f"### Tables 9-11 (T = {t:g}): acceptance rate by depth (of the calls that reached depth d - 1, "
+                   f"the share that accepted a token at depth d)\n\n"
+                   + table(["method", "benchmark"] + [f"d={d + 1}" for d in range(depth)], rows))
+
+        # lambda = 1 and 0 are the first and second drafter bit for bit: their single runs stand in
+        sweep = {r["config"]["lambda"]: r for r in rs if r["config"]["lambda"] is not None}
+        singles = {r["config"]["drafters"][0]["path"]: r for r in rs
+                   if r["config"]["compose"] == "single" and r["config"]["lambda"] is None}
+        if sweep and len(drafter_paths) == 2:
+            for lam, path in ((1.0, drafter_paths[0]), (0.0, drafter_paths[1])):
+                if lam not in sweep and path in singles:
+                    sweep[lam] = singles[path]
+        sweep = sorted(sweep.items())
+        if len(sweep) > 1:
+            rows = [[fmt(lam, "g")] + [fmt(get(r, b, "tau")) for b in benches] + [fmt(get(r, "average", "tau"))]
+                    for lam, r in sweep]
+            out.append(f"### Figure 6 (T = {t:g}): τ vs λ (λ weights {drafter_names[0]}, 1 - λ {drafter_names[-1]})\n\n"
+                       + table(["λ"] + names + ["average"], rows))
+    return "\n\n".join(out)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Evaluate composed specialist drafters on the study's benchmarks "
+                                             "(tau, speedup, routing, entropy, acceptance by depth).")
+    ap.add_argument("--compose", default="merged", type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
+                    help=f"one or a comma-separated list of: {', '.join(METHODS)} (default merged)")
+    ap.add_argument("--drafters", nargs="+", metavar="CKPT",
+                    default=["checkpoints/eagle-math.safetensors", "checkpoints/eagle-chat.safetensors"],
+                    help="drafter checkpoints, math first (default: checkpoints/eagle-{math,chat}.safetensors)")
+    ap.add_argument("--bench", default=",".join(BENCHMARKS), type=lambda s: [b.strip() for b in s.split(",") if b.strip()],
+                    help=f"comma-separated benchmarks (default {','.join(BENCHMARKS)})")
+    ap.add_argument("--limit", type=int, default=None, help="first N items of each benchmark (default: all)")
+    ap.add_argument("--temperature", type=floats, default=[0.0], help="0 = greedy; a comma-separated list runs each")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--lam", type=float, default=0.5, help="averaging weight of the first drafter (eq. 11)")
+    ap.add_argument("--lam-sweep", type=floats, default=None, metavar="L1,L2,...",
+                    help="average at each lambda (Figure 6), e.g. 0,0.25,0.5,0.75,1")
+    ap.add_argument("--equal-budget", action="store_true",
+                    help="also run merged kinds with total_tokens // k nodes per tree (no larger than one tree)")
+    ap.add_argument("--total-tokens", type=int, default=60)
+    ap.add_argument("--depth", type=int, default=5)
+    ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, metavar="PATH", help="write the results (see the module docstring)")
+    ap.add_argument("--report", nargs="+", type=Path, metavar="JSON", help="print the tables of saved runs and exit")
+    ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default target)")
+    ap.add_argument("--data-dir", help="data directory (default: $TAPS_DATA or ../shared/data)")
+    ap.add_argument("--device", default=default_device())
+    ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's; 1 is fastest on a CPU shared with other jobs)")
+    a = ap.parse_args(argv)
+    unknown = [m for m in a.compose if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown --compose {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    return a
+
+
+def report(paths: list[Path]) -> str:
+    runs = []
+    for p in paths:
+        try:
+            obj = json.loads(p.read_text())
+            if not ("temperature" in obj["config"] and isinstance(obj["results"], dict)):
+                raise KeyError("config.temperature or results")
+        except FileNotFoundError:
+            raise TapsError(f"{p}: no such file") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise TapsError(f"{p}: not an eval.py result ({type(e).__name__}: {e})") from None
+        runs.append(obj)
+    return tables(runs)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    runs = []
+    try:
+        if a.report:
+            print(report(a.report))
+            return
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        if a.limit is not None and a.limit < 1:
+            raise TapsError(f"--limit must be >= 1, got {a.limit}")
+        for t in a.temperature:   # sampling arguments, validated as taps.generate does, before any work
+            logits_to_probs(torch.zeros(1), t, a.top_p)
+        bench_items = {b: load_bench(b, a.limit, a.data_dir) for b in a.bench}   # unknown names fail before loading models
+        dtype = DTYPES[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
+        target, tokenizer = load_target(a.target, a.device, dtype)
+        drafters = [Drafter.load(p, target) for p in a.drafters]
+        idents = [identity(p, d) for p, d in zip(a.drafters, drafters)]
+        shared = {"target": target.args.name, "target_path": a.target, "device": a.device, "dtype": str(dtype),
+                  "benchmarks": a.bench, "limit": a.limit, "max_new_tokens": a.max_new_tokens, "top_p": a.top_p,
+                  "top_k": a.top_k, "depth": a.depth, "total_tokens": a.total_tokens, "seed": a.seed,
+                  "versions": versions(), "argv": sys.argv[1:] if argv is None else list(argv)}
+        runs = plan(a, drafters, [Path(p).stem for p in a.drafters], idents, shared)
+        t0 = time.perf_counter()
+        evaluate(target, tokenizer, runs, bench_items, a, a.json)
+    except (TapsError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: tables of the benchmarks completed so far", file=sys.stderr)
+        print(tables([as_dict(r) for r in runs if r.results]))
+        sys.exit(130)
+    print(tables([as_dict(r) for r in runs]))
+    print(f"\n[{len(runs)} runs x {sum(len(v) for v in bench_items.values())} prompts in "
+          f"{time.perf_counter() - t0:.0f} s]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""eval.py on a tiny random target with a fake tokenizer and fake benchmark files: well-formed JSON,
+every composition equal to plain greedy decoding, tables, the report mode, and bad input."""
+import json
+import math
+
+import pytest
+import torch
+
+import eval as ev
+from model import TapsError
+from taps import Drafter
+from test_taps import one_thread, tiny  # noqa: F401  (one_thread: autouse fixture)
+
+V = 48
+
+
+class FakeTokenizer:
+    """Characters -> ids (mod V, avoiding the stop id 0); a chat is the turns joined with separators."""
+    stop_ids = {0}
+
+    def encode_chat(self, messages, add_generation_prompt=False):
+        ids = []
+        for m in messages:
+            ids += [1 if m["role"] == "user" else 2] + [3 + ord(c) % (V - 3) for c in m["content"]]
+        ids += [2] if add_generation_prompt else []
+        return ids, [0] * len(ids)
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + t % 26) for t in ids)
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    """A data directory with the four benchmarks, two drafter checkpoints for the tiny target."""
+    target = tiny(V=V, name="tiny-eval")
+    bench = tmp_path / "data" / "bench"
+    bench.mkdir(parents=True)
+    for name, turns in (("mt_bench", 2), ("gsm8k", 1), ("math_500", 1), ("svamp", 1)):
+        with open(bench / f"{name}.jsonl", "w") as f:
+            for i in range(3):
+                f.write(json.dumps({"question_id": i, "category": "x",
+                                    "turns": [f"{name} question {i} turn {j}" for j in range(turns)]}) + "\n")
+    paths = []
+    for seed, domain in ((1, "math"), (2, "chat")):
+        d = Drafter.random(target, seed)
+        d.meta["domain"] = domain
+        paths.append(str(tmp_path / f"eagle-{domain}.safetensors"))
+        d.save(paths[-1])
+    monkeypatch.setattr(ev, "load_target", lambda path, device, dtype: (target, FakeTokenizer()))
+    return tmp_path, paths
+
+
+def run(tmp_path, paths, *extra):
+    return ev.main(["--drafters", *paths, "--data-dir", str(tmp_path / "data"), "--device", "cpu",
+                    "--max-new-tokens", "12", "--total-tokens", "8", "--depth", "3", "--top-k", "3", *extra])
+
+
+def test_one_composition_writes_the_documented_json(setup, capsys):
+    tmp_path, paths = setup
+    run(tmp_path, paths, "--compose", "merged", "--limit", "2", "--json", str(tmp_path / "out.json"))
+    obj = json.loads((tmp_path / "out.json").read_text())
+    assert set(obj) == {"config", "results"}
+    c = obj["config"]
+    assert c["method"] == "merged" and c["temperature"] == 0 and c["target"] == "tiny-eval" and c["seed"] == 0
+    assert [d["domain"] for d in c["drafters"]] == ["math", "chat"] and c["drafters"][0]["path"] == paths[0]
+    assert len(c["drafters"][0]["sha256_16"]) == 16 and {"python", "torch", "git_commit"} <= set(c["versions"])
+    assert set(obj["results"]) == {"mt_bench", "gsm8k", "math_500", "svamp", "average"}
+    for bench in ("mt_bench", "gsm8k", "math_500", "svamp"):
+        r = obj["results"][bench]
+        assert isinstance(r["tau"], float) and r["tau"] >= 1 and r["speedup"] > 0
+        assert r["greedy_match"] == 1.0
+        assert r["prompts"] == 2 and len(r["turns"]) == (4 if bench == "mt_bench" else 2)
+        assert r["new_tokens"] == sum(x["new_tokens"] for x in r["turns"])
+        assert r["tau"] == pytest.approx(r["new_tokens"] / r["calls"])
+        assert r["routing"]["merged_calls"] == 1.0          # every verified tree held both drafters' nodes
+        assert len(r["accepted_from"]) == 3 and sum(r["accepted_from"]) == pytest.approx(1)
+        assert r["mean_tree_size"] <= 1 + 2 * 8
+        assert set(r["entropy"]) == {"draft", "target"} and all(0 <= a <= 1 for a in r["alpha_by_depth"])
+    assert obj["results"]["average"]["tau"] == pytest.approx(
+        sum(obj["results"][b]["tau"] for b in ("mt_bench", "gsm8k", "math_500", "svamp")) / 4)
+    out = capsys.readouterr().out
+    assert "### Table 1 (T = 0)" in out and "| merged |" in out and "4/4" not in out and "10/10" in out
+
+
+def test_every_composition_at_once_matches_plain_greedy(setup, capsys):
+    tmp_path, paths = setup
+    run(tmp_path, paths, "--compose", ",".join(ev.METHODS), "--lam-sweep", "0,0.5,1", "--equal-budget",
+        "--limit", "1", "--bench", "mt_bench,gsm8k", "--temperature", "0,1", "--json", str(tmp_path / "r" / "all.json"))
+    files = sorted((tmp_path / "r").glob("all-*.json"))
+    names = {f.name for f in files}
+    assert {"all-eagle-math-T0.json", "all-eagle-chat-T1.json", "all-average-0.5-T0.json", "all-route-T0.json",
+            "all-route-entropy-T1.json", "all-merged-T0.json", "all-merged-dedup-T1.json",
+            "all-merged-equal-budget-2x4-T0.json"} <= names
+    # singles 2 + lambdas 3 + route 2 + merged 2 + equal-budget 2 = 11 runs per temperature
+    assert len(files) == 22
+    runs = [json.loads(f.read_text()) for f in files]
+    for r in runs:
+        if r["config"]["temperature"] == 0:
+            assert all(r["results"][b]["greedy_match"] == 1.0 for b in ("mt_bench", "gsm8k"))
+        else:
+            assert r["results"]["gsm8k"]["greedy_match"] is None
+    by = {(r["config"]["method"], r["config"]["temperature"]): r for r in runs}
+    # lambda 1 and 0 are the specialists bit for bit: same acceptance at T = 0
+    assert by[("average λ=1", 0)]["results"]["gsm8k"]["tau"] == by[("eagle-math", 0)]["results"]["gsm8k"]["tau"]
+    assert by[("average λ=0", 0)]["results"]["gsm8k"]["tau"] == by[("eagle-chat", 0)]["results"]["gsm8k"]["tau"]
+    eq = by[("merged, equal budget (2x4)", 0)]
+    assert eq["config"]["tree_budget"] == 4 and eq["results"]["gsm8k"]["mean_tree_size"] <= 1 + 8
+    route = by[("route", 0)]["results"]["mt_bench"]["routing"]
+    assert sum(route["per_call"]) == pytest.approx(1) and sum(route["per_prompt_majority"]) == pytest.approx(1)
+    out = capsys.readouterr().out
+    for title in ("Table 1 (T = 0)", "Table 1 (T = 1)", "Table 3 (T = 0)", "Table 7 (T = 1)", "Table 8 (T = 0)",
+                  "Tables 9-11 (T = 1)", "Figure 6 (T = 0)", "Merged trees (T = 1)"):
+        assert f"### {title}" in out
+    # --report prints the same tables from the saved files
+    ev.main(["--report", *map(str, files)])
+    assert capsys.readouterr().out.strip() == out[:out.rindex("\n[")].strip()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compose", "merged"], "compose 'merged' takes two or more drafters, got 1"),
+    (["--compose", "route-entropy"], "compose 'route-entropy' takes two or more drafters, got 1"),
+    (["--compose", "average"], "compose 'average' takes two or more drafters, got 1"),
+])
+def test_one_drafter_for_a_composition(setup, capsys, args, message):
+    tmp_path, paths = setup
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, paths[:1], *args, "--limit", "1")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bench", "gsm8k,humaneval"], "unknown benchmark 'humaneval'"),
+    (["--compose", "average", "--lam", "1.5"], r"lambda must be in [0, 1], got 1.5"),
+    (["--compose", "average", "--lam-sweep", "0,-0.5"], r"lambda must be in [0, 1], got -0.5"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--limit", "0"], "--limit must be >= 1"),
+])
+def test_bad_input_is_one_line(setup, capsys, args, message):
+    tmp_path, paths = setup
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, paths, *args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_drafters_for_different_targets(setup, capsys):
+    tmp_path, paths = setup
+    Drafter.random(tiny(V=V, name="another-target"), 3).save(tmp_path / "other.safetensors")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, [paths[0], str(tmp_path / "other.safetensors")], "--compose", "merged")
+    assert e.value.code == 2
+    assert "drafter was trained for target 'another-target'" in capsys.readouterr().err
+
+
+def test_unknown_compose_and_bad_report(setup, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--compose", "single,mixture"])
+    assert e.value.code == 2 and "unknown --compose mixture" in capsys.readouterr().err
+    (tmp_path / "junk.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--report", str(tmp_path / "junk.json")])
+    assert e.value.code == 2 and "not an eval.py result" in capsys.readouterr().err
+
+
+def test_nan_becomes_null():
+    assert ev.finite({"a": [math.nan, 1.0], "b": {"c": math.inf}}) == {"a": [None, 1.0], "b": {"c": None}}
