@@ -28,8 +28,9 @@ that produce the same (prompt, length) -- at temperature 0 all of them. Per benc
 Tables (markdown, shaped like the study's): Table 1 (tau and speedup per benchmark and their
 average), Table 3 (routing: share of prompts whose majority of steps went to each drafter, and share
 of verifier calls), Tables 7-8 (mean entropy of accepted vs rejected draft tokens, draft and target
-at T = 1), Tables 9-11 (acceptance rate by depth), Figure 6 (tau vs lambda), merged trees (whose
-subtree the accepted path started in).
+at T = 1), Tables 9-11 (acceptance rate by depth), Figure 6 (tau vs lambda), merged trees (whose node the
+accepted path started with: in a plain merged tree the verifier tries the first drafter's children
+first, so a token both drafted counts for the first; merged-dedup counts it as both).
 
 JSON (--json PATH): one file per (method, temperature) run, each
 
@@ -214,8 +215,9 @@ def bench_results(items: list[list[tuple[dict, Stats]]], k: int) -> dict:
         # routing: the drafter whose tree was verified (-1 = a merged tree), per call and by prompt majority
         "routing": {"per_call": shares(s.routed, k), "per_prompt_majority": shares(majority, k),
                     "merged_calls": s.routed.count(-1) / max(s.calls, 1)},
-        # the drafter whose subtree the accepted path started in; the last entry: nothing accepted
-        "accepted_from": shares(s.accepted_from, k) + [s.accepted_from.count(-1) / max(s.calls, 1)],
+        # whose node the accepted path started with: each drafter's, then several drafters' (a united
+        # node of merged-dedup), then none (nothing accepted)
+        "accepted_from": shares(s.accepted_from, k) + [s.accepted_from.count(x) / max(s.calls, 1) for x in (-2, -1)],
         "mean_tree_size": summary["mean_tree_size"],
         "prompts": len(items), "new_tokens": s.new_tokens, "calls": s.calls,
         "spec_s": spec_s, "plain_s": plain_s, "draft_s": s.draft_time, "verify_s": s.verify_time,
@@ -345,8 +347,9 @@ def tables(runs: list[dict]) -> str:
         if merged:
             rows = [[method(r)] + [" / ".join(pct(x) for x in get(r, b, "accepted_from") or []) for b in benches]
                     for r in merged]
-            out.append(f"### Merged trees (T = {t:g}): the accepted path started in the subtree of "
-                       f"{' / '.join(drafter_names)} / nothing accepted\n\n" + table(["method"] + names, rows))
+            out.append(f"### Merged trees (T = {t:g}): the accepted path started with a node of "
+                       f"{' / '.join(drafter_names)} / both (merged-dedup) / nothing accepted\n\n"
+                       + table(["method"] + names, rows))
 
         for who, n in (("draft", 7), ("target", 8)):
             rows = [[method(r)] + [f"{fmt(get(r, b, 'entropy', who, 'accepted'))} / "

@@ -139,7 +139,7 @@ class Tree:
     parents: list[int]        # parents[0] == -1
     logq: list[float]         # cumulative draft log-prob of the node's path: its EAGLE-2 score (root 0)
     entropy: list[float]      # entropy of the draft distribution the node was drawn from (root: nan)
-    origin: list[int] = field(default_factory=list)   # index of the drafter that drafted each node (root -1); [] untagged
+    origin: list[int] = field(default_factory=list)   # drafter index of each node (root -1, several -2); [] untagged
 
     def __len__(self):
         return len(self.tokens)
@@ -457,8 +457,9 @@ def merge(trees: list[Tree], dedup: bool = False) -> Tree:
     Parent indices are offset, so each subtree keeps its own mask (`Tree.mask`: a node sees its
     ancestors only, never another subtree) and depth-based positions (`Tree.depths`). With dedup,
     a node whose (parent, token) is already present is united with it: the result is the trie of
-    all input paths (every path kept, fewer nodes). A united node keeps the score, entropy and
-    origin of the first tree holding it. Root-to-node paths are never created, only shared.
+    all input paths (every path kept, fewer nodes). A united node keeps the score and entropy of
+    the first tree holding it; its origin becomes -2 when trees of different drafters hold it.
+    Root-to-node paths are never created, only shared.
     """
     if len({t.tokens[0] for t in trees}) != 1:
         raise TapsError("trees to merge must share their root (the same prefix)")
@@ -467,9 +468,11 @@ def merge(trees: list[Tree], dedup: bool = False) -> Tree:
     for t in trees:
         new_id = [0]                               # this tree's node -> merged node
         for i in range(1, len(t)):
-            key = (new_id[t.parents[i]], t.tokens[i])
+            key, origin = (new_id[t.parents[i]], t.tokens[i]), t.origin[i] if t.origin else -1
             if dedup and key in index:
                 new_id.append(index[key])
+                if out.origin[index[key]] != origin:
+                    out.origin[index[key]] = -2            # drafted by several drafters
                 continue
             new_id.append(len(out))
             index.setdefault(key, len(out))
@@ -477,7 +480,7 @@ def merge(trees: list[Tree], dedup: bool = False) -> Tree:
             out.parents.append(key[0])
             out.logq.append(t.logq[i])
             out.entropy.append(t.entropy[i])
-            out.origin.append(t.origin[i] if t.origin else -1)
+            out.origin.append(origin)
     return out
 
 
@@ -508,7 +511,7 @@ class Stats:
     accepted: list[int] = field(default_factory=list)      # draft tokens accepted per verifier call
     tree_size: list[int] = field(default_factory=list)     # nodes verified per call, root included
     routed: list[int] = field(default_factory=list)        # drafter whose tree was verified per call (-1: several)
-    accepted_from: list[int] = field(default_factory=list) # drafter of the first accepted node per call (-1: none)
+    accepted_from: list[int] = field(default_factory=list) # origin of the first accepted node per call (-1: none)
     new_tokens: int = 0                                    # generated tokens minus the prefill token
     draft_entropy_accepted: list[float] = field(default_factory=list)   # per token, nats, drafter at T = 1
     draft_entropy_rejected: list[float] = field(default_factory=list)

@@ -86,6 +86,15 @@ def test_dedup_merge_is_the_trie_of_all_paths(seed, k, V):
     assert len(d) <= len(merge(trees))
 
 
+def test_dedup_merge_by_hand_marks_shared_nodes():
+    a, b = small_trees()
+    d = merge([a, b], dedup=True)
+    # b's 5 is a's node 1 (now drafted by both), b's 7 hangs under it, b's 9 is new
+    assert d.tokens == [4, 5, 6, 8, 9, 7] and d.parents == [-1, 0, 1, 0, 0, 1]
+    assert d.origin == [-1, -2, 0, 0, 1, 1] and d.logq == [0, -0.5, -1.0, -2.0, -3.0, -0.4]
+    assert merge([a, tag(Tree(*[list(x) for x in (b.tokens, b.parents, b.logq, b.entropy)]), 0)], dedup=True).origin[1] == 0
+
+
 def greedy_next(V, seed, path):
     """A deterministic 'target': the token that follows a token path."""
     return random.Random(f"{seed} {path}").randrange(V)

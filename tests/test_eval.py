@@ -73,7 +73,7 @@ def test_one_composition_writes_the_documented_json(setup, capsys):
         assert r["new_tokens"] == sum(x["new_tokens"] for x in r["turns"])
         assert r["tau"] == pytest.approx(r["new_tokens"] / r["calls"])
         assert r["routing"]["merged_calls"] == 1.0          # every verified tree held both drafters' nodes
-        assert len(r["accepted_from"]) == 3 and sum(r["accepted_from"]) == pytest.approx(1)
+        assert len(r["accepted_from"]) == 4 and r["accepted_from"][2] == 0 and sum(r["accepted_from"]) == pytest.approx(1)
         assert r["mean_tree_size"] <= 1 + 2 * 8
         assert set(r["entropy"]) == {"draft", "target"} and all(0 <= a <= 1 for a in r["alpha_by_depth"])
     assert obj["results"]["average"]["tau"] == pytest.approx(
