@@ -16,7 +16,7 @@ test: install
 # The study on the embedded default, small: train the math and chat EAGLE drafters at the demo
 # size (skipped when the checkpoints exist), then evaluate every composition at T = 0 and 1.
 DEMO_EVAL = --compose single,average,route,route-entropy,merged --temperature 0,1 --limit $(LIMIT) --max-new-tokens 48
-LIMIT ?= 2
+LIMIT ?= 1
 demo: install checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors
 	$(PY) eval.py $(DEMO_EVAL) --drafters checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors --json runs/demo.json
 
