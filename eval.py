@@ -43,7 +43,8 @@ JSON (--json PATH): one file per (method, temperature) run, each
 so `results[bench]["tau"]` reads directly. One run writes PATH itself; several write
 PATH's stem + "-<method>-T<temperature>" + suffix (e.g. runs/demo-merged-T0.json) next to each
 other, and `--report` prints the tables of any set of them. Each file is rewritten (atomically)
-after every benchmark, so Ctrl-C loses at most the benchmark in progress.
+after every benchmark, so Ctrl-C loses at most the benchmark in progress; rerun the rest with
+--bench and another --json, and --report joins the files of the same run.
 """
 from __future__ import annotations
 
@@ -227,7 +228,9 @@ def bench_results(items: list[list[tuple[dict, Stats]]], k: int) -> dict:
 
 def averages(results: dict) -> dict:
     benches = [b for b in results if b != "average"]
-    mean = lambda key: sum(results[b][key] for b in benches) / len(benches)
+    def mean(key):
+        xs = [results[b][key] for b in benches if results[b][key] is not None]
+        return sum(xs) / len(xs) if xs else None
     return {"tau": mean("tau"), "speedup": mean("speedup")}
 
 
@@ -422,18 +425,25 @@ def parse_args(argv=None):
 
 
 def report(paths: list[Path]) -> str:
-    runs = []
+    """Tables of saved runs. Files of the same run (method and temperature), e.g. an interrupted
+    evaluation and its completion with --bench set to the remaining benchmarks, are joined."""
+    runs = {}
     for p in paths:
         try:
             obj = json.loads(p.read_text())
-            if not ("temperature" in obj["config"] and isinstance(obj["results"], dict)):
-                raise KeyError("config.temperature or results")
+            key = (obj["config"]["method"], obj["config"]["temperature"])
+            if not isinstance(obj["results"], dict):
+                raise TypeError("results is not an object")
         except FileNotFoundError:
             raise TapsError(f"{p}: no such file") from None
         except (ValueError, KeyError, TypeError) as e:
             raise TapsError(f"{p}: not an eval.py result ({type(e).__name__}: {e})") from None
-        runs.append(obj)
-    return tables(runs)
+        if key in runs:
+            runs[key]["results"].update(obj["results"])
+            runs[key]["results"]["average"] = averages(runs[key]["results"])
+        else:
+            runs[key] = obj
+    return tables(list(runs.values()))
 
 
 def main(argv=None):

@@ -116,6 +116,19 @@ def test_every_composition_at_once_matches_plain_greedy(setup, capsys):
     assert capsys.readouterr().out.strip() == out[:out.rindex("\n[")].strip()
 
 
+def test_report_joins_an_interrupted_run_and_its_completion(setup, capsys):
+    tmp_path, paths = setup
+    for bench in ("mt_bench", "gsm8k"):
+        run(tmp_path, paths, "--compose", "route", "--limit", "1", "--bench", bench, "--json", str(tmp_path / f"{bench}.json"))
+    capsys.readouterr()
+    ev.main(["--report", str(tmp_path / "mt_bench.json"), str(tmp_path / "gsm8k.json")])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| route |")]
+    a, b = (json.loads((tmp_path / f"{x}.json").read_text())["results"][x]["tau"] for x in ("mt_bench", "gsm8k"))
+    assert "| method | MT-Bench | GSM8K | average |" in out   # one row with both benchmarks
+    assert rows[0].startswith(f"| route | {a:.2f} (") and f"| {(a + b) / 2:.2f} (" in rows[0]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--compose", "merged"], "compose 'merged' takes two or more drafters, got 1"),
     (["--compose", "route-entropy"], "compose 'route-entropy' takes two or more drafters, got 1"),
