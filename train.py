@@ -41,7 +41,8 @@ box under load from other jobs (one torch thread), SmolLM2-135M target, fp32 fea
         an epoch, so the demo takes few conversations and several epochs over them.
         make train DOMAIN=math: 541 s cold (features 284 s incl. both held-out sets, training 252 s);
         make train DOMAIN=chat: 506 s (features 208 s, training 292 s). HASS trains 4 passes per
-        batch: about 4x the training time. mixed reuses both caches (2x the training time).
+        batch: make train DOMAIN=math BACKBONE=hass took 922 s with cached features (over the
+        10-minute budget; pass --epochs 1 for a quick one). mixed reuses both caches (2x training).
   full  the whole corpus (7.3k math, 16.4k chat conversations; ~1.4M and ~22M tokens at max_len
         2048), 200 held-out, 20 epochs, lr 3e-5 (EAGLE's), batch 8. On this CPU: ~11 h of chat
         extraction (26 GB of fp16 features) and ~10 days of EAGLE training on chat (~400 loss
