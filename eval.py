@@ -32,7 +32,7 @@ at T = 1), Tables 9-11 (acceptance rate by depth), Figure 6 (tau vs lambda), mer
 accepted path started with: in a plain merged tree the verifier tries the first drafter's children
 first, so a token both drafted counts for the first; merged-dedup counts it as both).
 
-JSON (--json PATH): one file per (method, temperature) run, each
+JSON (--json PATH, default runs/eval-<date>-<time>.json): one file per (method, temperature) run, each
 
     {"config": {method, compose, lambda, temperature, tree budget, drafters (path, sha256, metadata),
                 target, benchmarks, limit, seed, versions (python, torch, git commit), ...},
@@ -61,7 +61,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -258,7 +257,7 @@ def write_json(path: Path, run: Run):
     atomic_write(path, lambda p: p.write_text(json.dumps(as_dict(run), indent=1, ensure_ascii=False) + "\n"))
 
 
-def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, a, json_base: Optional[Path] = None):
+def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, a, json_base: Path):
     """Every benchmark, every item, every run side by side; results land in run.results."""
     from tqdm import tqdm
     plain = PlainClock(target, a.seed)
@@ -275,8 +274,7 @@ def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, a, json_base
         for r in runs:
             r.results[bench] = bench_results(per_run[id(r)], k)
             r.results["average"] = averages(r.results)
-            if json_base is not None:
-                write_json(json_path(json_base, r, len(runs) > 1), r)
+            write_json(json_path(json_base, r, len(runs) > 1), r)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -409,7 +407,8 @@ def parse_args(argv=None):
     ap.add_argument("--depth", type=int, default=5)
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=Path, metavar="PATH", help="write the results (see the module docstring)")
+    ap.add_argument("--json", type=Path, metavar="PATH",
+                    help="where to write the results (default runs/eval-<date>-<time>.json; see the module docstring)")
     ap.add_argument("--report", nargs="+", type=Path, metavar="JSON", help="print the tables of saved runs and exit")
     ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default target)")
     ap.add_argument("--data-dir", help="data directory (default: $TAPS_DATA or ../shared/data)")
@@ -469,8 +468,9 @@ def main(argv=None):
                   "top_k": a.top_k, "depth": a.depth, "total_tokens": a.total_tokens, "seed": a.seed,
                   "versions": versions(), "argv": sys.argv[1:] if argv is None else list(argv)}
         runs = plan(a, drafters, [Path(p).stem for p in a.drafters], idents, shared)
+        json_base = a.json or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S.json")
         t0 = time.perf_counter()
-        evaluate(target, tokenizer, runs, bench_items, a, a.json)
+        evaluate(target, tokenizer, runs, bench_items, a, json_base)
     except (TapsError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -480,7 +480,8 @@ def main(argv=None):
         sys.exit(130)
     print(tables([as_dict(r) for r in runs]))
     print(f"\n[{len(runs)} runs x {sum(len(v) for v in bench_items.values())} prompts in "
-          f"{time.perf_counter() - t0:.0f} s]")
+          f"{time.perf_counter() - t0:.0f} s; JSON: {json_path(json_base, runs[0], len(runs) > 1)}"
+          f"{' and the other runs beside it' if len(runs) > 1 else ''}]")
 
 
 if __name__ == "__main__":

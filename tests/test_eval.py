@@ -55,6 +55,15 @@ def run(tmp_path, paths, *extra):
                     "--max-new-tokens", "12", "--total-tokens", "8", "--depth", "3", "--top-k", "3", *extra])
 
 
+def test_without_json_the_results_still_land_in_runs(setup, capsys, monkeypatch):
+    tmp_path, paths = setup
+    monkeypatch.chdir(tmp_path)
+    run(tmp_path, paths, "--compose", "route", "--limit", "1", "--bench", "svamp")
+    files = list((tmp_path / "runs").glob("eval-*.json"))
+    assert len(files) == 1 and files[0].name in capsys.readouterr().out
+    assert json.loads(files[0].read_text())["results"]["svamp"]["prompts"] == 1
+
+
 def test_one_composition_writes_the_documented_json(setup, capsys):
     tmp_path, paths = setup
     run(tmp_path, paths, "--compose", "merged", "--limit", "2", "--json", str(tmp_path / "out.json"))
