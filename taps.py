@@ -32,18 +32,24 @@ very code with `fractions.Fraction` vectors and a random source that enumerates 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import json
 import math
 import sys
 import time
+import weakref
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from model import Block, KVCache, ModelArgs, TapsError, Transformer, build_mask, logits_to_probs
+from model import (Block, KVCache, ModelArgs, TapsError, Transformer, atomic_write, build_mask, cache_dir, load_target,
+                   logits_to_probs, machine, resolve_dtype, target_identity)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -77,9 +83,18 @@ class TorchRandom:
 # ----------------------------------------------------------------------------- verification (eqs. 1-2, 5)
 
 def residual(r, x):
-    """Remove a rejected proposal x from r and renormalise (r is the verifier's own copy)."""
+    """Remove a rejected proposal x from r and renormalise (r is the verifier's own copy).
+
+    Nothing is left only when r(x) = 1, which exact arithmetic never rejects; in floats r(x) can
+    round just below 1 with no mass elsewhere. r then stays the point mass on x -- what exact
+    arithmetic keeps -- instead of becoming 0/0 = NaN.
+    """
     r[x] = 0
-    return r / r.sum()
+    total = r.sum()
+    if total > 0:
+        return r / total
+    r[x] = 1
+    return r
 
 
 def verify_tree(tree: "Tree", p_at: Callable[[int], object], rng: RandomSource):
@@ -122,7 +137,8 @@ def verify_chain(tokens: Sequence[int], q: Sequence, p_at: Callable[[int], objec
         if not rng.bernoulli(min(1, p[x] / qi[x])):
             r = p - qi
             r = r * (r > 0)
-            return list(range(i + 1)), rng.categorical(r / r.sum()), [i + 1]
+            total = r.sum()   # 0 only if p <= q everywhere in floats (p = q exactly: never rejected)
+            return list(range(i + 1)), rng.categorical(r / total if total > 0 else p), [i + 1]
     return list(range(len(tokens))), rng.categorical(p_at(len(tokens) - 1)), []
 
 
@@ -187,7 +203,8 @@ def check_tree_args(top_k: int, depth: int, total_tokens: int):
         raise TapsError(f"total_tokens ({total_tokens}) must be >= depth ({depth})")
 
 
-def grow_tree(root_token: int, logp0: torch.Tensor, expand, top_k: int, depth: int, total_tokens: int) -> Tree:
+def grow_tree(root_token: int, logp0: torch.Tensor, expand, top_k: int, depth: int, total_tokens: Optional[int],
+              vocab: Optional[torch.Tensor] = None, more=None) -> Tree:
     """The EAGLE-2 dynamic tree (eq. 6) from draft log-probs.
 
     logp0: (V,) draft log-probs of the root's children. expand(tokens, slots) runs the drafter on
@@ -195,37 +212,54 @@ def grow_tree(root_token: int, logp0: torch.Tensor, expand, top_k: int, depth: i
     the root's children), and returns the children's log-probs (k, V). Each of the `depth` steps
     adds the top_k children of every frontier node to the candidate pool, scored by cumulative
     log-prob, and makes the top_k of those the next frontier. Finally the `total_tokens` best
-    candidates are kept: a child never outscores its parent and ties go to the earlier (shallower)
-    node, so the kept set is a connected tree. Nodes stay in pool order: parents before children.
+    candidates are kept (`prune`; None keeps the whole pool). Nodes stay in pool order.
+    vocab: (V,) the token id of each log-prob column (a draft vocabulary; None: column i is token i).
+    more(pool_scores, frontier_scores), if given, is asked before each step whether to take it (a
+    hardware-sized tree, `AutoTree`); its answer may depend on draft-side quantities only.
     """
-    check_tree_args(top_k, depth, total_tokens)
+    check_tree_args(top_k, depth, total_tokens or depth)
+    ids = (lambda i: i) if vocab is None else (lambda i: vocab[i])
     k = min(top_k, logp0.shape[-1])
-    score, tok = logp0.topk(k)                                        # (k,)
+    score, col = logp0.topk(k)                                        # (k,)
+    tok = ids(col)
     pool_tok, pool_score = [tok], [score]
     pool_parent = [torch.full((k,), -1, device=tok.device)]
     pool_ent = [entropy(logp0).expand(k)]
     frontier, slots, n = torch.arange(k, device=tok.device), None, k  # pool ids of the frontier
     for _ in range(depth):
+        if more is not None and not more(torch.cat(pool_score), score):
+            break
         logp = expand(tok, slots)                                     # (k, V)
-        child_lp, child_tok = logp.topk(k, dim=-1)                    # (k, k)
+        child_lp, child_col = logp.topk(k, dim=-1)                    # (k, k)
         cand = (score[:, None] + child_lp).flatten()                  # (k*k,) cumulative log q
-        pool_tok.append(child_tok.flatten())
+        child_tok = ids(child_col).flatten()
+        pool_tok.append(child_tok)
         pool_score.append(cand)
         pool_parent.append(frontier.repeat_interleave(k))
         pool_ent.append(entropy(logp).repeat_interleave(k))
         score, best = cand.topk(k)
-        slots, tok, frontier = best // k, child_tok.flatten()[best], n + best
+        slots, tok, frontier = best // k, child_tok[best], n + best
         n += k * k
-    scores = torch.cat(pool_score)
-    keep = scores.sort(descending=True, stable=True).indices[:total_tokens].sort().values
-    new_id = torch.full((n,), -1, dtype=torch.long, device=keep.device)
-    new_id[keep] = torch.arange(1, len(keep) + 1, device=keep.device)
-    parent = torch.cat(pool_parent)[keep]
-    parents = torch.where(parent < 0, 0, new_id[parent.clamp(min=0)])
-    return Tree(tokens=[root_token] + torch.cat(pool_tok)[keep].tolist(),
-                parents=[-1] + parents.tolist(),
-                logq=[0.0] + scores[keep].tolist(),
-                entropy=[math.nan] + torch.cat(pool_ent)[keep].tolist())
+    parent = torch.cat(pool_parent) + 1                              # pool ids -> node ids (root = 0)
+    pool = Tree(tokens=[root_token] + torch.cat(pool_tok).tolist(), parents=[-1] + parent.tolist(),
+                logq=[0.0] + torch.cat(pool_score).tolist(), entropy=[math.nan] + torch.cat(pool_ent).tolist())
+    return pool if total_tokens is None else prune(pool, total_tokens + 1)
+
+
+def prune(tree: Tree, n: int) -> Tree:
+    """The root and the n - 1 best nodes by score (eq. 6's final rerank), in their original order.
+
+    A child never outscores its parent (log q <= 0) and ties go to the earlier node, which is the
+    parent, so the kept set is a connected tree. Works on merged trees too: their union is ranked.
+    """
+    if n >= len(tree):
+        return tree
+    order = sorted(range(1, len(tree)), key=lambda i: -tree.logq[i])   # stable: ties keep node order
+    keep = [0] + sorted(order[:n - 1])
+    new_id = {old: new for new, old in enumerate(keep)}
+    return Tree(tokens=[tree.tokens[i] for i in keep], parents=[-1] + [new_id[tree.parents[i]] for i in keep[1:]],
+                logq=[tree.logq[i] for i in keep], entropy=[tree.entropy[i] for i in keep],
+                origin=[tree.origin[i] for i in keep] if tree.origin else [])
 
 
 # ----------------------------------------------------------------------------- the drafter (eq. 3)
@@ -238,7 +272,7 @@ class Drafter(nn.Module):
     Parameter names match EAGLE checkpoints (fc.*, layers.0.*).
     """
 
-    def __init__(self, args: ModelArgs, meta: Optional[dict] = None):
+    def __init__(self, args: ModelArgs, meta: Optional[dict] = None, vocab=None):
         super().__init__()
         self.args = args                          # the target's config with n_layers = 1
         self.meta = dict(meta or {})              # backbone, domain, data summary, target identity
@@ -246,13 +280,36 @@ class Drafter(nn.Module):
         layer = Block(args)
         layer.input_layernorm = nn.Identity()     # fc's output is not normalised before attention
         self.layers = nn.ModuleList([layer])
+        # Draft vocabulary (FR-Spec, EAGLE-3): the sorted token ids the drafter may propose; its head is
+        # those rows of the target's head, so q lives on this subset. None: the whole vocabulary (the
+        # study's drafters). Verification is always over the whole vocabulary, so it stays lossless.
+        self.register_buffer("vocab", None if vocab is None else torch.as_tensor(vocab, dtype=torch.long))
+        self._head = None                         # (key of the target head it was cut from, its rows)
 
     @classmethod
-    def for_target(cls, target: Transformer, **meta) -> "Drafter":
+    def for_target(cls, target: Transformer, vocab=None, **meta) -> "Drafter":
         p = target.embed_tokens.weight
         args = dataclasses.replace(target.args, n_layers=1)
         meta = {"target": target.args.name, "vocab_size": target.args.vocab_size, "dim": target.args.dim, **meta}
-        return cls(args, meta).to(device=p.device, dtype=p.dtype)
+        return cls(args, meta, vocab).to(device=p.device, dtype=p.dtype)
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.args.vocab_size if self.vocab is None else len(self.vocab)
+
+    def head(self, target: Transformer, h):
+        """Draft logits (..., H) -> (..., V_draft): the target's frozen head, restricted to `vocab`."""
+        if self.vocab is None:
+            return target.head(h)
+        w = target.embed_tokens.weight if target.lm_head is None else target.lm_head.weight
+        key = (w.data_ptr(), w.dtype, w.device)   # the rows are cut once per target weight, not per call
+        if self._head is None or self._head[0] != key:
+            self._head = (key, w[self.vocab.to(w.device)].contiguous())
+        return F.linear(h, self._head[1])
+
+    def token_ids(self, idx):
+        """Token ids of draft-vocabulary columns (identity for a full-vocabulary drafter)."""
+        return idx if self.vocab is None else self.vocab[idx]
 
     @classmethod
     def random(cls, target: Transformer, seed: int = 0) -> "Drafter":
@@ -265,7 +322,8 @@ class Drafter(nn.Module):
                 last_only=False):
         """tokens (B, T) are x_{t+1}, feats (B, T, H) the features f_t; mask/input_pos as the target's.
 
-        Returns draft logits (B, T, V) (or (B, 1, V) with last_only) for x_{t+2} and the drafter's
+        Returns draft logits (B, T, V_draft) (or (B, 1, V_draft) with last_only; columns are
+        `vocab`'s tokens) for x_{t+2} and the drafter's
         features (B, T, H), its prediction of f_{t+1}, which deeper tree nodes read in place of the
         target's feature.
         """
@@ -278,7 +336,7 @@ class Drafter(nn.Module):
         h = self.layers[0](x, cos, sin, build_mask(mask, B, T, L, tokens.device), cache, 0)
         if cache is not None:
             cache.length = L + T
-        return target.head(h[:, -1:] if last_only else h).float(), h
+        return self.head(target, h[:, -1:] if last_only else h).float(), h
 
     def new_cache(self, max_len: int) -> KVCache:
         p = self.fc.weight
@@ -307,7 +365,7 @@ class Drafter(nn.Module):
             raise TapsError(f"{path}: drafter was trained for target {meta.get('target')!r} (vocab "
                             f"{meta.get('vocab_size')}, hidden {meta.get('dim')}), not {a.name!r} (vocab {a.vocab_size}, hidden {a.dim})")
         config = {k: v for k, v in meta.pop("config").items() if k in {f.name for f in dataclasses.fields(ModelArgs)}}
-        drafter = cls(ModelArgs(**config), meta)
+        drafter = cls(ModelArgs(**config), meta, state.get("vocab"))
         drafter.load_state_dict(state)
         p = target.embed_tokens.weight
         return drafter.to(device=p.device, dtype=p.dtype).eval()
@@ -318,6 +376,21 @@ def check_drafter(drafter: Drafter, target: Transformer):
     if (a.vocab_size, a.dim) != (b.vocab_size, b.dim):
         raise TapsError(f"drafter (vocab {a.vocab_size}, hidden {a.dim}) does not match the target "
                         f"(vocab {b.vocab_size}, hidden {b.dim})")
+    check_vocab(drafter.vocab, b.vocab_size)
+
+
+def check_vocab(vocab, vocab_size: int, stop_ids=()):
+    """A draft vocabulary must be sorted, distinct target token ids that include the stop tokens."""
+    if vocab is None:
+        return
+    v = torch.as_tensor(vocab).cpu()
+    if len(v) == 0 or len(v) > vocab_size:
+        raise TapsError(f"draft vocabulary of {len(v)} tokens: choose 1..{vocab_size} (the target's vocabulary)")
+    if v.min() < 0 or v.max() >= vocab_size or (len(v) > 1 and not bool((v[1:] > v[:-1]).all())):
+        raise TapsError(f"draft vocabulary must be sorted, distinct token ids in [0, {vocab_size})")
+    missing = sorted(set(stop_ids) - set(v.tolist()))
+    if missing:
+        raise TapsError(f"draft vocabulary lacks the stop tokens {missing}: a drafter must be able to propose them")
 
 
 @dataclass
@@ -325,18 +398,29 @@ class DraftState:
     """One drafter's view of the sequence: its KV cache over the accepted prefix and its last output."""
     drafter: Drafter
     cache: KVCache
-    logits: Optional[torch.Tensor] = None   # (V,) draft logits of the token after the root
+    logits: Optional[torch.Tensor] = None   # (V_draft,) draft logits of the token after the root
     h: Optional[torch.Tensor] = None        # (H,) drafter feature at the root, input of depth-1 nodes
+    pending: list = field(default_factory=list)   # accepted (tokens (T,), features (T, H)) not yet fed
 
     def extend(self, target: Transformer, tokens: torch.Tensor, feats: torch.Tensor):
-        """Feed pairs (x_{t+1}, f_t) for newly accepted positions: tokens (T,), target features (T, H)."""
-        logits, h = self.drafter(target, tokens[None], feats[None], self.cache, last_only=True)
-        self.logits, self.h = logits[0, -1], h[0, -1]
+        """Feed pairs (x_{t+1}, f_t) for newly accepted positions: tokens (T,), target features (T, H).
+        Fed lazily, in one drafter call at the next draft (`ready`): calls that skip drafting cost nothing."""
+        self.pending.append((tokens, feats))
+
+    def ready(self, target: Transformer) -> "DraftState":
+        if self.pending:
+            tokens, feats = (torch.cat(x) for x in zip(*self.pending))
+            self.pending = []
+            logits, h = self.drafter(target, tokens[None], feats[None], self.cache, last_only=True)
+            self.logits, self.h = logits[0, -1], h[0, -1]
+        return self
 
 
-def draft_tree(state: DraftState, target: Transformer, root_token: int, top_k: int, depth: int, total_tokens: int) -> Tree:
-    """Run the drafter `depth` times over the growing tree; its cache is back to the prefix after."""
-    cache, L = state.cache, state.cache.length
+def draft_tree(state: DraftState, target: Transformer, root_token: int, top_k: int, depth: int,
+               total_tokens: Optional[int], more=None) -> Tree:
+    """Run the drafter up to `depth` times over the growing tree (`grow_tree`: total_tokens None keeps
+    the whole pool, `more` may stop early); its cache is back to the prefix after."""
+    cache, L = state.ready(target).cache, state.cache.length
     dev = state.h.device
     rows = h = None          # frontier's mask rows over the tree nodes fed so far; its drafter features
     step = 0                 # depth of the frontier being expanded
@@ -356,7 +440,8 @@ def draft_tree(state: DraftState, target: Transformer, root_token: int, top_k: i
         return torch.log_softmax(logits[0], dim=-1)
 
     try:
-        return grow_tree(root_token, torch.log_softmax(state.logits, -1), expand, top_k, depth, total_tokens)
+        return grow_tree(root_token, torch.log_softmax(state.logits, -1), expand, top_k, depth, total_tokens,
+                         state.drafter.vocab, more)
     finally:
         cache.truncate(L)
 
@@ -364,13 +449,16 @@ def draft_tree(state: DraftState, target: Transformer, root_token: int, top_k: i
 def draft_chain(state: DraftState, target: Transformer, root_token: int, length: int,
                 temperature: float, top_p: float, rng: RandomSource) -> tuple[Tree, torch.Tensor]:
     """Sample a chain x_1..x_length, x_i ~ q_i, for `verify_chain`; returns it as a one-child-per-node
-    Tree and the draft distributions q (length, V), processed like p (temperature, top-p)."""
-    cache, L = state.cache, state.cache.length
+    Tree and the draft distributions q (length, V), processed like p (temperature, top-p). A draft
+    vocabulary's q is zero outside it: still a valid proposal for eqs. 1-2."""
+    cache, L = state.ready(target).cache, state.cache.length
     logits, h = state.logits, state.h
+    vocab, V = state.drafter.vocab, target.args.vocab_size
     tree, q = Tree([root_token], [-1], [0.0], [math.nan]), []
     try:
         for i in range(length):
-            q.append(logits_to_probs(logits, temperature, top_p))
+            qi = logits_to_probs(logits, temperature, top_p)                  # (V_draft,)
+            q.append(qi if vocab is None else qi.new_zeros(V).index_copy(0, vocab, qi))
             x = rng.categorical(q[-1])
             tree.tokens.append(x)
             tree.parents.append(i)
@@ -404,7 +492,11 @@ def average(drafters: Sequence[Drafter], lam: float) -> Drafter:
     if a.meta.get("target") != b.meta.get("target") or a.args != b.args:
         raise TapsError(f"cannot average drafters trained for different targets ({a.meta.get('target')!r} "
                         f"and {b.meta.get('target')!r}) or with different configurations")
+    if (a.vocab is None) != (b.vocab is None) or (a.vocab is not None and not torch.equal(a.vocab, b.vocab)):
+        raise TapsError(f"cannot average drafters with different draft vocabularies ({a.draft_vocab_size} and "
+                        f"{b.draft_vocab_size} tokens): their heads propose different tokens; train both with the same --draft-vocab")
     sa, sb = a.state_dict(), b.state_dict()
+    sa.pop("vocab", None)
     terms = [(w, s) for w, s in ((lam, sa), (1 - lam, sb)) if w]
     state = {}
     for k in sa:
@@ -412,8 +504,8 @@ def average(drafters: Sequence[Drafter], lam: float) -> Drafter:
         for w, s in terms[1:]:
             state[k] = state[k] + w * s[k]
     out = Drafter(a.args, {**a.meta, "domain": "average", "lambda": lam,
-                           "sources": [a.meta.get("domain"), b.meta.get("domain")]})
-    out.load_state_dict(state)
+                           "sources": [a.meta.get("domain"), b.meta.get("domain")]}, a.vocab)
+    out.load_state_dict({**state, **({} if a.vocab is None else {"vocab": a.vocab})})
     return out.to(device=a.fc.weight.device, dtype=a.fc.weight.dtype).eval()
 
 
@@ -503,6 +595,206 @@ COMPOSE: dict[str, Callable[[list[Tree]], Tree]] = {
 }
 
 
+# ----------------------------------------------------------------------------- hardware-sized trees
+# The study's tree (60 nodes, depth 5, top-k 10) is sized for a GPU, where scoring 60 tokens costs
+# about what scoring one does. On a CPU it costs 3x (fp32), so the best tree is smaller and its size
+# depends on the hardware: measure the target's cost of scoring N tokens once, then pick each call's
+# tree from draft-side quantities (which keeps verification exactly lossless, as any tree does).
+
+TREES = ("auto", "study")
+CALIBRATION_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+@torch.inference_mode()
+def measure_verify(target: Transformer, sizes=CALIBRATION_SIZES, prefix: int = 256, reps: int = 5) -> dict:
+    """Seconds the target takes to score n new tokens after `prefix` cached ones, {n: median of reps}."""
+    dev = target.embed_tokens.weight.device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(target.args.vocab_size, (1, prefix + max(sizes)), generator=g).to(dev)
+    cache = target.new_cache(1, prefix + max(sizes))
+    target(ids[:, :prefix], cache=cache, last_only=True)
+    out = {}
+    for n in sizes:
+        times = []
+        for _ in range(reps + 1):                    # the first run is a warm-up
+            t0 = _clock(dev)
+            target(ids[:, prefix:prefix + n], cache=cache, last_only=True)
+            times.append(_clock(dev) - t0)
+            cache.truncate(prefix)
+        out[n] = sorted(times[1:])[reps // 2]
+    return out
+
+
+def calibration_key(target: Transformer) -> str:
+    """Calibrations are per (machine, target, dtype, threads): a file from elsewhere is never trusted."""
+    dev = target.embed_tokens.weight.device
+    return json.dumps({"machine": machine(dev), "device": dev.type, "target": target_identity(target),
+                       "dtype": str(target.embed_tokens.weight.dtype).removeprefix("torch.")}, sort_keys=True)
+
+
+def calibrate(target: Transformer, path: Optional[Path] = None) -> dict:
+    """The target's {n: seconds to score n tokens} on this machine, measured once and cached in
+    $TAPS_CACHE/calibration.json under `calibration_key` (an unreadable file is measured anew)."""
+    path = Path(path or cache_dir() / "calibration.json")
+    key, saved = calibration_key(target), {}
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+            entry = saved.get(key) if isinstance(saved, dict) else None
+            if entry is not None:
+                return {int(n): float(t) for n, t in entry["verify_s"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            print(f"[{path}: unreadable calibration file; measuring again]", file=sys.stderr)
+            saved = {}
+    k = json.loads(key)
+    print(f"[calibrating tree sizes: {k['target']['name']} in {k['dtype']} on {k['machine']['cpu']}, "
+          f"{k['machine']['threads']} threads; cached in {path}]", file=sys.stderr)
+    curve = measure_verify(target)
+    saved = saved if isinstance(saved, dict) else {}
+    saved[key] = {"verify_s": curve, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: p.write_text(json.dumps(saved, indent=1)))
+    return curve
+
+
+def verify_table(curve: dict, n_max: int) -> torch.Tensor:
+    """(n_max + 1,) seconds to score n = 0..n_max tokens: linear between measured sizes, extrapolated
+    from the last two beyond them."""
+    n = sorted(curve)
+    x, y = torch.tensor(n, dtype=torch.float64), torch.tensor([curve[i] for i in n], dtype=torch.float64)
+    grid = torch.arange(n_max + 1, dtype=torch.float64).clamp(min=n[0])
+    j = (torch.searchsorted(x, grid, right=True) - 1).clamp(0, max(len(n) - 2, 0))
+    if len(n) == 1:
+        return y.expand(n_max + 1).clone()
+    slope = (y[j + 1] - y[j]) / (x[j + 1] - x[j])
+    return y[j] + slope * (grid - x[j])
+
+
+def auto_dtype(target: Transformer) -> torch.dtype:
+    """The dtype that pays for speculative decoding: bf16 on CUDA; on a CPU, bf16 when the calibration
+    measures scoring 16 tokens (a typical verified tree) faster in bf16 than in fp32 -- true on cores
+    with AMX or AVX512-BF16, false where bf16 is emulated. Decided by measuring, not by CPU flags."""
+    if target.embed_tokens.weight.device.type == "cuda":
+        return torch.bfloat16
+    fp32 = calibrate(target.float())
+    bf16 = calibrate(copy.deepcopy(target).to(torch.bfloat16))
+    return torch.bfloat16 if bf16[16] < fp32[16] else torch.float32
+
+
+def load_for(path, device, dtype: Optional[str]):
+    """(target, tokenizer) in the --dtype named; 'auto' loads fp32 and keeps `auto_dtype`'s choice."""
+    if dtype != "auto":
+        return load_target(path, device, resolve_dtype(dtype, device))
+    target, tokenizer = load_target(path, device, torch.float32)
+    return target.to(auto_dtype(target)), tokenizer
+
+
+@dataclass
+class AutoTree:
+    """Each verifier call, the EAGLE-2 tree that maximises expected new tokens per second.
+
+    A node is accepted (at T = 0) only with its whole path, whose draft probability is exp(logq), so
+    a call that verifies the root and the nodes S is expected to emit E(S) = 1 + c * sum_S exp(logq)
+    tokens; c = (accepted + 1) / (predicted + 1) over the calls so far calibrates the drafter's
+    confidence against the acceptances measured. The call costs the drafting done so far, t_draft,
+    plus verify_s[N], the measured cost of scoring N = |S| + 1 tokens. So:
+      * size: keep the N - 1 best nodes that maximise E / (t_draft + verify_s[N]) (`prune`);
+      * depth: grow one more level only while even its best case -- new nodes whose path
+        probabilities add up to the frontier's, c * sum exp(frontier) -- would beat the best rate so
+        far after paying one more drafting step (timed once per drafter, `step_cost`);
+      * top_k: kept at the study's 10 (a drafting step costs about the same for 4 or 10 rows).
+    Every input is a draft-side quantity or a past acceptance, so verification stays exactly lossless.
+    """
+    verify_s: torch.Tensor            # (n_max + 1,) seconds to score n tokens (`verify_table`)
+    top_k: int = 10
+    max_depth: int = 8
+    accepted: float = 0.0             # accepted draft tokens so far (calibration numerator)
+    predicted: float = 0.0            # sum of exp(logq) over the nodes verified so far
+    t0: float = 0.0                   # when this call started drafting
+    steps: dict = field(default_factory=weakref.WeakKeyDictionary)   # drafter -> seconds per drafting step
+    spec_rate: Optional[float] = None  # tokens/s of recent drafted calls (moving average)
+    skipped: int = 0                  # plain steps since the last drafted call
+    explore: int = 8                  # after this many plain steps, draft once more to re-measure
+
+    @classmethod
+    def for_target(cls, target: Transformer, n_max: int = 256, **kw) -> "AutoTree":
+        return cls(verify_table(calibrate(target), n_max), **kw)
+
+    @property
+    def n_max(self) -> int:
+        return len(self.verify_s) - 1
+
+    @property
+    def c(self) -> float:
+        return (self.accepted + 1) / (self.predicted + 1)
+
+    def step_cost(self, state: "DraftState", target: Transformer, root_token: int) -> float:
+        """Seconds per drafting step of this drafter: trees of depth 3 and 1 timed (median of 3), halved."""
+        if state.drafter not in self.steps:
+            dev = target.embed_tokens.weight.device
+
+            def timed(depth):
+                t = _clock(dev)
+                draft_tree(state, target, root_token, self.top_k, depth, None)
+                return _clock(dev) - t
+            timed(3)                                                      # warm-up
+            runs = sorted(timed(3) - timed(1) for _ in range(3))
+            self.steps[state.drafter] = max(runs[1], 0.0) / 2
+        return self.steps[state.drafter]
+
+    def start(self, dev):
+        self.t0 = _clock(dev)
+
+    def best(self, logq: torch.Tensor, elapsed: float) -> tuple[int, float, float]:
+        """(N, expected tokens, tokens/s) of the best tree keeping the root and the top N - 1 of `logq`."""
+        conf = logq.double().exp().sort(descending=True).values[:self.n_max - 1]
+        expected = 1 + self.c * torch.cat([conf.new_zeros(1), conf.cumsum(0)])      # N = 1, 2, ...
+        rate = expected / (elapsed + self.verify_s[1:len(expected) + 1])
+        i = int(rate.argmax())
+        return i + 1, expected[i].item(), rate[i].item()
+
+    def more(self, step_s: float, dev, pool_logq: torch.Tensor, frontier_logq: torch.Tensor) -> bool:
+        """grow_tree's question before each level: can one more drafting step pay for itself?"""
+        elapsed = _clock(dev) - self.t0
+        n, expected, rate = self.best(pool_logq, elapsed)
+        gain = self.c * frontier_logq.double().exp().sum().item()
+        return (expected + gain) / (elapsed + step_s + self.verify_s[n].item()) > rate
+
+    def size(self, tree: Tree, dev) -> Tree:
+        """The tree pruned to the best size for the time drafting has taken so far."""
+        n, _, _ = self.best(torch.tensor(tree.logq[1:]), _clock(dev) - self.t0)
+        return prune(tree, n)
+
+    def draft(self, states: list, target: Transformer, root_token: int, compose) -> Tree:
+        """Each drafter's tree grown and sized, then composed (and a composed tree sized again)."""
+        dev = target.embed_tokens.weight.device
+        steps = [self.step_cost(s, target, root_token) for s in states]
+        self.start(dev)
+        trees = [tag(self.size(draft_tree(s, target, root_token, self.top_k, self.max_depth, None,
+                                          functools.partial(self.more, step, dev)), dev), i)
+                 for i, (s, step) in enumerate(zip(states, steps))]
+        tree = compose(trees)
+        return self.size(tree, dev) if len(trees) > 1 else tree
+
+    def speculate(self) -> bool:
+        """Draft this call, or take a plain decoding step (a tree of the root alone, N = 1)? Plain, while
+        recent drafted calls earned fewer tokens per second than a plain step does (1 / verify_s[1]);
+        every `explore` plain steps, draft once to measure again. So auto is never much slower than
+        plain decoding, whatever the drafter, and the choice uses past calls only: still lossless."""
+        if self.spec_rate is None or self.skipped >= self.explore or self.spec_rate > 1 / self.verify_s[1].item():
+            self.skipped = 0
+            return True
+        self.skipped += 1
+        return False
+
+    def record(self, tree: Tree, accepted: int, seconds: float):
+        """After a drafted call: calibrate confidence (c) and the drafted calls' rate."""
+        self.predicted += sum(tree.confidence[1:])
+        self.accepted += accepted
+        rate = (accepted + 1) / seconds
+        self.spec_rate = rate if self.spec_rate is None else 0.7 * self.spec_rate + 0.3 * rate
+
+
 # ----------------------------------------------------------------------------- generation
 
 @dataclass
@@ -524,6 +816,25 @@ class Stats:
     @property
     def calls(self) -> int:
         return len(self.accepted)
+
+    def record(self, tree: Tree, path: list[int], rejected: list[int], logits: dict, draft_s: float, verify_s: float):
+        """One verifier call: accepted path (node ids from the root), rejected children, the target logits
+        computed at visited nodes (the entropies of Tables 7-8 are those of p at each judged node's parent)."""
+        self.accepted.append(len(path) - 1)
+        self.tree_size.append(len(tree))
+        origins = set(tree.origin[1:])
+        self.routed.append(origins.pop() if len(origins) == 1 else -1)
+        self.accepted_from.append(tree.origin[path[1]] if len(path) > 1 and tree.origin else -1)
+        self.draft_time += draft_s
+        self.verify_time += verify_s
+        judged = path[1:] + rejected
+        if judged:
+            h_target = entropy(torch.log_softmax(torch.stack([logits[tree.parents[i]] for i in judged]), -1)).tolist()
+            m = len(path) - 1
+            self.draft_entropy_accepted += [tree.entropy[i] for i in path[1:]]
+            self.draft_entropy_rejected += [tree.entropy[i] for i in rejected]
+            self.target_entropy_accepted += h_target[:m]
+            self.target_entropy_rejected += h_target[m:]
 
     @property
     def tau(self) -> float:
@@ -549,6 +860,31 @@ class Stats:
                 "prefill_s": self.prefill_time, "draft_s": self.draft_time, "verify_s": self.verify_time}
 
 
+class TargetHead:
+    """p_at for the verifiers: the target's processed distribution after tree node i, a fresh copy.
+
+    The LM head (V x H) is the largest matrix a verifier call touches, so it runs only on nodes the
+    verification visits. A node's logits are computed together with its chain of first children
+    (each node's most likely draft) in one matmul: on the usual path -- the draft's favourites
+    accepted one after another -- the head weights are read once per call instead of once per node.
+    """
+
+    def __init__(self, target: Transformer, tree: Tree, h: torch.Tensor, temperature: float, top_p: float):
+        self.target, self.h, self.temperature, self.top_p = target, h, temperature, top_p
+        children = tree.children()
+        self.first = [c[0] if c else None for c in children]
+        self.logits: dict[int, torch.Tensor] = {}   # node -> (V,) fp32 target logits
+
+    def __call__(self, i: int):
+        if i not in self.logits:
+            rows = [i]
+            while self.first[rows[-1]] is not None:
+                rows.append(self.first[rows[-1]])
+            for j, row in zip(rows, self.target.head(self.h[rows]).float()):   # (len(rows), V)
+                self.logits[j] = row
+        return logits_to_probs(self.logits[i], self.temperature, self.top_p)
+
+
 def _emit(out: list[int], new: list[int], max_new_tokens: int, stop_ids) -> bool:
     """Append tokens until a stop token (kept) or the budget; True when generation is over."""
     for x in new:
@@ -567,15 +903,23 @@ def _clock(device) -> float:
 @torch.inference_mode()
 def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 10, depth: int = 5, total_tokens: int = 60,
-             compose="single", chain: bool = False, stop_ids=(), rng: Optional[RandomSource] = None):
+             compose="single", chain: bool = False, stop_ids=(), rng: Optional[RandomSource] = None,
+             auto: Optional[AutoTree] = None):
     """Speculative decoding: draft -> verify until `max_new_tokens` or a stop token.
 
     drafters: a Drafter or a list; each keeps its own KV cache, drafts its own tree every step, and
     `compose` (a name in COMPOSE or a function of the list of trees) makes the one tree to verify.
+    The tree is the study's fixed shape (top_k, depth, total_tokens), or with `auto` an `AutoTree`
+    sized for the hardware each call (each drafter's tree, then the composed one: a merged tree
+    ranks the union of the drafters' nodes under one budget).
     chain=True drafts a sampled chain of depth + 1 tokens instead and verifies it with eqs. 1-2.
     Returns the generated tokens (prompt excluded; the first comes from prefill) and `Stats`.
     """
     logits_to_probs(torch.zeros(1), temperature, top_p)  # validate sampling arguments before any work
+    if auto is not None:
+        if chain:
+            raise TapsError("a chain has a fixed length: use the study's tree settings (not --tree auto) with --chain")
+        top_k, depth, total_tokens = auto.top_k, auto.max_depth, auto.n_max
     check_tree_args(top_k, depth, total_tokens)
     if max_new_tokens < 1:
         raise TapsError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -608,53 +952,39 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
     stats.prefill_time = _clock(dev) - t0
 
     while not done:
+        # draft: one tree from draft-side quantities only (or the root alone: a plain step)
         t0 = _clock(dev)
         if chain:
             tree, q = draft_chain(states[0], target, x, depth + 1, temperature, top_p, rng)
             tag(tree, 0)
-        else:
+        elif auto is None:
             tree = compose([tag(draft_tree(s, target, x, top_k, depth, total_tokens), i) for i, s in enumerate(states)])
+        elif auto.speculate():
+            tree = auto.draft(states, target, x, compose)
+        else:
+            tree = Tree([x], [-1], [0.0], [math.nan], [-1])
         t1 = _clock(dev)
+        # verify: one target call over the whole tree, then rejection sampling down it (eq. 5)
         L = cache.length
         tokens = torch.tensor([tree.tokens], device=dev)
         pos = L + torch.tensor([tree.depths()], device=dev)                # position = prefix length + depth
         _, h = target(tokens, pos, tree.mask(dev)[None], cache, last_only=True)   # (1, N, H)
-        logits = {}   # the LM head runs only on the nodes verification visits: one path, not all N
-
-        def p_at(i):  # a fresh processed target distribution p after node i
-            if i not in logits:
-                logits[i] = target.head(h[0, i]).float()                      # (V,)
-            return logits_to_probs(logits[i], temperature, top_p)
-
+        p_at = TargetHead(target, tree, h[0], temperature, top_p)
         if chain:
             path, x, rejected = verify_chain(tree.tokens, q, p_at, rng)
         else:
             path, x, rejected = verify_tree(tree, p_at, rng)
+        # keep: the accepted path's keys and values stay in the cache, the rest are dropped
         cache.keep(L, torch.tensor(path, device=dev))
         t2 = _clock(dev)
-        stats.draft_time += t1 - t0
-        stats.verify_time += t2 - t1
-
-        stats.accepted.append(len(path) - 1)
-        stats.tree_size.append(len(tree))
-        origins = set(tree.origin[1:])
-        stats.routed.append(origins.pop() if len(origins) == 1 else -1)
-        stats.accepted_from.append(tree.origin[path[1]] if len(path) > 1 and tree.origin else -1)
-        judged = path[1:] + rejected   # target entropy is that of p at the node's parent
-        h_target = [entropy(torch.log_softmax(logits[tree.parents[i]], -1)).item() for i in judged]
-        m = len(path) - 1
-        stats.draft_entropy_accepted += [tree.entropy[i] for i in path[1:]]
-        stats.draft_entropy_rejected += [tree.entropy[i] for i in rejected]
-        stats.target_entropy_accepted += h_target[:m]
-        stats.target_entropy_rejected += h_target[m:]
-
+        if auto is not None and len(tree) > 1:
+            auto.record(tree, len(path) - 1, t2 - t0)
+        stats.record(tree, path, rejected, p_at.logits, t1 - t0, t2 - t1)
+        # emit the accepted tokens and the verifier's own; extend the drafters with them
         new = [tree.tokens[i] for i in path[1:]] + [x]
         done = _emit(out, new, max_new_tokens, stop_ids)
-        if not done:   # drafters see the accepted tokens with the target's features at their parents
-            t0 = _clock(dev)
-            for s in states:
-                s.extend(target, torch.tensor(new, device=dev), h[0, path])
-            stats.draft_time += _clock(dev) - t0
+        for s in states:   # drafters see the accepted tokens with the target's features at their parents
+            s.extend(target, torch.tensor(new, device=dev), h[0, path])
     stats.new_tokens = len(out) - 1
     return out, stats
 
@@ -662,7 +992,7 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    from model import DTYPES, default_device, load_target
+    from model import DTYPES, default_device
     ap = argparse.ArgumentParser(description="Speculative decoding with EAGLE drafters (lossless: the reply is "
                                              "distributed exactly as the target's own).")
     ap.add_argument("--prompt", required=True, help="user message to answer")
@@ -674,20 +1004,24 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--total-tokens", type=int, default=60)
-    ap.add_argument("--depth", type=int, default=5)
-    ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--tree", choices=TREES, default="auto",
+                    help="auto: sized each call for this machine (AutoTree, calibrated once); study: the fixed "
+                         "--total-tokens/--depth/--top-k tree (default auto; --chain uses the fixed depth)")
+    ap.add_argument("--total-tokens", type=int, default=60, help="study tree: nodes kept (default 60)")
+    ap.add_argument("--depth", type=int, default=5, help="study tree: drafting steps (default 5)")
+    ap.add_argument("--top-k", type=int, default=10, help="study tree: children per node and frontier width (default 10)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=default_device())
-    ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    ap.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
+                    help="auto (default): bf16 where this machine's calibration says it pays, else fp32")
     a = ap.parse_args(argv)
     try:
-        dtype = DTYPES[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
-        target, tokenizer = load_target(a.target, a.device, dtype)
+        target, tokenizer = load_for(a.target, a.device, a.dtype)
         drafters = [Drafter.random(target, a.seed) if d == "random" else Drafter.load(d, target) for d in a.drafter]
+        auto = AutoTree.for_target(target) if a.tree == "auto" and not a.chain else None
         ids, _ = tokenizer.encode_chat([{"role": "user", "content": a.prompt}], add_generation_prompt=True)
         out, stats = generate(target, drafters, ids, a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.depth,
-                              a.total_tokens, a.compose, a.chain, tokenizer.stop_ids, TorchRandom(a.seed))
+                              a.total_tokens, a.compose, a.chain, tokenizer.stop_ids, TorchRandom(a.seed), auto)
     except TapsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -696,7 +1030,8 @@ def main(argv=None):
     wall = s["prefill_s"] + s["draft_s"] + s["verify_s"]
     print(f"\n[{len(out)} tokens in {wall:.2f} s ({len(out) / wall:.1f} tok/s); {s['calls']} verifier calls, "
           f"tau = {s['tau']:.2f}; alpha by depth {s['alpha_by_depth']}; draft {s['draft_s']:.2f} s, "
-          f"verify {s['verify_s']:.2f} s, prefill {s['prefill_s']:.2f} s]")
+          f"verify {s['verify_s']:.2f} s, prefill {s['prefill_s']:.2f} s; {s['mean_tree_size']:.1f} nodes/call, "
+          f"{str(target.embed_tokens.weight.dtype).removeprefix('torch.')}]")
     print(f"[entropy (nats) accepted/rejected: draft {s['draft_entropy']['accepted']:.2f}/"
           f"{s['draft_entropy']['rejected']:.2f}, target {s['target_entropy']['accepted']:.2f}/"
           f"{s['target_entropy']['rejected']:.2f}]")

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data import DOMAINS, DataError, load_corpus
-from model import TapsError, Transformer, atomic_write
+from model import TapsError, Transformer, atomic_write, cache_dir, target_identity
 from taps import Drafter
 
 BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + 3 context-alignment steps (eqs. 8-9)
@@ -82,6 +82,7 @@ SIZES = {
                  batch_size=8, warmup=0.01),
 }
 HELDOUT_DOMAINS = ("math", "chat")
+DRAFT_VOCAB = 8192   # the most frequent target tokens a drafter proposes from (README: measured tau and speed per size)
 
 
 @dataclass
@@ -104,6 +105,7 @@ class TrainConfig:
     noise: float = 0.2               # EAGLE's uniform input-feature noise, scaled by 512 / length
     grad_clip: float = 0.5           # clip each gradient value to [-0.5, 0.5], as EAGLE does
     head_chunk: int = 2048           # loss positions per full-vocabulary logit block
+    draft_vocab: int = 0             # draft vocabulary size (taps.Drafter.vocab); 0 = the whole vocabulary
     amp: bool = True                 # bf16 autocast
     seed: int = 0
 
@@ -183,6 +185,29 @@ def align_mask(T, j, device=None):
     return torch.cat([s <= t - j] + [s == t - j + i for i in range(1, j + 1)], dim=1)
 
 
+# ----------------------------------------------------------------------------- draft vocabulary
+
+def check_vocab_size(size: int, vocab_size: int, stop_ids=()):
+    if size and not len(set(stop_ids)) <= size <= vocab_size:
+        raise TapsError(f"--draft-vocab {size}: choose between {len(set(stop_ids))} (the stop tokens) and "
+                        f"{vocab_size} (the target's vocabulary), or 0 for the whole vocabulary")
+
+
+def draft_vocabulary(tokens: torch.Tensor, size: int, vocab_size: int, stop_ids=()) -> torch.Tensor:
+    """The `size` most frequent of `tokens` (the target's own next tokens over the training data,
+    FR-Spec / EAGLE-3 style), stop tokens always in, as sorted ids. Ties and never-seen tokens go by
+    id: byte-level BPE numbers tokens in merge order, which roughly follows corpus frequency."""
+    check_vocab_size(size, vocab_size, stop_ids)
+    counts = torch.bincount(tokens, minlength=vocab_size).double()
+    counts[list(stop_ids)] = math.inf
+    return torch.sort(-counts, stable=True).indices[:size].sort().values
+
+
+def coverage(vocab: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Share of `tokens` inside the draft vocabulary: an upper bound on a draft's top-1 agreement."""
+    return torch.isin(tokens, vocab).double().mean().item() if len(tokens) else math.nan
+
+
 # ----------------------------------------------------------------------------- drafter passes
 
 class KeyValueStack:
@@ -248,18 +273,7 @@ def drafter_loss(drafter, target, batch, cfg: TrainConfig, g: Optional[torch.Gen
 # ----------------------------------------------------------------------------- feature cache
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TAPS_CACHE", Path.home() / ".cache" / "taps")) / "features"
-
-
-def target_identity(target: Transformer) -> dict:
-    """Name, vocabulary, hidden size and a weight fingerprint (rounded to bf16, so one target in
-    fp32 or bf16 is the same target)."""
-    probe = [target.embed_tokens.weight[:16], target.norm.weight, target.layers[0].self_attn.q_proj.weight[:16]]
-    digest = hashlib.sha1()
-    for w in probe:
-        digest.update(w.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    a = target.args
-    return {"name": a.name, "vocab_size": a.vocab_size, "dim": a.dim, "fingerprint": digest.hexdigest()[:16]}
+    return cache_dir() / "features"
 
 
 def encode_conversations(tokenizer, convs, max_len):
@@ -291,6 +305,17 @@ class FeatureSet:
         lengths = t.pop("lengths").tolist()
         parts = {k: v.split(lengths) for k, v in t.items()}
         return [{k: parts[k][c] for k in parts} for c in range(len(lengths))]
+
+    def target_tokens(self) -> torch.Tensor:
+        """The target's greedy token x_{t+2} at every loss position (next token an assistant token),
+        all conversations: what a drafter trained on this set learns to propose. Reads no features."""
+        from safetensors import safe_open
+        out = []
+        for i in range(len(self)):
+            with safe_open(str(self.folder / f"{i:05d}.safetensors"), framework="pt") as f:
+                nxt, mask, lengths = f.get_tensor("next"), f.get_tensor("mask"), f.get_tensor("lengths").tolist()
+            out += [n[1:-1][m[2:].bool()] for n, m in zip(nxt.split(lengths), mask.split(lengths))]
+        return torch.cat(out).long()
 
 
 def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard_size=32, batch_size=1,
@@ -410,7 +435,8 @@ def autocast(cfg: TrainConfig, device):
 
 @torch.no_grad()
 def heldout_agreement(drafter, target, fs: FeatureSet, cfg: TrainConfig) -> float:
-    """Top-1 agreement of argmax(head(f_hat_{t+1})) with the target's greedy x_{t+2}, on assistant positions."""
+    """Top-1 agreement of the drafter's argmax (over its draft vocabulary) with the target's greedy
+    x_{t+2}, on assistant positions."""
     dev = target.embed_tokens.weight.device
     correct = total = 0
     for i in range(len(fs)):
@@ -420,7 +446,9 @@ def heldout_agreement(drafter, target, fs: FeatureSet, cfg: TrainConfig) -> floa
             sel = batch["mask"][:, 2:].bool()
             with autocast(cfg, dev):
                 h = next(aligned_passes(drafter, target, batch["ids"][:, 1:-1], batch["feats"][:, :-2], 1))
-                pred = torch.cat([logits(target, c).argmax(-1) for c in h[sel].split(cfg.head_chunk)])
+                w = target.embed_tokens.weight.dtype   # the drafter's own head: its draft vocabulary
+                pred = torch.cat([drafter.token_ids(drafter.head(target, c.to(w)).argmax(-1))
+                                  for c in h[sel].split(cfg.head_chunk)])
             correct += (pred == batch["next"][:, 1:-1][sel]).sum().item()
             total += sel.sum().item()
     return correct / total
@@ -445,7 +473,7 @@ def lr_factor(step, warm, total):
 
 
 def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out, resume=False,
-          save_interval: float = 120.0) -> Drafter:
+          save_interval: float = 120.0, stop_ids=()) -> Drafter:
     """Train a drafter for `target` on `train_sets`; writes `out` (+ .jsonl log, .state.pt) each epoch.
 
     heldout: {domain: FeatureSet} for the per-epoch agreement table. The training state is saved
@@ -457,9 +485,17 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     data = {"corpus": cfg.domain, "conversations": sum(fs.meta["conversations"] for fs in train_sets),
             "tokens": sum(fs.meta["tokens"] for fs in train_sets), "max_len": cfg.max_len, "size": cfg.size,
             "epochs": cfg.epochs, "lr": cfg.lr}
+    vocab, meta = None, {}
+    if cfg.draft_vocab:
+        vocab = draft_vocabulary(torch.cat([fs.target_tokens() for fs in train_sets]), cfg.draft_vocab,
+                                 target.args.vocab_size, stop_ids)
+        meta["draft_vocab"] = {"size": cfg.draft_vocab,
+                               "coverage": {d: round(coverage(vocab, fs.target_tokens()), 4) for d, fs in heldout.items()}}
+        print(f"draft vocabulary: {cfg.draft_vocab} of {target.args.vocab_size} tokens; held-out coverage of the "
+              f"target's tokens " + ", ".join(f"{d} {c:.3f}" for d, c in meta["draft_vocab"]["coverage"].items()))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        drafter = Drafter.for_target(target, backbone=cfg.backbone, domain=cfg.domain, data=data).float()
+        drafter = Drafter.for_target(target, vocab, backbone=cfg.backbone, domain=cfg.domain, data=data, **meta).float()
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
     per_epoch = len(epoch_plan(train_sets, cfg, 0))
     total = cfg.epochs * per_epoch
@@ -525,7 +561,7 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    from model import DTYPES, default_device, load_target
+    from model import DTYPES, default_device, load_target, resolve_dtype
     ap = argparse.ArgumentParser(description="Train a task-aware EAGLE or HASS drafter for the target.")
     ap.add_argument("--domain", required=True, help=f"training corpus: {', '.join(DOMAINS)}")
     ap.add_argument("--backbone", default="eagle", help=f"objective: {', '.join(BACKBONES)}")
@@ -539,6 +575,9 @@ def main(argv=None):
     ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on)")
     ap.add_argument("--extract-batch", type=int, default=None, help="conversations per target call (default 1 on CPU, 8 on CUDA)")
     ap.add_argument("--save-interval", type=float, default=120.0, help="seconds between training-state saves")
+    ap.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB,
+                    help=f"draft vocabulary size: the most frequent target tokens in the training data (default "
+                         f"{DRAFT_VOCAB}; 0 = the whole vocabulary, as the study)")
     for name, kind in (("epochs", int), ("lr", float), ("n-train", int), ("max-len", int), ("n-heldout", int),
                        ("batch-size", int), ("seed", int)):
         ap.add_argument(f"--{name}", type=kind, default=None, help="override the size's default")
@@ -546,11 +585,13 @@ def main(argv=None):
     try:
         overrides = {k: getattr(a, k) for k in ("epochs", "lr", "n_train", "max_len", "n_heldout", "batch_size", "seed")
                      if getattr(a, k) is not None}
-        cfg = TrainConfig(domain=a.domain, backbone=a.backbone, size=a.size, amp=a.amp, **overrides)
+        cfg = TrainConfig(domain=a.domain, backbone=a.backbone, size=a.size, amp=a.amp, draft_vocab=a.draft_vocab,
+                          **overrides)
         out = Path(a.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
         cuda = a.device.startswith("cuda")
         t0 = time.perf_counter()
-        target, tokenizer = load_target(a.target, a.device, DTYPES[a.dtype or ("bf16" if cuda else "fp32")])
+        target, tokenizer = load_target(a.target, a.device, resolve_dtype(a.dtype, a.device))
+        check_vocab_size(cfg.draft_vocab, target.args.vocab_size, tokenizer.stop_ids)   # before any extraction
         batch = a.extract_batch or (8 if cuda else 1)
         prep = lambda d, split, n: prepare_features(target, tokenizer, d, split, n, cfg.max_len, a.data_dir, batch)
         train_sets = [prep(d, "train", n) for d, n in cfg.corpus_sizes().items()]
@@ -558,7 +599,7 @@ def main(argv=None):
         t1 = time.perf_counter()
         print(f"[target + features ready in {t1 - t0:.0f} s; training {cfg.backbone} on {cfg.domain}: "
               f"{sum(fs.meta['conversations'] for fs in train_sets)} conversations, {cfg.epochs} epochs, lr {cfg.lr}]")
-        train(cfg, target, train_sets, heldout, out, a.resume, a.save_interval)
+        train(cfg, target, train_sets, heldout, out, a.resume, a.save_interval, tokenizer.stop_ids)
         print(f"[wrote {out} (log {out.with_name(out.stem + '.jsonl')}); training {time.perf_counter() - t1:.0f} s, "
               f"total {time.perf_counter() - t0:.0f} s]")
     except (TapsError, DataError) as e:
