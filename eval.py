@@ -61,12 +61,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from data import BENCHMARKS, DataError, load_bench
-from model import DTYPES, TapsError, atomic_write, default_device, generate_plain, load_target, logits_to_probs
-from taps import COMPOSE, Drafter, Stats, TorchRandom, average, generate
+from model import (DTYPES, TapsError, atomic_write, default_device, generate_plain, load_target, logits_to_probs, machine,
+                   resolve_dtype)
+from taps import (AUTO_MAX_NODES, COMPOSE, TREES, AutoTree, Drafter, Stats, TorchRandom, auto_dtype, average, calibrate,
+                  generate, load_for, verify_table)
 
 METHODS = ("single", "average", *(m for m in COMPOSE if m != "single"))
 MERGED = ("merged", "merged-dedup")
@@ -83,6 +86,7 @@ class Run:
     budget: int                        # total_tokens of each drafted tree
     config: dict                       # what the JSON records about this run
     results: dict = field(default_factory=dict)
+    auto: Optional[AutoTree] = None    # --tree auto: hardware-sized trees, calibrated over the run's calls
 
     @property
     def slug(self) -> str:
@@ -115,7 +119,7 @@ def identity(path: str, drafter: Drafter) -> dict:
     return {"path": str(path), "sha256_16": digest, **drafter.meta}
 
 
-def plan(a, drafters: list, names: list[str], idents: list[dict], shared: dict) -> list[Run]:
+def plan(a, drafters: list, names: list[str], idents: list[dict], shared: dict, verify_table=None) -> list[Run]:
     """The runs (rows) asked for: methods x temperatures, `single` once per drafter, `average` per lambda."""
     k = len(drafters)
     runs = []
@@ -140,6 +144,10 @@ def plan(a, drafters: list, names: list[str], idents: list[dict], shared: dict) 
                     name = f"{method}, equal budget ({k}x{budget})"
                     runs.append(Run(name, method, drafters, t, budget,
                                     dict(base, method=name, tree_budget=budget, equal_budget=True)))
+    if a.tree == "auto":
+        for r in runs:
+            r.auto = AutoTree(verify_table)
+            r.config.update(tree="auto", tree_budget=None)
     return runs
 
 
@@ -151,12 +159,12 @@ class PlainClock:
     def __init__(self, target, seed):
         self.target, self.seed, self.memo = target, seed, {}
 
-    def __call__(self, ids, n, temperature):
-        key = (tuple(ids), n, temperature)
+    def __call__(self, ids, n, temperature, top_p=1.0):
+        key = (tuple(ids), n, temperature, top_p)
         if key not in self.memo:
             g = torch.Generator(device=self.target.embed_tokens.weight.device).manual_seed(self.seed)
             t0 = clock(self.target)
-            out = generate_plain(self.target, ids, n, temperature, generator=g)   # no stop ids: exactly n tokens
+            out = generate_plain(self.target, ids, n, temperature, top_p, generator=g)   # no stop ids: exactly n tokens
             self.memo[key] = (clock(self.target) - t0, out)
         return self.memo[key]
 
@@ -175,14 +183,29 @@ def run_item(target, tokenizer, run: Run, item: dict, a, seed: int, plain: Plain
         ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
         t0 = clock(target)
         out, stats = generate(target, run.drafters, ids, a.max_new_tokens, run.temperature, a.top_p, a.top_k, a.depth,
-                              run.budget, run.compose, stop_ids=tokenizer.stop_ids, rng=TorchRandom(seed + turn))
+                              run.budget, run.compose, stop_ids=tokenizer.stop_ids, rng=TorchRandom(seed + turn),
+                              auto=run.auto)
         spec_s = clock(target) - t0
-        plain_s, ref = plain(ids, len(out), run.temperature)
-        turns.append(({"question_id": item["question_id"], "turn": turn + 1, "new_tokens": stats.new_tokens,
-                       "calls": stats.calls, "tau": stats.tau, "spec_s": spec_s, "plain_s": plain_s,
-                       "match": out == ref if run.temperature == 0 else None}, stats))
+        plain_s, ref = plain(ids, len(out), run.temperature, a.top_p)
+        record = {"question_id": item["question_id"], "turn": turn + 1, "new_tokens": stats.new_tokens,
+                  "calls": stats.calls, "tau": stats.tau, "spec_s": spec_s, "plain_s": plain_s,
+                  "match": out == ref if run.temperature == 0 else None}
+        if record["match"] is False:
+            record.update(parting(target, ids, out, ref))
+        turns.append((record, stats))
         messages.append({"role": "assistant", "content": tokenizer.decode([t for t in out if t not in tokenizer.stop_ids])})
     return turns
+
+
+@torch.inference_mode()
+def parting(target, ids, out, ref) -> dict:
+    """Where greedy speculative output left plain greedy output: the first differing position and the
+    target's logit margin (top-1 minus top-2) there, as plain decoding computed it. In fp32 they never
+    part; in bf16 a tree pass and a one-token pass round differently, so they can at near-ties."""
+    i = next(j for j, (x, y) in enumerate(zip(out + [None], ref + [None])) if x != y)
+    logits, _ = target(torch.tensor([ids + ref[:i]], device=target.embed_tokens.weight.device), last_only=True)
+    top2 = logits[0, -1].topk(2).values
+    return {"first_diff": i, "margin": (top2[0] - top2[1]).item()}
 
 
 def combine(stats: list[Stats]) -> Stats:
@@ -277,6 +300,99 @@ def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, a, json_base
             write_json(json_path(json_base, r, len(runs) > 1), r)
 
 
+# ----------------------------------------------------------------------------- speed (make bench)
+
+SPEED_PAIRS = (("gsm8k", 0), ("mt_bench", 1))   # each specialist on its own domain: (benchmark, drafter index)
+PEER = (("HF transformers, greedy", {}), ("HF transformers, prompt lookup", {"prompt_lookup_num_tokens": 10}))
+
+
+def timed(target, fn, prompts) -> tuple[float, list]:
+    """Seconds for fn(ids) over all prompts (after one warm-up call), and the outputs."""
+    fn(prompts[0][:16])
+    t0, outs = clock(target), [fn(ids) for ids in prompts]
+    return clock(target) - t0, outs
+
+
+def speed_rows(target, tokenizer, drafter, prompts, n, study: dict) -> list[dict]:
+    """Plain decoding, the study's tree and the auto tree on the same prompts, back to back, T = 0."""
+    stop = tokenizer.stop_ids
+    plain_s, plain = timed(target, lambda ids: generate_plain(target, ids, n, stop_ids=stop), prompts)
+    rows = [{"config": "plain decoding", "tok_s": sum(map(len, plain)) / plain_s, "vs_plain": 1.0}]
+    for name, auto in (("study tree (60/5/10)", None), ("auto tree", AutoTree.for_target(target))):
+        spec_s, outs = timed(target, lambda ids: generate(target, drafter, ids, n, stop_ids=stop, auto=auto, **study),
+                             prompts)
+        s = combine([st for _, st in outs])
+        tokens = sum(len(out) for out, _ in outs)
+        rows.append({"config": name, "tok_s": tokens / spec_s, "vs_plain": tokens / spec_s * plain_s / sum(map(len, plain)),
+                     "tau": s.tau, "draft_ms": 1000 * s.draft_time / s.calls, "verify_ms": 1000 * s.verify_time / s.calls,
+                     "nodes": sum(s.tree_size) / s.calls, "drafted_calls": sum(x > 1 for x in s.tree_size) / s.calls,
+                     "greedy_match": f"{sum(out == ref for (out, _), ref in zip(outs, plain))}/{len(plain)}"})
+    return rows
+
+
+def peer_rows(path, dtype, tokenizer, prompts, n, plain_tok_s) -> list[dict]:
+    """HF transformers on the same weights, prompts and budgets: plain greedy and prompt lookup."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        print("[peer skipped: transformers is not installed; `make bench` installs it]", file=sys.stderr)
+        return []
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    rows = []
+    for name, kw in PEER:
+        def run(ids):
+            x = torch.tensor([ids])
+            with torch.inference_mode():
+                y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                                   eos_token_id=sorted(tokenizer.stop_ids), pad_token_id=sorted(tokenizer.stop_ids)[0], **kw)
+            return y[0, len(ids):].tolist()
+        run(prompts[0][:16])                          # warm-up
+        t0 = time.perf_counter()
+        tokens = sum(len(run(ids)) for ids in prompts)
+        tok_s = tokens / (time.perf_counter() - t0)
+        rows.append({"config": name, "tok_s": tok_s, "vs_plain": tok_s / plain_tok_s})
+    return rows
+
+
+def speed(a, limit: int = 3):
+    """`make bench`: one table of tok/s per dtype and configuration, each ratio against plain decoding
+    in the same dtype and process; then HF transformers (the peer) on the same prompts."""
+    from model import default_target_dir
+    m = machine(a.device)
+    print(f"# {m['cpu']} ({', '.join(m['flags']) or 'no AVX2'}), {m['threads']} threads, torch {m['torch']}"
+          f"{', ' + m['gpu'] if m['gpu'] else ''}; T = 0, first {a.limit or limit} prompts, up to {a.max_new_tokens} new tokens\n")
+    target, tokenizer = load_target(a.target, a.device, resolve_dtype(None, a.device))
+    dtypes = [target.embed_tokens.weight.dtype]
+    if a.device.startswith("cpu") and auto_dtype(target) == torch.bfloat16:
+        dtypes.append(torch.bfloat16)                 # fp32, and bf16 where it pays on this CPU
+    study = dict(top_k=a.top_k, depth=a.depth, total_tokens=a.total_tokens)
+    results = []
+    for dtype in dtypes:
+        target = target.to(dtype)
+        drafters = [Drafter.load(p, target) for p in a.drafters]
+        for bench, k in SPEED_PAIRS:
+            items = load_bench(bench, a.limit or limit, a.data_dir)
+            prompts = [tokenizer.encode_chat([{"role": "user", "content": it["turns"][0]}], add_generation_prompt=True)[0]
+                       for it in items]
+            rows = speed_rows(target, tokenizer, drafters[min(k, len(drafters) - 1)], prompts, a.max_new_tokens, study)
+            rows += peer_rows(a.target or default_target_dir(), dtype, tokenizer, prompts, a.max_new_tokens, rows[0]["tok_s"])
+            for r in rows:
+                r.update(dtype=str(dtype).removeprefix("torch."), benchmark=BENCH_NAMES[bench],
+                         drafter=Path(a.drafters[min(k, len(a.drafters) - 1)]).stem)
+            results += rows
+            print(table(["dtype", "benchmark", "drafter", "configuration", "tok/s", "vs plain", "τ", "draft ms/call",
+                         "verify ms/call", "nodes/call", "drafted calls", "greedy = plain"],
+                        [[r["dtype"], r["benchmark"], r["drafter"], r["config"], fmt(r["tok_s"], ".1f"),
+                          f"{fmt(r['vs_plain'])}×", fmt(r.get("tau")), fmt(r.get("draft_ms"), ".1f"),
+                          fmt(r.get("verify_ms"), ".1f"), fmt(r.get("nodes"), ".1f"), pct(r.get("drafted_calls")),
+                          r.get("greedy_match", "–")] for r in rows]) + "\n", flush=True)
+    path = a.json or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: p.write_text(json.dumps({"machine": m, "argv": sys.argv[1:], "rows": finite(results)},
+                                                         indent=1) + "\n"))
+    print(f"[JSON: {path}]")
+
+
 # ----------------------------------------------------------------------------- tables
 
 def fmt(x, spec=".2f"):
@@ -326,13 +442,16 @@ def tables(runs: list[dict]) -> str:
 
         rows = []
         for r in rs:
-            matches = [x["match"] for b in benches for x in get(r, b, "turns") or [] if x["match"] is not None]
+            turns = [x for b in benches for x in get(r, b, "turns") or []]
+            matches = [x["match"] for x in turns if x["match"] is not None]
+            margins = [x["margin"] for x in turns if x.get("margin") is not None]
+            parted = f" (parted where the target's top-2 logits were ≤ {max(margins):.3f} apart)" if margins else ""
             sizes = [x for b in benches if (x := get(r, b, "mean_tree_size")) is not None]
             rows.append([method(r)]
                         + [f"{fmt(get(r, b, 'tau'))} ({fmt(get(r, b, 'speedup'))}×)" for b in benches]
                         + [f"{fmt(get(r, 'average', 'tau'))} ({fmt(get(r, 'average', 'speedup'))}×)",
                            fmt(sum(sizes) / len(sizes) if sizes else None, ".0f")]
-                        + ([f"{sum(matches)}/{len(matches)}"] if t == 0 else []))
+                        + ([f"{sum(matches)}/{len(matches)}{parted}"] if t == 0 else []))
         out.append(f"### Table 1 (T = {t:g}): acceptance length τ (speedup over plain decoding)\n\n"
                    + table(["method"] + names + ["average", "nodes/call"] + (["greedy = plain"] if t == 0 else []), rows))
 
@@ -403,6 +522,9 @@ def parse_args(argv=None):
                     help="average at each lambda (Figure 6), e.g. 0,0.25,0.5,0.75,1")
     ap.add_argument("--equal-budget", action="store_true",
                     help="also run merged kinds with total_tokens // k nodes per tree (no larger than one tree)")
+    ap.add_argument("--tree", choices=TREES, default="study",
+                    help="study (default): the fixed --total-tokens/--depth/--top-k tree, as in the study's tables; "
+                         "auto: sized for this machine each call (taps.AutoTree)")
     ap.add_argument("--total-tokens", type=int, default=60)
     ap.add_argument("--depth", type=int, default=5)
     ap.add_argument("--top-k", type=int, default=10)
@@ -413,7 +535,11 @@ def parse_args(argv=None):
     ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default target)")
     ap.add_argument("--data-dir", help="data directory (default: $TAPS_DATA or ../shared/data)")
     ap.add_argument("--device", default=default_device())
-    ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    ap.add_argument("--dtype", choices=[*DTYPES, "auto"], default=None,
+                    help="default: fp32 on CPU (greedy output checkable bit for bit against plain decoding), bf16 on "
+                         "CUDA; auto: bf16 where this machine's calibration says it pays")
+    ap.add_argument("--speed", action="store_true",
+                    help="the speed benchmark (make bench): plain vs study vs auto trees per dtype, and HF transformers")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (default: torch's; 1 is fastest on a CPU shared with other jobs)")
     a = ap.parse_args(argv)
@@ -459,15 +585,19 @@ def main(argv=None):
         for t in a.temperature:   # sampling arguments, validated as taps.generate does, before any work
             logits_to_probs(torch.zeros(1), t, a.top_p)
         bench_items = {b: load_bench(b, a.limit, a.data_dir) for b in a.bench}   # unknown names fail before loading models
-        dtype = DTYPES[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
-        target, tokenizer = load_target(a.target, a.device, dtype)
+        if a.speed:
+            return speed(a)
+        target, tokenizer = load_for(a.target, a.device, a.dtype)
+        dtype = target.embed_tokens.weight.dtype
         drafters = [Drafter.load(p, target) for p in a.drafters]
         idents = [identity(p, d) for p, d in zip(a.drafters, drafters)]
         shared = {"target": target.args.name, "target_path": a.target, "device": a.device, "dtype": str(dtype),
+                  "tree": a.tree, "machine": machine(a.device),
                   "benchmarks": a.bench, "limit": a.limit, "max_new_tokens": a.max_new_tokens, "top_p": a.top_p,
                   "top_k": a.top_k, "depth": a.depth, "total_tokens": a.total_tokens, "seed": a.seed,
                   "versions": versions(), "argv": sys.argv[1:] if argv is None else list(argv)}
-        runs = plan(a, drafters, [Path(p).stem for p in a.drafters], idents, shared)
+        table = verify_table(calibrate(target), AUTO_MAX_NODES) if a.tree == "auto" else None
+        runs = plan(a, drafters, [Path(p).stem for p in a.drafters], idents, shared, table)
         json_base = a.json or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S.json")
         t0 = time.perf_counter()
         evaluate(target, tokenizer, runs, bench_items, a, json_base)

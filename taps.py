@@ -602,6 +602,7 @@ COMPOSE: dict[str, Callable[[list[Tree]], Tree]] = {
 # tree from draft-side quantities (which keeps verification exactly lossless, as any tree does).
 
 TREES = ("auto", "study")
+AUTO_MAX_NODES = 256
 CALIBRATION_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
@@ -717,7 +718,7 @@ class AutoTree:
     explore: int = 8                  # after this many plain steps, draft once more to re-measure
 
     @classmethod
-    def for_target(cls, target: Transformer, n_max: int = 256, **kw) -> "AutoTree":
+    def for_target(cls, target: Transformer, n_max: int = AUTO_MAX_NODES, **kw) -> "AutoTree":
         return cls(verify_table(calibrate(target), n_max), **kw)
 
     @property
@@ -804,6 +805,7 @@ class Stats:
     tree_size: list[int] = field(default_factory=list)     # nodes verified per call, root included
     routed: list[int] = field(default_factory=list)        # drafter whose tree was verified per call (-1: several)
     accepted_from: list[int] = field(default_factory=list) # origin of the first accepted node per call (-1: none)
+    leaf: list[bool] = field(default_factory=list)         # the accepted path ended at a leaf: the last token was a bonus
     new_tokens: int = 0                                    # generated tokens minus the prefill token
     draft_entropy_accepted: list[float] = field(default_factory=list)   # per token, nats, drafter at T = 1
     draft_entropy_rejected: list[float] = field(default_factory=list)
@@ -825,6 +827,7 @@ class Stats:
         origins = set(tree.origin[1:])
         self.routed.append(origins.pop() if len(origins) == 1 else -1)
         self.accepted_from.append(tree.origin[path[1]] if len(path) > 1 and tree.origin else -1)
+        self.leaf.append(path[-1] not in tree.parents)
         self.draft_time += draft_s
         self.verify_time += verify_s
         judged = path[1:] + rejected
@@ -842,10 +845,12 @@ class Stats:
         return self.new_tokens / self.calls if self.calls else math.nan
 
     def acceptance_by_depth(self) -> list[float]:
-        """alpha[d-1]: of the calls that accepted a token at depth d-1 (the root is depth 0), the share
-        that accepted one at depth d."""
+        """alpha[d-1]: of the calls that accepted a token at depth d-1 (the root is depth 0) *and had a
+        child there to accept*, the share that accepted one at depth d. A path that ended at a leaf had
+        nothing to accept below it (its last token was a bonus), so it leaves the denominator."""
+        leaf = self.leaf or [False] * self.calls
         alpha, d = [], 1
-        while reached := sum(a >= d - 1 for a in self.accepted):
+        while reached := sum(a >= d or (a == d - 1 and not end) for a, end in zip(self.accepted, leaf)):
             alpha.append(sum(a >= d for a in self.accepted) / reached)
             d += 1
         return alpha

@@ -231,6 +231,10 @@ def test_tau_definition_by_hand():
     # of the calls that reached depth d-1, the share that accepted a token at depth d
     assert s.acceptance_by_depth() == [2 / 3, 2 / 2, 1 / 2, 0 / 1]
     assert math.isnan(Stats().tau)
+    # a path that ended at a leaf had no child to accept below it: it leaves that depth's denominator
+    s = Stats(accepted=[2, 0, 3], leaf=[True, False, True])
+    assert s.acceptance_by_depth() == [2 / 3, 2 / 2, 1 / 1]
+    assert Stats(accepted=[6, 6, 6], leaf=[True] * 3).acceptance_by_depth() == [1.0] * 6
 
 
 def test_tau_on_a_one_token_vocabulary():
@@ -240,7 +244,7 @@ def test_tau_on_a_one_token_vocabulary():
     out, s = generate(target, d, [0, 0], max_new_tokens=9, top_k=1, depth=2, total_tokens=3)
     # 1 prefill token + 2 calls x (3 accepted + 1 bonus) = 9
     assert out == [0] * 9 and s.accepted == [3, 3] and s.new_tokens == 8 and s.tau == 4.0
-    assert s.acceptance_by_depth() == [1, 1, 1, 0]
+    assert s.leaf == [True, True] and s.acceptance_by_depth() == [1, 1, 1]
     out, s = generate(target, d, [0, 0], max_new_tokens=10, top_k=1, depth=2, total_tokens=3)
     # the third call is cut to its first token: tau counts tokens generated, (10 - 1) / 3
     assert len(out) == 10 and s.calls == 3 and s.tau == 3.0

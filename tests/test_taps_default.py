@@ -8,7 +8,7 @@ import torch
 
 import model
 from model import TapsError, generate_plain
-from taps import Drafter, generate, main
+from taps import AutoTree, Drafter, generate, main, verify_table
 
 PROMPTS = [
     "What is 7 * 6?",
@@ -45,6 +45,22 @@ def test_default_greedy_is_exactly_the_target(default, i, n, tree):
     out, stats = generate(target, Drafter.random(target, i), ids, n, stop_ids=tok.stop_ids, **tree)
     assert out == ref
     assert stats.new_tokens == len(out) - 1 and stats.calls >= 1
+
+
+def test_default_greedy_with_auto_trees_and_a_draft_vocabulary(default, tmp_path, monkeypatch):
+    """fp32, --tree auto: this machine's calibrated trees (often plain steps for a random drafter) and
+    deep, wide trees (a flat verify cost), with a draft vocabulary of 4,096 tokens."""
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path))
+    target, tok = default
+    drafter = Drafter.random(target, 5)
+    drafter.vocab = torch.tensor(sorted(set(range(4096)) | set(tok.stop_ids)))
+    ids, _ = tok.encode_chat([{"role": "user", "content": PROMPTS[1]}], add_generation_prompt=True)
+    ref = generate_plain(target, ids, 12, stop_ids=tok.stop_ids)
+    flat = AutoTree(verify_table({1: 10.0, 48: 10.0}, 48), max_depth=4)
+    for auto in (flat, AutoTree.for_target(target)):
+        out, stats = generate(target, drafter, ids, 12, stop_ids=tok.stop_ids, auto=auto)
+        assert out == ref
+    assert stats.calls >= 1
 
 
 def test_cli_random_drafter_prints_the_target_greedy_reply(default, capsys):

@@ -1,0 +1,290 @@
+"""The speed paths (issue: speculative decoding that is actually faster) under the same losslessness
+checks as the study's paths: draft vocabularies, hardware-sized trees (AutoTree), calibration files,
+the float residual fallback, and Monte Carlo runs of the real `generate` with negative controls."""
+import json
+import math
+import random
+from collections import Counter
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import taps
+from model import TapsError, generate_plain, logits_to_probs
+from taps import (AutoTree, Drafter, TorchRandom, Tree, average, calibrate, generate, merge, prune, verify_chain,
+                  verify_table, verify_tree)
+from test_taps import chi_square_p, near_oracle, one_thread, prompts, tiny  # noqa: F401  (one_thread: autouse)
+from test_verify_exact import Target, frac_vector, outcomes, random_tree, spec_dist, tree_call
+from train import coverage, draft_vocabulary
+
+
+def flat_auto(n_max=32, **kw) -> AutoTree:
+    """An AutoTree for a machine where scoring any number of tokens costs the same (10 s): every node
+    pays, so trees grow deep and wide, and drafting always beats a plain step."""
+    return AutoTree(verify_table({1: 10.0, n_max: 10.0}, n_max), **kw)
+
+
+# ----------------------------------------------------------------------------- draft vocabulary
+
+def test_draft_vocabulary_is_the_most_frequent_target_tokens_with_the_stop_tokens():
+    tokens = torch.tensor([5, 5, 5, 9, 9, 2, 7, 7, 7, 7])
+    assert draft_vocabulary(tokens, 3, 16, stop_ids={0}).tolist() == [0, 5, 7]       # stop token first, then by count
+    assert draft_vocabulary(tokens, 5, 16, stop_ids={0}).tolist() == [0, 2, 5, 7, 9]
+    assert draft_vocabulary(tokens, 6, 16).tolist() == [0, 1, 2, 5, 7, 9]             # unseen tokens by id
+    assert coverage(torch.tensor([5, 7]), tokens) == pytest.approx(0.7)
+    for size in (17, 1):
+        with pytest.raises(TapsError, match="choose between 2 .the stop tokens. and 16"):
+            draft_vocabulary(tokens, size, 16, stop_ids={0, 1})
+
+
+def test_draft_head_is_the_target_head_restricted_to_the_vocabulary(tmp_path):
+    target = tiny(V=32, name="tiny-a")
+    full = Drafter.random(target, 1)
+    sub = Drafter.random(target, 1)
+    sub.vocab = torch.tensor([0, 3, 4, 10, 31])
+    tokens, feats = torch.tensor([[1, 2, 3]]), torch.randn(1, 3, 64, dtype=torch.float64)
+    lf, hf = full(target, tokens, feats)
+    ls, hs = sub(target, tokens, feats)
+    assert torch.equal(hf, hs) and ls.shape == (1, 3, 5)
+    assert torch.allclose(ls, lf[..., sub.vocab])
+    assert sub.token_ids(torch.tensor([0, 4])).tolist() == [0, 31]
+    sub.save(tmp_path / "d.safetensors")
+    back = Drafter.load(tmp_path / "d.safetensors", target)
+    assert torch.equal(back.vocab, sub.vocab) and back.draft_vocab_size == 5
+    assert torch.equal(back(target, tokens, feats)[0], ls)
+
+
+@pytest.mark.parametrize("vocab, msg", [([3, 2], "sorted"), ([0, 40], r"in \[0, 32\)"), (list(range(33)), "choose 1..32"),
+                                        ([], "choose 1..32")])
+def test_bad_draft_vocabularies_are_refused(vocab, msg):
+    target = tiny(V=32)
+    d = Drafter.random(target)
+    d.vocab = torch.tensor(vocab, dtype=torch.long)
+    with pytest.raises(TapsError, match=msg):
+        generate(target, d, [1, 2], 4)
+
+
+def test_average_refuses_drafters_with_different_vocabularies():
+    target = tiny(V=32)
+    a, b = Drafter.random(target, 1), Drafter.random(target, 2)
+    a.vocab = torch.tensor([0, 1, 2, 3])
+    with pytest.raises(TapsError, match="different draft vocabularies"):
+        average([a, b], 0.5)
+    b.vocab = torch.tensor([0, 1, 2, 3])
+    mid = average([a, b], 0.5)
+    assert torch.equal(mid.vocab, a.vocab)
+    assert torch.equal(average([a, b], 1.0).fc.weight, a.fc.weight)
+
+
+# ----------------------------------------------------------------------------- exact losslessness of the new paths
+
+def subset_chain_call(target, seed, ctx, rng):
+    """Chain speculative sampling whose draft distributions live on a random subset of the vocabulary
+    (a draft vocabulary): q is zero outside it."""
+    V = target.V
+    rnd = random.Random(f"subset {seed} {ctx}")
+    subset = rnd.sample(range(V), rnd.randint(1, V))
+    length = rnd.randint(1, 3)
+    tokens, q = [ctx[-1]], []
+    for _ in range(length):
+        qi = frac_vector(random.Random(f"q {seed} {ctx} {tokens}"), V, zeros=False)
+        qi = np.array([w if x in subset else Fraction(0) for x, w in enumerate(qi)], dtype=object)
+        q.append(qi / qi.sum())
+        tokens.append(rng.categorical(q[-1]))
+    path, x, _ = verify_chain(tokens, q, lambda i: target.p(ctx + tuple(tokens[1:i + 1])), rng)
+    return tuple(tokens[i] for i in path[1:]) + (x,)
+
+
+def sized_scheme(name, target, seed):
+    """Trees whose size is chosen each call by the real AutoTree rule from draft-side quantities."""
+    V = target.V
+    auto = AutoTree(verify_table({1: 1.0, 4: 1.5, 8: 3.0}, 8))
+
+    def step(ctx, rng):
+        rnd = random.Random(f"draft {seed} {ctx}")
+        subset = rnd.sample(range(V), rnd.randint(1, V))          # trees drafted from a draft vocabulary
+        trees = [random_tree(rnd, V, ctx[-1], max_nodes=10) for _ in range(2)]
+        for t in trees:
+            t.tokens[1:] = [subset[x % len(subset)] for x in t.tokens[1:]]
+        tree = merge(trees) if name == "merged-auto" else trees[0]
+        n = auto.best(torch.tensor(tree.logq[1:]), rnd.random())[0]
+        emitted = tree_call(target, prune(tree, n), ctx, rng)
+        if name == "resize" and len(emitted) == 1:   # WRONG: nothing accepted, so retry with the whole tree
+            emitted = tree_call(target, tree, ctx, rng)
+        return emitted
+    return step
+
+
+@settings(max_examples=150, deadline=None)
+@given(name=st.sampled_from(["subset-chain", "auto", "merged-auto"]), V=st.integers(2, 4), seed=st.integers(0, 10**9),
+       n=st.integers(1, 3), half_temperature=st.booleans())
+def test_draft_vocabularies_and_sized_trees_are_exactly_lossless(name, V, seed, n, half_temperature):
+    target = Target(V, seed, half_temperature)
+    ctx = (seed % V,)
+    step = ((lambda c, rng: subset_chain_call(target, seed, c, rng)) if name == "subset-chain"
+            else sized_scheme(name, target, seed))
+    assert spec_dist(step, ctx, n) == target.dist(ctx, n)
+
+
+def test_the_same_check_rejects_a_tree_resized_after_verification():
+    """Any tree fixed before the verifier's draws is exact, whatever chose its size; choosing again
+    after seeing them (here: a retry with a larger tree when nothing was accepted) is not."""
+    assert any(spec_dist(sized_scheme("resize", Target(3, s), s), (s % 3,), 2) != Target(3, s).dist((s % 3,), 2)
+               for s in range(40))
+
+
+def test_prune_keeps_a_connected_tree_of_the_best_nodes():
+    t = Tree([9, 1, 2, 3, 4, 5], [-1, 0, 0, 1, 1, 3], [0, -1, -0.5, -1, -3, -2], [math.nan] * 6, [-1, 0, 0, 1, 1, 1])
+    p = prune(t, 4)   # root + the 3 best: -0.5 (node 2), -1 (node 1), -1 (node 3, a tie: after its parent)
+    assert p.tokens == [9, 1, 2, 3] and p.parents == [-1, 0, 0, 1] and p.origin == [-1, 0, 0, 1]
+    assert prune(t, 100) is t and prune(t, 1).tokens == [9]
+
+
+# ----------------------------------------------------------------------------- AutoTree
+
+def test_auto_tree_size_follows_the_verify_cost():
+    logq = torch.log(torch.tensor([0.9, 0.8, 0.5, 0.1, 0.05]))
+    cheap = AutoTree(verify_table({1: 1.0, 8: 1.0}, 8))
+    dear = AutoTree(verify_table({1: 1.0, 2: 2.0, 8: 8.0}, 8))   # every token costs a whole step
+    assert cheap.best(logq, 0.0)[0] == 6                           # flat cost: keep every node
+    n, expected, rate = dear.best(logq, 0.0)
+    assert n == 1 and rate == pytest.approx(1.0)                 # no node pays for itself
+    # with c = 1: keep nodes while 1 + sum(conf) grows faster than the cost
+    mid = AutoTree(verify_table({1: 1.0, 3: 1.2, 6: 2.0}, 8))
+    assert mid.best(logq, 0.0)[0] == 3
+
+
+def test_auto_tree_falls_back_to_plain_steps_and_explores():
+    auto = AutoTree(verify_table({1: 0.01, 8: 0.02}, 8), explore=3)
+    assert auto.speculate()                        # nothing measured yet: draft
+    auto.record(Tree([0, 1], [-1, 0], [0.0, -1.0], [math.nan, 1.0]), 0, 1.0)   # 1 token in 1 s << 100 tok/s
+    assert [auto.speculate() for _ in range(5)] == [False, False, False, True, False]
+
+
+def test_calibration_is_cached_per_machine_and_never_trusted_from_elsewhere(tmp_path, monkeypatch, capsys):
+    target = tiny(V=32, name="tiny-cal")
+    path = tmp_path / "calibration.json"
+    calls = []
+    monkeypatch.setattr(taps, "measure_verify", lambda t: calls.append(1) or {1: 0.5, 8: 1.0})
+    assert calibrate(target, path) == {1: 0.5, 8: 1.0} and len(calls) == 1
+    assert calibrate(target, path) == {1: 0.5, 8: 1.0} and len(calls) == 1      # cached
+    saved = json.loads(path.read_text())
+    key = next(iter(saved))
+    foreign = json.loads(key)
+    foreign["machine"]["cpu"] = "Some Other CPU"
+    path.write_text(json.dumps({json.dumps(foreign, sort_keys=True): {"verify_s": {"1": 9e9}}}))
+    assert calibrate(target, path) == {1: 0.5, 8: 1.0} and len(calls) == 2      # another machine's: measured anew
+    assert len(json.loads(path.read_text())) == 2
+    path.write_text("{not json")
+    assert calibrate(target, path) == {1: 0.5, 8: 1.0} and len(calls) == 3
+    assert "unreadable calibration file; measuring again" in capsys.readouterr().err
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Calibrations of tiny test models go to a temporary $TAPS_CACHE, never the user's."""
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "taps-cache"))
+
+
+@pytest.mark.parametrize("compose", ["single", "route", "merged", "merged-dedup"])
+def test_auto_trees_are_exactly_greedy(compose):
+    """fp64 tiny targets: deep trees (flat verify cost) and this machine's calibrated trees, with a
+    full-vocabulary and a draft-vocabulary drafter, emit exactly the target's greedy tokens."""
+    V = 64
+    target = tiny(V=V, n_layers=1)
+    drafters = [near_oracle(target), Drafter.random(target, 3)]
+    drafters[1].vocab = torch.arange(0, V, 3)
+    drafters = drafters[:1] if compose == "single" else drafters
+    deep = 0
+    for prompt in prompts(V):
+        ref = generate_plain(target, prompt, 40)
+        out, s = generate(target, drafters, prompt, 40, compose=compose, auto=flat_auto())
+        assert out == ref and max(s.tree_size) <= 32
+        deep += sum(a >= 2 for a in s.accepted)
+        out, s = generate(target, drafters, prompt, 40, compose=compose, auto=AutoTree.for_target(target))
+        assert out == ref
+    assert deep > 0 or compose == "route"   # routing may prefer the random drafter's flatter tree
+
+
+def test_auto_tree_refuses_a_chain():
+    target = tiny(V=16)
+    with pytest.raises(TapsError, match="chain has a fixed length"):
+        generate(target, Drafter.random(target), [1, 2], 4, chain=True, auto=flat_auto())
+
+
+# ----------------------------------------------------------------------------- a residual that rounds to nothing
+
+class Reject:
+    """A random source that rejects every proposal and draws the first token with positive mass."""
+
+    def bernoulli(self, prob):
+        return False
+
+    def categorical(self, probs):
+        assert not torch.isnan(probs).any()
+        return int(torch.nonzero(probs > 0)[0])
+
+
+def test_a_residual_that_rounds_to_zero_falls_back_safely():
+    # float rounding left r(x) just below 1 and nothing elsewhere: a rejection (probability ~1e-7) must not NaN
+    tree = Tree([0, 1, 1], [-1, 0, 0], [0.0, -0.1, -0.2], [math.nan] * 3)
+    p = torch.tensor([0.0, 1.0, 0.0])
+    path, x, rejected = verify_tree(tree, lambda i: p.clone(), Reject())
+    assert (path, x, rejected) == ([0], 1, [1, 2])
+    # chain: p <= q everywhere in floats, so max(0, p - q) is all zeros: draw from p instead
+    p, q = torch.tensor([0.25, 0.75, 0.0]), torch.tensor([[0.25, 0.75, 0.0]])
+    path, x, _ = verify_chain([0, 1], q, lambda i: p.clone(), Reject())
+    assert path == [0] and x == 0
+
+
+# ----------------------------------------------------------------------------- Monte Carlo of the real generate
+
+def exact_first_tokens(target, prompt, n, temperature, top_p):
+    """The target's exact distribution of its first n tokens after temperature and top-p (V^n sequences)."""
+    V = target.args.vocab_size
+    dist = {(): 1.0}
+    for _ in range(n):
+        seqs = list(dist)
+        with torch.inference_mode():
+            logits, _ = target(torch.tensor([prompt + list(s) for s in seqs]))
+        p = logits_to_probs(logits[:, -1].double(), temperature, top_p)
+        dist = {s + (x,): dist[s] * p[i, x].item() for i, s in enumerate(seqs) for x in range(V) if p[i, x] > 0}
+    return dist
+
+
+def monte_carlo(temperature_seen_by_verifier=None, n=1200):
+    """First 3 tokens of `generate` at T = 0.6, top-p 0.8 with a near-oracle drafter on a draft
+    vocabulary and deep auto trees; returns the chi-square p-value and what the runs exercised."""
+    target = tiny(V=4, n_layers=1, seed=3)
+    drafter = near_oracle(target)
+    drafter.vocab = torch.tensor([0, 1, 3])
+    prompt, rng, auto = [0, 3], TorchRandom(11), flat_auto(16, max_depth=2)
+    samples, deep, bonus, multi = [], 0, 0, 0
+    for _ in range(n):
+        out, s = generate(target, drafter, prompt, 5, temperature=0.6, top_p=0.8, rng=rng, auto=auto)
+        samples.append(tuple(out[:3]))
+        deep += any(a >= 2 for a in s.accepted)
+        bonus += any(s.leaf)
+        multi += s.calls >= 2
+    expected = exact_first_tokens(target, prompt, 3, 0.6, 0.8)
+    return chi_square_p(Counter(samples), expected, n), deep / n, bonus / n, multi / n
+
+
+def test_monte_carlo_of_generate_with_draft_vocabulary_and_auto_trees():
+    p, deep, bonus, multi = monte_carlo()
+    print(f"chi-square p = {p:.3g}; runs with depth >= 2 accepted {deep:.2f}, bonus at a leaf {bonus:.2f}, "
+          f"several verifier calls {multi:.2f}")
+    assert deep > 0 or compose == "route"   # routing may prefer the random drafter's flatter tree.05 and bonus > 0.05 and multi > 0.05     # the paths under test were exercised
+    assert p > 1e-6
+
+
+def test_the_same_monte_carlo_rejects_sampling_at_the_wrong_temperature(monkeypatch):
+    """Negative control: a verifier whose p ignores the temperature (T = 1 instead of 0.6)."""
+    real = taps.logits_to_probs
+    monkeypatch.setattr(taps, "logits_to_probs", lambda logits, temperature, top_p: real(logits, 1.0, top_p))
+    p, *_ = monte_carlo()
+    print(f"wrong temperature: chi-square p = {p:.3g}")
+    assert p < 1e-6
