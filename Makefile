@@ -14,11 +14,13 @@ test: install
 	$(PY) -m pytest
 
 # The study on the embedded default, small: train the math and chat EAGLE drafters at the demo
-# size (skipped when the checkpoints exist), then evaluate every composition at T = 0 and 1.
+# size (skipped when the checkpoints exist), evaluate every composition at T = 0 and 1 at the study's
+# tree in fp32 (greedy output checked bit for bit), then the speed table (auto trees, bf16 where it pays).
 DEMO_EVAL = --compose single,average,route,route-entropy,merged --temperature 0,1 --limit $(LIMIT) --max-new-tokens 48
 LIMIT ?= 1
 demo: install checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors
 	$(PY) eval.py $(DEMO_EVAL) --drafters checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors --json runs/demo.json
+	$(PY) eval.py --speed --max-new-tokens 64 --drafters checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors --json runs/demo-speed.json
 
 checkpoints/eagle-%.safetensors:
 	$(MAKE) train DOMAIN=$* BACKBONE=eagle SIZE=demo
@@ -30,8 +32,12 @@ study: install
 	  --lam-sweep 0,0.25,0.5,0.75,1 --temperature 0,1 --drafters checkpoints/$$b-math.safetensors \
 	  checkpoints/$$b-chat.safetensors --json runs/study-$$b.json || exit 1; done
 
-bench: install
-	$(PY) model.py --bench
+# Speed, one process, one table: plain decoding vs the study's tree vs the auto tree, fp32 and bf16 (where
+# this CPU's bf16 pays), each specialist on its own domain; then HF transformers on the same prompts.
+# transformers is the peer benchmark's only dependency: installed here, imported nowhere else.
+bench: install checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors
+	$(PY) -m pip install -q transformers==5.24.0
+	$(PY) eval.py --speed --drafters checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors
 
 # make train DOMAIN=math|chat|mixed BACKBONE=eagle|hass [SIZE=demo|full] -> checkpoints/$(BACKBONE)-$(DOMAIN).safetensors
 DOMAIN ?= math

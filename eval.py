@@ -587,7 +587,7 @@ def main(argv=None):
         bench_items = {b: load_bench(b, a.limit, a.data_dir) for b in a.bench}   # unknown names fail before loading models
         if a.speed:
             return speed(a)
-        target, tokenizer = load_for(a.target, a.device, a.dtype)
+        target, tokenizer = load_for(a.target, a.device, a.dtype, load_target)
         dtype = target.embed_tokens.weight.dtype
         drafters = [Drafter.load(p, target) for p in a.drafters]
         idents = [identity(p, d) for p, d in zip(a.drafters, drafters)]

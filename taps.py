@@ -5,7 +5,8 @@ distribution (the study's eqs. 1-2 use the opposite letters, its eq. 5 this one)
 
 * `Drafter` (eq. 3) -- input at position t is cat(embed(x_{t+1}), f_t): the target's (frozen)
   token embedding and the target's final-norm feature f_t, projected by `fc: 2H -> H`, then one
-  Llama decoder layer without its input RMSNorm, then the target's (frozen) LM head.
+  Llama decoder layer without its input RMSNorm, then the target's (frozen) LM head -- or only its
+  rows for a draft vocabulary (`Drafter.vocab`, FR-Spec / EAGLE-3), so q lives on a subset.
 * `grow_tree` / `draft_tree` (eq. 6) -- the EAGLE-2 dynamic draft tree: expand the top_k
   children of the top_k frontier nodes by cumulative draft log-probability for `depth` steps,
   then keep the `total_tokens` best nodes overall. The result is a plain `Tree`.
@@ -15,7 +16,10 @@ distribution (the study's eqs. 1-2 use the opposite letters, its eq. 5 this one)
   x with probability min(1, p(x)/q(x)), otherwise resample from norm(max(0, p - q)).
 * `average` (eq. 11), `route` / `route_entropy` (eqs. 12-13), `merge` -- composing specialist
   drafters: one averaged drafter, or one tree chosen from (or packed from) each drafter's tree.
-* `generate` -- draft -> verify until `max_new_tokens` or a stop token, with statistics.
+* `AutoTree` -- trees sized for the hardware: the target's cost of scoring N tokens is measured
+  once per machine (`calibrate`), and each call keeps the nodes, and grows the depth, that maximise
+  expected tokens per second; where drafting does not pay, a call is a plain decoding step.
+* `generate` -- draft -> verify -> keep -> emit -> extend until `max_new_tokens` or a stop token.
   Acceptance length: each verifier call emits its accepted draft tokens plus one token drawn
   by the verifier (the correction, or the bonus token after a leaf), and
 
@@ -28,6 +32,8 @@ verifiers only index, zero and renormalise probability vectors, so the exact tes
 very code with `fractions.Fraction` vectors and a random source that enumerates every outcome.
 
     python taps.py --prompt "What is 7 * 6?" --drafter random
+    python taps.py --prompt "..." --drafter checkpoints/eagle-math.safetensors          # --tree auto --dtype auto
+    python taps.py --prompt "..." --drafter ... --tree study --dtype fp32                # the study's 60/5/10 tree
 """
 from __future__ import annotations
 
@@ -682,11 +688,12 @@ def auto_dtype(target: Transformer) -> torch.dtype:
     return torch.bfloat16 if bf16[16] < fp32[16] else torch.float32
 
 
-def load_for(path, device, dtype: Optional[str]):
-    """(target, tokenizer) in the --dtype named; 'auto' loads fp32 and keeps `auto_dtype`'s choice."""
-    if dtype != "auto":
-        return load_target(path, device, resolve_dtype(dtype, device))
-    target, tokenizer = load_target(path, device, torch.float32)
+def load_for(path, device, dtype: Optional[str], loader=load_target):
+    """(target, tokenizer) in the --dtype named (None: the device's default); 'auto' is bf16 on CUDA,
+    and on a CPU loads fp32 and keeps `auto_dtype`'s choice."""
+    if dtype != "auto" or str(device).startswith("cuda"):
+        return loader(path, device, resolve_dtype(None if dtype == "auto" else dtype, device))
+    target, tokenizer = loader(path, device, torch.float32)
     return target.to(auto_dtype(target)), tokenizer
 
 

@@ -189,3 +189,29 @@ def test_unknown_compose_and_bad_report(setup, capsys, tmp_path):
 
 def test_nan_becomes_null():
     assert ev.finite({"a": [math.nan, 1.0], "b": {"c": math.inf}}) == {"a": [None, 1.0], "b": {"c": None}}
+
+
+def test_auto_trees_record_their_sizes_and_match_plain_greedy(setup, monkeypatch):
+    tmp_path, paths = setup
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
+    run(tmp_path, paths, "--compose", "merged", "--tree", "auto", "--limit", "1", "--bench", "gsm8k",
+        "--json", str(tmp_path / "auto.json"))
+    obj = json.loads((tmp_path / "auto.json").read_text())
+    assert obj["config"]["tree"] == "auto" and obj["config"]["tree_budget"] is None
+    r = obj["results"]["gsm8k"]
+    assert r["greedy_match"] == 1.0 and r["mean_tree_size"] >= 1
+
+
+def test_speed_table_compares_plain_study_and_auto_in_one_process(setup, monkeypatch, capsys):
+    tmp_path, paths = setup
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ev, "peer_rows", lambda *args: [])      # HF transformers: an optional extra
+    run(tmp_path, paths, "--speed", "--limit", "1", "--json", str(tmp_path / "speed.json"))
+    out = capsys.readouterr().out
+    assert "plain decoding" in out and "study tree" in out and "auto tree" in out
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert {r["benchmark"] for r in rows} == {"GSM8K", "MT-Bench"}
+    assert {r["drafter"] for r in rows} == {"eagle-math", "eagle-chat"}
+    for r in rows:
+        assert r["tok_s"] > 0 and r["vs_plain"] > 0
+        assert r["config"] == "plain decoding" or (r["tau"] >= 1 and r["greedy_match"] == "1/1")
