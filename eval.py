@@ -554,14 +554,20 @@ def report(paths: list[Path]) -> str:
     evaluation and its completion with --bench set to the remaining benchmarks, are joined."""
     runs = {}
     for p in paths:
+        if p.is_dir():
+            raise TapsError(f"{p}: is a directory; pass eval.py's JSON files, e.g. {p}/*.json")
         try:
             obj = json.loads(p.read_text())
-            key = (obj["config"]["method"], obj["config"]["temperature"])
+            c = obj["config"]
+            key = (c["method"], c["temperature"])
             if not isinstance(obj["results"], dict):
                 raise TypeError("results is not an object")
+            if not (c["drafters"] and all("path" in d for d in c["drafters"])):
+                raise KeyError("config.drafters[].path")
+            c["compose"], c["lambda"], c["equal_budget"]   # what the tables read
         except FileNotFoundError:
             raise TapsError(f"{p}: no such file") from None
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, IndexError) as e:
             raise TapsError(f"{p}: not an eval.py result ({type(e).__name__}: {e})") from None
         if key in runs:
             runs[key]["results"].update(obj["results"])

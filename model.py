@@ -924,8 +924,24 @@ def export_default(out):
     return out
 
 
+def check_device(device) -> torch.device:
+    """A --device that this torch build can run, or a one-line error saying what to use instead."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TapsError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise TapsError(f"--device {device}: taps runs on cpu and cuda only; use --device cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TapsError(f"--device {device}: this torch build has no CUDA support or no GPU is visible; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise TapsError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
 def load_target(path=None, device="cpu", dtype=torch.float32):
     """(model, tokenizer) from an HF directory, or the embedded default when `path` is None."""
+    check_device(device)
     path = Path(path) if path else default_target_dir()
     return load_hf(path, device, dtype), load_tokenizer(path)
 
@@ -1016,6 +1032,8 @@ def main(argv=None):
             return
         if not (a.prompt or a.bench):
             ap.error("give --prompt TEXT, --bench or --export DIR")
+        if a.max_new_tokens < 0:
+            raise TapsError(f"max_new_tokens must be >= 0, got {a.max_new_tokens}")
         dtype = resolve_dtype(a.dtype, a.device)
         model, tokenizer = load_target(a.target, a.device, dtype)
         if a.bench:

@@ -666,9 +666,10 @@ def calibrate(target: Transformer, path: Optional[Path] = None) -> dict:
 
 def verify_table(curve: dict, n_max: int) -> torch.Tensor:
     """(n_max + 1,) seconds to score n = 0..n_max tokens: linear between measured sizes, extrapolated
-    from the last two beyond them."""
+    from the last two beyond them; never decreasing in n (a noisy measurement cannot make more cheaper)."""
     n = sorted(curve)
-    x, y = torch.tensor(n, dtype=torch.float64), torch.tensor([curve[i] for i in n], dtype=torch.float64)
+    x = torch.tensor(n, dtype=torch.float64)
+    y = torch.tensor([curve[i] for i in n], dtype=torch.float64).cummax(0).values
     grid = torch.arange(n_max + 1, dtype=torch.float64).clamp(min=n[0])
     j = (torch.searchsorted(x, grid, right=True) - 1).clamp(0, max(len(n) - 2, 0))
     if len(n) == 1:
