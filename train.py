@@ -472,15 +472,38 @@ def lr_factor(step, warm, total):
     return min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
 
 
+def state_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".state.pt")
+
+
+def refuse_to_replace(out: Path, epochs: int):
+    """A new run never silently replaces a user's drafter or an interrupted run's state."""
+    state = state_path(out)
+    if state.exists():
+        try:
+            done = torch.load(state, map_location="cpu", weights_only=True)["progress"]["epoch"]
+        except Exception:   # an unreadable state still belongs to somebody's run
+            done = "?"
+        if done == epochs:
+            raise TapsError(f"{state}: a finished run ({epochs} epochs) is there; pass --overwrite to start over, "
+                            f"or --out another path")
+        raise TapsError(f"{state}: a run is in progress at epoch {done} of {epochs}; pass --resume to continue "
+                        f"or --overwrite to start over")
+    if out.exists():
+        raise TapsError(f"{out}: a drafter is already there; pass --overwrite to replace it, or --out another path")
+
+
 def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out, resume=False,
-          save_interval: float = 120.0, stop_ids=()) -> Drafter:
+          save_interval: float = 120.0, stop_ids=(), overwrite=False) -> Drafter:
     """Train a drafter for `target` on `train_sets`; writes `out` (+ .jsonl log, .state.pt) each epoch.
 
     heldout: {domain: FeatureSet} for the per-epoch agreement table. The training state is saved
     atomically every `save_interval` seconds and after each epoch; resume=True continues from it."""
     out = Path(out)
+    if not (resume or overwrite):
+        refuse_to_replace(out, cfg.epochs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    state_path, log_path = out.with_name(out.stem + ".state.pt"), out.with_name(out.stem + ".jsonl")
+    state_file, log_path = state_path(out), out.with_name(out.stem + ".jsonl")
     dev = target.embed_tokens.weight.device
     data = {"corpus": cfg.domain, "conversations": sum(fs.meta["conversations"] for fs in train_sets),
             "tokens": sum(fs.meta["tokens"] for fs in train_sets), "max_len": cfg.max_len, "size": cfg.size,
@@ -504,10 +527,10 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     g = torch.Generator(device=dev).manual_seed(cfg.seed)
     config = dataclasses.asdict(cfg)
     st = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "top1_sum": 0.0, "log": []}
-    if resume and state_path.exists():
-        saved = torch.load(state_path, map_location=dev, weights_only=True)
+    if resume and state_file.exists():
+        saved = torch.load(state_file, map_location=dev, weights_only=True)
         if saved["config"] != config or saved["target"] != target_identity(target):
-            raise TapsError(f"{state_path}: saved by a run with another configuration or target; "
+            raise TapsError(f"{state_file}: saved by a run with another configuration or target; "
                             f"rerun without --resume to start over")
         drafter.load_state_dict(saved["drafter"])
         opt.load_state_dict(saved["optimizer"])
@@ -516,17 +539,16 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
         st = saved["progress"]
         print(f"resuming {out} at epoch {st['epoch'] + 1}, batch {st['batch']} of {per_epoch}")
     elif resume:
-        print(f"no training state at {state_path}: starting from scratch")
+        print(f"no training state at {state_file}: starting from scratch")
 
     def save_state():
         s = {"config": config, "target": target_identity(target), "drafter": drafter.state_dict(),
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": g.get_state(), "progress": st}
-        atomic_write(state_path, lambda p: torch.save(s, p))
+        atomic_write(state_file, lambda p: torch.save(s, p))
 
     def write_log():
         atomic_write(log_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in st["log"])))
 
-    write_log()
     cols = ["epoch", "steps", "train loss", "train top-1"] + [f"held-out top-1 {d}" for d in heldout] + ["time (s)"]
     print(" | ".join(cols))
     reader, last_save, t0 = ShardReader(train_sets), time.perf_counter(), time.perf_counter()
@@ -569,6 +591,7 @@ def main(argv=None):
     ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default target)")
     ap.add_argument("--out", help="drafter checkpoint (default: checkpoints/<backbone>-<domain>.safetensors)")
     ap.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
+    ap.add_argument("--overwrite", action="store_true", help="start over even where <out> or <out>.state.pt exists")
     ap.add_argument("--device", default=default_device())
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="target dtype (default: fp32 on CPU, bf16 on CUDA)")
     ap.add_argument("--data-dir", help="data directory (default: $TAPS_DATA or ../shared/data)")
@@ -592,6 +615,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         target, tokenizer = load_target(a.target, a.device, resolve_dtype(a.dtype, a.device))
         check_vocab_size(cfg.draft_vocab, target.args.vocab_size, tokenizer.stop_ids)   # before any extraction
+        if not (a.resume or a.overwrite):
+            refuse_to_replace(out, cfg.epochs)
         batch = a.extract_batch or (8 if cuda else 1)
         prep = lambda d, split, n: prepare_features(target, tokenizer, d, split, n, cfg.max_len, a.data_dir, batch)
         train_sets = [prep(d, "train", n) for d, n in cfg.corpus_sizes().items()]
@@ -599,7 +624,7 @@ def main(argv=None):
         t1 = time.perf_counter()
         print(f"[target + features ready in {t1 - t0:.0f} s; training {cfg.backbone} on {cfg.domain}: "
               f"{sum(fs.meta['conversations'] for fs in train_sets)} conversations, {cfg.epochs} epochs, lr {cfg.lr}]")
-        train(cfg, target, train_sets, heldout, out, a.resume, a.save_interval, tokenizer.stop_ids)
+        train(cfg, target, train_sets, heldout, out, a.resume, a.save_interval, tokenizer.stop_ids, a.overwrite)
         print(f"[wrote {out} (log {out.with_name(out.stem + '.jsonl')}); training {time.perf_counter() - t1:.0f} s, "
               f"total {time.perf_counter() - t0:.0f} s]")
     except (TapsError, DataError) as e:

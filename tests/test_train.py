@@ -207,6 +207,35 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
         T.train(small_cfg(backbone="hass", lr=1e-3), target, sets, heldout, tmp_path / "cut.safetensors", resume=True)
 
 
+def test_a_new_run_never_replaces_an_interrupted_run_or_a_drafter(tmp_path, monkeypatch):
+    target = tiny_target()
+    sets = [T.build_cache(target, synthetic_examples(9, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
+    heldout = {"test": T.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h", {"domain": "h"})}
+    real_step, calls = T.train_step, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:   # inside epoch 1, after two saved steps
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(T, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "d.safetensors", sets, heldout, save_interval=0)
+    monkeypatch.setattr(T, "train_step", real_step)
+    assert (tmp_path / "d.state.pt").exists() and not (tmp_path / "d.jsonl").exists()   # no empty log left
+    state = (tmp_path / "d.state.pt").read_bytes()
+    with pytest.raises(TapsError, match="a run is in progress at epoch 0 of 2; pass --resume to continue or --overwrite"):
+        run(tmp_path, "d.safetensors", sets, heldout)
+    assert (tmp_path / "d.state.pt").read_bytes() == state                              # untouched
+    run(tmp_path, "d.safetensors", sets, heldout, overwrite=True)
+    with pytest.raises(TapsError, match="a finished run .2 epochs. is there; pass --overwrite"):
+        run(tmp_path, "d.safetensors", sets, heldout)
+    (tmp_path / "d.state.pt").unlink()
+    with pytest.raises(TapsError, match="a drafter is already there; pass --overwrite"):
+        run(tmp_path, "d.safetensors", sets, heldout)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_unknown_domain_backbone_size():
