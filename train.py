@@ -142,7 +142,7 @@ def feature_loss(f_hat, f):
 def distill_terms(logq, p, k):
     """Per-position CE(p, q) = -sum_x p(x) log q(x) and the HASS top-K term over p's k most likely
     tokens, not renormalised (eq. 7). logq: (N, V) draft log-probs, p: (N, V) target probs -> 2 x (N,)."""
-    top_p, top_i = p.topk(k, dim=-1)                               # (N, k)
+    top_p, top_i = p.topk(min(k, p.shape[-1]), dim=-1)             # (N, k)
     return -(p * logq).sum(-1), -(top_p * logq.gather(-1, top_i)).sum(-1)
 
 
@@ -151,26 +151,41 @@ def logits(target, h):
     return target.head(h.to(target.embed_tokens.weight.dtype)).float()
 
 
-def _head_sums(target, f_hat, f, k):
+def draft_head(target, drafter: Drafter):
+    """The head both distributions are formed with, (..., H) -> (..., V') fp32: the target's whole head,
+    or its rows of the drafter's draft vocabulary (`Drafter.head`), where p is the target's distribution
+    renormalised over that vocabulary (as EAGLE-3 trains) and costs V'/V of the full head."""
+    w = target.embed_tokens.weight.dtype
+    if drafter is None or drafter.vocab is None:
+        return lambda h: logits(target, h)
+    return lambda h: drafter.head(target, h.to(w)).float()
+
+
+def _head_sums(head, f_hat, f, k, keep):
     with torch.no_grad():
-        p = torch.softmax(logits(target, f), dim=-1)               # (N, V) target's next-token distribution
-    logq = torch.log_softmax(logits(target, f_hat), dim=-1)        # (N, V)
+        p = torch.softmax(head(f), dim=-1)                          # (N, V') target's next-token distribution
+    logq = torch.log_softmax(head(f_hat), dim=-1)                  # (N, V')
     ce, topk = distill_terms(logq, p, k)
-    return ce.sum(), topk.sum(), (logq.argmax(-1) == p.argmax(-1)).sum()
+    top1 = logq.argmax(-1) == p.argmax(-1)
+    return (ce * keep).sum(), (topk * keep).sum(), (top1 * keep).sum()
 
 
-def head_terms(target, f_hat, f, k, chunk):
+def head_terms(head, f_hat, f, k, chunk, keep=None):
     """Mean CE, mean top-K term and top-1 agreement over N loss positions, (N, H) x 2 -> 3 scalars.
 
-    Full-vocabulary logits are (N, V); above `chunk` positions they are formed a block at a time
-    and recomputed in backward, so memory stays O(chunk * V) for 128k-token vocabularies."""
+    head: `draft_head`. keep (N,) bool: the positions these terms count (default all); with a draft
+    vocabulary, those whose target token is in it -- elsewhere the renormalised p would teach q a
+    token the target does not pick (EAGLE-3 masks them too); the feature regression keeps them all.
+    Logits are (N, V'); above `chunk` positions they are formed a block at a time and recomputed
+    in backward, so memory stays O(chunk * V') for 128k-token vocabularies."""
+    keep = torch.ones(len(f_hat), dtype=torch.bool, device=f_hat.device) if keep is None else keep
     if len(f_hat) <= chunk:
-        sums = _head_sums(target, f_hat, f, k)
+        sums = _head_sums(head, f_hat, f, k, keep)
     else:
-        parts = [checkpoint(_head_sums, target, f_hat[i:i + chunk], f[i:i + chunk], k, use_reentrant=False)
-                 for i in range(0, len(f_hat), chunk)]
+        parts = [checkpoint(_head_sums, head, f_hat[i:i + chunk], f[i:i + chunk], k, keep[i:i + chunk],
+                            use_reentrant=False) for i in range(0, len(f_hat), chunk)]
         sums = [sum(s) for s in zip(*parts)]
-    return [s / len(f_hat) for s in sums]
+    return [s / max(int(keep.sum()), 1) for s in sums]
 
 
 def align_mask(T, j, device=None):
@@ -261,10 +276,12 @@ def drafter_loss(drafter, target, batch, cfg: TrainConfig, g: Optional[torch.Gen
         noise = torch.rand(f_in.shape, generator=g, device=f_in.device) - 0.5
         f_in = f_in + noise * scale[:, None, None]
     f_tgt = f_next[sel]                                           # (N, H)
+    keep = None if drafter.vocab is None else torch.isin(batch["next"][:, 1:-1][sel], drafter.vocab)   # (N,)
+    head = draft_head(target, drafter)
     total, first = 0.0, None
     for h in aligned_passes(drafter, target, tokens, f_in, cfg.steps):
         v = feature_loss(h[sel], f_tgt)
-        ce, topk, top1 = head_terms(target, h[sel], f_tgt, cfg.topk, cfg.head_chunk)
+        ce, topk, top1 = head_terms(head, h[sel], f_tgt, cfg.topk, cfg.head_chunk, keep)
         total = total + cfg.v_w * v + cfg.p_w * ce + cfg.topk_w * topk
         first = first or {"v": v.item(), "ce": ce.item(), "topk": topk.item(), "top1": top1.item()}
     return total, first

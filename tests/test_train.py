@@ -61,14 +61,40 @@ def test_head_terms_chunked_equal_unchunked():
     target = tiny_target()
     f = torch.randn(10, 64)
     f_hat = torch.randn(10, 64, requires_grad=True)
-    whole = T.head_terms(target, f_hat, f, 3, chunk=100)
+    whole = T.head_terms(T.draft_head(target, None), f_hat, f, 3, chunk=100)
     g_whole, = torch.autograd.grad(whole[0] + whole[1], f_hat)
-    parts = T.head_terms(target, f_hat, f, 3, chunk=4)
+    parts = T.head_terms(T.draft_head(target, None), f_hat, f, 3, chunk=4)
     g_parts, = torch.autograd.grad(parts[0] + parts[1], f_hat)
     assert torch.allclose(torch.stack(whole), torch.stack(parts), atol=1e-6)
     assert torch.allclose(g_whole, g_parts, atol=1e-6)
     # agreement counts positions whose draft argmax is the target's argmax
-    assert T.head_terms(target, f, f, 3, chunk=100)[2].item() == 1.0
+    assert T.head_terms(T.draft_head(target, None), f, f, 3, chunk=100)[2].item() == 1.0
+
+
+def test_draft_vocabulary_terms_renormalise_over_it_and_skip_tokens_outside():
+    target = tiny_target()
+    drafter = Drafter.for_target(target)
+    drafter.vocab = torch.tensor([0, 2, 5, 7, 11])
+    f, f_hat = torch.randn(6, 64), torch.randn(6, 64)
+    keep = torch.tensor([True, False, True, True, False, True])
+    ce, topk, top1 = T.head_terms(T.draft_head(target, drafter), f_hat, f, 2, chunk=100, keep=keep)
+    p = torch.softmax(T.logits(target, f)[:, drafter.vocab], -1)[keep]
+    logq = torch.log_softmax(T.logits(target, f_hat)[:, drafter.vocab], -1)[keep]
+    assert ce.item() == pytest.approx(-(p * logq).sum(-1).mean().item(), rel=1e-5)
+    assert top1.item() == pytest.approx((p.argmax(-1) == logq.argmax(-1)).double().mean().item())
+
+
+def test_training_with_a_draft_vocabulary_records_it(tmp_path):
+    target = tiny_target()
+    sets = [T.build_cache(target, synthetic_examples(6, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
+    heldout = {"test": T.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h", {"domain": "h"})}
+    d = T.train(small_cfg(draft_vocab=8), target, sets, heldout, tmp_path / "d.safetensors", stop_ids={0})
+    loaded = Drafter.load(tmp_path / "d.safetensors", target)
+    assert torch.equal(loaded.vocab, d.vocab) and len(d.vocab) == 8 and 0 in d.vocab.tolist()
+    tokens = sets[0].target_tokens()
+    assert d.vocab.tolist() == T.draft_vocabulary(tokens, 8, target.args.vocab_size, {0}).tolist()
+    cov = loaded.meta["draft_vocab"]["coverage"]["test"]
+    assert cov == pytest.approx(T.coverage(d.vocab, heldout["test"].target_tokens()), abs=1e-4)
 
 
 def grid(rows):
