@@ -57,6 +57,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -275,20 +276,40 @@ def json_path(base: Path, run: Run, several: bool) -> Path:
     return base.with_name(f"{base.stem}-{run.slug}{base.suffix}") if several else base
 
 
+def check_destination(paths: list[Path], force: bool):
+    """Before any work: results can be written where asked, and no existing file is replaced unasked
+    (a read-only one never)."""
+    for path in paths:
+        if path.is_dir():
+            raise TapsError(f"{path}: is a directory; give --json a file name")
+        if path.exists():
+            if not path.stat().st_mode & 0o222:
+                raise TapsError(f"{path}: exists and is read-only; choose another --json path")
+            if not force:
+                raise TapsError(f"{path}: exists; pass --force to replace it, or choose another --json path")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path.parent).close()
+        except OSError as err:
+            raise TapsError(f"--json {path}: cannot write in {path.parent} ({err.strerror or err}); "
+                            f"choose another path") from None
+
+
 def write_json(path: Path, run: Run):
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: p.write_text(json.dumps(as_dict(run), indent=1, ensure_ascii=False) + "\n"))
 
 
-def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, a, json_base: Path):
-    """Every benchmark, every item, every run side by side; results land in run.results."""
+def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, a, json_base: Path) -> set:
+    """Every benchmark, every item, every run side by side; results land in run.results and the JSON
+    files. Returns the runs (slugs) whose JSON could not be written."""
     from tqdm import tqdm
     plain = PlainClock(target, a.seed)
     warm = tokenizer.encode_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=True)[0]
     generate_plain(target, warm, 4)                                    # first-call overheads out of the timings
     generate(target, runs[0].drafters, warm, 4, top_k=a.top_k, depth=a.depth, total_tokens=runs[0].budget,
              compose=runs[0].compose)
-    k = max(len(r.drafters) for r in runs)
+    k, failed = max(len(r.drafters) for r in runs), set()
     for bench, items in bench_items.items():
         per_run = {id(r): [] for r in runs}
         for i, item in enumerate(tqdm(items, desc=bench, unit="prompt", file=sys.stderr)):
@@ -297,7 +318,13 @@ def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, a, json_base
         for r in runs:
             r.results[bench] = bench_results(per_run[id(r)], k)
             r.results["average"] = averages(r.results)
-            write_json(json_path(json_base, r, len(runs) > 1), r)
+            try:
+                write_json(json_path(json_base, r, len(runs) > 1), r)
+            except OSError as err:   # the results are still printed; say so once per file
+                print(f"error: could not write {json_path(json_base, r, len(runs) > 1)} ({err}); "
+                      f"the tables below are all that is kept", file=sys.stderr)
+                failed.add(r.slug)
+    return failed
 
 
 # ----------------------------------------------------------------------------- speed (make bench)
@@ -354,7 +381,7 @@ def peer_rows(path, dtype, tokenizer, prompts, n, plain_tok_s) -> list[dict]:
     return rows
 
 
-def speed(a, limit: int = 3):
+def speed(a, path: Path, limit: int = 3):
     """`make bench`: one table of tok/s per dtype and configuration, each ratio against plain decoding
     in the same dtype and process; then HF transformers (the peer) on the same prompts."""
     from model import default_target_dir
@@ -386,10 +413,11 @@ def speed(a, limit: int = 3):
                           f"{fmt(r['vs_plain'])}×", fmt(r.get("tau")), fmt(r.get("draft_ms"), ".1f"),
                           fmt(r.get("verify_ms"), ".1f"), fmt(r.get("nodes"), ".1f"), pct(r.get("drafted_calls")),
                           r.get("greedy_match", "–")] for r in rows]) + "\n", flush=True)
-    path = a.json or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: p.write_text(json.dumps({"machine": m, "argv": sys.argv[1:], "rows": finite(results)},
-                                                         indent=1) + "\n"))
+    try:
+        atomic_write(path, lambda p: p.write_text(json.dumps({"machine": m, "argv": sys.argv[1:], "rows": finite(results)},
+                                                             indent=1) + "\n"))
+    except OSError as err:
+        raise TapsError(f"could not write {path} ({err}); the tables above are all that is kept") from None
     print(f"[JSON: {path}]")
 
 
@@ -531,6 +559,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, metavar="PATH",
                     help="where to write the results (default runs/eval-<date>-<time>.json; see the module docstring)")
+    ap.add_argument("--force", action="store_true", help="replace existing result files (never read-only ones)")
     ap.add_argument("--report", nargs="+", type=Path, metavar="JSON", help="print the tables of saved runs and exit")
     ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default target)")
     ap.add_argument("--data-dir", help="data directory (default: $TAPS_DATA or ../shared/data)")
@@ -591,8 +620,10 @@ def main(argv=None):
         for t in a.temperature:   # sampling arguments, validated as taps.generate does, before any work
             logits_to_probs(torch.zeros(1), t, a.top_p)
         bench_items = {b: load_bench(b, a.limit, a.data_dir) for b in a.bench}   # unknown names fail before loading models
+        json_base = a.json or Path("runs") / time.strftime(("bench" if a.speed else "eval") + "-%Y%m%d-%H%M%S.json")
+        check_destination([json_base], a.force)                     # before any model is loaded
         if a.speed:
-            return speed(a)
+            return speed(a, json_base)
         target, tokenizer = load_for(a.target, a.device, a.dtype, load_target)
         dtype = target.embed_tokens.weight.dtype
         drafters = [Drafter.load(p, target) for p in a.drafters]
@@ -604,9 +635,9 @@ def main(argv=None):
                   "versions": versions(), "argv": sys.argv[1:] if argv is None else list(argv)}
         table = verify_table(calibrate(target), AUTO_MAX_NODES) if a.tree == "auto" else None
         runs = plan(a, drafters, [Path(p).stem for p in a.drafters], idents, shared, table)
-        json_base = a.json or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S.json")
+        check_destination([json_path(json_base, r, len(runs) > 1) for r in runs], a.force)
         t0 = time.perf_counter()
-        evaluate(target, tokenizer, runs, bench_items, a, json_base)
+        failed = evaluate(target, tokenizer, runs, bench_items, a, json_base)
     except (TapsError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -618,6 +649,8 @@ def main(argv=None):
     print(f"\n[{len(runs)} runs x {sum(len(v) for v in bench_items.values())} prompts in "
           f"{time.perf_counter() - t0:.0f} s; JSON: {json_path(json_base, runs[0], len(runs) > 1)}"
           f"{' and the other runs beside it' if len(runs) > 1 else ''}]")
+    if failed:
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -403,8 +403,12 @@ def load_hf(path, device="cpu", dtype=torch.float32) -> Transformer:
 def atomic_write(path: Path, write):
     """Write via a temporary file and rename, so an interrupted run never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)   # never leave a half-written temporary file behind
+        raise
 
 
 def save_hf(model: Transformer, path, extra_files: Optional[dict] = None):

@@ -215,3 +215,43 @@ def test_speed_table_compares_plain_study_and_auto_in_one_process(setup, monkeyp
     for r in rows:
         assert r["tok_s"] > 0 and r["vs_plain"] > 0
         assert r["config"] == "plain decoding" or (r["tau"] >= 1 and r["greedy_match"] == "1/1")
+
+
+def test_an_unwritable_destination_is_refused_before_any_model_loads(setup, monkeypatch, capsys):
+    tmp_path, paths = setup
+    monkeypatch.setattr(ev, "load_target", lambda *args: pytest.fail("a model was loaded"))
+    (tmp_path / "file.txt").write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, paths, "--limit", "1", "--json", str(tmp_path / "file.txt" / "r.json"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "cannot write in" in err
+
+
+def test_a_failed_write_still_prints_the_tables_and_leaves_no_temporary_file(setup, monkeypatch, capsys):
+    tmp_path, paths = setup
+
+    def broken(p):
+        p.write_text("half")
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(ev, "write_json", lambda path, r: ev.atomic_write(path, broken))
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, paths, "--compose", "route", "--limit", "1", "--bench", "svamp", "--json", str(tmp_path / "r.json"))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "Table 1" in out and "could not write" in err
+    assert not list(tmp_path.glob("r.json*"))
+
+
+def test_existing_results_are_never_replaced_unasked(setup, capsys):
+    tmp_path, paths = setup
+    dest = tmp_path / "r.json"
+    dest.write_text("{}")
+    with pytest.raises(SystemExit):
+        run(tmp_path, paths, "--compose", "route", "--limit", "1", "--bench", "svamp", "--json", str(dest))
+    assert "exists; pass --force" in capsys.readouterr().err and dest.read_text() == "{}"
+    dest.chmod(0o444)
+    with pytest.raises(SystemExit):
+        run(tmp_path, paths, "--compose", "route", "--limit", "1", "--bench", "svamp", "--json", str(dest), "--force")
+    assert "read-only" in capsys.readouterr().err and dest.read_text() == "{}"
+    dest.chmod(0o644)
+    run(tmp_path, paths, "--compose", "route", "--limit", "1", "--bench", "svamp", "--json", str(dest), "--force")
+    assert json.loads(dest.read_text())["config"]["method"] == "route"
