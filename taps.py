@@ -350,6 +350,8 @@ class Drafter(nn.Module):
 
     def save(self, path):
         from safetensors.torch import save_file
+        if not all(torch.isfinite(p).all() for p in self.parameters()):
+            raise TapsError(f"{path}: refusing to save a drafter with non-finite weights")
         meta = {**self.meta, "config": dataclasses.asdict(self.args)}
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata={"taps": json.dumps(meta)})
 
@@ -373,6 +375,8 @@ class Drafter(nn.Module):
         config = {k: v for k, v in meta.pop("config").items() if k in {f.name for f in dataclasses.fields(ModelArgs)}}
         drafter = cls(ModelArgs(**config), meta, state.get("vocab"))
         drafter.load_state_dict(state)
+        if not all(torch.isfinite(p).all() for p in drafter.parameters()):
+            raise TapsError(f"{path}: drafter weights hold non-finite values (NaN or inf); retrain it")
         p = target.embed_tokens.weight
         return drafter.to(device=p.device, dtype=p.dtype).eval()
 

@@ -318,7 +318,13 @@ class FeatureSet:
     def shard(self, i):
         """The i-th shard as a list of conversations {ids (n,), mask (n,), feats (n, H), next (n,)}."""
         from safetensors.torch import load_file
-        t = load_file(str(self.folder / f"{i:05d}.safetensors"))
+        path = self.folder / f"{i:05d}.safetensors"
+        try:
+            t = load_file(str(path))
+        except Exception as e:   # safetensors' own error types
+            raise TapsError(f"{path}: unreadable feature shard ({e}); delete it and rerun to rebuild it") from None
+        if not torch.isfinite(t["feats"]).all():
+            raise TapsError(f"{path}: feature shard holds non-finite values; delete it and rerun to rebuild it")
         lengths = t.pop("lengths").tolist()
         parts = {k: v.split(lengths) for k, v in t.items()}
         return [{k: parts[k][c] for k in parts} for c in range(len(lengths))]
@@ -333,6 +339,23 @@ class FeatureSet:
                 nxt, mask, lengths = f.get_tensor("next"), f.get_tensor("mask"), f.get_tensor("lengths").tolist()
             out += [n[1:-1][m[2:].bool()] for n, m in zip(nxt.split(lengths), mask.split(lengths))]
         return torch.cat(out).long()
+
+
+def file_record(path: Path) -> dict:
+    """Size and SHA-1 of a file: what meta.json keeps of each shard, to find truncated or altered ones."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha1": digest.hexdigest()}
+
+
+def sound_shard(path: Path) -> bool:
+    from safetensors.torch import load_file
+    try:
+        return bool(torch.isfinite(load_file(str(path))["feats"]).all())
+    except Exception:
+        return False
 
 
 def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard_size=32, batch_size=1,
@@ -351,17 +374,31 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
             "shard_sizes": [len(examples[i:i + shard_size]) for i in range(0, len(examples), shard_size)]}
     folder.mkdir(parents=True, exist_ok=True)
     meta_path = folder / "meta.json"
+    shards = {}                                   # file name -> {"bytes", "sha1"} of each finished shard
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
+        shards = old.pop("shards", {})
         if old.get("target") != meta["target"]:
             raise TapsError(f"{folder}: feature cache was built for target {old.get('target')}, not {meta['target']}; "
                             f"delete the folder or point TAPS_CACHE elsewhere")
         if old != meta:
             raise TapsError(f"{folder}: feature cache was built from other conversations (tokenizer or corpus "
                             f"changed); delete the folder to rebuild it")
-    else:
-        atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+
+    def save_meta():
+        atomic_write(meta_path, lambda p: p.write_text(json.dumps({**meta, "shards": shards}, indent=1)))
+
     paths = [folder / f"{i:05d}.safetensors" for i in range(n_shards)]
+    for p in paths:                               # a shard that is not what was written is rebuilt
+        if not p.exists():
+            continue
+        if p.name not in shards and sound_shard(p):   # a cache from before the records: keep what loads
+            shards[p.name] = file_record(p)
+        if shards.get(p.name) != file_record(p):
+            print(f"{p}: changed since it was written (truncated or overwritten?); rebuilding it", file=sys.stderr)
+            p.unlink()
+            shards.pop(p.name, None)
+    save_meta()
     lens = [len(ids) for ids, _ in examples]
     done = sum(sum(lens[i * shard_size:(i + 1) * shard_size]) for i, p in enumerate(paths) if p.exists())
     todo = [i for i, p in enumerate(paths) if not p.exists()]
@@ -388,6 +425,8 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
             if not torch.isfinite(tensors["feats"]).all():
                 raise TapsError(f"{desc}: target features overflow fp16; this target is not supported by the cache")
             atomic_write(paths[i], lambda p: save_file(tensors, str(p)))
+            shards[paths[i].name] = file_record(paths[i])
+            save_meta()
         bar.close()
         rate = (meta["tokens"] - done) / (time.perf_counter() - t0)
         print(f"{desc}: {meta['tokens'] - done} tokens in {time.perf_counter() - t0:.0f} s ({rate:.0f} tokens/s)")
@@ -575,6 +614,9 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
             s, i, idx = plan[b]
             convs = reader.get(s, i)
             loss, terms = train_step(drafter, target, opt, sched, collate([convs[c] for c in idx], dev), cfg, g)
+            if not math.isfinite(loss):
+                raise TapsError(f"step {epoch * per_epoch + b + 1}: loss is {loss} on a batch of "
+                                f"{train_sets[s].folder / f'{i:05d}.safetensors'}; stopped, the drafter is not saved")
             st["loss_sum"] += loss
             st["top1_sum"] += terms["top1"]
             st["batch"] = b + 1

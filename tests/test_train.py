@@ -262,6 +262,51 @@ def test_a_new_run_never_replaces_an_interrupted_run_or_a_drafter(tmp_path, monk
         run(tmp_path, "d.safetensors", sets, heldout)
 
 
+def test_a_truncated_or_overwritten_shard_is_rebuilt(tmp_path, capsys):
+    target = tiny_target()
+    examples = synthetic_examples(9, seed=1)
+    fs = T.build_cache(target, examples, tmp_path / "c", {"domain": "a"}, shard_size=4)
+    paths = sorted((tmp_path / "c").glob("*.safetensors"))
+    good = [p.read_bytes() for p in paths]
+    assert set(json.loads((tmp_path / "c" / "meta.json").read_text())["shards"]) == {p.name for p in paths}
+    paths[1].write_bytes(good[1][:len(good[1]) // 2])                 # cut in half
+    raw = bytearray(good[2])
+    raw[-200:-100] = b"\xff" * 100                                    # NaN bytes in the features, same size
+    paths[2].write_bytes(bytes(raw))
+    with pytest.raises(TapsError, match="non-finite values; delete it"):
+        fs.shard(2)                                                    # a direct read refuses it too
+    T.build_cache(target, examples, tmp_path / "c", {"domain": "a"}, shard_size=4)
+    err = capsys.readouterr().err
+    assert f"{paths[1]}: changed since it was written" in err and f"{paths[2]}: changed" in err
+    assert [p.read_bytes() for p in paths] == good                     # rebuilt exactly
+
+
+def test_a_non_finite_loss_stops_training_and_saves_nothing(tmp_path, monkeypatch):
+    target = tiny_target()
+    sets = [T.build_cache(target, synthetic_examples(4, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
+    monkeypatch.setattr(T, "train_step", lambda *args: (math.nan, {"top1": 0.0}))
+    with pytest.raises(TapsError, match=r"step 1: loss is nan on a batch of .*00000.safetensors; stopped"):
+        T.train(small_cfg(), target, sets, {}, tmp_path / "d.safetensors")
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_non_finite_drafters_are_never_saved_or_loaded(tmp_path):
+    from safetensors.torch import save_file
+    target = tiny_target()
+    d = Drafter.for_target(target)
+    d.save(tmp_path / "ok.safetensors")
+    with torch.no_grad():
+        d.fc.weight[0, 0] = math.nan
+    with pytest.raises(TapsError, match="non-finite weights"):
+        d.save(tmp_path / "nan.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ok.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    save_file({k: v.contiguous() for k, v in d.state_dict().items()}, str(tmp_path / "nan.safetensors"), metadata=meta)
+    with pytest.raises(TapsError, match="non-finite values"):
+        Drafter.load(tmp_path / "nan.safetensors", target)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_unknown_domain_backbone_size():
