@@ -219,13 +219,15 @@ class Transformer(nn.Module):
         return KVCache(self.args.n_layers, batch_size, self.args.n_kv_heads, max_len or self.args.max_seq_len,
                        self.args.head_dim, dtype or p.dtype, device or p.device)
 
-    def forward(self, tokens, input_pos=None, mask=None, cache: Optional[KVCache] = None, last_only=False):
+    def forward(self, tokens, input_pos=None, mask=None, cache: Optional[KVCache] = None, last_only=False,
+                head=True):
         """Score T new tokens after the `cache.length` cached ones.
 
         tokens: (B, T) ids. input_pos: (B, T) rotary positions (default: consecutive after the
         cache). mask: (B, T, T) bool over the new tokens (True = may attend; the cached prefix is
         always visible) or (B, T, S) over all S = cache.length + T keys; default causal.
-        Returns logits (B, T, V) (or (B, 1, V) with last_only) and final-norm features (B, T, H).
+        Returns logits (B, T, V) (or (B, 1, V) with last_only; None with head=False, for callers that
+        apply the LM head themselves where they need it) and final-norm features (B, T, H).
         """
         B, T = tokens.shape
         L = cache.length if cache is not None else 0
@@ -239,6 +241,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length = L + T
         h = self.norm(x)                                             # (B, T, H): the EAGLE feature f
+        if not head:
+            return None, h
         logits = self.head(h[:, -1:] if last_only else h)
         return logits.float(), h
 

@@ -715,7 +715,9 @@ class AutoTree:
       * depth: grow one more level only while even its best case -- new nodes whose path
         probabilities add up to the frontier's, c * sum exp(frontier) -- would beat the best rate so
         far after paying one more drafting step (timed once per drafter, `step_cost`);
-      * top_k: kept at the study's 10 (a drafting step costs about the same for 4 or 10 rows).
+      * top_k: kept at the study's 10 (a drafting step costs about the same for 4 or 10 rows);
+      * no tree at all: while drafted calls earn fewer tokens per second than plain steps, a call
+        is a plain step (`speculate`), so a weak drafter cannot make decoding much slower.
     Every input is a draft-side quantity or a past acceptance, so verification stays exactly lossless.
     """
     verify_s: torch.Tensor            # (n_max + 1,) seconds to score n tokens (`verify_table`)
@@ -725,7 +727,8 @@ class AutoTree:
     predicted: float = 0.0            # sum of exp(logq) over the nodes verified so far
     t0: float = 0.0                   # when this call started drafting
     steps: dict = field(default_factory=weakref.WeakKeyDictionary)   # drafter -> seconds per drafting step
-    spec_rate: Optional[float] = None  # tokens/s of recent drafted calls (moving average)
+    spec_tokens: float = 0.0          # tokens and seconds of recent drafted calls (moving sums):
+    spec_s: float = 0.0               # their ratio is the rate a drafted call earns
     skipped: int = 0                  # plain steps since the last drafted call
     explore: int = 8                  # after this many plain steps, draft once more to re-measure
 
@@ -794,7 +797,7 @@ class AutoTree:
         recent drafted calls earned fewer tokens per second than a plain step does (1 / verify_s[1]);
         every `explore` plain steps, draft once to measure again. So auto is never much slower than
         plain decoding, whatever the drafter, and the choice uses past calls only: still lossless."""
-        if self.spec_rate is None or self.skipped >= self.explore or self.spec_rate > 1 / self.verify_s[1].item():
+        if not self.spec_s or self.skipped >= self.explore or self.spec_tokens / self.spec_s > 1 / self.verify_s[1].item():
             self.skipped = 0
             return True
         self.skipped += 1
@@ -804,8 +807,8 @@ class AutoTree:
         """After a drafted call: calibrate confidence (c) and the drafted calls' rate."""
         self.predicted += sum(tree.confidence[1:])
         self.accepted += accepted
-        rate = (accepted + 1) / seconds
-        self.spec_rate = rate if self.spec_rate is None else 0.7 * self.spec_rate + 0.3 * rate
+        self.spec_tokens = 0.9 * self.spec_tokens + accepted + 1
+        self.spec_s = 0.9 * self.spec_s + seconds
 
 
 # ----------------------------------------------------------------------------- generation
@@ -966,6 +969,8 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
     states = [DraftState(d, d.new_cache(max_len + depth * top_k)) for d in drafters]
     for s in states:   # pairs (x_{t+1}, f_t) over the prompt, ending with the token just sampled
         s.extend(target, torch.cat([prompt[1:], prompt.new_tensor([x])]), f[0])
+        if auto is not None:
+            auto.step_cost(s, target, x)   # timed once per drafter, here, so no call's rate carries it
     stats.prefill_time = _clock(dev) - t0
 
     while not done:
@@ -985,7 +990,7 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
         L = cache.length
         tokens = torch.tensor([tree.tokens], device=dev)
         pos = L + torch.tensor([tree.depths()], device=dev)                # position = prefix length + depth
-        _, h = target(tokens, pos, tree.mask(dev)[None], cache, last_only=True)   # (1, N, H)
+        _, h = target(tokens, pos, tree.mask(dev)[None], cache, head=False)      # (1, N, H)
         p_at = TargetHead(target, tree, h[0], temperature, top_p)
         if chain:
             path, x, rejected = verify_chain(tree.tokens, q, p_at, rng)

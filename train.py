@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data import DOMAINS, DataError, load_corpus
-from model import TapsError, Transformer, atomic_write, cache_dir, target_identity
+from model import TapsError, Transformer, atomic_write, cache_dir, machine, target_identity
 from taps import Drafter
 
 BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + 3 context-alignment steps (eqs. 8-9)
@@ -563,7 +563,9 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     dev = target.embed_tokens.weight.device
     data = {"corpus": cfg.domain, "conversations": sum(fs.meta["conversations"] for fs in train_sets),
             "tokens": sum(fs.meta["tokens"] for fs in train_sets), "max_len": cfg.max_len, "size": cfg.size,
-            "epochs": cfg.epochs, "lr": cfg.lr}
+            "epochs": cfg.epochs, "lr": cfg.lr,
+            # bit-for-bit reproducible on the same CPU kind with the same torch thread count only
+            "threads": torch.get_num_threads(), "cpu": machine(dev)["cpu"]}
     vocab, meta = None, {}
     if cfg.draft_vocab:
         vocab = draft_vocabulary(torch.cat([fs.target_tokens() for fs in train_sets]), cfg.draft_vocab,
