@@ -1050,13 +1050,14 @@ def main(argv=None):
     print(tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]))
     s = stats.summary()
     wall = s["prefill_s"] + s["draft_s"] + s["verify_s"]
+    f = lambda x: "–" if x is None or math.isnan(x) else f"{x:.2f}"   # a mean over nothing is a dash
     print(f"\n[{len(out)} tokens in {wall:.2f} s ({len(out) / wall:.1f} tok/s); {s['calls']} verifier calls, "
-          f"tau = {s['tau']:.2f}; alpha by depth {s['alpha_by_depth']}; draft {s['draft_s']:.2f} s, "
-          f"verify {s['verify_s']:.2f} s, prefill {s['prefill_s']:.2f} s; {s['mean_tree_size']:.1f} nodes/call, "
+          f"tau = {f(s['tau'])}; alpha by depth {s['alpha_by_depth']}; draft {s['draft_s']:.2f} s, "
+          f"verify {s['verify_s']:.2f} s, prefill {s['prefill_s']:.2f} s; {f(s['mean_tree_size'])} nodes/call, "
           f"{str(target.embed_tokens.weight.dtype).removeprefix('torch.')}]")
-    print(f"[entropy (nats) accepted/rejected: draft {s['draft_entropy']['accepted']:.2f}/"
-          f"{s['draft_entropy']['rejected']:.2f}, target {s['target_entropy']['accepted']:.2f}/"
-          f"{s['target_entropy']['rejected']:.2f}]")
+    print(f"[entropy (nats) accepted/rejected: draft {f(s['draft_entropy']['accepted'])}/"
+          f"{f(s['draft_entropy']['rejected'])}, target {f(s['target_entropy']['accepted'])}/"
+          f"{f(s['target_entropy']['rejected'])}]")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 from model import ModelArgs, TapsError, Transformer, generate_plain
 from taps import (COMPOSE, DraftState, Drafter, Stats, TorchRandom, Tree, draft_tree, generate, grow_tree, main)
+from test_verify_exact import node_tokens
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -91,14 +93,6 @@ def table_expand(V, seed):
     return logp_of, expand, frontiers
 
 
-def node_path(tree, i):
-    out = []
-    while i:
-        out.append(tree.tokens[i])
-        i = tree.parents[i]
-    return tuple(out[::-1])
-
-
 @settings(max_examples=60, deadline=None)
 @given(V=st.integers(2, 12), top_k=st.integers(1, 5), depth=st.integers(1, 4), n=st.integers(1, 40), seed=st.integers(0, 999))
 def test_grow_tree_is_eagle2(V, top_k, depth, n, seed):
@@ -120,10 +114,10 @@ def test_grow_tree_is_eagle2(V, top_k, depth, n, seed):
     children = full.children()
     for i in range(1, len(full)):
         par = full.parents[i]
-        lp = logp_of(node_path(full, par))
+        lp = logp_of(node_tokens(full, par))
         assert full.logq[i] == pytest.approx(full.logq[par] + lp[full.tokens[i]].item(), abs=1e-5)
         if children[i]:
-            assert sorted(full.tokens[c] for c in children[i]) == sorted(logp_of(node_path(full, i)).topk(k).indices.tolist())
+            assert sorted(full.tokens[c] for c in children[i]) == sorted(logp_of(node_tokens(full, i)).topk(k).indices.tolist())
     # the frontier at each depth is the top-k by score of that depth's candidates
     d = full.depths()
     for level in range(1, depth + 1):
@@ -132,7 +126,7 @@ def test_grow_tree_is_eagle2(V, top_k, depth, n, seed):
         assert {full.logq[i] for i in nodes if children[i]} == {full.logq[i] for i in best}
     # the kept tree is the best `total_tokens` of the pool
     ranked = sorted(range(1, len(full)), key=lambda i: (-full.logq[i], i))[:len(small) - 1]
-    assert {node_path(full, i) for i in ranked} == {node_path(small, i) for i in range(1, len(small))}
+    assert {node_tokens(full, i) for i in ranked} == {node_tokens(small, i) for i in range(1, len(small))}
 
 
 def test_draft_tree_masks_and_positions_match_a_plain_chain_run():
@@ -151,7 +145,7 @@ def test_draft_tree_masks_and_positions_match_a_plain_chain_run():
         tree = draft_tree(state, target, 5, top_k=3, depth=3, total_tokens=20)
         assert state.cache.length == L                              # back to the prefix
         for i in range(1, len(tree)):
-            path = node_path(tree, i)
+            path = node_tokens(tree, i)
             logits, h, logq = state.logits, state.h, 0.0
             for j, x in enumerate(path):
                 logq += torch.log_softmax(logits, -1)[x].item()

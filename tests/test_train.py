@@ -203,24 +203,29 @@ def run(tmp_path, name, sets, heldout, **kw):
     return T.train(small_cfg(backbone="hass"), tiny_target(), sets, heldout, tmp_path / name, **kw)
 
 
+def run_interrupted(monkeypatch, at_step, *args):
+    """`run`, interrupted (Ctrl-C) at training step `at_step`, saving its state after every step."""
+    real_step, calls = T.train_step, []
+
+    def interrupted(*step_args):
+        calls.append(1)
+        if len(calls) == at_step:
+            raise KeyboardInterrupt
+        return real_step(*step_args)
+
+    monkeypatch.setattr(T, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(*args, save_interval=0)
+    monkeypatch.setattr(T, "train_step", real_step)
+
+
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
     target = tiny_target()
     sets = [T.build_cache(target, synthetic_examples(9, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
     heldout = {"test": T.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h", {"domain": "h"})}
     whole = run(tmp_path, "whole.safetensors", sets, heldout)
 
-    real_step, calls = T.train_step, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 7:   # mid-way through epoch 2 (5 batches per epoch)
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(T, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "cut.safetensors", sets, heldout, save_interval=0)
-    monkeypatch.setattr(T, "train_step", real_step)
+    run_interrupted(monkeypatch, 7, tmp_path, "cut.safetensors", sets, heldout)   # mid-way through epoch 2 (5 batches each)
     resumed = run(tmp_path, "cut.safetensors", sets, heldout, resume=True)
     for (k, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
@@ -237,18 +242,7 @@ def test_a_new_run_never_replaces_an_interrupted_run_or_a_drafter(tmp_path, monk
     target = tiny_target()
     sets = [T.build_cache(target, synthetic_examples(9, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
     heldout = {"test": T.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h", {"domain": "h"})}
-    real_step, calls = T.train_step, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 3:   # inside epoch 1, after two saved steps
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(T, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "d.safetensors", sets, heldout, save_interval=0)
-    monkeypatch.setattr(T, "train_step", real_step)
+    run_interrupted(monkeypatch, 3, tmp_path, "d.safetensors", sets, heldout)   # inside epoch 1, after two saved steps
     assert (tmp_path / "d.state.pt").exists() and not (tmp_path / "d.jsonl").exists()   # no empty log left
     state = (tmp_path / "d.state.pt").read_bytes()
     with pytest.raises(TapsError, match="a run is in progress at epoch 0 of 2; pass --resume to continue or --overwrite"):
