@@ -126,9 +126,9 @@ class TrainConfig:
         """Drafter passes per batch: the plain pass plus the alignment steps."""
         return 1 + self.align_steps
 
-    def corpus_sizes(self) -> dict:
+    def corpus_sizes(self, domains=None) -> dict:
         """Training conversations per domain; `mixed` reuses the math and chat caches of its size."""
-        domains = ("math", "chat") if self.domain == "mixed" else (self.domain,)
+        domains = domains or (("math", "chat") if self.domain == "mixed" else (self.domain,))
         return {d: SIZES[self.size]["n_train"][d] if self.n_train is None else self.n_train for d in domains}
 
 
@@ -208,14 +208,15 @@ def check_vocab_size(size: int, vocab_size: int, stop_ids=()):
                         f"{vocab_size} (the target's vocabulary), or 0 for the whole vocabulary")
 
 
-def draft_vocabulary(tokens: torch.Tensor, size: int, vocab_size: int, stop_ids=()) -> torch.Tensor:
-    """The `size` most frequent of `tokens` (the target's own next tokens over the training data,
-    FR-Spec / EAGLE-3 style), stop tokens always in, as sorted ids. Ties and never-seen tokens go by
-    id: byte-level BPE numbers tokens in merge order, which roughly follows corpus frequency."""
+def draft_vocabulary(tokens: list, size: int, vocab_size: int, stop_ids=()) -> torch.Tensor:
+    """The `size` most frequent target tokens (FR-Spec / EAGLE-3 style) as sorted ids, stop tokens
+    always in. tokens: one tensor per corpus (the target's own next tokens over it), each weighted
+    equally by its frequencies, so a long-winded corpus does not crowd out a terse one. Ties and
+    never-seen tokens go by id: byte-level BPE numbers tokens in merge order, roughly by frequency."""
     check_vocab_size(size, vocab_size, stop_ids)
-    counts = torch.bincount(tokens, minlength=vocab_size).double()
-    counts[list(stop_ids)] = math.inf
-    return torch.sort(-counts, stable=True).indices[:size].sort().values
+    freq = sum(torch.bincount(t, minlength=vocab_size).double() / max(len(t), 1) for t in tokens)
+    freq[list(stop_ids)] = math.inf
+    return torch.sort(-freq, stable=True).indices[:size].sort().values
 
 
 def coverage(vocab: torch.Tensor, tokens: torch.Tensor) -> float:
@@ -550,10 +551,12 @@ def refuse_to_replace(out: Path, epochs: int):
 
 
 def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out, resume=False,
-          save_interval: float = 120.0, stop_ids=(), overwrite=False) -> Drafter:
+          save_interval: float = 120.0, stop_ids=(), overwrite=False, vocab_sets=None) -> Drafter:
     """Train a drafter for `target` on `train_sets`; writes `out` (+ .jsonl log, .state.pt) each epoch.
 
-    heldout: {domain: FeatureSet} for the per-epoch agreement table. The training state is saved
+    heldout: {domain: FeatureSet} for the per-epoch agreement table. vocab_sets: the feature sets
+    whose target tokens choose the draft vocabulary (default `train_sets`; the CLI passes the math
+    and chat sets of the size, so that every drafter of a size shares one vocabulary and can be averaged). The training state is saved
     atomically every `save_interval` seconds and after each epoch; resume=True continues from it."""
     out = Path(out)
     if not (resume or overwrite):
@@ -568,7 +571,7 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
             "threads": torch.get_num_threads(), "cpu": machine(dev)["cpu"]}
     vocab, meta = None, {}
     if cfg.draft_vocab:
-        vocab = draft_vocabulary(torch.cat([fs.target_tokens() for fs in train_sets]), cfg.draft_vocab,
+        vocab = draft_vocabulary([fs.target_tokens() for fs in vocab_sets or train_sets], cfg.draft_vocab,
                                  target.args.vocab_size, stop_ids)
         meta["draft_vocab"] = {"size": cfg.draft_vocab,
                                "coverage": {d: round(coverage(vocab, fs.target_tokens()), 4) for d, fs in heldout.items()}}
@@ -682,10 +685,14 @@ def main(argv=None):
         prep = lambda d, split, n: prepare_features(target, tokenizer, d, split, n, cfg.max_len, a.data_dir, batch)
         train_sets = [prep(d, "train", n) for d, n in cfg.corpus_sizes().items()]
         heldout = {d: prep(d, "heldout", cfg.n_heldout) for d in HELDOUT_DOMAINS}
+        # one draft vocabulary per (target, size, n_train): from both domains' training sets
+        vocab_sets = ([prep(d, "train", n) for d, n in cfg.corpus_sizes(("math", "chat")).items()]
+                      if cfg.draft_vocab else None)
         t1 = time.perf_counter()
         print(f"[target + features ready in {t1 - t0:.0f} s; training {cfg.backbone} on {cfg.domain}: "
               f"{sum(fs.meta['conversations'] for fs in train_sets)} conversations, {cfg.epochs} epochs, lr {cfg.lr}]")
-        train(cfg, target, train_sets, heldout, out, a.resume, a.save_interval, tokenizer.stop_ids, a.overwrite)
+        train(cfg, target, train_sets, heldout, out, a.resume, a.save_interval, tokenizer.stop_ids, a.overwrite,
+              vocab_sets)
         print(f"[wrote {out} (log {out.with_name(out.stem + '.jsonl')}); training {time.perf_counter() - t1:.0f} s, "
               f"total {time.perf_counter() - t0:.0f} s]")
     except (TapsError, DataError) as e:

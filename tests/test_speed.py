@@ -31,13 +31,15 @@ def flat_auto(n_max=32, **kw) -> AutoTree:
 
 def test_draft_vocabulary_is_the_most_frequent_target_tokens_with_the_stop_tokens():
     tokens = torch.tensor([5, 5, 5, 9, 9, 2, 7, 7, 7, 7])
-    assert draft_vocabulary(tokens, 3, 16, stop_ids={0}).tolist() == [0, 5, 7]       # stop token first, then by count
-    assert draft_vocabulary(tokens, 5, 16, stop_ids={0}).tolist() == [0, 2, 5, 7, 9]
-    assert draft_vocabulary(tokens, 6, 16).tolist() == [0, 1, 2, 5, 7, 9]             # unseen tokens by id
+    assert draft_vocabulary([tokens], 3, 16, stop_ids={0}).tolist() == [0, 5, 7]     # stop token first, then by count
+    assert draft_vocabulary([tokens], 5, 16, stop_ids={0}).tolist() == [0, 2, 5, 7, 9]
+    assert draft_vocabulary([tokens], 6, 16).tolist() == [0, 1, 2, 5, 7, 9]           # unseen tokens by id
+    # corpora weigh by frequency, not by length: 3 of 4 tokens of a short corpus beat 4 of 10 of a long one
+    assert draft_vocabulary([tokens, torch.tensor([12, 12, 12, 3])], 2, 16).tolist() == [7, 12]
     assert coverage(torch.tensor([5, 7]), tokens) == pytest.approx(0.7)
     for size in (17, 1):
         with pytest.raises(TapsError, match="choose between 2 .the stop tokens. and 16"):
-            draft_vocabulary(tokens, size, 16, stop_ids={0, 1})
+            draft_vocabulary([tokens], size, 16, stop_ids={0, 1})
 
 
 def test_draft_head_is_the_target_head_restricted_to_the_vocabulary(tmp_path):

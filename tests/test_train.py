@@ -92,7 +92,7 @@ def test_training_with_a_draft_vocabulary_records_it(tmp_path):
     loaded = Drafter.load(tmp_path / "d.safetensors", target)
     assert torch.equal(loaded.vocab, d.vocab) and len(d.vocab) == 8 and 0 in d.vocab.tolist()
     tokens = sets[0].target_tokens()
-    assert d.vocab.tolist() == T.draft_vocabulary(tokens, 8, target.args.vocab_size, {0}).tolist()
+    assert d.vocab.tolist() == T.draft_vocabulary([tokens], 8, target.args.vocab_size, {0}).tolist()
     cov = loaded.meta["draft_vocab"]["coverage"]["test"]
     assert cov == pytest.approx(T.coverage(d.vocab, heldout["test"].target_tokens()), abs=1e-4)
 
