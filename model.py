@@ -181,11 +181,14 @@ class KVCache:
         self.v[layer][:, :, L:L + T] = v
         return self.k[layer][:, :, :L + T], self.v[layer][:, :, :L + T]
 
-    def keep(self, start: int, idx: torch.Tensor):
-        """Keep positions start + idx (in that order) at start, start+1, ...; drop everything after."""
-        idx = torch.as_tensor(idx, device=self.k[0].device) + start
-        for buf in self.k + self.v:
-            buf[:, :, start:start + len(idx)] = buf.index_select(2, idx)
+    def keep(self, start: int, idx: list[int]):
+        """Keep positions start + idx (in that order) at start, start+1, ...; drop everything after.
+        Positions already in place (a prefix idx[i] == i, e.g. the root) are not copied."""
+        moved = next((i for i, j in enumerate(idx) if i != j), len(idx))
+        if moved < len(idx):
+            src = torch.tensor(idx[moved:], device=self.k[0].device) + start
+            for buf in self.k + self.v:
+                buf[:, :, start + moved:start + len(idx)] = buf.index_select(2, src)
         self.length = start + len(idx)
 
     def truncate(self, length: int):

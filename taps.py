@@ -613,6 +613,7 @@ COMPOSE: dict[str, Callable[[list[Tree]], Tree]] = {
 
 TREES = ("auto", "study")
 AUTO_MAX_NODES = 256
+EXPLORE = 8   # plain steps between two exploring drafted calls, at first
 CALIBRATION_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
@@ -730,7 +731,7 @@ class AutoTree:
     spec_tokens: float = 0.0          # tokens and seconds of recent drafted calls (moving sums):
     spec_s: float = 0.0               # their ratio is the rate a drafted call earns
     skipped: int = 0                  # plain steps since the last drafted call
-    explore: int = 8                  # after this many plain steps, draft once more to re-measure
+    explore: int = EXPLORE            # after this many plain steps, draft once more to re-measure
 
     @classmethod
     def for_target(cls, target: Transformer, n_max: int = AUTO_MAX_NODES, **kw) -> "AutoTree":
@@ -795,9 +796,15 @@ class AutoTree:
     def speculate(self) -> bool:
         """Draft this call, or take a plain decoding step (a tree of the root alone, N = 1)? Plain, while
         recent drafted calls earned fewer tokens per second than a plain step does (1 / verify_s[1]);
-        every `explore` plain steps, draft once to measure again. So auto is never much slower than
-        plain decoding, whatever the drafter, and the choice uses past calls only: still lossless."""
-        if not self.spec_s or self.skipped >= self.explore or self.spec_tokens / self.spec_s > 1 / self.verify_s[1].item():
+        after `explore` plain steps, draft once to measure again, and wait twice as long (up to 64
+        steps) each time that still does not pay. So auto is never much slower than plain decoding,
+        whatever the drafter, and the choice uses past calls only: still lossless."""
+        pays = bool(self.spec_s) and self.spec_tokens / self.spec_s > 1 / self.verify_s[1].item()
+        if not self.spec_s or pays or self.skipped >= self.explore:
+            if self.spec_s and not pays:          # an exploring call: back off further next time
+                self.explore = min(2 * self.explore, 64)
+            elif pays:
+                self.explore = EXPLORE
             self.skipped = 0
             return True
         self.skipped += 1
@@ -997,7 +1004,7 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
         else:
             path, x, rejected = verify_tree(tree, p_at, rng)
         # keep: the accepted path's keys and values stay in the cache, the rest are dropped
-        cache.keep(L, torch.tensor(path, device=dev))
+        cache.keep(L, path)
         t2 = _clock(dev)
         if auto is not None and len(tree) > 1:
             auto.record(tree, len(path) - 1, t2 - t0)

@@ -91,7 +91,7 @@ def test_cache_keep_retains_the_accepted_path():
     mask, pos = tree_inputs(parents, 7)
     m(torch.tensor([tokens]), pos[None], mask[None], cache)
     path = [0, 1, 3, 5]                                     # root -> 41 -> 43 -> 45
-    cache.keep(7, torch.tensor(path))
+    cache.keep(7, path)
     nxt, _ = m(torch.tensor([[9]]), cache=cache)
     seq = torch.cat([prefix, torch.tensor([[tokens[i] for i in path] + [9]])], 1)
     assert cache.length == seq.shape[1]
