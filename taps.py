@@ -83,6 +83,8 @@ class TorchRandom:
         return torch.rand((), generator=self.g).item() < float(prob)  # prob 1 always, prob 0 never
 
     def categorical(self, probs) -> int:
+        if probs.max() == probs.sum():   # a point mass (greedy decoding): its token, no draw needed
+            return int(probs.argmax())
         return int(torch.multinomial(probs.detach().float().cpu(), 1, generator=self.g))
 
 
@@ -997,7 +999,8 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
         L = cache.length
         tokens = torch.tensor([tree.tokens], device=dev)
         pos = L + torch.tensor([tree.depths()], device=dev)                # position = prefix length + depth
-        _, h = target(tokens, pos, tree.mask(dev)[None], cache, head=False)      # (1, N, H)
+        mask = tree.mask(dev)[None] if len(tree) > 1 else None              # a lone root sees the prefix
+        _, h = target(tokens, pos, mask, cache, head=False)                 # (1, N, H)
         p_at = TargetHead(target, tree, h[0], temperature, top_p)
         if chain:
             path, x, rejected = verify_chain(tree.tokens, q, p_at, rng)
