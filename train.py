@@ -69,14 +69,14 @@ from torch.utils.checkpoint import checkpoint
 
 from data import DOMAINS, DataError, load_corpus
 from model import TapsError, Transformer, atomic_write, cache_dir, machine, target_identity
-from taps import Drafter
+from taps import Drafter, load_for
 
 BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + 3 context-alignment steps (eqs. 8-9)
     "eagle": dict(topk_w=0.0, align_steps=0),
     "hass": dict(topk_w=1.0, align_steps=3),
 }
 SIZES = {
-    "demo": dict(n_train={"math": 300, "chat": 150}, max_len=320, n_heldout=24, epochs=3, lr=1e-3, batch_size=2,
+    "demo": dict(n_train={"math": 2000, "chat": 600}, max_len=320, n_heldout=24, epochs=3, lr=1e-3, batch_size=2,
                  warmup=0.05),
     "full": dict(n_train={"math": None, "chat": None}, max_len=2048, n_heldout=200, epochs=20, lr=3e-5,
                  batch_size=8, warmup=0.01),
@@ -443,9 +443,11 @@ def prepare_features(target, tokenizer, domain, split, n, max_len, data_dir=None
                         f"the first {max_len} tokens; raise --max-len")
     ident = target_identity(target)
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in ident["name"]) or "unnamed"
+    # features of a bf16 (fp16) target are another cache than fp32's: they round differently
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(target.embed_tokens.weight.dtype)
     folder = (cache_root() / f"{slug}-V{ident['vocab_size']}-H{ident['dim']}"
-              / f"{domain}-{split}-n{'all' if n is None else n}-len{max_len}")
-    corpus = {"domain": domain, "split": split, "n": n, "max_len": max_len}
+              / f"{domain}-{split}-n{'all' if n is None else n}-len{max_len}{'-' + dtype if dtype else ''}")
+    corpus = {"domain": domain, "split": split, "n": n, "max_len": max_len, **({"dtype": dtype} if dtype else {})}
     return build_cache(target, examples, folder, corpus, batch_size=batch_size, desc=f"{domain} {split} features")
 
 
@@ -647,7 +649,7 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    from model import DTYPES, default_device, load_target, resolve_dtype
+    from model import DTYPES, default_device, load_target
     ap = argparse.ArgumentParser(description="Train a task-aware EAGLE or HASS drafter for the target.")
     ap.add_argument("--domain", required=True, help=f"training corpus: {', '.join(DOMAINS)}")
     ap.add_argument("--backbone", default="eagle", help=f"objective: {', '.join(BACKBONES)}")
@@ -657,7 +659,9 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
     ap.add_argument("--overwrite", action="store_true", help="start over even where <out> or <out>.state.pt exists")
     ap.add_argument("--device", default=default_device())
-    ap.add_argument("--dtype", choices=DTYPES, default=None, help="target dtype (default: fp32 on CPU, bf16 on CUDA)")
+    ap.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
+                    help="target dtype for feature extraction and the loss (default auto: bf16 on CUDA and on CPUs "
+                         "whose measured bf16 matmuls are faster, else fp32)")
     ap.add_argument("--data-dir", help="data directory (default: $TAPS_DATA or ../shared/data)")
     ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on)")
     ap.add_argument("--extract-batch", type=int, default=None, help="conversations per target call (default 1 on CPU, 8 on CUDA)")
@@ -677,7 +681,7 @@ def main(argv=None):
         out = Path(a.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
         cuda = a.device.startswith("cuda")
         t0 = time.perf_counter()
-        target, tokenizer = load_target(a.target, a.device, resolve_dtype(a.dtype, a.device))
+        target, tokenizer = load_for(a.target, a.device, a.dtype, load_target)
         check_vocab_size(cfg.draft_vocab, target.args.vocab_size, tokenizer.stop_ids)   # before any extraction
         if not (a.resume or a.overwrite):
             refuse_to_replace(out, cfg.epochs)
