@@ -333,21 +333,21 @@ SPEED_PAIRS = (("gsm8k", 0), ("mt_bench", 1))   # each specialist on its own dom
 PEER = (("HF transformers, greedy", {}), ("HF transformers, prompt lookup", {"prompt_lookup_num_tokens": 10}))
 
 
-def timed(target, fn, prompts) -> tuple[float, list]:
-    """Seconds for fn(ids) over all prompts (after one warm-up call), and the outputs."""
-    fn(prompts[0][:16])
-    t0, outs = clock(target), [fn(ids) for ids in prompts]
+def timed(target, fn, prompts, n) -> tuple[float, list]:
+    """Seconds for fn(ids, n) over all prompts (after an 8-token warm-up on the first), and the outputs."""
+    fn(prompts[0], 8)
+    t0, outs = clock(target), [fn(ids, n) for ids in prompts]
     return clock(target) - t0, outs
 
 
 def speed_rows(target, tokenizer, drafter, prompts, n, study: dict) -> list[dict]:
     """Plain decoding, the study's tree and the auto tree on the same prompts, back to back, T = 0."""
     stop = tokenizer.stop_ids
-    plain_s, plain = timed(target, lambda ids: generate_plain(target, ids, n, stop_ids=stop), prompts)
+    plain_s, plain = timed(target, lambda ids, n: generate_plain(target, ids, n, stop_ids=stop), prompts, n)
     rows = [{"config": "plain decoding", "tok_s": sum(map(len, plain)) / plain_s, "vs_plain": 1.0}]
     for name, auto in (("study tree (60/5/10)", None), ("auto tree", AutoTree.for_target(target))):
-        spec_s, outs = timed(target, lambda ids: generate(target, drafter, ids, n, stop_ids=stop, auto=auto, **study),
-                             prompts)
+        spec_s, outs = timed(target, lambda ids, n: generate(target, drafter, ids, n, stop_ids=stop, auto=auto, **study),
+                             prompts, n)
         s = combine([st for _, st in outs])
         tokens = sum(len(out) for out, _ in outs)
         rows.append({"config": name, "tok_s": tokens / spec_s, "vs_plain": tokens / spec_s * plain_s / sum(map(len, plain)),
@@ -367,16 +367,14 @@ def peer_rows(path, dtype, tokenizer, prompts, n, plain_tok_s) -> list[dict]:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
     rows = []
     for name, kw in PEER:
-        def run(ids):
+        def run(ids, n):
             x = torch.tensor([ids])
             with torch.inference_mode():
                 y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
                                    eos_token_id=sorted(tokenizer.stop_ids), pad_token_id=sorted(tokenizer.stop_ids)[0], **kw)
             return y[0, len(ids):].tolist()
-        run(prompts[0][:16])                          # warm-up
-        t0 = time.perf_counter()
-        tokens = sum(len(run(ids)) for ids in prompts)
-        tok_s = tokens / (time.perf_counter() - t0)
+        seconds, outs = timed(model.model, run, prompts, n)   # model.model: its embed_tokens tells the device
+        tok_s = sum(map(len, outs)) / seconds
         rows.append({"config": name, "tok_s": tok_s, "vs_plain": tok_s / plain_tok_s})
     return rows
 

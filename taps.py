@@ -615,7 +615,7 @@ COMPOSE: dict[str, Callable[[list[Tree]], Tree]] = {
 
 TREES = ("auto", "study")
 AUTO_MAX_NODES = 256
-EXPLORE = 8   # plain steps between two exploring drafted calls, at first
+EXPLORE, PROBE = 8, 2   # plain steps before drafting is probed again (at first), drafted calls per probe
 CALIBRATION_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
@@ -733,7 +733,9 @@ class AutoTree:
     spec_tokens: float = 0.0          # tokens and seconds of recent drafted calls (moving sums):
     spec_s: float = 0.0               # their ratio is the rate a drafted call earns
     skipped: int = 0                  # plain steps since the last drafted call
-    explore: int = EXPLORE            # after this many plain steps, draft once more to re-measure
+    explore: int = EXPLORE            # after this many plain steps, probe drafting again
+    probe: int = 0                    # drafted calls left in the current probe
+    fresh: bool = False               # the next drafted call starts a fresh rate measurement
 
     @classmethod
     def for_target(cls, target: Transformer, n_max: int = AUTO_MAX_NODES, **kw) -> "AutoTree":
@@ -798,26 +800,30 @@ class AutoTree:
     def speculate(self) -> bool:
         """Draft this call, or take a plain decoding step (a tree of the root alone, N = 1)? Plain, while
         recent drafted calls earned fewer tokens per second than a plain step does (1 / verify_s[1]);
-        after `explore` plain steps, draft once to measure again, and wait twice as long (up to 64
-        steps) each time that still does not pay. So auto is never much slower than plain decoding,
-        whatever the drafter, and the choice uses past calls only: still lossless."""
-        pays = bool(self.spec_s) and self.spec_tokens / self.spec_s > 1 / self.verify_s[1].item()
-        if not self.spec_s or pays or self.skipped >= self.explore:
-            if self.spec_s and not pays:          # an exploring call: back off further next time
-                self.explore = min(2 * self.explore, 64)
-            elif pays:
-                self.explore = EXPLORE
-            self.skipped = 0
+        after `explore` plain steps, a probe of PROBE drafted calls measures afresh, and each probe
+        that still does not pay doubles the wait (up to 64 steps). So auto is never much slower than
+        plain decoding, whatever the drafter, and the choice uses past calls only: still lossless."""
+        if not self.spec_s or self.probe:
+            self.probe = max(self.probe - 1, 0)
+            return True
+        if self.spec_tokens / self.spec_s > 1 / self.verify_s[1].item():
+            self.explore = EXPLORE
+            return True
+        if self.skipped >= self.explore:
+            self.skipped, self.probe, self.fresh = 0, PROBE - 1, True
+            self.explore = min(2 * self.explore, 64)
             return True
         self.skipped += 1
         return False
 
     def record(self, tree: Tree, accepted: int, seconds: float):
-        """After a drafted call: calibrate confidence (c) and the drafted calls' rate."""
+        """After a drafted call: calibrate confidence (c) and the drafted calls' rate (a probe starts afresh)."""
         self.predicted += sum(tree.confidence[1:])
         self.accepted += accepted
-        self.spec_tokens = 0.9 * self.spec_tokens + accepted + 1
-        self.spec_s = 0.9 * self.spec_s + seconds
+        keep = 0.0 if self.fresh else 0.9
+        self.spec_tokens = keep * self.spec_tokens + accepted + 1
+        self.spec_s = keep * self.spec_s + seconds
+        self.fresh = False
 
 
 # ----------------------------------------------------------------------------- generation

@@ -9,7 +9,9 @@
    shards under $TAPS_CACHE/features/<target>/<corpus>-<split>-n<N>-len<L>/ (default
    ~/.cache/taps). Shards appear atomically, so an interrupted extraction resumes at the first
    missing one, and every run that needs the same features reuses them. meta.json records the
-   target's identity (name, vocab, hidden size, weight fingerprint) and refuses another target.
+   target's identity (name, vocab, hidden size, weight fingerprint) and refuses another target,
+   and each shard's size and SHA-1: a truncated or overwritten shard is rebuilt before training.
+   The target runs in --dtype auto's choice; features of a bf16 target are a cache of their own.
 
 2. Objectives. For one conversation x_0..x_{n-1} with target features f_0..f_{n-1}, the drafter
    at position t reads cat(embed(x_{t+1}), f_t) and outputs f_hat_{t+1}. It is scored against the
@@ -34,20 +36,15 @@
    <out>.jsonl), and the training state <out>.state.pt (also every `save_interval` seconds);
    --resume continues from it and reproduces an uninterrupted run exactly.
 
-Sizes. demo fits `make train` in 10 minutes on a 2-core CPU; timings measured on the shared dev
-box under load from other jobs (one torch thread), SmolLM2-135M target, fp32 features at ~240 tok/s:
-  demo  300 math / 150 chat conversations (121 chat ones keep an assistant token within max_len),
-        max_len 320, 24 held-out per domain, 3 epochs, lr 1e-3, batch 2. Extraction costs more than
-        an epoch, so the demo takes few conversations and several epochs over them.
-        make train DOMAIN=math: 541 s cold (features 284 s incl. both held-out sets, training 252 s);
-        make train DOMAIN=chat: 506 s (features 208 s, training 292 s). HASS trains 4 passes per
-        batch: make train DOMAIN=math BACKBONE=hass took 922 s with cached features (over the
-        10-minute budget; pass --epochs 1 for a quick one). mixed reuses both caches (2x training).
-  full  the whole corpus (7.3k math, 16.4k chat conversations; ~1.4M and ~22M tokens at max_len
-        2048), 200 held-out, 20 epochs, lr 3e-5 (EAGLE's), batch 8. On this CPU: ~11 h of chat
-        extraction (26 GB of fp16 features) and ~10 days of EAGLE training on chat (~400 loss
-        positions/s). Estimated on one H100 for Llama-3-8B-Instruct (bf16, extraction batch 8):
-        ~30 min of chat extraction (~180 GB), a few hours per EAGLE run, ~4x that for HASS.
+Sizes (measured timings are in the README):
+  demo  2,000 math / 600 chat conversations, max_len 320, 24 held-out per domain, 3 epochs, lr 1e-3,
+        batch 2, draft vocabulary 4,096. The lr is high because the run is short; the draft
+        vocabulary makes each step ~4x cheaper than two full-vocabulary heads.
+  full  the whole corpus (7.3k math, 16.4k chat conversations), max_len 2048, 200 held-out, 20 epochs,
+        lr 3e-5 (EAGLE's), batch 8: sized for a GPU (Llama-3-8B-Instruct: bf16, extraction batch 8).
+Draft vocabulary (--draft-vocab, 0 = all tokens as in the study): the most frequent target tokens
+over both domains' training sets of the run's size (`draft_vocabulary`), so every drafter of a
+size shares it and can be averaged; p and q are then both formed over it (`draft_head`).
 """
 from __future__ import annotations
 
@@ -82,7 +79,7 @@ SIZES = {
                  batch_size=8, warmup=0.01),
 }
 HELDOUT_DOMAINS = ("math", "chat")
-DRAFT_VOCAB = 8192   # the most frequent target tokens a drafter proposes from (README: measured tau and speed per size)
+DRAFT_VOCAB = 4096   # the most frequent target tokens a drafter proposes from (README: tau and speed per size)
 
 
 @dataclass
