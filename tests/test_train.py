@@ -93,6 +93,7 @@ def test_training_with_a_draft_vocabulary_records_it(tmp_path):
     assert torch.equal(loaded.vocab, d.vocab) and len(d.vocab) == 8 and 0 in d.vocab.tolist()
     tokens = sets[0].target_tokens()
     assert d.vocab.tolist() == T.draft_vocabulary([tokens], 8, target.args.vocab_size, {0}).tolist()
+    assert loaded.meta["data"]["threads"] == torch.get_num_threads() and loaded.meta["data"]["cpu"]   # what reproduces
     cov = loaded.meta["draft_vocab"]["coverage"]["test"]
     assert cov == pytest.approx(T.coverage(d.vocab, heldout["test"].target_tokens()), abs=1e-4)
 
