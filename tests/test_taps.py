@@ -303,7 +303,10 @@ def exact_first_tokens(target, prompt, n, temperature=1.0):
 
 
 def chi_square_p(counts: Counter, expected: dict, n: int) -> float:
-    """Pearson chi-square p-value; cells with expectation < 5 are pooled into one."""
+    """Pearson chi-square p-value; cells with expectation < 5 are pooled into one. An outcome the
+    target gives probability 0 (e.g. a token top-p removed) is impossible: p-value 0."""
+    if any(c and expected.get(k, 0) == 0 for k, c in counts.items()):
+        return 0.0
     small = [k for k in expected if expected[k] * n < 5]
     cells = [([k], expected[k]) for k in expected if k not in small]
     if small:
@@ -313,9 +316,21 @@ def chi_square_p(counts: Counter, expected: dict, n: int) -> float:
     return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)).item()
 
 
+def broken_sampling(monkeypatch, **wrong):
+    """A deliberately wrong verifier: its p is processed with other sampling arguments (e.g. temperature)."""
+    import taps
+    real = taps.logits_to_probs
+    monkeypatch.setattr(taps, "logits_to_probs", lambda logits, temperature, top_p: real(
+        logits, wrong.get("temperature", temperature), wrong.get("top_p", top_p)))
+
+
 @pytest.mark.parametrize("chain", [False, True])
-def test_monte_carlo_first_tokens_match_the_target(chain):
-    """Temperature 1, V = 4: the first two (and three) generated tokens are distributed as the target's."""
+@pytest.mark.parametrize("wrong", [False, True])
+def test_monte_carlo_first_tokens_match_the_target(chain, wrong, monkeypatch):
+    """Temperature 1, V = 4: the first two (and three) generated tokens are distributed as the target's;
+    the same test rejects a verifier sampling at temperature 0.5 (its power, shown)."""
+    if wrong:
+        broken_sampling(monkeypatch, temperature=0.5)
     target = tiny(V=4, n_layers=1)
     drafter = near_oracle(target)
     prompt, n, rng = [1, 2, 3], 1500, TorchRandom(7)
@@ -327,12 +342,16 @@ def test_monte_carlo_first_tokens_match_the_target(chain):
     assert accepted > n / 4                      # the drafts matter: many tokens come from accepted drafts
     for k in (2, 3):
         p = chi_square_p(Counter(x[:k] for x in samples), exact_first_tokens(target, prompt, k), n)
-        print(f"chain={chain} first {k} tokens: chi-square p = {p:.3g}")
-        assert p > 1e-6
+        print(f"chain={chain} wrong={wrong} first {k} tokens: chi-square p = {p:.3g}")
+        assert (p < 1e-6) if wrong else (p > 1e-6)
 
 
-def test_monte_carlo_with_temperature_and_top_p():
-    """T = 0.6, top-p 0.8 go through the same processing for every draw: still the target's distribution."""
+@pytest.mark.parametrize("wrong", [False, True])
+def test_monte_carlo_with_temperature_and_top_p(wrong, monkeypatch):
+    """T = 0.6, top-p 0.8 go through the same processing for every draw: still the target's distribution;
+    the same test rejects a verifier that ignores top-p."""
+    if wrong:
+        broken_sampling(monkeypatch, top_p=1.0)
     target = tiny(V=4, n_layers=1, seed=3)
     drafter = near_oracle(target)
     prompt, n, rng = [0, 3], 1500, TorchRandom(11)
@@ -340,8 +359,8 @@ def test_monte_carlo_with_temperature_and_top_p():
                               total_tokens=5, rng=rng)[0]) for _ in range(n)]
     expected = exact_first_tokens_top_p(target, prompt, 0.6, 0.8)
     p = chi_square_p(Counter(samples), expected, n)
-    print(f"T=0.6 top-p=0.8 first 2 tokens: chi-square p = {p:.3g}")
-    assert p > 1e-6
+    print(f"T=0.6 top-p=0.8 wrong={wrong} first 2 tokens: chi-square p = {p:.3g}")
+    assert (p < 1e-6) if wrong else (p > 1e-6)
 
 
 def exact_first_tokens_top_p(target, prompt, temperature, top_p):
