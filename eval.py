@@ -69,8 +69,7 @@ import torch
 from data import BENCHMARKS, DataError, load_bench
 from model import (DTYPES, TapsError, atomic_write, default_device, generate_plain, load_target, logits_to_probs, machine,
                    resolve_dtype)
-from taps import (AUTO_MAX_NODES, COMPOSE, TREES, AutoTree, Drafter, Stats, TorchRandom, auto_dtype, average, calibrate,
-                  generate, load_for, verify_table)
+from taps import COMPOSE, TREES, AutoTree, Drafter, Stats, TorchRandom, auto_dtype, average, generate, load_for
 
 METHODS = ("single", "average", *(m for m in COMPOSE if m != "single"))
 MERGED = ("merged", "merged-dedup")
@@ -120,7 +119,7 @@ def identity(path: str, drafter: Drafter) -> dict:
     return {"path": str(path), "sha256_16": digest, **drafter.meta}
 
 
-def plan(a, drafters: list, names: list[str], idents: list[dict], shared: dict, verify_table=None) -> list[Run]:
+def plan(a, drafters: list, names: list[str], idents: list[dict], shared: dict) -> list[Run]:
     """The runs (rows) asked for: methods x temperatures, `single` once per drafter, `average` per lambda."""
     k = len(drafters)
     runs = []
@@ -145,10 +144,6 @@ def plan(a, drafters: list, names: list[str], idents: list[dict], shared: dict, 
                     name = f"{method}, equal budget ({k}x{budget})"
                     runs.append(Run(name, method, drafters, t, budget,
                                     dict(base, method=name, tree_budget=budget, equal_budget=True)))
-    if a.tree == "auto":
-        for r in runs:
-            r.auto = AutoTree(verify_table)
-            r.config.update(tree="auto", tree_budget=None)
     return runs
 
 
@@ -399,11 +394,12 @@ def speed(a, path: Path, limit: int = 3):
             items = load_bench(bench, a.limit or limit, a.data_dir)
             prompts = [tokenizer.encode_chat([{"role": "user", "content": it["turns"][0]}], add_generation_prompt=True)[0]
                        for it in items]
-            rows = speed_rows(target, tokenizer, drafters[min(k, len(drafters) - 1)], prompts, a.max_new_tokens, study)
+            k = min(k, len(drafters) - 1)             # one drafter given: it runs on both benchmarks
+            rows = speed_rows(target, tokenizer, drafters[k], prompts, a.max_new_tokens, study)
             rows += peer_rows(a.target or default_target_dir(), dtype, tokenizer, prompts, a.max_new_tokens, rows[0]["tok_s"])
             for r in rows:
                 r.update(dtype=str(dtype).removeprefix("torch."), benchmark=BENCH_NAMES[bench],
-                         drafter=Path(a.drafters[min(k, len(a.drafters) - 1)]).stem)
+                         drafter=Path(a.drafters[k]).stem)
             results += rows
             print(table(["dtype", "benchmark", "drafter", "configuration", "tok/s", "vs plain", "τ", "draft ms/call",
                          "verify ms/call", "nodes/call", "drafted calls", "greedy = plain"],
@@ -631,8 +627,11 @@ def main(argv=None):
                   "benchmarks": a.bench, "limit": a.limit, "max_new_tokens": a.max_new_tokens, "top_p": a.top_p,
                   "top_k": a.top_k, "depth": a.depth, "total_tokens": a.total_tokens, "seed": a.seed,
                   "versions": versions(), "argv": sys.argv[1:] if argv is None else list(argv)}
-        table = verify_table(calibrate(target), AUTO_MAX_NODES) if a.tree == "auto" else None
-        runs = plan(a, drafters, [Path(p).stem for p in a.drafters], idents, shared, table)
+        runs = plan(a, drafters, [Path(p).stem for p in a.drafters], idents, shared)
+        if a.tree == "auto":   # each run calibrates its drafters' confidence on its own calls
+            for r in runs:
+                r.auto = AutoTree.for_target(target)
+                r.config.update(tree_budget=None)
         check_destination([json_path(json_base, r, len(runs) > 1) for r in runs], a.force)
         t0 = time.perf_counter()
         failed = evaluate(target, tokenizer, runs, bench_items, a, json_base)

@@ -391,8 +391,8 @@ def check_drafter(drafter: Drafter, target: Transformer):
     check_vocab(drafter.vocab, b.vocab_size)
 
 
-def check_vocab(vocab, vocab_size: int, stop_ids=()):
-    """A draft vocabulary must be sorted, distinct target token ids that include the stop tokens."""
+def check_vocab(vocab, vocab_size: int):
+    """A draft vocabulary must be sorted, distinct target token ids (train.py puts the stop tokens in)."""
     if vocab is None:
         return
     v = torch.as_tensor(vocab).cpu()
@@ -400,9 +400,6 @@ def check_vocab(vocab, vocab_size: int, stop_ids=()):
         raise TapsError(f"draft vocabulary of {len(v)} tokens: choose 1..{vocab_size} (the target's vocabulary)")
     if v.min() < 0 or v.max() >= vocab_size or (len(v) > 1 and not bool((v[1:] > v[:-1]).all())):
         raise TapsError(f"draft vocabulary must be sorted, distinct token ids in [0, {vocab_size})")
-    missing = sorted(set(stop_ids) - set(v.tolist()))
-    if missing:
-        raise TapsError(f"draft vocabulary lacks the stop tokens {missing}: a drafter must be able to propose them")
 
 
 @dataclass
@@ -508,16 +505,18 @@ def average(drafters: Sequence[Drafter], lam: float) -> Drafter:
         raise TapsError(f"cannot average drafters with different draft vocabularies ({a.draft_vocab_size} and "
                         f"{b.draft_vocab_size} tokens): their heads propose different tokens; train both with the same --draft-vocab")
     sa, sb = a.state_dict(), b.state_dict()
-    sa.pop("vocab", None)
     terms = [(w, s) for w, s in ((lam, sa), (1 - lam, sb)) if w]
     state = {}
     for k in sa:
+        if k == "vocab":            # token ids, equal in both: not a weight
+            state[k] = sa[k]
+            continue
         state[k] = terms[0][0] * terms[0][1][k]
         for w, s in terms[1:]:
             state[k] = state[k] + w * s[k]
     out = Drafter(a.args, {**a.meta, "domain": "average", "lambda": lam,
                            "sources": [a.meta.get("domain"), b.meta.get("domain")]}, a.vocab)
-    out.load_state_dict({**state, **({} if a.vocab is None else {"vocab": a.vocab})})
+    out.load_state_dict(state)
     return out.to(device=a.fc.weight.device, dtype=a.fc.weight.dtype).eval()
 
 
@@ -728,7 +727,6 @@ class AutoTree:
     max_depth: int = 8
     accepted: float = 0.0             # accepted draft tokens so far (calibration numerator)
     predicted: float = 0.0            # sum of exp(logq) over the nodes verified so far
-    t0: float = 0.0                   # when this call started drafting
     steps: dict = field(default_factory=weakref.WeakKeyDictionary)   # drafter -> seconds per drafting step
     spec_tokens: float = 0.0          # tokens and seconds of recent drafted calls (moving sums):
     spec_s: float = 0.0               # their ratio is the rate a drafted call earns
@@ -763,9 +761,6 @@ class AutoTree:
             self.steps[state.drafter] = max(runs[1], 0.0) / 2
         return self.steps[state.drafter]
 
-    def start(self, dev):
-        self.t0 = _clock(dev)
-
     def best(self, logq: torch.Tensor, elapsed: float) -> tuple[int, float, float]:
         """(N, expected tokens, tokens/s) of the best tree keeping the root and the top N - 1 of `logq`."""
         conf = logq.double().exp().sort(descending=True).values[:self.n_max - 1]
@@ -774,28 +769,29 @@ class AutoTree:
         i = int(rate.argmax())
         return i + 1, expected[i].item(), rate[i].item()
 
-    def more(self, step_s: float, dev, pool_logq: torch.Tensor, frontier_logq: torch.Tensor) -> bool:
-        """grow_tree's question before each level: can one more drafting step pay for itself?"""
-        elapsed = _clock(dev) - self.t0
+    def more(self, step_s: float, dev, t0: float, pool_logq: torch.Tensor, frontier_logq: torch.Tensor) -> bool:
+        """grow_tree's question before each level (the call began drafting at t0): can one more drafting
+        step pay for itself?"""
+        elapsed = _clock(dev) - t0
         n, expected, rate = self.best(pool_logq, elapsed)
         gain = self.c * frontier_logq.double().exp().sum().item()
         return (expected + gain) / (elapsed + step_s + self.verify_s[n].item()) > rate
 
-    def size(self, tree: Tree, dev) -> Tree:
-        """The tree pruned to the best size for the time drafting has taken so far."""
-        n, _, _ = self.best(torch.tensor(tree.logq[1:]), _clock(dev) - self.t0)
+    def size(self, tree: Tree, dev, t0: float) -> Tree:
+        """The tree pruned to the best size for the time drafting has taken since t0."""
+        n, _, _ = self.best(torch.tensor(tree.logq[1:]), _clock(dev) - t0)
         return prune(tree, n)
 
     def draft(self, states: list, target: Transformer, root_token: int, compose) -> Tree:
         """Each drafter's tree grown and sized, then composed (and a composed tree sized again)."""
         dev = target.embed_tokens.weight.device
         steps = [self.step_cost(s, target, root_token) for s in states]
-        self.start(dev)
+        t0 = _clock(dev)
         trees = [tag(self.size(draft_tree(s, target, root_token, self.top_k, self.max_depth, None,
-                                          functools.partial(self.more, step, dev)), dev), i)
+                                          functools.partial(self.more, step, dev, t0)), dev, t0), i)
                  for i, (s, step) in enumerate(zip(states, steps))]
         tree = compose(trees)
-        return self.size(tree, dev) if len(trees) > 1 else tree
+        return self.size(tree, dev, t0) if len(trees) > 1 else tree
 
     def speculate(self) -> bool:
         """Draft this call, or take a plain decoding step (a tree of the root alone, N = 1)? Plain, while

@@ -152,10 +152,9 @@ def draft_head(target, drafter: Drafter):
     """The head both distributions are formed with, (..., H) -> (..., V') fp32: the target's whole head,
     or its rows of the drafter's draft vocabulary (`Drafter.head`), where p is the target's distribution
     renormalised over that vocabulary (as EAGLE-3 trains) and costs V'/V of the full head."""
-    w = target.embed_tokens.weight.dtype
-    if drafter is None or drafter.vocab is None:
+    if drafter is None:
         return lambda h: logits(target, h)
-    return lambda h: drafter.head(target, h.to(w)).float()
+    return lambda h: drafter.head(target, h.to(target.embed_tokens.weight.dtype)).float()
 
 
 def _head_sums(head, f_hat, f, k, keep):
@@ -315,14 +314,7 @@ class FeatureSet:
 
     def shard(self, i):
         """The i-th shard as a list of conversations {ids (n,), mask (n,), feats (n, H), next (n,)}."""
-        from safetensors.torch import load_file
-        path = self.folder / f"{i:05d}.safetensors"
-        try:
-            t = load_file(str(path))
-        except Exception as e:   # safetensors' own error types
-            raise TapsError(f"{path}: unreadable feature shard ({e}); delete it and rerun to rebuild it") from None
-        if not torch.isfinite(t["feats"]).all():
-            raise TapsError(f"{path}: feature shard holds non-finite values; delete it and rerun to rebuild it")
+        t = read_shard(self.folder / f"{i:05d}.safetensors")
         lengths = t.pop("lengths").tolist()
         parts = {k: v.split(lengths) for k, v in t.items()}
         return [{k: parts[k][c] for k in parts} for c in range(len(lengths))]
@@ -348,12 +340,16 @@ def file_record(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha1": digest.hexdigest()}
 
 
-def sound_shard(path: Path) -> bool:
+def read_shard(path: Path) -> dict:
+    """A shard's tensors, refused with one line if unreadable or holding non-finite features."""
     from safetensors.torch import load_file
     try:
-        return bool(torch.isfinite(load_file(str(path))["feats"]).all())
-    except Exception:
-        return False
+        t = load_file(str(path))
+    except Exception as e:   # safetensors' own error types
+        raise TapsError(f"{path}: unreadable feature shard ({e}); delete it and rerun to rebuild it") from None
+    if not torch.isfinite(t["feats"]).all():
+        raise TapsError(f"{path}: feature shard holds non-finite values; delete it and rerun to rebuild it")
+    return t
 
 
 def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard_size=32, batch_size=1,
@@ -390,9 +386,14 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
     for p in paths:                               # a shard that is not what was written is rebuilt
         if not p.exists():
             continue
-        if p.name not in shards and sound_shard(p):   # a cache from before the records: keep what loads
-            shards[p.name] = file_record(p)
-        if shards.get(p.name) != file_record(p):
+        record = file_record(p)
+        if p.name not in shards:                  # a cache from before the records: keep what loads
+            try:
+                read_shard(p)
+                shards[p.name] = record
+            except TapsError:
+                pass
+        if shards.get(p.name) != record:
             print(f"{p}: changed since it was written (truncated or overwritten?); rebuilding it", file=sys.stderr)
             p.unlink()
             shards.pop(p.name, None)
@@ -502,9 +503,8 @@ def heldout_agreement(drafter, target, fs: FeatureSet, cfg: TrainConfig) -> floa
             sel = batch["mask"][:, 2:].bool()
             with autocast(cfg, dev):
                 h = next(aligned_passes(drafter, target, batch["ids"][:, 1:-1], batch["feats"][:, :-2], 1))
-                w = target.embed_tokens.weight.dtype   # the drafter's own head: its draft vocabulary
-                pred = torch.cat([drafter.token_ids(drafter.head(target, c.to(w)).argmax(-1))
-                                  for c in h[sel].split(cfg.head_chunk)])
+                head = draft_head(target, drafter)     # the drafter's own head: its draft vocabulary
+                pred = torch.cat([drafter.token_ids(head(c).argmax(-1)) for c in h[sel].split(cfg.head_chunk)])
             correct += (pred == batch["next"][:, 1:-1][sel]).sum().item()
             total += sel.sum().item()
     return correct / total
