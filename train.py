@@ -22,10 +22,13 @@
      noise (U(-0.5, 0.5) * 0.2 * 512 / n, EAGLE's) on the input features.
    * HASS, eqs. 7-9: the EAGLE terms plus top-K distillation -sum_{x in top10(p)} p(x) log q(x)
      (p not renormalised, q the full-vocabulary softmax; weight 1.0), plus harmonized context
-     alignment: alignment steps j = 1..3 rerun the drafter with its own (detached) features from
+     alignment: alignment steps j = 1, 2 rerun the drafter with its own (detached) features from
      step j-1 as input, and `align_mask` lets position t see the target-feature keys at positions
      <= t - j and its own step-i keys at position t - j + i only -- exactly the context a depth-j
-     draft node has at inference. The loss is summed over steps 0..3, as HASS does.
+     draft node has at inference. The loss is summed over steps 0..2, as HASS does. Three passes
+     in all, as HArmonizedSS/HASS's released train/main.py runs them: its `forward_num_total` = 3
+     counts the plain pass (its loop's first pass has no drafted features), so the paper's
+     "3 alignment steps" are the plain pass plus 2 aligned ones (`align_steps`, changeable).
 
 3. Optimisation (EAGLE/HASS defaults): AdamW, betas (0.9, 0.95), gradient clipping by value 0.5,
    linear warmup then linear decay; bf16 autocast (also on CPU: 3x faster than fp32 on
@@ -40,8 +43,15 @@ Sizes (measured timings are in the README):
   demo  2,000 math / 600 chat conversations, max_len 320, 24 held-out per domain, 3 epochs, lr 1e-3,
         batch 2, draft vocabulary 4,096. The lr is high because the run is short; the draft
         vocabulary makes each step ~4x cheaper than two full-vocabulary heads.
+  cpu   the whole GSM8K train split (7,273 solutions, 685k assistant tokens) and 1,140 ShareGPT
+        conversations (about as many assistant tokens at max_len 1,024), 48 held-out per domain,
+        6 epochs, lr 1e-3, batch 2: one EAGLE drafter in about an hour on 2 cores once the features
+        are cached (`--features-only` builds them once for every drafter of the size).
   full  the whole corpus (7.3k math, 16.4k chat conversations), max_len 2048, 200 held-out, 20 epochs,
         lr 3e-5 (EAGLE's), batch 8: sized for a GPU (Llama-3-8B-Instruct: bf16, extraction batch 8).
+Domains: math, chat, and the study's RQ2 mixtures, which read the two caches of their size:
+mixed-small = the first n/2 math + n/2 chat conversations (the 35k + 35k analogue), mixed-large =
+n + n (70k + 70k). Every (size, domain) draws its batches across the shards of its sets.
 Draft vocabulary (--draft-vocab, 0 = all tokens as in the study): the most frequent target tokens
 over both domains' training sets of the run's size (`draft_vocabulary`), so every drafter of a
 size shares it and can be averaged; p and q are then both formed over it (`draft_head`).
@@ -64,21 +74,26 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data import DOMAINS, DataError, load_corpus
+from data import DataError, load_corpus
 from model import TapsError, Transformer, atomic_write, cache_dir, machine, target_identity
 from taps import Drafter, load_for
 
-BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + 3 context-alignment steps (eqs. 8-9)
+BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + context alignment (eqs. 8-9): 3 passes in all
     "eagle": dict(topk_w=0.0, align_steps=0),
-    "hass": dict(topk_w=1.0, align_steps=3),
+    "hass": dict(topk_w=1.0, align_steps=2),
 }
 SIZES = {
     "demo": dict(n_train={"math": 2000, "chat": 600}, max_len=320, n_heldout=24, epochs=3, lr=1e-3, batch_size=2,
                  warmup=0.05),
+    "cpu": dict(n_train={"math": None, "chat": 1140}, max_len=1024, n_heldout=48, epochs=6, lr=1e-3, batch_size=2,
+                warmup=0.02),
     "full": dict(n_train={"math": None, "chat": None}, max_len=2048, n_heldout=200, epochs=20, lr=3e-5,
                  batch_size=8, warmup=0.01),
 }
 HELDOUT_DOMAINS = ("math", "chat")
+# training corpora: the two domains, and the study's RQ2 mixtures of their caches at a size
+MIXES = {"mixed-small": 0.5, "mixed-large": 1.0}   # share of each domain's n: the 35k+35k and 70k+70k analogues
+TRAIN_DOMAINS = ("math", "chat", *MIXES)
 DRAFT_VOCAB = 4096   # the most frequent target tokens a drafter proposes from (README: tau and speed per size)
 
 
@@ -107,7 +122,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name, value, known in (("domain", self.domain, DOMAINS), ("backbone", self.backbone, BACKBONES),
+        for name, value, known in (("domain", self.domain, TRAIN_DOMAINS), ("backbone", self.backbone, BACKBONES),
                                    ("size", self.size, SIZES)):
             if value not in known:
                 raise TapsError(f"unknown {name} {value!r}; choose one of {', '.join(known)}")
@@ -124,8 +139,9 @@ class TrainConfig:
         return 1 + self.align_steps
 
     def corpus_sizes(self, domains=None) -> dict:
-        """Training conversations per domain; `mixed` reuses the math and chat caches of its size."""
-        domains = domains or (("math", "chat") if self.domain == "mixed" else (self.domain,))
+        """Conversations per domain in the size's feature caches (None: the whole split); a mixture
+        reads the math and chat caches of its size."""
+        domains = domains or (HELDOUT_DOMAINS if self.domain in MIXES else (self.domain,))
         return {d: SIZES[self.size]["n_train"][d] if self.n_train is None else self.n_train for d in domains}
 
 
@@ -303,31 +319,48 @@ def encode_conversations(tokenizer, convs, max_len):
 
 
 class FeatureSet:
-    """A finished cache folder: shards of conversations, loaded one shard at a time."""
+    """A finished cache folder: shards of conversations, loaded one shard at a time. `sizes` are
+    the conversations used of each shard: all of them, or fewer in a view made by `first`."""
 
-    def __init__(self, folder: Path, meta: dict):
+    def __init__(self, folder: Path, meta: dict, sizes=None):
         self.folder, self.meta = folder, meta
-        self.sizes = meta["shard_sizes"]
+        self.sizes = meta["shard_sizes"] if sizes is None else sizes
 
     def __len__(self):
         return len(self.sizes)
 
+    def path(self, i) -> Path:
+        return self.folder / f"{i:05d}.safetensors"
+
     def shard(self, i):
         """The i-th shard as a list of conversations {ids (n,), mask (n,), feats (n, H), next (n,)}."""
-        t = read_shard(self.folder / f"{i:05d}.safetensors")
+        t = read_shard(self.path(i))
         lengths = t.pop("lengths").tolist()
         parts = {k: v.split(lengths) for k, v in t.items()}
-        return [{k: parts[k][c] for k in parts} for c in range(len(lengths))]
+        return [{k: parts[k][c] for k in parts} for c in range(self.sizes[i])]
+
+    def first(self, n: int) -> "FeatureSet":
+        """A view of the first n conversations: a mixture's share of this cache (RQ2)."""
+        from safetensors import safe_open
+        sizes, tokens = [], 0
+        for i, size in enumerate(self.sizes):
+            take = min(size, n - sum(sizes))
+            if take <= 0:
+                break
+            with safe_open(str(self.path(i)), framework="pt") as f:
+                tokens += int(f.get_tensor("lengths")[:take].sum())
+            sizes.append(take)
+        return FeatureSet(self.folder, {**self.meta, "conversations": sum(sizes), "tokens": tokens}, sizes)
 
     def target_tokens(self) -> torch.Tensor:
         """The target's greedy token x_{t+2} at every loss position (next token an assistant token),
         all conversations: what a drafter trained on this set learns to propose. Reads no features."""
         from safetensors import safe_open
         out = []
-        for i in range(len(self)):
-            with safe_open(str(self.folder / f"{i:05d}.safetensors"), framework="pt") as f:
+        for i, size in enumerate(self.sizes):
+            with safe_open(str(self.path(i)), framework="pt") as f:
                 nxt, mask, lengths = f.get_tensor("next"), f.get_tensor("mask"), f.get_tensor("lengths").tolist()
-            out += [n[1:-1][m[2:].bool()] for n, m in zip(nxt.split(lengths), mask.split(lengths))]
+            out += [n[1:-1][m[2:].bool()] for n, m in list(zip(nxt.split(lengths), mask.split(lengths)))[:size]]
         return torch.cat(out).long()
 
 
@@ -353,8 +386,9 @@ def read_shard(path: Path) -> dict:
 
 
 def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard_size=32, batch_size=1,
-                desc="features") -> FeatureSet:
-    """Run the target over `examples` [(ids, mask)] and store shards in `folder` (resumable).
+                desc="features", extract=True) -> FeatureSet:
+    """Run the target over `examples` [(ids, mask)] and store shards in `folder` (resumable);
+    extract=False only reads a finished cache.
 
     Right-padded batches need no attention mask: with causal attention the valid positions never
     see the padding after them."""
@@ -366,8 +400,12 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
     meta = {"target": target_identity(target), **corpus, "conversations": len(examples),
             "tokens": sum(len(ids) for ids, _ in examples), "examples_sha1": digest,
             "shard_sizes": [len(examples[i:i + shard_size]) for i in range(0, len(examples), shard_size)]}
-    folder.mkdir(parents=True, exist_ok=True)
     meta_path = folder / "meta.json"
+    missing = lambda k: TapsError(f"{folder}: {k} of {n_shards} {desc} shards are missing; build the caches of this "
+                                  f"size first: python train.py --features-only --size <the same size>")
+    if not (extract or meta_path.exists()):
+        raise missing(n_shards)
+    folder.mkdir(parents=True, exist_ok=True)
     shards = {}                                   # file name -> {"bytes", "sha1"} of each finished shard
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
@@ -401,6 +439,8 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
     lens = [len(ids) for ids, _ in examples]
     done = sum(sum(lens[i * shard_size:(i + 1) * shard_size]) for i, p in enumerate(paths) if p.exists())
     todo = [i for i, p in enumerate(paths) if not p.exists()]
+    if todo and not extract:
+        raise missing(len(todo))
     if todo:
         t0 = time.perf_counter()
         bar = tqdm(total=meta["tokens"], initial=done, unit="tok", unit_scale=True, desc=desc, smoothing=0.1)
@@ -432,7 +472,8 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
     return FeatureSet(folder, meta)
 
 
-def prepare_features(target, tokenizer, domain, split, n, max_len, data_dir=None, batch_size=1) -> FeatureSet:
+def prepare_features(target, tokenizer, domain, split, n, max_len, data_dir=None, batch_size=1,
+                     extract=True) -> FeatureSet:
     """Corpus -> chat template -> cached target features for one domain and split."""
     convs = load_corpus(domain, n, split, data_dir=data_dir)
     examples = encode_conversations(tokenizer, convs, max_len)
@@ -446,7 +487,8 @@ def prepare_features(target, tokenizer, domain, split, n, max_len, data_dir=None
     folder = (cache_root() / f"{slug}-V{ident['vocab_size']}-H{ident['dim']}"
               / f"{domain}-{split}-n{'all' if n is None else n}-len{max_len}{'-' + dtype if dtype else ''}")
     corpus = {"domain": domain, "split": split, "n": n, "max_len": max_len, **({"dtype": dtype} if dtype else {})}
-    return build_cache(target, examples, folder, corpus, batch_size=batch_size, desc=f"{domain} {split} features")
+    return build_cache(target, examples, folder, corpus, batch_size=batch_size, desc=f"{domain} {split} features",
+                       extract=extract)
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -620,7 +662,7 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
             loss, terms = train_step(drafter, target, opt, sched, collate([convs[c] for c in idx], dev), cfg, g)
             if not math.isfinite(loss):
                 raise TapsError(f"step {epoch * per_epoch + b + 1}: loss is {loss} on a batch of "
-                                f"{train_sets[s].folder / f'{i:05d}.safetensors'}; stopped, the drafter is not saved")
+                                f"{train_sets[s].path(i)}; stopped, the drafter is not saved")
             st["loss_sum"] += loss
             st["top1_sum"] += terms["top1"]
             st["batch"] = b + 1
@@ -648,11 +690,14 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
 def main(argv=None):
     from model import DTYPES, default_device, load_target
     ap = argparse.ArgumentParser(description="Train a task-aware EAGLE or HASS drafter for the target.")
-    ap.add_argument("--domain", required=True, help=f"training corpus: {', '.join(DOMAINS)}")
+    ap.add_argument("--domain", help=f"training corpus: {', '.join(TRAIN_DOMAINS)} (mixtures read the caches of "
+                                     f"both domains at the size)")
     ap.add_argument("--backbone", default="eagle", help=f"objective: {', '.join(BACKBONES)}")
     ap.add_argument("--size", default="demo", help=f"configuration: {', '.join(SIZES)}")
     ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default target)")
     ap.add_argument("--out", help="drafter checkpoint (default: checkpoints/<backbone>-<domain>.safetensors)")
+    ap.add_argument("--features-only", action="store_true",
+                    help="build the size's feature caches (both domains, train and held-out) and stop")
     ap.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
     ap.add_argument("--overwrite", action="store_true", help="start over even where <out> or <out>.state.pt exists")
     ap.add_argument("--device", default=default_device())
@@ -673,22 +718,32 @@ def main(argv=None):
     try:
         overrides = {k: getattr(a, k) for k in ("epochs", "lr", "n_train", "max_len", "n_heldout", "batch_size", "seed")
                      if getattr(a, k) is not None}
-        cfg = TrainConfig(domain=a.domain, backbone=a.backbone, size=a.size, amp=a.amp, draft_vocab=a.draft_vocab,
+        if not (a.domain or a.features_only):
+            raise TapsError("--domain is required (or --features-only)")
+        cfg = TrainConfig(domain=a.domain or "math", backbone=a.backbone, size=a.size, amp=a.amp, draft_vocab=a.draft_vocab,
                           **overrides)
         out = Path(a.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
         cuda = a.device.startswith("cuda")
         t0 = time.perf_counter()
         target, tokenizer = load_for(a.target, a.device, a.dtype, load_target)
         check_vocab_size(cfg.draft_vocab, target.args.vocab_size, tokenizer.stop_ids)   # before any extraction
-        if not (a.resume or a.overwrite):
+        if not (a.resume or a.overwrite or a.features_only):
             refuse_to_replace(out, cfg.epochs)
         batch = a.extract_batch or (8 if cuda else 1)
-        prep = lambda d, split, n: prepare_features(target, tokenizer, d, split, n, cfg.max_len, a.data_dir, batch)
-        train_sets = [prep(d, "train", n) for d, n in cfg.corpus_sizes().items()]
+        mixture = cfg.domain in MIXES and not a.features_only
+        prep = lambda d, split, n: prepare_features(target, tokenizer, d, split, n, cfg.max_len, a.data_dir, batch,
+                                                    extract=not mixture)
         heldout = {d: prep(d, "heldout", cfg.n_heldout) for d in HELDOUT_DOMAINS}
-        # one draft vocabulary per (target, size, n_train): from both domains' training sets
-        vocab_sets = ([prep(d, "train", n) for d, n in cfg.corpus_sizes(("math", "chat")).items()]
-                      if cfg.draft_vocab else None)
+        # one draft vocabulary per (target, size, n_train), from both domains' training sets: every
+        # drafter of a size proposes from the same tokens and can be averaged
+        need = HELDOUT_DOMAINS if cfg.draft_vocab or cfg.domain in MIXES or a.features_only else (cfg.domain,)
+        sets = {d: prep(d, "train", n) for d, n in cfg.corpus_sizes(need).items()}
+        if a.features_only:
+            print(f"[feature caches of size {cfg.size} ready in {time.perf_counter() - t0:.0f} s]")
+            return
+        train_sets = ([fs.first(round(MIXES[cfg.domain] * fs.meta["conversations"])) for fs in sets.values()]
+                      if mixture else [sets[cfg.domain]])
+        vocab_sets = list(sets.values()) if cfg.draft_vocab else None
         t1 = time.perf_counter()
         print(f"[target + features ready in {t1 - t0:.0f} s; training {cfg.backbone} on {cfg.domain}: "
               f"{sum(fs.meta['conversations'] for fs in train_sets)} conversations, {cfg.epochs} epochs, lr {cfg.lr}]")

