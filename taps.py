@@ -113,16 +113,20 @@ def verify_tree(tree: "Tree", p_at: Callable[[int], object], rng: RandomSource):
     assignment, .sum() and division works (torch tensors, numpy arrays of Fractions).
     Every child is a deterministic proposal, i.e. a draft distribution that is a point mass, so
     min(1, p/q) = r(s) and the residual max(0, r - q) is r with r(s) set to 0. A duplicate
-    sibling therefore finds r(s) = 0 and is never accepted.
+    sibling (two drafters' trees merged) would find r(s) = 0 and can never be accepted: it is
+    skipped, as EAGLE does, so it is neither a draw nor a rejected token in the statistics.
     Returns (path, x, rejected): accepted node ids from the root (path[0] == 0), the token the
     verifier emits after them (correction, or bonus at a leaf), the children tried and rejected.
     """
     children = tree.children()
     path, rejected = [0], []
     while True:
-        r = p_at(path[-1])
+        r, tried = p_at(path[-1]), set()
         for s in children[path[-1]]:
             x = tree.tokens[s]
+            if x in tried:
+                continue
+            tried.add(x)
             if rng.bernoulli(r[x]):
                 path.append(s)
                 break
@@ -845,17 +849,23 @@ class Stats:
     def calls(self) -> int:
         return len(self.accepted)
 
-    def record(self, tree: Tree, path: list[int], rejected: list[int], logits: dict, draft_s: float, verify_s: float):
+    def record(self, tree: Tree, path: list[int], rejected: list[int], logits: dict, emitted: int,
+               draft_s: float, verify_s: float):
         """One verifier call: accepted path (node ids from the root), rejected children, the target logits
-        computed at visited nodes (the entropies of Tables 7-8 are those of p at each judged node's parent)."""
+        computed at visited nodes (the entropies of Tables 7-8 are those of p at each judged node's parent),
+        and how many of the call's tokens were emitted (a stop token or the budget may end it early)."""
         self.accepted.append(len(path) - 1)
         self.tree_size.append(len(tree))
         origins = set(tree.origin[1:])
-        self.routed.append(origins.pop() if len(origins) == 1 else -1)
+        # one drafter's tree, else -1: a merged tree (also one whose every node several drafters drafted)
+        self.routed.append(origins.pop() if len(origins) == 1 and min(origins) >= 0 else -1)
         self.accepted_from.append(tree.origin[path[1]] if len(path) > 1 and tree.origin else -1)
         self.leaf.append(path[-1] not in tree.parents)
         self.draft_time += draft_s
         self.verify_time += verify_s
+        # the entropy lists keep the judgements whose token was emitted: children of path[j], j < emitted
+        parents = set(path[:emitted])
+        path, rejected = path[:1 + emitted], [s for s in rejected if tree.parents[s] in parents]
         judged = path[1:] + rejected
         if judged:
             h_target = entropy(torch.log_softmax(torch.stack([logits[tree.parents[i]] for i in judged]), -1)).tolist()
@@ -916,13 +926,13 @@ class TargetHead:
         return logits_to_probs(self.logits[i], self.temperature, self.top_p)
 
 
-def _emit(out: list[int], new: list[int], max_new_tokens: int, stop_ids) -> bool:
-    """Append tokens until a stop token (kept) or the budget; True when generation is over."""
-    for x in new:
+def _emit(out: list[int], new: list[int], max_new_tokens: int, stop_ids) -> tuple[int, bool]:
+    """Append tokens until a stop token (kept) or the budget: (tokens appended, generation over)."""
+    for n, x in enumerate(new, 1):
         out.append(x)
         if x in stop_ids or len(out) >= max_new_tokens:
-            return True
-    return False
+            return n, True
+    return len(new), False
 
 
 def _clock(device) -> float:
@@ -976,7 +986,7 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
     logits, f = target(prompt[None], cache=cache, last_only=True)      # (1, 1, V), (1, n, H)
     x = rng.categorical(logits_to_probs(logits[0, -1], temperature, top_p))
     out: list[int] = []
-    done = _emit(out, [x], max_new_tokens, stop_ids)
+    _, done = _emit(out, [x], max_new_tokens, stop_ids)
     states = [DraftState(d, d.new_cache(max_len + depth * top_k)) for d in drafters]
     for s in states:   # pairs (x_{t+1}, f_t) over the prompt, ending with the token just sampled
         s.extend(target, torch.cat([prompt[1:], prompt.new_tensor([x])]), f[0])
@@ -1013,10 +1023,10 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
         t2 = _clock(dev)
         if auto is not None and len(tree) > 1:
             auto.record(tree, len(path) - 1, t2 - t0)
-        stats.record(tree, path, rejected, p_at.logits, t1 - t0, t2 - t1)
         # emit the accepted tokens and the verifier's own; extend the drafters with them
         new = [tree.tokens[i] for i in path[1:]] + [x]
-        done = _emit(out, new, max_new_tokens, stop_ids)
+        emitted, done = _emit(out, new, max_new_tokens, stop_ids)
+        stats.record(tree, path, rejected, p_at.logits, emitted, t1 - t0, t2 - t1)
         for s in states:   # drafters see the accepted tokens with the target's features at their parents
             s.extend(target, torch.tensor(new, device=dev), h[0, path])
     stats.new_tokens = len(out) - 1

@@ -125,6 +125,36 @@ def test_dedup_merge_at_temperature_0_accepts_the_longest_matching_path(seed, k,
     assert plain == best[:len(plain)]
 
 
+def test_a_duplicate_sibling_is_skipped_not_rejected():
+    """Two drafters proposing the same token under one parent: the second copy has r(s) = 0 after the
+    first is rejected; verification skips it (no draw), so it is not a rejected token in the statistics."""
+    a, b = small_trees()                       # both propose 5 under the root
+    m = merge([a, b])
+
+    class Rejecting:                           # rejects every proposal, then takes the most likely token
+        draws = 0
+
+        def bernoulli(self, p):
+            self.draws += 1
+            return False
+
+        def categorical(self, r):
+            return int(r.argmax())
+
+    rng = Rejecting()
+    path, x, rejected = verify_tree(m, lambda i: torch.full((12,), 1 / 12), rng)
+    tokens = [m.tokens[i] for i in rejected]
+    assert path == [0] and sorted(tokens) == [5, 8, 9] and rng.draws == 3
+
+
+def test_dedup_of_identical_trees_is_a_merged_call():
+    a, _ = small_trees()
+    s = Stats()
+    s.record(merge([a, tag(Tree(list(a.tokens), list(a.parents), list(a.logq), list(a.entropy)), 1)], dedup=True),
+             [0], [], {}, 1, 0.0, 0.0)
+    assert s.routed == [-1]
+
+
 def test_merge_needs_a_shared_root():
     a, b = small_trees()
     b.tokens[0] = 99

@@ -239,7 +239,7 @@ class Reject:
 
 def test_a_residual_that_rounds_to_zero_falls_back_safely():
     # float rounding left r(x) just below 1 and nothing elsewhere: a rejection (probability ~1e-7) must not NaN
-    tree = Tree([0, 1, 1], [-1, 0, 0], [0.0, -0.1, -0.2], [math.nan] * 3)
+    tree = Tree([0, 1, 2], [-1, 0, 0], [0.0, -0.1, -0.2], [math.nan] * 3)
     p = torch.tensor([0.0, 1.0, 0.0])
     path, x, rejected = verify_tree(tree, lambda i: p.clone(), Reject())
     assert (path, x, rejected) == ([0], 1, [1, 2])

@@ -231,6 +231,20 @@ def test_tau_definition_by_hand():
     assert Stats(accepted=[6, 6, 6], leaf=[True] * 3).acceptance_by_depth() == [1.0] * 6
 
 
+def test_entropies_count_only_judgements_whose_token_was_emitted():
+    """A stop token (or the budget) can end a call inside its accepted path: judgements below it never
+    produced an emitted token and stay out of Tables 7-8's lists (the call itself still counts)."""
+    #  0 -> 1 (x=5) -> 2 (x=6);  1 -> 3 (x=7) rejected;  0 -> 4 (x=8) rejected
+    tree = Tree([4, 5, 6, 7, 8], [-1, 0, 1, 1, 0], [0, -1, -2, -3, -4], [math.nan, 0.1, 0.2, 0.3, 0.4])
+    logits = {0: torch.zeros(3), 1: torch.tensor([0.0, 9.0, 9.0])}   # entropies log 3 and about log 2
+    for emitted, accepted, rejected in ((1, [0.1], [0.4]), (2, [0.1, 0.2], [0.4, 0.3]), (3, [0.1, 0.2], [0.4, 0.3])):
+        s = Stats()
+        s.record(tree, [0, 1, 2], [4, 3], logits, emitted, 0.0, 0.0)
+        assert s.accepted == [2] and s.draft_entropy_accepted == accepted and s.draft_entropy_rejected == rejected
+        assert len(s.target_entropy_accepted) == len(accepted) and len(s.target_entropy_rejected) == len(rejected)
+        assert s.target_entropy_accepted[0] == pytest.approx(math.log(3))
+
+
 def test_tau_on_a_one_token_vocabulary():
     """V = 1: every draft is right. top_k 1, depth 2 -> a 3-node chain, all accepted + 1 bonus per call."""
     target = tiny(V=1)
