@@ -67,13 +67,23 @@ from typing import Optional
 import torch
 
 from data import BENCHMARKS, DataError, load_bench
-from model import (DTYPES, TapsError, atomic_write, default_device, generate_plain, load_target, logits_to_probs, machine,
-                   resolve_dtype)
+from model import (DTYPES, TapsError, atomic_write, clock, default_device, generate_plain, load_target, logits_to_probs,
+                   machine, mean, one_line_errors, resolve_dtype)
 from taps import COMPOSE, TREES, AutoTree, Drafter, Stats, TorchRandom, auto_dtype, average, generate, load_for
 
 METHODS = ("single", "average", *(m for m in COMPOSE if m != "single"))
 MERGED = ("merged", "merged-dedup")
 BENCH_NAMES = {"mt_bench": "MT-Bench", "gsm8k": "GSM8K", "math_500": "MATH-500", "svamp": "SVAMP"}
+
+
+@dataclass
+class Decoding:
+    """What every run of an evaluation shares: the new-token budget, sampling and the study tree's shape."""
+    max_new_tokens: int = 128
+    top_p: float = 1.0
+    top_k: int = 10                    # study tree: children per node and frontier width
+    depth: int = 5                     # study tree: drafting steps
+    seed: int = 0
 
 
 @dataclass
@@ -119,28 +129,30 @@ def identity(path: str, drafter: Drafter) -> dict:
     return {"path": str(path), "sha256_16": digest, **drafter.meta}
 
 
-def plan(a, drafters: list, names: list[str], idents: list[dict], shared: dict) -> list[Run]:
-    """The runs (rows) asked for: methods x temperatures, `single` once per drafter, `average` per lambda."""
+def plan(methods: list[str], temperatures: list[float], drafters: list, names: list[str], idents: list[dict],
+         shared: dict, total_tokens: int = 60, lams=(0.5,), equal_budget: bool = False) -> list[Run]:
+    """The runs (rows) asked for: methods x temperatures, `single` once per drafter, `average` once per
+    lambda in `lams`, each merged kind also at total_tokens // k nodes per tree with `equal_budget`."""
     k = len(drafters)
     runs = []
-    for t in a.temperature:
-        for method in a.compose:
+    for t in temperatures:
+        for method in methods:
             if method != "single" and k < 2:
                 raise TapsError(f"compose {method!r} takes two or more drafters, got {k}")
-            base = dict(shared, compose=method, temperature=t, tree_budget=a.total_tokens, equal_budget=False,
+            base = dict(shared, compose=method, temperature=t, tree_budget=total_tokens, equal_budget=False,
                         drafters=idents, **{"lambda": None})
             if method == "single":
                 for name, d, ident in zip(names, drafters, idents):
-                    runs.append(Run(name, "single", [d], t, a.total_tokens, dict(base, method=name, drafters=[ident])))
+                    runs.append(Run(name, "single", [d], t, total_tokens, dict(base, method=name, drafters=[ident])))
             elif method == "average":
-                for lam in a.lam_sweep or [a.lam]:
+                for lam in lams:
                     name = f"average λ={lam:g}"
-                    runs.append(Run(name, "single", [average(drafters, lam)], t, a.total_tokens,
+                    runs.append(Run(name, "single", [average(drafters, lam)], t, total_tokens,
                                     dict(base, method=name, **{"lambda": lam})))
             else:
-                runs.append(Run(method, method, drafters, t, a.total_tokens, dict(base, method=method)))
-                if method in MERGED and a.equal_budget:
-                    budget = a.total_tokens // k
+                runs.append(Run(method, method, drafters, t, total_tokens, dict(base, method=method)))
+                if method in MERGED and equal_budget:
+                    budget = total_tokens // k
                     name = f"{method}, equal budget ({k}x{budget})"
                     runs.append(Run(name, method, drafters, t, budget,
                                     dict(base, method=name, tree_budget=budget, equal_budget=True)))
@@ -158,31 +170,27 @@ class PlainClock:
     def __call__(self, ids, n, temperature, top_p=1.0):
         key = (tuple(ids), n, temperature, top_p)
         if key not in self.memo:
-            g = torch.Generator(device=self.target.embed_tokens.weight.device).manual_seed(self.seed)
-            t0 = clock(self.target)
+            dev = self.target.embed_tokens.weight.device
+            g = torch.Generator(device=dev).manual_seed(self.seed)
+            t0 = clock(dev)
             out = generate_plain(self.target, ids, n, temperature, top_p, generator=g)   # no stop ids: exactly n tokens
-            self.memo[key] = (clock(self.target) - t0, out)
+            self.memo[key] = (clock(dev) - t0, out)
         return self.memo[key]
 
 
-def clock(target) -> float:
-    if target.embed_tokens.weight.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def run_item(target, tokenizer, run: Run, item: dict, a, seed: int, plain: PlainClock) -> list[tuple[dict, Stats]]:
+def run_item(target, tokenizer, run: Run, item: dict, dec: Decoding, seed: int, plain: PlainClock) -> list[tuple[dict, Stats]]:
     """All turns of one benchmark item: speculative decoding, then plain decoding of the same length."""
+    dev = target.embed_tokens.weight.device
     messages, turns = [], []
     for turn, question in enumerate(item["turns"]):
         messages.append({"role": "user", "content": question})
         ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
-        t0 = clock(target)
-        out, stats = generate(target, run.drafters, ids, a.max_new_tokens, run.temperature, a.top_p, a.top_k, a.depth,
-                              run.budget, run.compose, stop_ids=tokenizer.stop_ids, rng=TorchRandom(seed + turn),
-                              auto=run.auto)
-        spec_s = clock(target) - t0
-        plain_s, ref = plain(ids, len(out), run.temperature, a.top_p)
+        t0 = clock(dev)
+        out, stats = generate(target, run.drafters, ids, dec.max_new_tokens, run.temperature, dec.top_p, dec.top_k,
+                              dec.depth, run.budget, run.compose, stop_ids=tokenizer.stop_ids,
+                              rng=TorchRandom(seed + turn), auto=run.auto)
+        spec_s = clock(dev) - t0
+        plain_s, ref = plain(ids, len(out), run.temperature, dec.top_p)
         record = {"question_id": item["question_id"], "turn": turn + 1, "new_tokens": stats.new_tokens,
                   "calls": stats.calls, "tau": stats.tau, "spec_s": spec_s, "plain_s": plain_s,
                   "match": out == ref if run.temperature == 0 else None}
@@ -228,7 +236,7 @@ def bench_results(items: list[list[tuple[dict, Stats]]], k: int) -> dict:
     matches = [r["match"] for r in records if r["match"] is not None]
     return {
         "tau": summary["tau"], "speedup": plain_s / spec_s,
-        "greedy_match": sum(matches) / len(matches) if matches else None,
+        "greedy_match": mean(matches, None),
         "alpha_by_depth": summary["alpha_by_depth"],
         "entropy": {"draft": summary["draft_entropy"], "target": summary["target_entropy"]},
         # routing: the drafter whose tree was verified (-1 = a merged tree), per call and by prompt majority
@@ -246,10 +254,8 @@ def bench_results(items: list[list[tuple[dict, Stats]]], k: int) -> dict:
 
 def averages(results: dict) -> dict:
     benches = [b for b in results if b != "average"]
-    def mean(key):
-        xs = [results[b][key] for b in benches if results[b][key] is not None]
-        return sum(xs) / len(xs) if xs else None
-    return {"tau": mean("tau"), "speedup": mean("speedup")}
+    over = lambda key: mean([results[b][key] for b in benches if results[b][key] is not None], None)
+    return {"tau": over("tau"), "speedup": over("speedup")}
 
 
 def finite(x):
@@ -295,21 +301,21 @@ def write_json(path: Path, run: Run):
     atomic_write(path, lambda p: p.write_text(json.dumps(as_dict(run), indent=1, ensure_ascii=False) + "\n"))
 
 
-def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, a, json_base: Path) -> set:
+def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, dec: Decoding, json_base: Path) -> set:
     """Every benchmark, every item, every run side by side; results land in run.results and the JSON
     files. Returns the runs (slugs) whose JSON could not be written."""
     from tqdm import tqdm
-    plain = PlainClock(target, a.seed)
+    plain = PlainClock(target, dec.seed)
     warm = tokenizer.encode_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=True)[0]
     generate_plain(target, warm, 4)                                    # first-call overheads out of the timings
-    generate(target, runs[0].drafters, warm, 4, top_k=a.top_k, depth=a.depth, total_tokens=runs[0].budget,
+    generate(target, runs[0].drafters, warm, 4, top_k=dec.top_k, depth=dec.depth, total_tokens=runs[0].budget,
              compose=runs[0].compose)
     k, failed = max(len(r.drafters) for r in runs), set()
     for bench, items in bench_items.items():
         per_run = {id(r): [] for r in runs}
         for i, item in enumerate(tqdm(items, desc=bench, unit="prompt", file=sys.stderr)):
             for r in runs:
-                per_run[id(r)].append(run_item(target, tokenizer, r, item, a, a.seed * 1_000_003 + 1000 * i, plain))
+                per_run[id(r)].append(run_item(target, tokenizer, r, item, dec, dec.seed * 1_000_003 + 1000 * i, plain))
         for r in runs:
             r.results[bench] = bench_results(per_run[id(r)], k)
             r.results["average"] = averages(r.results)
@@ -330,9 +336,10 @@ PEER = (("HF transformers, greedy", {}), ("HF transformers, prompt lookup", {"pr
 
 def timed(target, fn, prompts, n) -> tuple[float, list]:
     """Seconds for fn(ids, n) over all prompts (after an 8-token warm-up on the first), and the outputs."""
+    dev = target.embed_tokens.weight.device
     fn(prompts[0], 8)
-    t0, outs = clock(target), [fn(ids, n) for ids in prompts]
-    return clock(target) - t0, outs
+    t0, outs = clock(dev), [fn(ids, n) for ids in prompts]
+    return clock(dev) - t0, outs
 
 
 def speed_rows(target, tokenizer, drafter, prompts, n, study: dict) -> list[dict]:
@@ -374,32 +381,33 @@ def peer_rows(path, dtype, tokenizer, prompts, n, plain_tok_s) -> list[dict]:
     return rows
 
 
-def speed(a, path: Path, limit: int = 3):
+def speed(drafter_paths: list, path: Path, dec: Decoding, total_tokens: int = 60, target_path=None, device="cpu",
+          limit: int = 3, data_dir=None):
     """`make bench`: one table of tok/s per dtype and configuration, each ratio against plain decoding
     in the same dtype and process; then HF transformers (the peer) on the same prompts."""
     from model import default_target_dir
-    m = machine(a.device)
+    m = machine(device)
     print(f"# {m['cpu']} ({', '.join(m['flags']) or 'no AVX2'}), {m['threads']} threads, torch {m['torch']}"
-          f"{', ' + m['gpu'] if m['gpu'] else ''}; T = 0, first {a.limit or limit} prompts, up to {a.max_new_tokens} new tokens\n")
-    target, tokenizer = load_target(a.target, a.device, resolve_dtype(None, a.device))
+          f"{', ' + m['gpu'] if m['gpu'] else ''}; T = 0, first {limit} prompts, up to {dec.max_new_tokens} new tokens\n")
+    target, tokenizer = load_target(target_path, device, resolve_dtype(None, device))
     dtypes = [target.embed_tokens.weight.dtype]
-    if a.device.startswith("cpu") and auto_dtype(target) == torch.bfloat16:
+    if device.startswith("cpu") and auto_dtype(target) == torch.bfloat16:
         dtypes.append(torch.bfloat16)                 # fp32, and bf16 where it pays on this CPU
-    study = dict(top_k=a.top_k, depth=a.depth, total_tokens=a.total_tokens)
+    study = dict(top_k=dec.top_k, depth=dec.depth, total_tokens=total_tokens)
     results = []
     for dtype in dtypes:
         target = target.to(dtype)
-        drafters = [Drafter.load(p, target) for p in a.drafters]
+        drafters = [Drafter.load(p, target) for p in drafter_paths]
         for bench, k in SPEED_PAIRS:
-            items = load_bench(bench, a.limit or limit, a.data_dir)
+            items = load_bench(bench, limit, data_dir)
             prompts = [tokenizer.encode_chat([{"role": "user", "content": it["turns"][0]}], add_generation_prompt=True)[0]
                        for it in items]
             k = min(k, len(drafters) - 1)             # one drafter given: it runs on both benchmarks
-            rows = speed_rows(target, tokenizer, drafters[k], prompts, a.max_new_tokens, study)
-            rows += peer_rows(a.target or default_target_dir(), dtype, tokenizer, prompts, a.max_new_tokens, rows[0]["tok_s"])
+            rows = speed_rows(target, tokenizer, drafters[k], prompts, dec.max_new_tokens, study)
+            rows += peer_rows(target_path or default_target_dir(), dtype, tokenizer, prompts, dec.max_new_tokens, rows[0]["tok_s"])
             for r in rows:
                 r.update(dtype=str(dtype).removeprefix("torch."), benchmark=BENCH_NAMES[bench],
-                         drafter=Path(a.drafters[k]).stem)
+                         drafter=Path(drafter_paths[k]).stem)
             results += rows
             print(table(["dtype", "benchmark", "drafter", "configuration", "tok/s", "vs plain", "τ", "draft ms/call",
                          "verify ms/call", "nodes/call", "drafted calls", "greedy = plain"],
@@ -472,7 +480,7 @@ def tables(runs: list[dict]) -> str:
             rows.append([method(r)]
                         + [f"{fmt(get(r, b, 'tau'))} ({fmt(get(r, b, 'speedup'))}×)" for b in benches]
                         + [f"{fmt(get(r, 'average', 'tau'))} ({fmt(get(r, 'average', 'speedup'))}×)",
-                           fmt(sum(sizes) / len(sizes) if sizes else None, ".0f")]
+                           fmt(mean(sizes, None), ".0f")]
                         + ([f"{sum(matches)}/{len(matches)}{parted}"] if t == 0 else []))
         out.append(f"### Table 1 (T = {t:g}): acceptance length τ (speedup over plain decoding)\n\n"
                    + table(["method"] + names + ["average", "nodes/call"] + (["greedy = plain"] if t == 0 else []), rows))
@@ -565,11 +573,11 @@ def parse_args(argv=None):
                     help="the speed benchmark (make bench): plain vs study vs auto trees per dtype, and HF transformers")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (default: torch's; 1 is fastest on a CPU shared with other jobs)")
-    a = ap.parse_args(argv)
-    unknown = [m for m in a.compose if m not in METHODS]
+    args = ap.parse_args(argv)
+    unknown = [m for m in args.compose if m not in METHODS]
     if unknown:
         ap.error(f"unknown --compose {', '.join(unknown)} (choose from {', '.join(METHODS)})")
-    return a
+    return args
 
 
 def report(paths: list[Path]) -> str:
@@ -601,47 +609,46 @@ def report(paths: list[Path]) -> str:
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    runs = []
-    try:
-        if a.report:
-            print(report(a.report))
+    args = parse_args(argv)
+    dec = Decoding(args.max_new_tokens, args.top_p, args.top_k, args.depth, args.seed)
+    with one_line_errors(DataError, interrupted="nothing was evaluated yet"):
+        if args.report:
+            print(report(args.report))
             return
-        if a.threads:
-            torch.set_num_threads(a.threads)
-        if a.limit is not None and a.limit < 1:
-            raise TapsError(f"--limit must be >= 1, got {a.limit}")
-        for t in a.temperature:   # sampling arguments, validated as taps.generate does, before any work
-            logits_to_probs(torch.zeros(1), t, a.top_p)
-        bench_items = {b: load_bench(b, a.limit, a.data_dir) for b in a.bench}   # unknown names fail before loading models
-        json_base = a.json or Path("runs") / time.strftime(("bench" if a.speed else "eval") + "-%Y%m%d-%H%M%S.json")
-        check_destination([json_base], a.force)                     # before any model is loaded
-        if a.speed:
-            return speed(a, json_base)
-        target, tokenizer = load_for(a.target, a.device, a.dtype, load_target)
-        dtype = target.embed_tokens.weight.dtype
-        drafters = [Drafter.load(p, target) for p in a.drafters]
-        idents = [identity(p, d) for p, d in zip(a.drafters, drafters)]
-        shared = {"target": target.args.name, "target_path": a.target, "device": a.device, "dtype": str(dtype),
-                  "tree": a.tree, "machine": machine(a.device),
-                  "benchmarks": a.bench, "limit": a.limit, "max_new_tokens": a.max_new_tokens, "top_p": a.top_p,
-                  "top_k": a.top_k, "depth": a.depth, "total_tokens": a.total_tokens, "seed": a.seed,
-                  "versions": versions(), "argv": sys.argv[1:] if argv is None else list(argv)}
-        runs = plan(a, drafters, [Path(p).stem for p in a.drafters], idents, shared)
-        if a.tree == "auto":   # each run calibrates its drafters' confidence on its own calls
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.limit is not None and args.limit < 1:
+            raise TapsError(f"--limit must be >= 1, got {args.limit}")
+        for t in args.temperature:   # sampling arguments, validated as taps.generate does, before any work
+            logits_to_probs(torch.zeros(1), t, args.top_p)
+        bench_items = {b: load_bench(b, args.limit, args.data_dir) for b in args.bench}   # unknown names fail early
+        json_base = args.json or Path("runs") / time.strftime(("bench" if args.speed else "eval") + "-%Y%m%d-%H%M%S.json")
+        check_destination([json_base], args.force)                     # before any model is loaded
+        if args.speed:
+            return speed(args.drafters, json_base, dec, args.total_tokens, args.target, args.device, args.limit or 3,
+                         args.data_dir)
+        target, tokenizer = load_for(args.target, args.device, args.dtype, load_target)
+        drafters = [Drafter.load(p, target) for p in args.drafters]
+        idents = [identity(p, d) for p, d in zip(args.drafters, drafters)]
+        shared = {"target": target.args.name, "target_path": args.target, "device": args.device,
+                  "dtype": str(target.embed_tokens.weight.dtype), "tree": args.tree, "machine": machine(args.device),
+                  "benchmarks": args.bench, "limit": args.limit, **dataclasses.asdict(dec),
+                  "total_tokens": args.total_tokens, "versions": versions(),
+                  "argv": sys.argv[1:] if argv is None else list(argv)}
+        runs = plan(args.compose, args.temperature, drafters, [Path(p).stem for p in args.drafters], idents, shared,
+                    args.total_tokens, args.lam_sweep or [args.lam], args.equal_budget)
+        if args.tree == "auto":   # each run calibrates its drafters' confidence on its own calls
             for r in runs:
                 r.auto = AutoTree.for_target(target)
                 r.config.update(tree_budget=None)
-        check_destination([json_path(json_base, r, len(runs) > 1) for r in runs], a.force)
+        check_destination([json_path(json_base, r, len(runs) > 1) for r in runs], args.force)
         t0 = time.perf_counter()
-        failed = evaluate(target, tokenizer, runs, bench_items, a, json_base)
-    except (TapsError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: tables of the benchmarks completed so far", file=sys.stderr)
-        print(tables([as_dict(r) for r in runs if r.results]))
-        sys.exit(130)
+        try:
+            failed = evaluate(target, tokenizer, runs, bench_items, dec, json_base)
+        except KeyboardInterrupt:
+            print("\ninterrupted: tables of the benchmarks completed so far", file=sys.stderr)
+            print(tables([as_dict(r) for r in runs if r.results]))
+            sys.exit(130)
     print(tables([as_dict(r) for r in runs]))
     print(f"\n[{len(runs)} runs x {sum(len(v) for v in bench_items.values())} prompts in "
           f"{time.perf_counter() - t0:.0f} s; JSON: {json_path(json_base, runs[0], len(runs) > 1)}"

@@ -18,6 +18,7 @@ so checkpoints load and save without a renaming table.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -26,6 +27,8 @@ import os
 import platform
 import re
 import struct
+import sys
+import time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Optional
@@ -965,7 +968,7 @@ def load_tokenizer(path) -> "Tokenizer":
     raise TapsError(f"{path}: no tokenizer.model or tokenizer.json found next to the checkpoint")
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- runtime: devices, clocks, errors
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -994,27 +997,55 @@ def machine(device="cpu") -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "gpu": gpu}
 
 
+def clock(device) -> float:
+    """time.perf_counter() once the device's queued work is done: a CUDA timing is of the work, not its launch."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def mean(xs, empty=math.nan):
+    """The mean of a list, `empty` (NaN, or None for JSON) when there is nothing to average."""
+    return sum(xs) / len(xs) if len(xs) else empty
+
+
+@contextlib.contextmanager
+def one_line_errors(*kinds, interrupted: Optional[str] = None):
+    """Every CLI's body: a TapsError (or one of `kinds`) is one line `error: ...` on stderr and exit
+    status 2, never a traceback; Ctrl-C prints `interrupted` (what is kept) and exits 130 when given."""
+    try:
+        yield
+    except (TapsError, *kinds) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- CLI
+
 @torch.inference_mode()
 def bench(model, tokenizer, device, n_new=128):
     """Plain decoding speed at batch 1: prefill tokens/s, decode tokens/s, and the cost of scoring 8 tokens."""
-    import time
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     prompt, _ = tokenizer.encode_chat([{"role": "user", "content": "Explain how a rainbow forms."}],
                                       add_generation_prompt=True)
     generate_plain(model, prompt, 8)  # warm-up
     cache = model.new_cache(1, 4096)
     long_prompt = torch.tensor([(prompt * 20)[:512]], device=device)
-    sync(); t0 = time.perf_counter()
+    t0 = clock(device)
     model(long_prompt, cache=cache, last_only=True)
-    sync(); t_prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_prefill = clock(device) - t0
+    t0 = clock(device)
     for _ in range(10):
         model(long_prompt[:, :8], cache=cache)
         cache.truncate(512)
-    sync(); t_score8 = (time.perf_counter() - t0) / 10
-    t0 = time.perf_counter()
+    t_score8 = (clock(device) - t0) / 10
+    t0 = clock(device)
     out = generate_plain(model, prompt, n_new)  # no stop ids: always n_new tokens
-    sync(); t_decode = time.perf_counter() - t0
+    t_decode = clock(device) - t0
     print(f"| target | device | dtype | prefill tok/s (512) | score 8 tokens (ms) | decode tok/s (batch 1, {n_new} new) |")
     print("|---|---|---|---|---|---|")
     print(f"| {model.args.name} | {device} | {str(model.embed_tokens.weight.dtype).removeprefix('torch.')} "
@@ -1023,7 +1054,6 @@ def bench(model, tokenizer, device, n_new=128):
 
 def main(argv=None):
     import argparse
-    import sys
     ap = argparse.ArgumentParser(description="Chat with the target model (plain autoregressive decoding).")
     ap.add_argument("--prompt", help="user message to answer")
     ap.add_argument("--system", help="optional system message")
@@ -1037,7 +1067,7 @@ def main(argv=None):
     ap.add_argument("--export", metavar="DIR", help="write the embedded default target as an HF directory and exit")
     ap.add_argument("--bench", action="store_true", help="print plain decoding speed and exit")
     a = ap.parse_args(argv)
-    try:
+    with one_line_errors():
         if a.export:
             print(export_default(a.export))
             return
@@ -1054,9 +1084,6 @@ def main(argv=None):
         g = torch.Generator(device=a.device).manual_seed(a.seed)
         out = generate_plain(model, ids, a.max_new_tokens, a.temperature, a.top_p, tokenizer.stop_ids, g)
         print(tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]))
-    except TapsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

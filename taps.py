@@ -54,8 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (Block, KVCache, ModelArgs, TapsError, Transformer, atomic_write, build_mask, cache_dir, load_target,
-                   logits_to_probs, machine, resolve_dtype, target_identity)
+from model import (Block, KVCache, ModelArgs, TapsError, Transformer, atomic_write, build_mask, cache_dir, clock,
+                   load_target, logits_to_probs, machine, mean, one_line_errors, resolve_dtype, target_identity)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -374,10 +374,10 @@ class Drafter(nn.Module):
             raise TapsError(f"{path}: no such drafter checkpoint") from None
         except Exception as e:
             raise TapsError(f"{path}: not a taps drafter checkpoint ({type(e).__name__}: {e})") from None
-        a = target.args
-        if (meta.get("target"), meta.get("vocab_size"), meta.get("dim")) != (a.name, a.vocab_size, a.dim):
+        t = target.args
+        if (meta.get("target"), meta.get("vocab_size"), meta.get("dim")) != (t.name, t.vocab_size, t.dim):
             raise TapsError(f"{path}: drafter was trained for target {meta.get('target')!r} (vocab "
-                            f"{meta.get('vocab_size')}, hidden {meta.get('dim')}), not {a.name!r} (vocab {a.vocab_size}, hidden {a.dim})")
+                            f"{meta.get('vocab_size')}, hidden {meta.get('dim')}), not {t.name!r} (vocab {t.vocab_size}, hidden {t.dim})")
         config = {k: v for k, v in meta.pop("config").items() if k in {f.name for f in dataclasses.fields(ModelArgs)}}
         drafter = cls(ModelArgs(**config), meta, state.get("vocab"))
         drafter.load_state_dict(state)
@@ -388,11 +388,11 @@ class Drafter(nn.Module):
 
 
 def check_drafter(drafter: Drafter, target: Transformer):
-    a, b = drafter.args, target.args
-    if (a.vocab_size, a.dim) != (b.vocab_size, b.dim):
-        raise TapsError(f"drafter (vocab {a.vocab_size}, hidden {a.dim}) does not match the target "
-                        f"(vocab {b.vocab_size}, hidden {b.dim})")
-    check_vocab(drafter.vocab, b.vocab_size)
+    d, t = drafter.args, target.args
+    if (d.vocab_size, d.dim) != (t.vocab_size, t.dim):
+        raise TapsError(f"drafter (vocab {d.vocab_size}, hidden {d.dim}) does not match the target "
+                        f"(vocab {t.vocab_size}, hidden {t.dim})")
+    check_vocab(drafter.vocab, t.vocab_size)
 
 
 def check_vocab(vocab, vocab_size: int):
@@ -530,10 +530,6 @@ def tag(tree: Tree, origin: int) -> Tree:
     return tree
 
 
-def _mean(xs) -> float:
-    return sum(xs) / len(xs) if xs else math.nan
-
-
 def compose_single(trees: list[Tree]) -> Tree:
     if len(trees) != 1:
         raise TapsError(f"compose 'single' takes exactly one drafter, got {len(trees)}")
@@ -549,13 +545,13 @@ def route(trees: list[Tree]) -> Tree:
     """Confidence routing (eqs. 12-13): the tree whose nodes have the highest mean draft confidence
     exp(logq) (EAGLE-2's cumulative path probability, root excluded); ties go to the first."""
     _at_least_two("route", trees)
-    return max(trees, key=lambda t: _mean(t.confidence[1:]))
+    return max(trees, key=lambda t: mean(t.confidence[1:]))
 
 
 def route_entropy(trees: list[Tree]) -> Tree:
     """The study's comparison: the tree whose nodes were drawn from the lowest mean draft entropy."""
     _at_least_two("route-entropy", trees)
-    return min(trees, key=lambda t: _mean(t.entropy[1:]))
+    return min(trees, key=lambda t: mean(t.entropy[1:]))
 
 
 def merge(trees: list[Tree], dedup: bool = False) -> Tree:
@@ -634,9 +630,9 @@ def measure_verify(target: Transformer, sizes=CALIBRATION_SIZES, prefix: int = 2
     for n in sizes:
         times = []
         for _ in range(reps + 1):                    # the first run is a warm-up
-            t0 = _clock(dev)
+            t0 = clock(dev)
             target(ids[:, prefix:prefix + n], cache=cache, last_only=True)
-            times.append(_clock(dev) - t0)
+            times.append(clock(dev) - t0)
             cache.truncate(prefix)
         out[n] = sorted(times[1:])[reps // 2]
     return out
@@ -757,9 +753,9 @@ class AutoTree:
             dev = target.embed_tokens.weight.device
 
             def timed(depth):
-                t = _clock(dev)
+                t = clock(dev)
                 draft_tree(state, target, root_token, self.top_k, depth, None)
-                return _clock(dev) - t
+                return clock(dev) - t
             timed(3)                                                      # warm-up
             runs = sorted(timed(3) - timed(1) for _ in range(3))
             self.steps[state.drafter] = max(runs[1], 0.0) / 2
@@ -776,21 +772,21 @@ class AutoTree:
     def more(self, step_s: float, dev, t0: float, pool_logq: torch.Tensor, frontier_logq: torch.Tensor) -> bool:
         """grow_tree's question before each level (the call began drafting at t0): can one more drafting
         step pay for itself?"""
-        elapsed = _clock(dev) - t0
+        elapsed = clock(dev) - t0
         n, expected, rate = self.best(pool_logq, elapsed)
         gain = self.c * frontier_logq.double().exp().sum().item()
         return (expected + gain) / (elapsed + step_s + self.verify_s[n].item()) > rate
 
     def size(self, tree: Tree, dev, t0: float) -> Tree:
         """The tree pruned to the best size for the time drafting has taken since t0."""
-        n, _, _ = self.best(torch.tensor(tree.logq[1:]), _clock(dev) - t0)
+        n, _, _ = self.best(torch.tensor(tree.logq[1:]), clock(dev) - t0)
         return prune(tree, n)
 
     def draft(self, states: list, target: Transformer, root_token: int, compose) -> Tree:
         """Each drafter's tree grown and sized, then composed (and a composed tree sized again)."""
         dev = target.embed_tokens.weight.device
         steps = [self.step_cost(s, target, root_token) for s in states]
-        t0 = _clock(dev)
+        t0 = clock(dev)
         trees = [tag(self.size(draft_tree(s, target, root_token, self.top_k, self.max_depth, None,
                                           functools.partial(self.more, step, dev, t0)), dev, t0), i)
                  for i, (s, step) in enumerate(zip(states, steps))]
@@ -886,15 +882,14 @@ class Stats:
         nothing to accept below it (its last token was a bonus), so it leaves the denominator."""
         leaf = self.leaf or [False] * self.calls
         alpha, d = [], 1
-        while reached := sum(a >= d or (a == d - 1 and not end) for a, end in zip(self.accepted, leaf)):
-            alpha.append(sum(a >= d for a in self.accepted) / reached)
+        while reached := sum(n >= d or (n == d - 1 and not end) for n, end in zip(self.accepted, leaf)):
+            alpha.append(sum(n >= d for n in self.accepted) / reached)
             d += 1
         return alpha
 
     def summary(self) -> dict:
-        mean = lambda xs: sum(xs) / len(xs) if xs else math.nan
         return {"new_tokens": self.new_tokens, "calls": self.calls, "tau": self.tau,
-                "alpha_by_depth": [round(a, 3) for a in self.acceptance_by_depth()],
+                "alpha_by_depth": [round(x, 3) for x in self.acceptance_by_depth()],
                 "mean_tree_size": mean(self.tree_size),
                 "draft_entropy": {"accepted": mean(self.draft_entropy_accepted), "rejected": mean(self.draft_entropy_rejected)},
                 "target_entropy": {"accepted": mean(self.target_entropy_accepted), "rejected": mean(self.target_entropy_rejected)},
@@ -933,12 +928,6 @@ def _emit(out: list[int], new: list[int], max_new_tokens: int, stop_ids) -> tupl
         if x in stop_ids or len(out) >= max_new_tokens:
             return n, True
     return len(new), False
-
-
-def _clock(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 @torch.inference_mode()
@@ -982,7 +971,7 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
     max_len = len(prompt) + max_new_tokens + len(drafters) * total_tokens + depth + 2
     cache, stats = target.new_cache(1, max_len), Stats()
 
-    t0 = _clock(dev)
+    t0 = clock(dev)
     logits, f = target(prompt[None], cache=cache, last_only=True)      # (1, 1, V), (1, n, H)
     x = rng.categorical(logits_to_probs(logits[0, -1], temperature, top_p))
     out: list[int] = []
@@ -992,11 +981,11 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
         s.extend(target, torch.cat([prompt[1:], prompt.new_tensor([x])]), f[0])
         if auto is not None:
             auto.step_cost(s, target, x)   # timed once per drafter, here, so no call's rate carries it
-    stats.prefill_time = _clock(dev) - t0
+    stats.prefill_time = clock(dev) - t0
 
     while not done:
         # draft: one tree from draft-side quantities only (or the root alone: a plain step)
-        t0 = _clock(dev)
+        t0 = clock(dev)
         if chain:
             tree, q = draft_chain(states[0], target, x, depth + 1, temperature, top_p, rng)
             tag(tree, 0)
@@ -1006,7 +995,7 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
             tree = auto.draft(states, target, x, compose)
         else:
             tree = Tree([x], [-1], [0.0], [math.nan], [-1])
-        t1 = _clock(dev)
+        t1 = clock(dev)
         # verify: one target call over the whole tree, then rejection sampling down it (eq. 5)
         L = cache.length
         tokens = torch.tensor([tree.tokens], device=dev)
@@ -1020,7 +1009,7 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
             path, x, rejected = verify_tree(tree, p_at, rng)
         # keep: the accepted path's keys and values stay in the cache, the rest are dropped
         cache.keep(L, path)
-        t2 = _clock(dev)
+        t2 = clock(dev)
         if auto is not None and len(tree) > 1:
             auto.record(tree, len(path) - 1, t2 - t0)
         # emit the accepted tokens and the verifier's own; extend the drafters with them
@@ -1058,17 +1047,15 @@ def main(argv=None):
     ap.add_argument("--device", default=default_device())
     ap.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
                     help="auto (default): bf16 where this machine's calibration says it pays, else fp32")
-    a = ap.parse_args(argv)
-    try:
-        target, tokenizer = load_for(a.target, a.device, a.dtype)
-        drafters = [Drafter.random(target, a.seed) if d == "random" else Drafter.load(d, target) for d in a.drafter]
-        auto = AutoTree.for_target(target) if a.tree == "auto" and not a.chain else None
-        ids, _ = tokenizer.encode_chat([{"role": "user", "content": a.prompt}], add_generation_prompt=True)
-        out, stats = generate(target, drafters, ids, a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.depth,
-                              a.total_tokens, a.compose, a.chain, tokenizer.stop_ids, TorchRandom(a.seed), auto)
-    except TapsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    args = ap.parse_args(argv)
+    with one_line_errors():
+        target, tokenizer = load_for(args.target, args.device, args.dtype)
+        drafters = [Drafter.random(target, args.seed) if d == "random" else Drafter.load(d, target) for d in args.drafter]
+        auto = AutoTree.for_target(target) if args.tree == "auto" and not args.chain else None
+        ids, _ = tokenizer.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        out, stats = generate(target, drafters, ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                              args.depth, args.total_tokens, args.compose, args.chain, tokenizer.stop_ids,
+                              TorchRandom(args.seed), auto)
     print(tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]))
     s = stats.summary()
     wall = s["prefill_s"] + s["draft_s"] + s["verify_s"]

@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data import DataError, load_corpus
-from model import TapsError, Transformer, atomic_write, cache_dir, machine, target_identity
+from model import TapsError, Transformer, atomic_write, cache_dir, machine, one_line_errors, target_identity
 from taps import Drafter, load_for
 
 BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + context alignment (eqs. 8-9): 3 passes in all
@@ -714,31 +714,32 @@ def main(argv=None):
     for name, kind in (("epochs", int), ("lr", float), ("n-train", int), ("max-len", int), ("n-heldout", int),
                        ("batch-size", int), ("seed", int)):
         ap.add_argument(f"--{name}", type=kind, default=None, help="override the size's default")
-    a = ap.parse_args(argv)
-    try:
-        overrides = {k: getattr(a, k) for k in ("epochs", "lr", "n_train", "max_len", "n_heldout", "batch_size", "seed")
-                     if getattr(a, k) is not None}
-        if not (a.domain or a.features_only):
+    args = ap.parse_args(argv)
+    with one_line_errors(DataError, interrupted="finished feature shards and the last training state are kept; "
+                                                 "rerun with --resume"):
+        overrides = {k: getattr(args, k) for k in ("epochs", "lr", "n_train", "max_len", "n_heldout", "batch_size", "seed")
+                     if getattr(args, k) is not None}
+        if not (args.domain or args.features_only):
             raise TapsError("--domain is required (or --features-only)")
-        cfg = TrainConfig(domain=a.domain or "math", backbone=a.backbone, size=a.size, amp=a.amp, draft_vocab=a.draft_vocab,
-                          **overrides)
-        out = Path(a.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
-        cuda = a.device.startswith("cuda")
+        cfg = TrainConfig(domain=args.domain or "math", backbone=args.backbone, size=args.size, amp=args.amp,
+                          draft_vocab=args.draft_vocab, **overrides)
+        out = Path(args.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
+        cuda = args.device.startswith("cuda")
         t0 = time.perf_counter()
-        target, tokenizer = load_for(a.target, a.device, a.dtype, load_target)
+        target, tokenizer = load_for(args.target, args.device, args.dtype, load_target)
         check_vocab_size(cfg.draft_vocab, target.args.vocab_size, tokenizer.stop_ids)   # before any extraction
-        if not (a.resume or a.overwrite or a.features_only):
+        if not (args.resume or args.overwrite or args.features_only):
             refuse_to_replace(out, cfg.epochs)
-        batch = a.extract_batch or (8 if cuda else 1)
-        mixture = cfg.domain in MIXES and not a.features_only
-        prep = lambda d, split, n: prepare_features(target, tokenizer, d, split, n, cfg.max_len, a.data_dir, batch,
+        batch = args.extract_batch or (8 if cuda else 1)
+        mixture = cfg.domain in MIXES and not args.features_only
+        prep = lambda d, split, n: prepare_features(target, tokenizer, d, split, n, cfg.max_len, args.data_dir, batch,
                                                     extract=not mixture)
         heldout = {d: prep(d, "heldout", cfg.n_heldout) for d in HELDOUT_DOMAINS}
         # one draft vocabulary per (target, size, n_train), from both domains' training sets: every
         # drafter of a size proposes from the same tokens and can be averaged
-        need = HELDOUT_DOMAINS if cfg.draft_vocab or cfg.domain in MIXES or a.features_only else (cfg.domain,)
+        need = HELDOUT_DOMAINS if cfg.draft_vocab or cfg.domain in MIXES or args.features_only else (cfg.domain,)
         sets = {d: prep(d, "train", n) for d, n in cfg.corpus_sizes(need).items()}
-        if a.features_only:
+        if args.features_only:
             print(f"[feature caches of size {cfg.size} ready in {time.perf_counter() - t0:.0f} s]")
             return
         train_sets = ([fs.first(round(MIXES[cfg.domain] * fs.meta["conversations"])) for fs in sets.values()]
@@ -747,17 +748,10 @@ def main(argv=None):
         t1 = time.perf_counter()
         print(f"[target + features ready in {t1 - t0:.0f} s; training {cfg.backbone} on {cfg.domain}: "
               f"{sum(fs.meta['conversations'] for fs in train_sets)} conversations, {cfg.epochs} epochs, lr {cfg.lr}]")
-        train(cfg, target, train_sets, heldout, out, a.resume, a.save_interval, tokenizer.stop_ids, a.overwrite,
+        train(cfg, target, train_sets, heldout, out, args.resume, args.save_interval, tokenizer.stop_ids, args.overwrite,
               vocab_sets)
         print(f"[wrote {out} (log {out.with_name(out.stem + '.jsonl')}); training {time.perf_counter() - t1:.0f} s, "
               f"total {time.perf_counter() - t0:.0f} s]")
-    except (TapsError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished feature shards and the last training state are kept; rerun with --resume",
-              file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":
