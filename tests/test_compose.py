@@ -11,8 +11,7 @@ from hypothesis import given, settings, strategies as st
 from model import TapsError, generate_plain
 from taps import (COMPOSE, Drafter, Stats, TorchRandom, Tree, average, generate, merge, route, route_entropy, tag,
                   verify_tree)
-from test_taps import one_thread, prompts, tiny  # noqa: F401  (one_thread: autouse fixture)
-from test_verify_exact import Target, drafts, lossless, node_tokens, spec_dist, tree_call
+from conftest import Target, drafts, node_tokens, prompts, spec_dist, tiny, tree_call
 
 
 def small_trees():
@@ -206,7 +205,10 @@ def test_every_composition_is_exactly_lossless(name, V, seed, n, half_temperatur
 
 
 def test_the_exactness_check_still_rejects_keep_longer():
-    assert any(not lossless("keep_longer", 3, seed, 2, False) for seed in range(30))
+    """Negative control: verifying every drafter's tree and keeping the longest result is not lossless."""
+    def keep_longer(target, seed):
+        return lambda ctx, rng: max((tree_call(target, t, ctx, rng) for t in drafts(seed, target.V, ctx, 2)), key=len)
+    assert any(spec_dist(keep_longer(Target(3, s), s), (s % 3,), 2) != Target(3, s).dist((s % 3,), 2) for s in range(30))
 
 
 # ----------------------------------------------------------------------------- weight averaging (eq. 11)

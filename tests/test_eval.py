@@ -4,12 +4,10 @@ import json
 import math
 
 import pytest
-import torch
 
 import eval as ev
-from model import TapsError
+from conftest import tiny
 from taps import Drafter
-from test_taps import one_thread, tiny  # noqa: F401  (one_thread: autouse fixture)
 
 V = 48
 

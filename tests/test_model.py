@@ -1,4 +1,5 @@
 """The target model: cache equivalence, tree scoring (Lemma A.2), checkpoints, reference logits, errors."""
+import functools
 import json
 import subprocess
 import sys
@@ -8,18 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import (ModelArgs, TapsError, Transformer, args_from_hf_config, generate_plain, load_hf, logits_to_probs,
+import conftest
+
+from model import (ModelArgs, TapsError, args_from_hf_config, generate_plain, load_hf, logits_to_probs,
                    rope_inv_freq, save_hf)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "smollm2_reference.safetensors"
 
 
-def tiny(tie=True, seed=0, **kw):
-    torch.manual_seed(seed)
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=128,
-                     tie_embeddings=tie, name="tiny", **kw)
-    return Transformer(args).double().eval()
+tiny = functools.partial(conftest.tiny, V=97, tie=True, name="tiny")   # fp64
 
 
 @torch.inference_mode()

@@ -13,11 +13,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import taps
-from model import TapsError, generate_plain, logits_to_probs
+from model import TapsError, generate_plain
 from taps import (AutoTree, Drafter, TorchRandom, Tree, average, calibrate, generate, merge, prune, verify_chain,
                   verify_table, verify_tree)
-from test_taps import chi_square_p, near_oracle, one_thread, prompts, tiny  # noqa: F401  (one_thread: autouse)
-from test_verify_exact import Target, frac_vector, outcomes, random_tree, spec_dist, tree_call
+from conftest import (Target, chi_square_p, exact_first_tokens, frac_vector, near_oracle, prompts, random_tree,
+                      spec_dist, tiny, tree_call)
 from train import coverage, draft_vocabulary
 
 
@@ -251,17 +251,6 @@ def test_a_residual_that_rounds_to_zero_falls_back_safely():
 
 # ----------------------------------------------------------------------------- Monte Carlo of the real generate
 
-def exact_first_tokens(target, prompt, n, temperature, top_p):
-    """The target's exact distribution of its first n tokens after temperature and top-p (V^n sequences)."""
-    V = target.args.vocab_size
-    dist = {(): 1.0}
-    for _ in range(n):
-        seqs = list(dist)
-        with torch.inference_mode():
-            logits, _ = target(torch.tensor([prompt + list(s) for s in seqs]))
-        p = logits_to_probs(logits[:, -1].double(), temperature, top_p)
-        dist = {s + (x,): dist[s] * p[i, x].item() for i, s in enumerate(seqs) for x in range(V) if p[i, x] > 0}
-    return dist
 
 
 def monte_carlo(temperature_seen_by_verifier=None, n=1200):

@@ -1,6 +1,5 @@
 """taps.py on tiny random targets: trees, drafter checkpoints, bad input, tau, greedy equivalence
 (exact, float64) and Monte Carlo losslessness of the real torch path (chi-square, alpha = 1e-6)."""
-import itertools
 import math
 from collections import Counter
 
@@ -8,56 +7,17 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from model import ModelArgs, TapsError, Transformer, generate_plain
-from taps import (COMPOSE, DraftState, Drafter, Stats, TorchRandom, Tree, draft_tree, generate, grow_tree, main)
-from test_verify_exact import node_tokens
+from conftest import DEVICES, broken_sampling, chi_square_p, exact_first_tokens, near_oracle, node_tokens, prompts, tiny
+from model import TapsError, generate_plain
+from taps import COMPOSE, DraftState, Drafter, Stats, TorchRandom, Tree, draft_tree, generate, grow_tree, main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning
-    OpenMP workers make these tests ~10x slower; restore the setting for other test files."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
-def tiny(V=64, n_layers=2, seed=0, dtype=torch.float64, device="cpu", dim=64, name=""):
-    torch.manual_seed(seed)
-    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=V, hidden_dim=128,
-                     tie_embeddings=False, name=name)
-    return Transformer(args).to(device=device, dtype=dtype).eval()
 
 
-@torch.no_grad()
-def near_oracle(target: Transformer) -> Drafter:
-    """A drafter that nearly *is* a one-layer target, so that drafts are often accepted.
-
-    With unit-RMS embeddings the target's input norm is the identity, so fc = [I, 0] and a copy of
-    the target's layer compute its pre-norm feature (rotary is relative, so the drafter's position
-    offset of one does not matter); only the first prompt token, which the drafter never sees, and
-    the missing final norm (a per-token temperature) differ.
-    """
-    assert target.args.n_layers == 1
-    e = target.embed_tokens.weight
-    e /= e.pow(2).mean(-1, keepdim=True).sqrt()
-    d = Drafter.for_target(target)
-    H = target.args.dim
-    d.fc.weight.zero_()
-    d.fc.bias.zero_()
-    d.fc.weight[:, :H] = torch.eye(H)
-    d.layers[0].load_state_dict({k: v for k, v in target.layers[0].state_dict().items()
-                                 if not k.startswith("input_layernorm")})
-    return d
-
-
-def prompts(V, n=4, length=7):
-    g = torch.Generator().manual_seed(123)
-    return [torch.randint(V, (length + i,), generator=g).tolist() for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- trees
@@ -300,42 +260,10 @@ def test_greedy_is_exactly_the_target(device, setup, chain, top_k, depth, total_
 
 # ----------------------------------------------------------------------------- Monte Carlo at temperature > 0
 
-def exact_first_tokens(target, prompt, n, temperature=1.0):
-    """The target's exact distribution of its first n sampled tokens (all V^n continuations)."""
-    V = target.args.vocab_size
-    conts = torch.tensor(list(itertools.product(range(V), repeat=n - 1)), dtype=torch.long).reshape(-1, n - 1)
-    seqs = torch.cat([torch.tensor(prompt).expand(len(conts), -1), conts], 1)
-    with torch.inference_mode():
-        logits, _ = target(seqs)
-    logp = torch.log_softmax(logits.double()[:, len(prompt) - 1:] / temperature, -1)   # (V^(n-1), n, V)
-    dist = {}
-    for row, cont in enumerate(conts.tolist()):
-        base = sum(logp[row, j, x].item() for j, x in enumerate(cont))
-        for x in range(V):
-            dist[tuple(cont) + (x,)] = math.exp(base + logp[row, n - 1, x].item())
-    return dist
 
 
-def chi_square_p(counts: Counter, expected: dict, n: int) -> float:
-    """Pearson chi-square p-value; cells with expectation < 5 are pooled into one. An outcome the
-    target gives probability 0 (e.g. a token top-p removed) is impossible: p-value 0."""
-    if any(c and expected.get(k, 0) == 0 for k, c in counts.items()):
-        return 0.0
-    small = [k for k in expected if expected[k] * n < 5]
-    cells = [([k], expected[k]) for k in expected if k not in small]
-    if small:
-        cells.append((small, sum(expected[k] for k in small)))
-    stat = sum((sum(counts[k] for k in ks) - n * e) ** 2 / (n * e) for ks, e in cells)
-    df = len(cells) - 1
-    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)).item()
 
 
-def broken_sampling(monkeypatch, **wrong):
-    """A deliberately wrong verifier: its p is processed with other sampling arguments (e.g. temperature)."""
-    import taps
-    real = taps.logits_to_probs
-    monkeypatch.setattr(taps, "logits_to_probs", lambda logits, temperature, top_p: real(
-        logits, wrong.get("temperature", temperature), wrong.get("top_p", top_p)))
 
 
 @pytest.mark.parametrize("chain", [False, True])
@@ -371,21 +299,12 @@ def test_monte_carlo_with_temperature_and_top_p(wrong, monkeypatch):
     prompt, n, rng = [0, 3], 1500, TorchRandom(11)
     samples = [tuple(generate(target, drafter, prompt, 2, temperature=0.6, top_p=0.8, top_k=2, depth=2,
                               total_tokens=5, rng=rng)[0]) for _ in range(n)]
-    expected = exact_first_tokens_top_p(target, prompt, 0.6, 0.8)
+    expected = exact_first_tokens(target, prompt, 2, 0.6, 0.8)
     p = chi_square_p(Counter(samples), expected, n)
     print(f"T=0.6 top-p=0.8 wrong={wrong} first 2 tokens: chi-square p = {p:.3g}")
     assert (p < 1e-6) if wrong else (p > 1e-6)
 
 
-def exact_first_tokens_top_p(target, prompt, temperature, top_p):
-    from model import logits_to_probs
-    V = target.args.vocab_size
-    seqs = torch.tensor([prompt + [x] for x in range(V)])
-    with torch.inference_mode():
-        logits, _ = target(seqs)
-    p1 = logits_to_probs(logits[0, len(prompt) - 1].double(), temperature, top_p)
-    p2 = logits_to_probs(logits[:, len(prompt)].double(), temperature, top_p)
-    return {(a, b): (p1[a] * p2[a, b]).item() for a in range(V) for b in range(V) if p1[a] * p2[a, b] > 0}
 
 
 def test_cli_reports_errors_in_one_line(capsys):

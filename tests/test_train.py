@@ -1,5 +1,6 @@
 """Training: losses on known values, the HASS alignment mask (and that it reproduces inference), the
 chat loss mask, the feature cache, a training step, exact resume, bad input."""
+import functools
 import importlib.util
 import json
 import math
@@ -8,16 +9,14 @@ import pytest
 import torch
 
 import train as T
-from model import ModelArgs, TapsError, Transformer
+from conftest import tiny
+from model import TapsError
 from taps import Drafter
 
 V = 61
 
 
-def tiny_target(seed=0, vocab=V, name="tiny"):
-    torch.manual_seed(seed)
-    return Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, hidden_dim=128,
-                                 name=name)).eval()
+tiny_target = functools.partial(tiny, V=V, dtype=torch.float32, tie=True, name="tiny")
 
 
 def synthetic_examples(n, seed=0, length=24):
@@ -149,7 +148,7 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tmp_path):
     (ids, mask), = T.encode_conversations(tok, [conv], 512)
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "It is 5.<|im_end|>Six.<|im_end|>"
     # through the cache and a batch: the tokens the loss positions predict are the assistant's
-    fs = T.build_cache(tiny_target(vocab=49152), [(ids, mask)], tmp_path / "c", {"domain": "test"})
+    fs = T.build_cache(tiny_target(V=49152), [(ids, mask)], tmp_path / "c", {"domain": "test"})
     batch = T.collate(fs.shard(0), "cpu")
     sel = batch["mask"][:, 2:].bool()
     assert tok.decode(batch["ids"][:, 2:][sel].tolist()) == "It is 5.<|im_end|>Six.<|im_end|>"
@@ -343,7 +342,7 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     """train.py --target DIR: corpus -> chat template -> feature cache -> training -> checkpoint, log, resume."""
     from model import default_target_dir, load_target, save_hf
     src = default_target_dir()
-    save_hf(tiny_target(vocab=49152, name="tiny-smol"), tmp_path / "tiny",
+    save_hf(tiny_target(V=49152, name="tiny-smol"), tmp_path / "tiny",
             extra_files={n: json.loads((src / n).read_text()) for n in ("tokenizer.json", "tokenizer_config.json")})
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
     argv = ["--domain", "math", "--backbone", "hass", "--target", str(tmp_path / "tiny"), "--device", "cpu",

@@ -8,136 +8,36 @@ must equal the target's exactly. Known-wrong variants, built as small changes in
 be rejected by the same check.
 """
 import random
-from collections import defaultdict
 from fractions import Fraction
 
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
 import taps
+from conftest import Target, drafts, frac_vector, node_tokens, outcomes, spec_dist, tree_call
 from taps import Tree, verify_chain, verify_tree
 
 
 # ----------------------------------------------------------------------------- exact enumeration
 
-class Enumerator:
-    """A RandomSource that follows a script of choice indices (0 beyond its end) and keeps the
-    exact probability of the choices it made; zero-weight outcomes are never offered."""
-
-    def __init__(self, script):
-        self.script, self.sizes, self.weight, self.i = list(script), [], Fraction(1), 0
-
-    def _choose(self, options):
-        options = [(v, w) for v, w in options if w > 0]
-        if self.i == len(self.script):
-            self.script.append(0)
-        self.sizes.append(len(options))
-        value, w = options[self.script[self.i]]
-        self.i += 1
-        self.weight *= w
-        return value
-
-    def bernoulli(self, prob):
-        prob = Fraction(prob)
-        return self._choose([(True, prob), (False, 1 - prob)])
-
-    def categorical(self, probs):
-        total = sum(probs)
-        return self._choose([(i, Fraction(w) / total) for i, w in enumerate(probs)])
 
 
-def outcomes(run) -> dict:
-    """The exact distribution of run(rng) over every sequence of random draws (depth-first)."""
-    dist, todo = defaultdict(Fraction), [[]]
-    while todo:
-        script = todo.pop()
-        rng = Enumerator(script)
-        result = run(rng)
-        dist[result] += rng.weight
-        for j in range(len(script), len(rng.script)):  # draws made by default: queue their other options
-            todo += [rng.script[:j] + [c] for c in range(1, rng.sizes[j])]
-    assert sum(dist.values()) == 1
-    return dict(dist)
 
 
 # ----------------------------------------------------------------------------- random rational models
 
-def frac_vector(rnd: random.Random, V: int, zeros=True):
-    w = [rnd.randint(0 if zeros else 1, 3) for _ in range(V)]
-    if not any(w):
-        w[rnd.randrange(V)] = 1
-    return np.array([Fraction(x, sum(w)) for x in w], dtype=object)
 
 
-class Target:
-    """p(. | context) for every context over V tokens: random rationals with zeros, memoised.
-    `raw` is the model's distribution; `p` the processed one at temperature T (T = 1/2 squares and
-    renormalises, staying rational)."""
-
-    def __init__(self, V, seed, half_temperature=False):
-        self.V, self.seed, self.half = V, seed, half_temperature
-        self.table = {}
-
-    def raw(self, ctx):
-        if ctx not in self.table:
-            self.table[ctx] = frac_vector(random.Random(f"target {self.seed} {ctx}"), self.V)
-        return self.table[ctx].copy()
-
-    def p(self, ctx):
-        r = self.raw(ctx)
-        if self.half:
-            r = r * r
-            r = r / r.sum()
-        return r
-
-    def dist(self, ctx, n) -> dict:
-        """Exact distribution of the next n tokens sampled from p."""
-        if n == 0:
-            return {(): Fraction(1)}
-        out = {}
-        p = self.p(ctx)
-        for x in range(self.V):
-            if p[x]:
-                for rest, w in self.dist(ctx + (x,), n - 1).items():
-                    out[(x,) + rest] = p[x] * w
-        return out
 
 
-def random_tree(rnd: random.Random, V, root, max_nodes=8, max_depth=4) -> Tree:
-    """A random draft tree; with V <= 4 duplicate siblings are common."""
-    tree = Tree([root], [-1], [0.0], [0.0])
-    depth = [0]
-    for _ in range(rnd.randint(0, max_nodes)):
-        parent = rnd.choice([i for i in range(len(tree)) if depth[i] < max_depth])
-        tree.tokens.append(rnd.randrange(V))
-        tree.parents.append(parent)
-        tree.logq.append(tree.logq[parent] - rnd.random() * 2)
-        tree.entropy.append(0.0)
-        depth.append(depth[parent] + 1)
-    return tree
 
 
-def node_tokens(tree, node):
-    """Tokens on the path root -> node, the root excluded."""
-    out = []
-    while node:
-        out.append(tree.tokens[node])
-        node = tree.parents[node]
-    return tuple(out[::-1])
 
 
 # ----------------------------------------------------------------------------- one verifier call per scheme
 
-def drafts(seed, V, ctx, n=1):
-    """n draft trees as a function of the context only (the draft side sees nothing else)."""
-    rnd = random.Random(f"draft {seed} {ctx}")
-    return [random_tree(rnd, V, ctx[-1]) for _ in range(n)]
 
 
-def tree_call(target, tree, ctx, rng, p_at=None):
-    p_at = p_at or (lambda node: target.p(ctx + node_tokens(tree, node)))
-    path, x, _ = verify_tree(tree, p_at, rng)
-    return tuple(tree.tokens[i] for i in path[1:]) + (x,)
 
 
 def scheme(name, target, seed):
@@ -176,19 +76,6 @@ def chain_call(target, seed, ctx, rng):
     return tuple(tokens[i] for i in path[1:]) + (x,)
 
 
-def spec_dist(step, ctx, n, memo=None) -> dict:
-    """Exact distribution of the first n tokens emitted by repeated verifier calls from ctx."""
-    memo = {} if memo is None else memo
-    if n == 0:
-        return {(): Fraction(1)}
-    if (ctx, n) not in memo:
-        out = defaultdict(Fraction)
-        for emitted, w in outcomes(lambda rng: step(ctx, rng)).items():
-            emitted = emitted[:n]
-            for rest, w2 in spec_dist(step, ctx + emitted, n - len(emitted), memo).items():
-                out[emitted + rest] += w * w2
-        memo[(ctx, n)] = dict(out)
-    return memo[(ctx, n)]
 
 
 def lossless(name, V, seed, n, half_temperature):
