@@ -69,7 +69,7 @@ import torch
 from data import BENCHMARKS, DataError, load_bench
 from model import (DTYPES, TapsError, atomic_write, clock, default_device, generate_plain, load_target, logits_to_probs,
                    machine, mean, one_line_errors, resolve_dtype)
-from taps import COMPOSE, TREES, AutoTree, Drafter, Stats, TorchRandom, auto_dtype, average, generate, load_for
+from taps import COMPOSE, EAGLE_WEIGHTS, TREES, AutoTree, Drafter, Stats, TorchRandom, auto_dtype, average, generate, load_for
 
 METHODS = ("single", "average", *(m for m in COMPOSE if m != "single"))
 MERGED = ("merged", "merged-dedup")
@@ -124,8 +124,11 @@ def versions() -> dict:
 
 
 def identity(path: str, drafter: Drafter) -> dict:
-    """Which drafter this is: its file, a fingerprint of the file, and the metadata it was saved with."""
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if Path(path).is_file() else None
+    """Which drafter this is: its file, a fingerprint of the file (of the weights, for an EAGLE
+    checkpoint directory), and the metadata it was saved with."""
+    path = Path(path)
+    weights = next((path / n for n in EAGLE_WEIGHTS if (path / n).is_file()), None) if path.is_dir() else path
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights and weights.is_file() else None
     return {"path": str(path), "sha256_16": digest, **drafter.meta}
 
 

@@ -43,6 +43,7 @@ import dataclasses
 import functools
 import json
 import math
+import pickle
 import sys
 import time
 import weakref
@@ -54,8 +55,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (Block, KVCache, ModelArgs, TapsError, Transformer, atomic_write, build_mask, cache_dir, clock,
-                   load_target, logits_to_probs, machine, mean, one_line_errors, resolve_dtype, target_identity)
+from model import (Block, KVCache, ModelArgs, TapsError, Transformer, args_from_hf_config, atomic_write, build_mask,
+                   cache_dir, clock, load_target, logits_to_probs, machine, mean, one_line_errors, read_json, resolve_dtype,
+                   target_identity)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -276,6 +278,8 @@ def prune(tree: Tree, n: int) -> Tree:
 
 # ----------------------------------------------------------------------------- the drafter (eq. 3)
 
+EAGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")   # a public EAGLE checkpoint's weights, either
+
 class Drafter(nn.Module):
     """EAGLE-1/2 drafter: fc(cat(embed(x_{t+1}), f_t)) -> one decoder layer -> target LM head.
 
@@ -363,9 +367,12 @@ class Drafter(nn.Module):
 
     @classmethod
     def load(cls, path, target: Transformer) -> "Drafter":
-        """Load a drafter saved by `save`; it must have been trained for this target."""
+        """Load a drafter saved by `save` (it must have been trained for this target), or a public
+        EAGLE-1/2 checkpoint directory (`load_eagle`)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
+        if Path(path).is_dir():
+            return cls.load_eagle(path, target)
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})["taps"])
@@ -381,10 +388,58 @@ class Drafter(nn.Module):
         config = {k: v for k, v in meta.pop("config").items() if k in {f.name for f in dataclasses.fields(ModelArgs)}}
         drafter = cls(ModelArgs(**config), meta, state.get("vocab"))
         drafter.load_state_dict(state)
-        if not all(torch.isfinite(p).all() for p in drafter.parameters()):
+        return drafter._ready(path, target)
+
+    @classmethod
+    def load_eagle(cls, path, target: Transformer) -> "Drafter":
+        """A public EAGLE-1/2 (or HASS) drafter as SafeAILab/EAGLE publishes it: a directory with
+        config.json (a one-layer Llama config; `bias`, default true, gives fc a bias) and
+        pytorch_model.bin or model.safetensors holding fc.weight, [fc.bias] and layers.0.* (no
+        input_layernorm), maybe embed_tokens.weight (the target's own copy: unused). It is this
+        architecture exactly -- fc(cat(embed(x_{t+1}), f_t)), one layer, the target's head -- so only the
+        names are mapped: a missing fc.bias (bias false) is a zero bias. .bin files are read with
+        torch.load(weights_only=True) only: no pickled code runs."""
+        from safetensors.torch import load_file
+        path, t = Path(path), target.args
+        config = read_json(path / "config.json")
+        if (config.get("hidden_size"), config.get("vocab_size")) != (t.dim, t.vocab_size):
+            raise TapsError(f"{path}: EAGLE drafter for hidden size {config.get('hidden_size')}, vocab "
+                            f"{config.get('vocab_size')}; the target {t.name!r} has hidden size {t.dim}, vocab {t.vocab_size}")
+        args = args_from_hf_config({**config, "num_hidden_layers": 1, "_name_or_path": t.name}, str(path / "config.json"))
+        if (args.rope_theta, args.rope_scaling) != (t.rope_theta, t.rope_scaling):
+            raise TapsError(f"{path}: EAGLE drafter with rope_theta {args.rope_theta} / rope_scaling {args.rope_scaling}, "
+                            f"target {t.rope_theta} / {t.rope_scaling}: taps drafters use the target's rotary table")
+        weights = next((path / n for n in EAGLE_WEIGHTS if (path / n).is_file()), None)
+        if weights is None:
+            raise TapsError(f"{path}: no {' or '.join(EAGLE_WEIGHTS)} in this EAGLE checkpoint directory")
+        try:
+            state = (load_file(str(weights)) if weights.suffix == ".safetensors"
+                     else torch.load(weights, map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError:   # objects other than tensors: weights_only refuses to run their code
+            raise TapsError(f"{weights}: holds pickled objects besides tensors, refused (torch.load weights_only); "
+                            f"use a model.safetensors copy of this checkpoint") from None
+        except Exception as e:           # truncated or corrupt
+            first = (str(e).splitlines() or [""])[0][:160]
+            raise TapsError(f"{weights}: unreadable EAGLE weights ({type(e).__name__}: {first}); "
+                            f"download the checkpoint again") from None
+        state = {k: v for k, v in state.items() if k != "embed_tokens.weight"}
+        if "fc.bias" not in state and not config.get("bias", True):
+            state["fc.bias"] = torch.zeros(t.dim, dtype=state["fc.weight"].dtype)
+        meta = {"target": t.name, "vocab_size": t.vocab_size, "dim": t.dim, "backbone": "eagle", "domain": "external",
+                "data": f"external EAGLE checkpoint {path}", "external": "eagle"}
+        drafter = cls(args, meta)
+        missing, unexpected = drafter.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise TapsError(f"{weights}: not an EAGLE-1/2 drafter (missing {', '.join(missing) or 'nothing'}; "
+                            f"unexpected {', '.join(unexpected) or 'nothing'})")
+        return drafter._ready(weights, target)
+
+    def _ready(self, path, target: Transformer) -> "Drafter":
+        """Finite weights, on the target's device and dtype, in eval mode."""
+        if not all(torch.isfinite(p).all() for p in self.parameters()):
             raise TapsError(f"{path}: drafter weights hold non-finite values (NaN or inf); retrain it")
         p = target.embed_tokens.weight
-        return drafter.to(device=p.device, dtype=p.dtype).eval()
+        return self.to(device=p.device, dtype=p.dtype).eval()
 
 
 def check_drafter(drafter: Drafter, target: Transformer):

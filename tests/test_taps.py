@@ -1,11 +1,14 @@
 """taps.py on tiny random targets: trees, drafter checkpoints, bad input, tau, greedy equivalence
 (exact, float64) and Monte Carlo losslessness of the real torch path (chi-square, alpha = 1e-6)."""
+import json
 import math
 from collections import Counter
+from fractions import Fraction
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from safetensors.torch import save_file
 
 from conftest import DEVICES, broken_sampling, chi_square_p, exact_first_tokens, near_oracle, node_tokens, prompts, tiny
 from model import TapsError, generate_plain
@@ -147,6 +150,73 @@ def test_unreadable_drafter_checkpoint(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(TapsError, match="junk.safetensors: not a taps drafter checkpoint"):
         Drafter.load(tmp_path / "junk.safetensors", target)
+
+
+# ----------------------------------------------------------------------------- public EAGLE checkpoints
+
+def eagle_checkpoint(path, drafter, target, bias=True, weights="pytorch_model.bin"):
+    """A directory as SafeAILab/EAGLE publishes a drafter (cnets.py's names): config.json with `bias`,
+    fc.weight [fc.bias], layers.0.* without an input norm, and the target's embedding, in fp16."""
+    a = drafter.args
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "bias": bias,
+        "hidden_size": a.dim, "intermediate_size": a.hidden_dim, "num_attention_heads": a.n_heads,
+        "num_key_value_heads": a.n_kv_heads, "num_hidden_layers": 1, "rms_norm_eps": a.norm_eps,
+        "rope_theta": a.rope_theta, "vocab_size": a.vocab_size, "max_position_embeddings": 2048,
+        "pad_token_id": 0, "torch_dtype": "float16"}))
+    state = {k: v.half() for k, v in drafter.state_dict().items() if bias or k != "fc.bias"}
+    state["embed_tokens.weight"] = target.embed_tokens.weight.detach().half()
+    assert not any("input_layernorm" in k for k in state)
+    if weights.endswith(".bin"):
+        torch.save(state, path / weights)
+    else:
+        save_file(state, str(path / weights))
+    return path
+
+
+@pytest.mark.parametrize("bias, weights", [(True, "pytorch_model.bin"), (False, "model.safetensors")])
+def test_a_public_eagle_checkpoint_drafts_exactly_like_the_same_weights_in_taps_format(tmp_path, bias, weights):
+    target = tiny(V=64, n_layers=1)
+    d = Drafter.random(target, 3)
+    with torch.no_grad():
+        for p in d.parameters():   # fp16-exact weights, so both formats hold the very same numbers
+            p.copy_(p.half())
+        if not bias:
+            d.fc.bias.zero_()
+    d.save(tmp_path / "taps.safetensors")
+    ours = Drafter.load(tmp_path / "taps.safetensors", target)
+    theirs = Drafter.load(eagle_checkpoint(tmp_path / "eagle", d, target, bias, weights), target)
+    assert theirs.meta["external"] == "eagle" and theirs.meta["target"] == target.args.name
+    tokens, feats = torch.randint(64, (1, 9)), torch.randn(1, 9, 64, dtype=torch.float64)
+    for x, y in zip(ours(target, tokens, feats), theirs(target, tokens, feats)):
+        assert torch.equal(x, y)
+    for prompt in prompts(64, n=2):
+        a, b = (generate(target, dr, prompt, 24, temperature=1.0, top_k=4, depth=3, total_tokens=10, rng=TorchRandom(5))
+                for dr in (ours, theirs))
+        assert a[0] == b[0] and a[1].accepted == b[1].accepted and a[1].tree_size == b[1].tree_size
+
+
+def test_a_public_eagle_checkpoint_is_refused_with_one_line(tmp_path):
+    target = tiny(V=64, n_layers=1)
+    good = eagle_checkpoint(tmp_path / "good", Drafter.random(target), target)
+    with pytest.raises(TapsError, match=r"EAGLE drafter for hidden size 64, vocab 64; the target '' has hidden size 32, vocab 64"):
+        Drafter.load(good, tiny(V=64, dim=32))
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "config.json").write_bytes((good / "config.json").read_bytes())
+    raw = (good / "pytorch_model.bin").read_bytes()
+    (tmp_path / "cut" / "pytorch_model.bin").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(TapsError, match=r"pytorch_model.bin: unreadable EAGLE weights .*download the checkpoint again"):
+        Drafter.load(tmp_path / "cut", target)
+    torch.save({"fc.weight": torch.zeros(1), "code": Fraction(1, 3)}, tmp_path / "cut" / "pytorch_model.bin")
+    with pytest.raises(TapsError, match=r"holds pickled objects besides tensors, refused \(torch.load weights_only\)"):
+        Drafter.load(tmp_path / "cut", target)
+    (tmp_path / "cut" / "pytorch_model.bin").unlink()
+    with pytest.raises(TapsError, match="no model.safetensors or pytorch_model.bin in this EAGLE checkpoint directory"):
+        Drafter.load(tmp_path / "cut", target)
+    (tmp_path / "cut" / "config.json").unlink()
+    with pytest.raises(TapsError, match="config.json: file not found"):
+        Drafter.load(tmp_path / "cut", target)
 
 
 @pytest.mark.parametrize("kwargs, message", [
