@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from data import BENCHMARKS, DataError, load_bench
@@ -426,6 +427,68 @@ def speed(drafter_paths: list, path: Path, dec: Decoding, total_tokens: int = 60
     print(f"[JSON: {path}]")
 
 
+# ----------------------------------------------------------------------------- uncertainty
+
+BOOTSTRAP = 2000   # resamples of the prompts per interval
+
+
+def item_counts(run: dict, bench: str) -> dict:
+    """question_id -> (new tokens, verifier calls) of one benchmark, summed over each item's turns:
+    the unit a bootstrap resamples (an MT-Bench item's two turns stay together)."""
+    out = {}
+    for x in get(run, bench, "turns") or []:
+        new, calls = out.get(x["question_id"], (0, 0))
+        out[x["question_id"]] = (new + x["new_tokens"], calls + x["calls"])
+    return out
+
+
+def bootstrap(a: list[dict], b: Optional[list[dict]] = None, n: int = BOOTSTRAP, seed: int = 0, level: float = 0.95):
+    """Percentile bootstrap interval over prompts of the mean over benchmarks (strata) of
+    tau = sum(new tokens) / sum(calls), each benchmark resampled on its own; with b, of tau_a - tau_b
+    on the prompts both runs measured, one resample serving both (paired). a, b: one `item_counts`
+    dict per benchmark. Returns (low, high), or None when there is nothing to resample."""
+    g = np.random.default_rng(seed)
+    stats = np.zeros(n)
+    for k, sa in enumerate(a):
+        sb = b[k] if b is not None else sa
+        keys = sorted(set(sa) & set(sb), key=str)
+        if not keys:
+            return None
+        idx = g.integers(0, len(keys), (n, len(keys)))                  # (n, prompts)
+        tau = lambda s: (np.array([s[q][0] for q in keys])[idx].sum(1)
+                         / np.maximum(np.array([s[q][1] for q in keys])[idx].sum(1), 1))
+        stats += (tau(sa) - (tau(sb) if b is not None else 0)) / len(a)
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def interval(ci) -> str:
+    return "–" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def comparisons(rs: list[dict], benches: list[str]) -> list[tuple[str, dict, dict]]:
+    """The study's comparisons as (name, run A, run B) pairs, A - B (B may differ per benchmark: a
+    dict bench -> run): in-domain vs out-of-domain specialist, averaged / routed / mixed vs the best
+    single specialist of each benchmark, merged vs routed."""
+    kind = lambda r: r["config"]["compose"] if r["config"]["lambda"] is None else "average"
+    domain = lambda r: r["config"]["drafters"][0].get("domain")
+    singles = {domain(r): r for r in rs if kind(r) == "single"}
+    by = {kind(r): r for r in rs if kind(r) != "single" and not r["config"]["equal_budget"]}
+    avg = next((r for r in rs if r["config"]["lambda"] == 0.5), None)
+    out = []
+    if "math" in singles and "chat" in singles:
+        home = {b: ("chat", "math") if b == "mt_bench" else ("math", "chat") for b in benches}
+        out.append(("in-domain − out-of-domain specialist", {b: singles[home[b][0]] for b in benches},
+                    {b: singles[home[b][1]] for b in benches}))
+        best = {b: max((singles["math"], singles["chat"]), key=lambda r: get(r, b, "tau") or 0) for b in benches}
+        candidates = [("averaged (λ = 0.5)", avg), ("routed", by.get("route")), ("merged", by.get("merged"))]
+        candidates += [(f"{d}", singles[d]) for d in singles if d not in ("math", "chat")]
+        out += [(f"{name} − best single", {b: r for b in benches}, best) for name, r in candidates if r]
+    if "merged" in by and "route" in by:
+        out.append(("merged − routed", {b: by["merged"] for b in benches}, {b: by["route"] for b in benches}))
+    return out
+
+
 # ----------------------------------------------------------------------------- tables
 
 def fmt(x, spec=".2f"):
@@ -480,13 +543,28 @@ def tables(runs: list[dict]) -> str:
             margins = [x["margin"] for x in turns if x.get("margin") is not None]
             parted = f" (parted where the target's top-2 logits were ≤ {max(margins):.3f} apart)" if margins else ""
             sizes = [x for b in benches if (x := get(r, b, "mean_tree_size")) is not None]
+            counts = [item_counts(r, b) for b in benches]
             rows.append([method(r)]
-                        + [f"{fmt(get(r, b, 'tau'))} ({fmt(get(r, b, 'speedup'))}×)" for b in benches]
-                        + [f"{fmt(get(r, 'average', 'tau'))} ({fmt(get(r, 'average', 'speedup'))}×)",
-                           fmt(mean(sizes, None), ".0f")]
+                        + [f"{fmt(get(r, b, 'tau'))} {interval(bootstrap([c]))} ({fmt(get(r, b, 'speedup'))}×)"
+                           for b, c in zip(benches, counts)]
+                        + [f"{fmt(get(r, 'average', 'tau'))} {interval(bootstrap(counts))} "
+                           f"({fmt(get(r, 'average', 'speedup'))}×)", fmt(mean(sizes, None), ".0f")]
                         + ([f"{sum(matches)}/{len(matches)}{parted}"] if t == 0 else []))
-        out.append(f"### Table 1 (T = {t:g}): acceptance length τ (speedup over plain decoding)\n\n"
+        out.append(f"### Table 1 (T = {t:g}): acceptance length τ [95% bootstrap interval over prompts] (speedup "
+                   f"over plain decoding)\n\n"
                    + table(["method"] + names + ["average", "nodes/call"] + (["greedy = plain"] if t == 0 else []), rows))
+
+        rows = []
+        for name, a, b in comparisons(rs, benches):
+            delta = {x: get(a[x], x, "tau") - get(b[x], x, "tau") if get(a[x], x, "tau") is not None
+                     and get(b[x], x, "tau") is not None else None for x in benches}
+            rows.append([name] + [f"{fmt(delta[x], '+.2f')} {interval(bootstrap([item_counts(a[x], x)], [item_counts(b[x], x)]))}"
+                                  for x in benches]
+                        + [f"{fmt(mean([d for d in delta.values() if d is not None], None), '+.2f')} "
+                           f"{interval(bootstrap([item_counts(a[x], x) for x in benches], [item_counts(b[x], x) for x in benches]))}"])
+        if rows:
+            out.append(f"### The study's comparisons (T = {t:g}): Δτ [paired 95% bootstrap interval over the same prompts]; "
+                       f"an interval that excludes 0 decides\n\n" + table(["comparison"] + names + ["average"], rows))
 
         routed = [r for r in rs if r["config"]["compose"] in ("route", "route-entropy")]
         if routed:

@@ -31,8 +31,7 @@
      "3 alignment steps" are the plain pass plus 2 aligned ones (`align_steps`, changeable).
 
 3. Optimisation (EAGLE/HASS defaults): AdamW, betas (0.9, 0.95), gradient clipping by value 0.5,
-   linear warmup then linear decay; bf16 autocast (also on CPU: 3x faster than fp32 on
-   AVX512-BF16 cores; --no-amp otherwise). lr 3e-5 is EAGLE's for 20 GPU epochs over 68k
+   linear warmup then linear decay; bf16 autocast, also on a CPU (--no-amp where bf16 is slow). lr 3e-5 is EAGLE's for 20 GPU epochs over 68k
    conversations; the few-minute demo needs 1e-3 to learn anything in a few hundred steps.
    After each epoch: the checkpoint (atomic), top-1 agreement of argmax(head(f_hat)) with the
    target's greedy token on math and chat held-out conversations (printed, and logged to
@@ -41,12 +40,11 @@
 
 Sizes (measured timings are in the README):
   demo  2,000 math / 600 chat conversations, max_len 320, 24 held-out per domain, 3 epochs, lr 1e-3,
-        batch 2, draft vocabulary 4,096. The lr is high because the run is short; the draft
-        vocabulary makes each step ~4x cheaper than two full-vocabulary heads.
+        batch 2, draft vocabulary 4,096. The lr is high because the run is short.
   cpu   the whole GSM8K train split (7,273 solutions, 685k assistant tokens) and 1,140 ShareGPT
         conversations (about as many assistant tokens at max_len 1,024), 48 held-out per domain,
-        6 epochs, lr 1e-3, batch 2: one EAGLE drafter in about an hour on 2 cores once the features
-        are cached (`--features-only` builds them once for every drafter of the size).
+        6 epochs, lr 1e-3, batch 2: sized for one EAGLE drafter in about an hour on 2 cores once
+        the features are cached (`--features-only` builds them once for every drafter of the size).
   full  the whole corpus (7.3k math, 16.4k chat conversations), max_len 2048, 200 held-out, 20 epochs,
         lr 3e-5 (EAGLE's), batch 8: sized for a GPU (Llama-3-8B-Instruct: bf16, extraction batch 8).
 Domains: math, chat, and the study's RQ2 mixtures, which read the two caches of their size:

@@ -3,6 +3,7 @@ every composition equal to plain greedy decoding, tables, the report mode, and b
 import json
 import math
 
+import numpy as np
 import pytest
 
 import eval as ev
@@ -116,8 +117,11 @@ def test_every_composition_at_once_matches_plain_greedy(setup, capsys):
     assert sum(route["per_call"]) == pytest.approx(1) and sum(route["per_prompt_majority"]) == pytest.approx(1)
     out = capsys.readouterr().out
     for title in ("Table 1 (T = 0)", "Table 1 (T = 1)", "Table 3 (T = 0)", "Table 7 (T = 1)", "Table 8 (T = 0)",
-                  "Tables 9-11 (T = 1)", "Figure 6 (T = 0)", "Merged trees (T = 1)"):
+                  "Tables 9-11 (T = 1)", "Figure 6 (T = 0)", "Merged trees (T = 1)", "The study's comparisons (T = 1)"):
         assert f"### {title}" in out
+    for row in ("| in-domain − out-of-domain specialist |", "| averaged (λ = 0.5) − best single |",
+                "| routed − best single |", "| merged − best single |", "| merged − routed |"):
+        assert row in out
     # --report prints the same tables from the saved files
     ev.main(["--report", *map(str, files)])
     assert capsys.readouterr().out.strip() == out[:out.rindex("\n[")].strip()
@@ -133,7 +137,8 @@ def test_report_joins_an_interrupted_run_and_its_completion(setup, capsys):
     rows = [line for line in out.splitlines() if line.startswith("| route |")]
     a, b = (json.loads((tmp_path / f"{x}.json").read_text())["results"][x]["tau"] for x in ("mt_bench", "gsm8k"))
     assert "| method | MT-Bench | GSM8K | average |" in out   # one row with both benchmarks
-    assert rows[0].startswith(f"| route | {a:.2f} (") and f"| {(a + b) / 2:.2f} (" in rows[0]
+    assert rows[0].startswith(f"| route | {a:.2f} [{a:.2f}, {a:.2f}] (")    # one prompt: a point interval
+    assert f"| {(a + b) / 2:.2f} [" in rows[0]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -183,6 +188,42 @@ def test_unknown_compose_and_bad_report(setup, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         ev.main(["--report", str(tmp_path / "junk.json")])
     assert e.value.code == 2 and "not an eval.py result" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bootstrap intervals
+
+def fake_items(rng, n, tau):
+    """n prompts whose verifier calls emit about tau tokens each (Poisson-ish counts around tau)."""
+    out = {}
+    for q in range(n):
+        calls = int(rng.integers(5, 40))
+        out[q] = (int(rng.binomial(calls * 8, tau / 8)), calls)
+    return out
+
+
+def test_bootstrap_intervals_are_points_for_identical_prompts_and_cover_the_truth():
+    assert ev.bootstrap([{0: (30, 10), 1: (60, 20)}]) == pytest.approx((3.0, 3.0))
+    same = {q: (3 * q + 3, q + 1) for q in range(8)}
+    assert ev.bootstrap([same], [same]) == (0.0, 0.0)
+    assert ev.bootstrap([{}]) is None and ev.interval(None) == "–"
+    # calibration: over 200 simulated evaluations of 30 prompts, the 95% interval holds the true
+    # ratio of expectations (tau = 2.5) about 95% of the time -- not always, not rarely
+    rng = np.random.default_rng(1)
+    hits = sum(lo <= 2.5 <= hi for lo, hi in (ev.bootstrap([fake_items(rng, 30, 2.5)], n=1000, seed=s)
+                                              for s in range(200)))
+    assert 0.88 <= hits / 200 <= 0.99
+
+
+def test_paired_intervals_see_what_unpaired_ones_miss():
+    """A method better by 0.2 tokens per call on every prompt, while prompts vary widely: pairing
+    removes the between-prompt spread, so the paired interval excludes 0."""
+    rng = np.random.default_rng(2)
+    base = fake_items(rng, 20, 2.0)
+    better = {q: (new + int(0.2 * calls), calls) for q, (new, calls) in base.items()}
+    lo, hi = ev.bootstrap([better], [base])
+    assert 0.1 < lo <= hi < 0.3
+    a, b = ev.bootstrap([better]), ev.bootstrap([base])
+    assert a[0] < b[1]   # the unpaired intervals overlap
 
 
 def test_nan_becomes_null():
