@@ -14,6 +14,17 @@ Everything the speculative decoder verifies against lives here:
 
 Module names equal the Hugging Face `LlamaForCausalLM` names (minus the `model.` prefix),
 so checkpoints load and save without a renaming table.
+
+Sections, in order:
+  the network   config (`ModelArgs`) · layers (RMSNorm, rotary, attention, MLP, `Block`) ·
+                KV cache · model (`Transformer`, `build_mask`) · sampling (`logits_to_probs`,
+                `generate_plain`)
+  loaders       Hugging Face checkpoints (`load_hf`, `save_hf`, `atomic_write`) · GGUF v2/v3
+                reader · GGUF -> Hugging Face conversion
+  tokenizer     `Tokenizer` on tiktoken (BPE from tokenizer.json or tokenizer.model, chat template)
+  the default   the embedded default target (`load_target`, `export_default`, `cache_dir`)
+  runtime       devices, dtypes' machine fingerprint (`machine`), `clock`, `mean`, `one_line_errors`
+  CLI           `bench`, `main`
 """
 from __future__ import annotations
 
