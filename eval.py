@@ -225,6 +225,9 @@ def combine(stats: list[Stats]) -> Stats:
     return out
 
 
+ENTROPY_EDGES = np.linspace(0.0, 12.0, 49)   # nats, 0.25 wide: up to ln(128,256) = 11.76, Llama 3's vocabulary
+
+
 def shares(values: list[int], k: int) -> list[float]:
     return [values.count(i) / len(values) if values else math.nan for i in range(k)]
 
@@ -243,6 +246,10 @@ def bench_results(items: list[list[tuple[dict, Stats]]], k: int) -> dict:
         "greedy_match": mean(matches, None),
         "alpha_by_depth": summary["alpha_by_depth"],
         "entropy": {"draft": summary["draft_entropy"], "target": summary["target_entropy"]},
+        "entropy_hist": {"edges": ENTROPY_EDGES.tolist(),   # Figure 7: counts of tokens per entropy bin
+                         **{who: {k: np.histogram(np.clip(getattr(s, f"{who}_entropy_{k}"), 0, ENTROPY_EDGES[-1]),
+                                                  ENTROPY_EDGES)[0].tolist() for k in ("accepted", "rejected")}
+                            for who in ("draft", "target")}},
         # routing: the drafter whose tree was verified (-1 = a merged tree), per call and by prompt majority
         "routing": {"per_call": shares(s.routed, k), "per_prompt_majority": shares(majority, k),
                     "merged_calls": s.routed.count(-1) / max(s.calls, 1)},
@@ -524,17 +531,38 @@ def row_order(c: dict, paths: list[str]):
     return METHODS.index(kind) if kind in METHODS else len(METHODS), first, c["lambda"] or 0, c["equal_budget"]
 
 
+def lambda_sweep(rs: list[dict], drafter_paths: list[str]) -> list[tuple[float, dict]]:
+    """(lambda, run) of the averaged runs, sorted; lambda = 1 and 0 are the first and second drafter
+    bit for bit, so their single runs stand in where no average was run there."""
+    sweep = {r["config"]["lambda"]: r for r in rs if r["config"]["lambda"] is not None}
+    singles = {r["config"]["drafters"][0]["path"]: r for r in rs
+               if r["config"]["compose"] == "single" and r["config"]["lambda"] is None}
+    if sweep and len(drafter_paths) == 2:
+        for lam, path in ((1.0, drafter_paths[0]), (0.0, drafter_paths[1])):
+            if lam not in sweep and path in singles:
+                sweep[lam] = singles[path]
+    return sorted(sweep.items())
+
+
+def by_temperature(runs: list[dict]):
+    """(T, its runs in row order, the benchmarks they measured, the composed drafters' paths) per temperature."""
+    for t in sorted({r["config"]["temperature"] for r in runs}):
+        rs = [r for r in runs if r["config"]["temperature"] == t]
+        drafter_paths = [d["path"] for d in max((r["config"]["drafters"] for r in rs), key=len)]
+        rs.sort(key=lambda r: row_order(r["config"], drafter_paths))
+        yield t, rs, [b for b in BENCHMARKS if any(b in r["results"] for r in rs)], drafter_paths
+
+
+def method(r: dict) -> str:
+    return r["config"]["method"]
+
+
 def tables(runs: list[dict]) -> str:
     """The study's tables from run dicts {"config", "results"} (one per method and temperature)."""
     out = []
-    for t in sorted({r["config"]["temperature"] for r in runs}):
-        rs = [r for r in runs if r["config"]["temperature"] == t]
-        benches = [b for b in BENCHMARKS if any(b in r["results"] for r in rs)]
+    for t, rs, benches, drafter_paths in by_temperature(runs):
         names = [BENCH_NAMES[b] for b in benches]
-        method = lambda r: r["config"]["method"]
-        drafter_paths = [d["path"] for d in max((r["config"]["drafters"] for r in rs), key=len)]
         drafter_names = [Path(p).stem for p in drafter_paths]
-        rs.sort(key=lambda r: row_order(r["config"], drafter_paths))
 
         rows = []
         for r in rs:
@@ -595,15 +623,7 @@ def tables(runs: list[dict]) -> str:
                    f"the share that accepted a token at depth d)\n\n"
                    + table(["method", "benchmark"] + [f"d={d + 1}" for d in range(depth)], rows))
 
-        # lambda = 1 and 0 are the first and second drafter bit for bit: their single runs stand in
-        sweep = {r["config"]["lambda"]: r for r in rs if r["config"]["lambda"] is not None}
-        singles = {r["config"]["drafters"][0]["path"]: r for r in rs
-                   if r["config"]["compose"] == "single" and r["config"]["lambda"] is None}
-        if sweep and len(drafter_paths) == 2:
-            for lam, path in ((1.0, drafter_paths[0]), (0.0, drafter_paths[1])):
-                if lam not in sweep and path in singles:
-                    sweep[lam] = singles[path]
-        sweep = sorted(sweep.items())
+        sweep = lambda_sweep(rs, drafter_paths)
         if len(sweep) > 1:
             rows = [[fmt(lam, "g")] + [fmt(get(r, b, "tau")) for b in benches] + [fmt(get(r, "average", "tau"))]
                     for lam, r in sweep]
@@ -644,6 +664,8 @@ def parse_args(argv=None):
                     help="where to write the results (default runs/eval-<date>-<time>.json; see the module docstring)")
     ap.add_argument("--force", action="store_true", help="replace existing result files (never read-only ones)")
     ap.add_argument("--report", nargs="+", type=Path, metavar="JSON", help="print the tables of saved runs and exit")
+    ap.add_argument("--figures", type=Path, metavar="DIR",
+                    help="also write the study's Figures 6-8 as PNG files in DIR (needs matplotlib, an optional extra)")
     ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default target)")
     ap.add_argument("--data-dir", help="data directory (default: $TAPS_DATA or ../shared/data)")
     ap.add_argument("--device", default=default_device())
@@ -661,8 +683,8 @@ def parse_args(argv=None):
     return args
 
 
-def report(paths: list[Path]) -> str:
-    """Tables of saved runs. Files of the same run (method and temperature), e.g. an interrupted
+def load_runs(paths: list[Path]) -> list[dict]:
+    """Saved runs, checked. Files of the same run (method and temperature), e.g. an interrupted
     evaluation and its completion with --bench set to the remaining benchmarks, are joined."""
     runs = {}
     for p in paths:
@@ -686,15 +708,86 @@ def report(paths: list[Path]) -> str:
             runs[key]["results"]["average"] = averages(runs[key]["results"])
         else:
             runs[key] = obj
-    return tables(list(runs.values()))
+    return list(runs.values())
+
+
+# ----------------------------------------------------------------------------- figures (optional: matplotlib)
+
+def pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise TapsError("--figures needs matplotlib, an optional extra: pip install matplotlib") from None
+    matplotlib.use("Agg")                     # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def figures(runs: list[dict], out: Path) -> list[Path]:
+    """The study's Figures 6-8 as PNG files in `out`, per temperature: tau vs lambda, the draft
+    entropy of accepted vs rejected tokens (each single drafter, each benchmark), acceptance by depth."""
+    plt = pyplot()
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, name):
+        atomic_write(out / name, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
+        plt.close(fig)
+        written.append(out / name)
+
+    for t, rs, benches, drafter_paths in by_temperature(runs):
+        sweep = lambda_sweep(rs, drafter_paths)
+        if len(sweep) > 1:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for b in benches + ["average"]:
+                ax.plot([lam for lam, _ in sweep], [get(r, b, "tau") for _, r in sweep], marker="o",
+                        label=BENCH_NAMES.get(b, b), linestyle="--" if b == "average" else "-")
+            ax.set(xlabel=f"λ (weight of {Path(drafter_paths[0]).stem})", ylabel="τ", title=f"Figure 6: τ vs λ, T = {t:g}")
+            ax.legend(fontsize=8)
+            save(fig, f"figure6-T{t:g}.png")
+        singles = [r for r in rs if r["config"]["compose"] == "single" and r["config"]["lambda"] is None
+                   and any(get(r, b, "entropy_hist") for b in benches)]
+        if singles:
+            fig, axes = plt.subplots(len(singles), len(benches), figsize=(3 * len(benches), 2.2 * len(singles)),
+                                     squeeze=False, sharex=True)
+            for row, r in zip(axes, singles):
+                for ax, b in zip(row, benches):
+                    h = get(r, b, "entropy_hist")
+                    for kind in ("accepted", "rejected"):
+                        counts = np.array(h["draft"][kind]) if h else np.zeros(0)
+                        if counts.sum():
+                            ax.stairs(counts / counts.sum(), h["edges"], label=kind, fill=kind == "accepted", alpha=0.6)
+                    ax.set_title(f"{method(r)} · {BENCH_NAMES[b]}", fontsize=8)
+                    ax.tick_params(labelsize=7)
+            axes[0][0].legend(fontsize=7)
+            for ax in axes[-1]:
+                ax.set_xlabel("draft entropy (nats)", fontsize=8)
+            fig.suptitle(f"Figure 7: draft entropy of accepted vs rejected tokens (share per bin), T = {t:g}", fontsize=9)
+            save(fig, f"figure7-T{t:g}.png")
+        fig, axes = plt.subplots(1, len(benches), figsize=(3.2 * len(benches), 3), squeeze=False, sharey=True)
+        for ax, b in zip(axes[0], benches):
+            for r in rs:
+                alpha = get(r, b, "alpha_by_depth") or []
+                ax.plot(range(1, len(alpha) + 1), alpha, marker=".", label=method(r))
+            ax.set(title=BENCH_NAMES[b], xlabel="depth d", ylim=(0, 1.02))
+        axes[0][0].set_ylabel("acceptance rate at depth d")
+        axes[0][-1].legend(fontsize=6, loc="lower left")
+        fig.suptitle(f"Figure 8: acceptance rate by depth, T = {t:g}", fontsize=9)
+        save(fig, f"figure8-T{t:g}.png")
+    return written
 
 
 def main(argv=None):
     args = parse_args(argv)
     dec = Decoding(args.max_new_tokens, args.top_p, args.top_k, args.depth, args.seed)
     with one_line_errors(DataError, interrupted="nothing was evaluated yet"):
+        if args.figures:
+            pyplot()                                                    # installed? say so before any work
         if args.report:
-            print(report(args.report))
+            runs = load_runs(args.report)
+            print(tables(runs))
+            if args.figures:
+                print(f"[figures: {', '.join(map(str, figures(runs, args.figures)))}]")
             return
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -731,6 +824,8 @@ def main(argv=None):
             print(tables([as_dict(r) for r in runs if r.results]))
             sys.exit(130)
     print(tables([as_dict(r) for r in runs]))
+    if args.figures:
+        print(f"[figures: {', '.join(map(str, figures([as_dict(r) for r in runs], args.figures)))}]")
     print(f"\n[{len(runs)} runs x {sum(len(v) for v in bench_items.values())} prompts in "
           f"{time.perf_counter() - t0:.0f} s; JSON: {json_path(json_base, runs[0], len(runs) > 1)}"
           f"{' and the other runs beside it' if len(runs) > 1 else ''}]")

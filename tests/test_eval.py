@@ -190,6 +190,40 @@ def test_unknown_compose_and_bad_report(setup, capsys, tmp_path):
     assert e.value.code == 2 and "not an eval.py result" in capsys.readouterr().err
 
 
+def test_figures_from_saved_runs(setup, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra (pip install matplotlib)")
+    tmp_path, paths = setup
+    run(tmp_path, paths, "--compose", "single,average", "--lam-sweep", "0.5", "--limit", "2", "--bench", "gsm8k,svamp",
+        "--json", str(tmp_path / "r" / "f.json"))
+    files = sorted(map(str, (tmp_path / "r").glob("f-*.json")))
+    capsys.readouterr()
+    ev.main(["--report", *files, "--figures", str(tmp_path / "figs")])
+    pngs = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert pngs == ["figure6-T0.png", "figure7-T0.png", "figure8-T0.png"]
+    assert all((tmp_path / "figs" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    accepted = []
+    for f in files:
+        for b in ("gsm8k", "svamp"):
+            r = json.loads(open(f).read())["results"][b]
+            hist = r["entropy_hist"]
+            assert sum(hist["draft"]["rejected"]) > 0 and len(hist["edges"]) == len(hist["draft"]["accepted"]) + 1
+            # one accepted entropy per emitted draft token: each call but a turn's last emits its own token too
+            accepted.append(sum(hist["draft"]["accepted"]))
+            assert accepted[-1] <= sum(x["new_tokens"] - x["calls"] + 1 for x in r["turns"])
+    assert max(accepted) > 0
+
+
+def test_figures_without_matplotlib_is_one_line_before_any_work(setup, capsys, monkeypatch):
+    import sys
+    tmp_path, paths = setup
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # as if not installed
+    monkeypatch.setattr(ev, "load_target", lambda *a: pytest.fail("loaded a model before refusing"))
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, paths, "--figures", str(tmp_path / "figs"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "error: --figures needs matplotlib, an optional extra: pip install matplotlib\n"
+
+
 # ----------------------------------------------------------------------------- bootstrap intervals
 
 def fake_items(rng, n, tau):
