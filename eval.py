@@ -32,6 +32,15 @@ at T = 1), Tables 9-11 (acceptance rate by depth), Figure 6 (tau vs lambda), mer
 accepted path started with: in a plain merged tree the verifier tries the first drafter's children
 first, so a token both drafted counts for the first; merged-dedup counts it as both).
 
+Uncertainty: every tau gets a 95% percentile bootstrap interval over prompts (an item's turns stay
+together; the average over benchmarks resamples each benchmark on its own), and the study's
+comparisons -- in-domain vs out-of-domain specialist, averaged / routed / merged / mixed vs the best
+single specialist of each benchmark, merged vs routed -- get paired intervals on the same prompts.
+Figures 6-8 (--figures DIR, matplotlib): tau vs lambda, draft entropy of accepted vs rejected
+tokens, acceptance by depth.
+
+Sections, in file order: setup · measurement · speed (make bench) · uncertainty · tables · figures · CLI.
+
 JSON (--json PATH, default runs/eval-<date>-<time>.json): one file per (method, temperature) run, each
 
     {"config": {method, compose, lambda, temperature, tree budget, drafters (path, sha256, metadata),

@@ -27,6 +27,9 @@ distribution (the study's eqs. 1-2 use the opposite letters, its eq. 5 this one)
 
   where new tokens excludes the first token, which comes from the prefill call.
 
+Sections, in file order: sampling (`RandomSource`) · verification · draft trees · the drafter ·
+composing specialists · hardware-sized trees · generation (`Stats`, `generate`) · CLI.
+
 All randomness goes through a `RandomSource` (one Bernoulli and one categorical draw), and the
 verifiers only index, zero and renormalise probability vectors, so the exact tests run this
 very code with `fractions.Fraction` vectors and a random source that enumerates every outcome.

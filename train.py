@@ -38,6 +38,9 @@
    <out>.jsonl), and the training state <out>.state.pt (also every `save_interval` seconds);
    --resume continues from it and reproduces an uninterrupted run exactly.
 
+Sections, in file order: losses (pure functions) · draft vocabulary · drafter passes (HASS
+alignment) · feature cache · training loop · CLI.
+
 Sizes (measured timings are in the README):
   demo  2,000 math / 600 chat conversations, max_len 320, 24 held-out per domain, 3 epochs, lr 1e-3,
         batch 2, draft vocabulary 4,096. The lr is high because the run is short.
