@@ -14,13 +14,17 @@ test: install
 	$(PY) -m pytest
 
 # The study on the embedded default, small: train the math and chat EAGLE drafters at the demo
-# size (skipped when the checkpoints exist), evaluate every composition at T = 0 and 1 at the study's
-# tree in fp32 (greedy output checked bit for bit), then the speed table (auto trees, bf16 where it pays).
+# size (skipped when the checkpoints exist), evaluate both specialists and the three compositions at
+# the study's tree in fp32 (greedy output checked bit for bit) on LIMIT items per benchmark at T = 0
+# and LIMIT_1 at T = 1, then the speed table (auto trees, bf16 where it pays).
 # --force: a rerun replaces the demo's own result files in runs/.
-DEMO_EVAL = --compose single,average,route,route-entropy,merged --temperature 0,1 --limit $(LIMIT) --max-new-tokens 48
-LIMIT ?= 1
+DEMO_EVAL = --compose single,average,route,merged --max-new-tokens 48 \
+	--drafters checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors --json runs/demo.json --force
+LIMIT ?= 5
+LIMIT_1 ?= 1
 demo: install checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors
-	$(PY) eval.py $(DEMO_EVAL) --drafters checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors --json runs/demo.json --force
+	$(PY) eval.py $(DEMO_EVAL) --temperature 0 --limit $(LIMIT)
+	$(PY) eval.py $(DEMO_EVAL) --temperature 1 --limit $(LIMIT_1)
 	$(PY) eval.py --speed --max-new-tokens 64 --drafters checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors --json runs/demo-speed.json --force
 
 checkpoints/eagle-%.safetensors:
