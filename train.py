@@ -651,21 +651,33 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     def write_log():
         atomic_write(log_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in st["log"])))
 
-    cols = ["epoch", "steps", "train loss", "train top-1"] + [f"held-out top-1 {d}" for d in heldout] + ["time (s)"]
+    from tqdm import tqdm
+    cols = (["epoch", "steps", "train loss", "train top-1"] + [f"held-out top-1 {d}" for d in heldout]
+            + ["loss positions/s", "time (s)"])
     print(" | ".join(cols))
+    bar = tqdm(total=cfg.epochs * per_epoch, initial=st["epoch"] * per_epoch + st["batch"], unit="step",
+               desc=f"{cfg.backbone}-{cfg.domain}", file=sys.stderr, smoothing=0.05)
+    st.setdefault("positions", 0)    # this epoch's loss positions and seconds of training steps
+    st.setdefault("train_s", 0.0)
     reader, last_save, t0 = ShardReader(train_sets), time.perf_counter(), time.perf_counter()
     for epoch in range(st["epoch"], cfg.epochs):
         plan = epoch_plan(train_sets, cfg, epoch)
         for b in range(st["batch"], per_epoch):
             s, i, idx = plan[b]
             convs = reader.get(s, i)
-            loss, terms = train_step(drafter, target, opt, sched, collate([convs[c] for c in idx], dev), cfg, g)
+            batch = collate([convs[c] for c in idx], dev)
+            t_step = time.perf_counter()
+            loss, terms = train_step(drafter, target, opt, sched, batch, cfg, g)
             if not math.isfinite(loss):
                 raise TapsError(f"step {epoch * per_epoch + b + 1}: loss is {loss} on a batch of "
                                 f"{train_sets[s].path(i)}; stopped, the drafter is not saved")
+            st["train_s"] += time.perf_counter() - t_step
+            st["positions"] += int(batch["mask"][:, 2:].sum())
             st["loss_sum"] += loss
             st["top1_sum"] += terms["top1"]
             st["batch"] = b + 1
+            bar.update()
+            bar.set_postfix(loss=f"{st['loss_sum'] / (b + 1):.3f}", refresh=False)
             if time.perf_counter() - last_save >= save_interval:
                 save_state()
                 last_save = time.perf_counter()
@@ -673,15 +685,19 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
         record = {"epoch": epoch + 1, "step": (epoch + 1) * per_epoch, "train_loss": st["loss_sum"] / per_epoch,
                   "train_top1": st["top1_sum"] / per_epoch,
                   "heldout_top1": {d: heldout_agreement(drafter, target, fs, cfg) for d, fs in heldout.items()},
-                  "lr": sched.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - t0, 1)}
-        print(" | ".join([f"{epoch + 1}", f"{record['step']}", f"{record['train_loss']:.4f}", f"{record['train_top1']:.3f}"]
-                         + [f"{a:.3f}" for a in record["heldout_top1"].values()] + [f"{record['elapsed_s']:.0f}"]))
-        st.update(epoch=epoch + 1, batch=0, loss_sum=0.0, top1_sum=0.0, log=st["log"] + [record])
+                  "lr": sched.get_last_lr()[0], "positions_per_s": round(st["positions"] / max(st["train_s"], 1e-9)),
+                  "elapsed_s": round(time.perf_counter() - t0, 1)}
+        tqdm.write(" | ".join([f"{epoch + 1}", f"{record['step']}", f"{record['train_loss']:.4f}",
+                               f"{record['train_top1']:.3f}"] + [f"{a:.3f}" for a in record["heldout_top1"].values()]
+                              + [f"{record['positions_per_s']}", f"{record['elapsed_s']:.0f}"]))
+        st.update(epoch=epoch + 1, batch=0, loss_sum=0.0, top1_sum=0.0, positions=0, train_s=0.0,
+                  log=st["log"] + [record])
         drafter.meta["heldout_top1"] = record["heldout_top1"]
         atomic_write(out, drafter.save)
         save_state()
         last_save = time.perf_counter()
         write_log()
+    bar.close()
     return drafter
 
 
