@@ -462,13 +462,14 @@ def bootstrap(a: list[dict], b: Optional[list[dict]] = None, n: int = BOOTSTRAP,
     """Percentile bootstrap interval over prompts of the mean over benchmarks (strata) of
     tau = sum(new tokens) / sum(calls), each benchmark resampled on its own; with b, of tau_a - tau_b
     on the prompts both runs measured, one resample serving both (paired). a, b: one `item_counts`
-    dict per benchmark. Returns (low, high), or None when there is nothing to resample."""
+    dict per benchmark. Returns (low, high), or None where a benchmark has fewer than 2 prompts (one
+    prompt resampled is always itself: no interval)."""
     g = np.random.default_rng(seed)
     stats = np.zeros(n)
     for k, sa in enumerate(a):
         sb = b[k] if b is not None else sa
         keys = sorted(set(sa) & set(sb), key=str)
-        if not keys:
+        if len(keys) < 2:
             return None
         idx = g.integers(0, len(keys), (n, len(keys)))                  # (n, prompts)
         tau = lambda s: (np.array([s[q][0] for q in keys])[idx].sum(1)

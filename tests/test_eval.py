@@ -137,8 +137,8 @@ def test_report_joins_an_interrupted_run_and_its_completion(setup, capsys):
     rows = [line for line in out.splitlines() if line.startswith("| route |")]
     a, b = (json.loads((tmp_path / f"{x}.json").read_text())["results"][x]["tau"] for x in ("mt_bench", "gsm8k"))
     assert "| method | MT-Bench | GSM8K | average |" in out   # one row with both benchmarks
-    assert rows[0].startswith(f"| route | {a:.2f} [{a:.2f}, {a:.2f}] (")    # one prompt: a point interval
-    assert f"| {(a + b) / 2:.2f} [" in rows[0]
+    assert rows[0].startswith(f"| route | {a:.2f} – (")    # one prompt: no interval
+    assert f"| {(a + b) / 2:.2f} – (" in rows[0]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -239,7 +239,7 @@ def test_bootstrap_intervals_are_points_for_identical_prompts_and_cover_the_trut
     assert ev.bootstrap([{0: (30, 10), 1: (60, 20)}]) == pytest.approx((3.0, 3.0))
     same = {q: (3 * q + 3, q + 1) for q in range(8)}
     assert ev.bootstrap([same], [same]) == (0.0, 0.0)
-    assert ev.bootstrap([{}]) is None and ev.interval(None) == "–"
+    assert ev.bootstrap([{}]) is None and ev.bootstrap([{0: (5, 2)}]) is None and ev.interval(None) == "–"
     # calibration: over 200 simulated evaluations of 30 prompts, the 95% interval holds the true
     # ratio of expectations (tau = 2.5) about 95% of the time -- not always, not rarely
     rng = np.random.default_rng(1)
