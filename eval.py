@@ -772,7 +772,8 @@ def figures(runs: list[dict], out: Path) -> list[Path]:
             axes[0][0].legend(fontsize=7)
             for ax in axes[-1]:
                 ax.set_xlabel("draft entropy (nats)", fontsize=8)
-            fig.suptitle(f"Figure 7: draft entropy of accepted vs rejected tokens (share per bin), T = {t:g}", fontsize=9)
+            fig.suptitle(f"Figure 7: draft entropy of accepted vs rejected tokens (share per bin), T = {t:g}", fontsize=9,
+                         y=1.02)
             save(fig, f"figure7-T{t:g}.png")
         fig, axes = plt.subplots(1, len(benches), figsize=(3.2 * len(benches), 3), squeeze=False, sharey=True)
         for ax, b in zip(axes[0], benches):
@@ -780,9 +781,10 @@ def figures(runs: list[dict], out: Path) -> list[Path]:
                 alpha = get(r, b, "alpha_by_depth") or []
                 ax.plot(range(1, len(alpha) + 1), alpha, marker=".", label=method(r))
             ax.set(title=BENCH_NAMES[b], xlabel="depth d", ylim=(0, 1.02))
+            ax.xaxis.get_major_locator().set_params(integer=True)
         axes[0][0].set_ylabel("acceptance rate at depth d")
         axes[0][-1].legend(fontsize=6, loc="lower left")
-        fig.suptitle(f"Figure 8: acceptance rate by depth, T = {t:g}", fontsize=9)
+        fig.suptitle(f"Figure 8: acceptance rate by depth, T = {t:g}", fontsize=9, y=1.03)
         save(fig, f"figure8-T{t:g}.png")
     return written
 
