@@ -639,7 +639,8 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
         sched.load_state_dict(saved["scheduler"])
         g.set_state(saved["rng"].cpu())
         st = saved["progress"]
-        print(f"resuming {out} at epoch {st['epoch'] + 1}, batch {st['batch']} of {per_epoch}")
+        print(f"resuming {out} at epoch {st['epoch'] + 1}, batch {st['batch']} of {per_epoch}" if st["epoch"] < cfg.epochs
+              else f"resuming {out}: all {cfg.epochs} epochs are done, nothing to train")
     elif resume:
         print(f"no training state at {state_file}: starting from scratch")
 
@@ -766,7 +767,7 @@ def main(argv=None):
               f"{sum(fs.meta['conversations'] for fs in train_sets)} conversations, {cfg.epochs} epochs, lr {cfg.lr}]")
         train(cfg, target, train_sets, heldout, out, args.resume, args.save_interval, tokenizer.stop_ids, args.overwrite,
               vocab_sets)
-        print(f"[wrote {out} (log {out.with_name(out.stem + '.jsonl')}); training {time.perf_counter() - t1:.0f} s, "
+        print(f"[{out} (log {out.with_name(out.stem + '.jsonl')}): training {time.perf_counter() - t1:.0f} s, "
               f"total {time.perf_counter() - t0:.0f} s]")
 
 
