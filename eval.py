@@ -485,8 +485,9 @@ def interval(ci) -> str:
 
 def comparisons(rs: list[dict], benches: list[str]) -> list[tuple[str, dict, dict]]:
     """The study's comparisons as (name, run A, run B) pairs, A - B (B may differ per benchmark: a
-    dict bench -> run): in-domain vs out-of-domain specialist, averaged / routed / mixed vs the best
-    single specialist of each benchmark, merged vs routed."""
+    dict bench -> run): in-domain vs out-of-domain specialist (math on the math benchmarks, chat on
+    MT-Bench), averaged (λ = 0.5) / routed / merged / each mixed-data drafter vs the best single
+    specialist of each benchmark, merged vs routed."""
     kind = lambda r: r["config"]["compose"] if r["config"]["lambda"] is None else "average"
     domain = lambda r: r["config"]["drafters"][0].get("domain")
     singles = {domain(r): r for r in rs if kind(r) == "single"}

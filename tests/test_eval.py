@@ -260,6 +260,23 @@ def test_paired_intervals_see_what_unpaired_ones_miss():
     assert a[0] < b[1]   # the unpaired intervals overlap
 
 
+def test_the_study_comparisons_pick_the_right_runs():
+    def fake(domain, compose="single", lam=None, tau=None):
+        return {"config": {"compose": compose, "lambda": lam, "equal_budget": False, "method": f"{domain}-{compose}",
+                           "drafters": [{"path": domain, "domain": domain}]}, "results": tau}
+    math_, chat = fake("math", tau={"gsm8k": {"tau": 3.0}, "mt_bench": {"tau": 1.2}}), \
+        fake("chat", tau={"gsm8k": {"tau": 2.0}, "mt_bench": {"tau": 1.9}})
+    avg, mixed = fake("avg", lam=0.5), fake("mixed-large")
+    route, merged = fake("x", "route"), fake("x", "merged")
+    found = {name: (a, b) for name, a, b in ev.comparisons([math_, chat, avg, mixed, route, merged], ["gsm8k", "mt_bench"])}
+    assert list(found) == ["in-domain − out-of-domain specialist", "averaged (λ = 0.5) − best single",
+                           "routed − best single", "merged − best single", "mixed-large − best single", "merged − routed"]
+    a, b = found["in-domain − out-of-domain specialist"]
+    assert (a["gsm8k"], b["gsm8k"], a["mt_bench"], b["mt_bench"]) == (math_, chat, chat, math_)
+    a, b = found["mixed-large − best single"]
+    assert a["gsm8k"] is mixed and b == {"gsm8k": math_, "mt_bench": chat}
+
+
 def test_nan_becomes_null():
     assert ev.finite({"a": [math.nan, 1.0], "b": {"c": math.inf}}) == {"a": [None, 1.0], "b": {"c": None}}
 
