@@ -448,6 +448,12 @@ def speed(drafter_paths: list, path: Path, dec: Decoding, total_tokens: int = 60
 BOOTSTRAP = 2000   # resamples of the prompts per interval
 
 
+def kind(run: dict) -> str:
+    """What a run is: "average" (a weight average at some lambda) or its composition, e.g. "single"."""
+    c = run["config"]
+    return "average" if c["lambda"] is not None else c["compose"]
+
+
 def item_counts(run: dict, bench: str) -> dict:
     """question_id -> (new tokens, verifier calls) of one benchmark, summed over each item's turns:
     the unit a bootstrap resamples (an MT-Bench item's two turns stay together)."""
@@ -488,7 +494,6 @@ def comparisons(rs: list[dict], benches: list[str]) -> list[tuple[str, dict, dic
     dict bench -> run): in-domain vs out-of-domain specialist (math on the math benchmarks, chat on
     MT-Bench), averaged (λ = 0.5) / routed / merged / each mixed-data drafter vs the best single
     specialist of each benchmark, merged vs routed."""
-    kind = lambda r: r["config"]["compose"] if r["config"]["lambda"] is None else "average"
     domain = lambda r: r["config"]["drafters"][0].get("domain")
     singles = {domain(r): r for r in rs if kind(r) == "single"}
     by = {kind(r): r for r in rs if kind(r) != "single" and not r["config"]["equal_budget"]}
@@ -535,19 +540,18 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def row_order(c: dict, paths: list[str]):
+def row_order(run: dict, paths: list[str]):
     """Rows in METHODS order: singles by drafter, averages by lambda, each merged kind before its equal budget."""
-    kind = "average" if c["lambda"] is not None else c["compose"]
+    c, k = run["config"], kind(run)
     first = paths.index(c["drafters"][0]["path"]) if c["drafters"][0]["path"] in paths else 0
-    return METHODS.index(kind) if kind in METHODS else len(METHODS), first, c["lambda"] or 0, c["equal_budget"]
+    return METHODS.index(k) if k in METHODS else len(METHODS), first, c["lambda"] or 0, c["equal_budget"]
 
 
 def lambda_sweep(rs: list[dict], drafter_paths: list[str]) -> list[tuple[float, dict]]:
     """(lambda, run) of the averaged runs, sorted; lambda = 1 and 0 are the first and second drafter
     bit for bit, so their single runs stand in where no average was run there."""
-    sweep = {r["config"]["lambda"]: r for r in rs if r["config"]["lambda"] is not None}
-    singles = {r["config"]["drafters"][0]["path"]: r for r in rs
-               if r["config"]["compose"] == "single" and r["config"]["lambda"] is None}
+    sweep = {r["config"]["lambda"]: r for r in rs if kind(r) == "average"}
+    singles = {r["config"]["drafters"][0]["path"]: r for r in rs if kind(r) == "single"}
     if sweep and len(drafter_paths) == 2:
         for lam, path in ((1.0, drafter_paths[0]), (0.0, drafter_paths[1])):
             if lam not in sweep and path in singles:
@@ -560,7 +564,7 @@ def by_temperature(runs: list[dict]):
     for t in sorted({r["config"]["temperature"] for r in runs}):
         rs = [r for r in runs if r["config"]["temperature"] == t]
         drafter_paths = [d["path"] for d in max((r["config"]["drafters"] for r in rs), key=len)]
-        rs.sort(key=lambda r: row_order(r["config"], drafter_paths))
+        rs.sort(key=lambda r: row_order(r, drafter_paths))
         yield t, rs, [b for b in BENCHMARKS if any(b in r["results"] for r in rs)], drafter_paths
 
 
@@ -595,12 +599,11 @@ def tables(runs: list[dict]) -> str:
 
         rows = []
         for name, a, b in comparisons(rs, benches):
-            delta = {x: get(a[x], x, "tau") - get(b[x], x, "tau") if get(a[x], x, "tau") is not None
-                     and get(b[x], x, "tau") is not None else None for x in benches}
-            rows.append([name] + [f"{fmt(delta[x], '+.2f')} {interval(bootstrap([item_counts(a[x], x)], [item_counts(b[x], x)]))}"
-                                  for x in benches]
-                        + [f"{fmt(mean([d for d in delta.values() if d is not None], None), '+.2f')} "
-                           f"{interval(bootstrap([item_counts(a[x], x) for x in benches], [item_counts(b[x], x) for x in benches]))}"])
+            ca, cb = [item_counts(a[x], x) for x in benches], [item_counts(b[x], x) for x in benches]
+            taus = [(get(a[x], x, "tau"), get(b[x], x, "tau")) for x in benches]
+            delta = [ta - tb if ta is not None and tb is not None else None for ta, tb in taus]
+            rows.append([name] + [f"{fmt(d, '+.2f')} {interval(bootstrap([p], [q]))}" for d, p, q in zip(delta, ca, cb)]
+                        + [f"{fmt(mean([d for d in delta if d is not None], None), '+.2f')} {interval(bootstrap(ca, cb))}"])
         if rows:
             out.append(f"### The study's comparisons (T = {t:g}): Δτ [paired 95% bootstrap interval over the same prompts]; "
                        f"an interval that excludes 0 decides\n\n" + table(["comparison"] + names + ["average"], rows))
@@ -756,18 +759,17 @@ def figures(runs: list[dict], out: Path) -> list[Path]:
             ax.set(xlabel=f"λ (weight of {Path(drafter_paths[0]).stem})", ylabel="τ", title=f"Figure 6: τ vs λ, T = {t:g}")
             ax.legend(fontsize=8)
             save(fig, f"figure6-T{t:g}.png")
-        singles = [r for r in rs if r["config"]["compose"] == "single" and r["config"]["lambda"] is None
-                   and any(get(r, b, "entropy_hist") for b in benches)]
+        singles = [r for r in rs if kind(r) == "single" and any(get(r, b, "entropy_hist") for b in benches)]
         if singles:
             fig, axes = plt.subplots(len(singles), len(benches), figsize=(3 * len(benches), 2.2 * len(singles)),
                                      squeeze=False, sharex=True)
             for row, r in zip(axes, singles):
                 for ax, b in zip(row, benches):
                     h = get(r, b, "entropy_hist")
-                    for kind in ("accepted", "rejected"):
-                        counts = np.array(h["draft"][kind]) if h else np.zeros(0)
+                    for judged in ("accepted", "rejected"):
+                        counts = np.array(h["draft"][judged]) if h else np.zeros(0)
                         if counts.sum():
-                            ax.stairs(counts / counts.sum(), h["edges"], label=kind, fill=kind == "accepted", alpha=0.6)
+                            ax.stairs(counts / counts.sum(), h["edges"], label=judged, fill=judged == "accepted", alpha=0.6)
                     ax.set_title(f"{method(r)} · {BENCH_NAMES[b]}", fontsize=8)
                     ax.tick_params(labelsize=7)
             axes[0][0].legend(fontsize=7)
@@ -836,9 +838,10 @@ def main(argv=None):
             print("\ninterrupted: tables of the benchmarks completed so far", file=sys.stderr)
             print(tables([as_dict(r) for r in runs if r.results]))
             sys.exit(130)
-    print(tables([as_dict(r) for r in runs]))
+    saved = [as_dict(r) for r in runs]
+    print(tables(saved))
     if args.figures:
-        print(f"[figures: {', '.join(map(str, figures([as_dict(r) for r in runs], args.figures)))}]")
+        print(f"[figures: {', '.join(map(str, figures(saved, args.figures)))}]")
     print(f"\n[{len(runs)} runs x {sum(len(v) for v in bench_items.values())} prompts in "
           f"{time.perf_counter() - t0:.0f} s; JSON: {json_path(json_base, runs[0], len(runs) > 1)}"
           f"{' and the other runs beside it' if len(runs) > 1 else ''}]")

@@ -203,8 +203,9 @@ def test_figures_from_saved_runs(setup, capsys):
     assert all((tmp_path / "figs" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     accepted = []
     for f in files:
+        results = json.loads(open(f).read())["results"]
         for b in ("gsm8k", "svamp"):
-            r = json.loads(open(f).read())["results"][b]
+            r = results[b]
             hist = r["entropy_hist"]
             assert sum(hist["draft"]["rejected"]) > 0 and len(hist["edges"]) == len(hist["draft"]["accepted"]) + 1
             # one accepted entropy per emitted draft token: each call but a turn's last emits its own token too
