@@ -117,23 +117,32 @@ def verify_tree(tree: "Tree", p_at: Callable[[int], object], rng: RandomSource):
     `logits_to_probs`) for the token after that node's path; any type with indexing, item
     assignment, .sum() and division works (torch tensors, numpy arrays of Fractions).
     Every child is a deterministic proposal, i.e. a draft distribution that is a point mass, so
-    min(1, p/q) = r(s) and the residual max(0, r - q) is r with r(s) set to 0. A duplicate
-    sibling (two drafters' trees merged) would find r(s) = 0 and can never be accepted: it is
-    skipped, as EAGLE does, so it is neither a draw nor a rejected token in the statistics.
-    Returns (path, x, rejected): accepted node ids from the root (path[0] == 0), the token the
-    verifier emits after them (correction, or bonus at a leaf), the children tried and rejected.
+    min(1, p/q) = r(s) and the residual max(0, r - q) is r with r(s) set to 0.
+
+    Merged trees repeat token paths (two drafters proposing the same tokens). Verification runs on
+    the trie of the tree's token paths, as EAGLE's candidate-by-candidate verification does (the
+    study's merged tree): the children tried after an accepted token are those of every node with
+    that same token path, in node order, and a repeated token among them is skipped -- after its
+    first copy is rejected it has r(s) = 0 -- so it is neither a draw nor a rejected token in the
+    statistics. A plain merged tree is thereby verified exactly as its de-duplicated trie
+    (`merge(dedup=True)`); the trie only spends fewer nodes.
+    Returns (path, x, rejected): accepted node ids from the root (path[0] == 0, each node the parent
+    of the next), the token the verifier emits after them (correction, or bonus at a leaf), the
+    children tried and rejected.
     """
     children = tree.children()
     path, rejected = [0], []
+    same = [0]                       # the nodes whose token path is the accepted one (a merged tree's copies)
     while True:
         r, tried = p_at(path[-1]), set()
-        for s in children[path[-1]]:
+        for s in sorted(c for node in same for c in children[node]):
             x = tree.tokens[s]
             if x in tried:
                 continue
             tried.add(x)
             if rng.bernoulli(r[x]):
-                path.append(s)
+                same = [c for node in same for c in children[node] if tree.tokens[c] == x]
+                path = tree.path_to(s)     # s's own ancestors: the copy of the accepted path it hangs under
                 break
             rejected.append(s)
             r = residual(r, x)
@@ -197,13 +206,14 @@ class Tree:
     def paths(self) -> list[list[int]]:
         """Root-to-leaf node paths."""
         children = self.children()
-        out = []
-        for leaf in (i for i in range(len(self)) if not children[i]):
-            path = [leaf]
-            while path[-1] != 0:
-                path.append(self.parents[path[-1]])
-            out.append(path[::-1])
-        return out
+        return [self.path_to(leaf) for leaf in range(len(self)) if not children[leaf]]
+
+    def path_to(self, node: int) -> list[int]:
+        """Node ids from the root to node."""
+        path = [node]
+        while path[-1] != 0:
+            path.append(self.parents[path[-1]])
+        return path[::-1]
 
     def mask(self, device=None) -> torch.Tensor:
         """(N, N) bool: each node attends to itself and its ancestors (the prefix is always visible)."""

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from model import TapsError, generate_plain
 from taps import (COMPOSE, Drafter, Stats, TorchRandom, Tree, average, generate, merge, route, route_entropy, tag,
                   verify_tree)
-from conftest import Target, drafts, node_tokens, prompts, spec_dist, tiny, tree_call
+from conftest import Target, drafts, node_tokens, outcomes, prompts, spec_dist, tiny, tree_call
 
 
 def small_trees():
@@ -101,10 +101,10 @@ def greedy_next(V, seed, path):
 
 @settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 10**6), k=st.integers(2, 3), V=st.integers(2, 3))
-def test_dedup_merge_at_temperature_0_accepts_the_longest_matching_path(seed, k, V):
-    """Greedy: the trie accepts the longest input path that matches the target (the study's
-    longest-path rule on the plain merged tree); the plain merge accepts a prefix of it (a duplicate
-    sibling's subtree is never entered), and both emit the target's tokens."""
+def test_merged_at_temperature_0_accepts_the_longest_matching_path(seed, k, V):
+    """Greedy: a merged tree accepts the longest input path that matches the target -- the study's
+    rule (EAGLE's evaluate_posterior takes the best of all candidate paths) -- plain or as a trie, also
+    where two drafters' copies of one token path hold different continuations."""
     trees = drafts(seed, V, (0,), k)
     greedy = [()]
     while greedy[-1] in set().union(*(token_paths(t) for t in trees)):
@@ -118,10 +118,47 @@ def test_dedup_merge_at_temperature_0_accepts_the_longest_matching_path(seed, k,
 
     def emitted(tree):
         path, x, _ = verify_tree(tree, lambda node: one_hot(tree, node), TorchRandom(0))
+        assert all(tree.parents[b] == a for a, b in zip(path, path[1:]))   # a real root-to-node chain
         return tuple(tree.tokens[i] for i in path[1:]) + (x,)
     assert emitted(merge(trees, dedup=True)) == best
-    plain = emitted(merge(trees))
-    assert plain == best[:len(plain)]
+    assert emitted(merge(trees)) == best
+
+
+def test_merged_follows_the_second_copy_of_an_accepted_token():
+    """By hand: both drafters propose 5; only b continues with the target's 7 under it. The first copy
+    of 5 is accepted; the verifier must still try b's 7 (what a first-copy-only walk misses)."""
+    a, b = small_trees()
+    m = merge([a, b])                                   # tokens [4, 5, 6, 8, 5, 9, 7]
+
+    class Script:                                       # accepts 5 and 7 only
+        def bernoulli(self, p):
+            return bool(p > 0.5)
+
+        def categorical(self, r):
+            return int(r.argmax())
+
+    def p_at(node):
+        p = torch.zeros(12)
+        p[{(): 5, (5,): 7}.get(node_tokens(m, node), 0)] = 1
+        return p
+    path, x, rejected = verify_tree(m, p_at, Script())
+    assert path == [0, 4, 6] and x == 0 and [m.tokens[i] for i in rejected] == [6]
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 10**9), k=st.integers(2, 3), V=st.integers(2, 4), half=st.booleans())
+def test_a_merged_tree_is_verified_exactly_as_its_trie(seed, k, V, half):
+    """Outcome by outcome of every random draw (not only in distribution): the plain merged tree and
+    its de-duplicated trie try the same tokens in the same order and emit the same tokens."""
+    target, ctx = Target(V, seed, half), (seed % V,)
+    trees = drafts(seed, V, ctx, k)
+
+    def run(tree):
+        def call(rng):
+            path, x, rejected = verify_tree(tree, lambda node: target.p(ctx + node_tokens(tree, node)), rng)
+            return node_tokens(tree, path[-1]) + (x,), tuple(tree.tokens[i] for i in rejected)
+        return outcomes(call)
+    assert run(merge(trees)) == run(merge(trees, dedup=True))
 
 
 def test_a_duplicate_sibling_is_skipped_not_rejected():
