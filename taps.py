@@ -130,19 +130,20 @@ def verify_tree(tree: "Tree", p_at: Callable[[int], object], rng: RandomSource):
     of the next), the token the verifier emits after them (correction, or bonus at a leaf), the
     children tried and rejected.
     """
-    children = tree.children()
+    first = tree.first_copies()
+    kids = [[] for _ in tree.tokens]     # the trie's children: those of every copy of a node, in node order
+    for i in range(1, len(tree)):
+        kids[first[tree.parents[i]]].append(i)
     path, rejected = [0], []
-    same = [0]                       # the nodes whose token path is the accepted one (a merged tree's copies)
     while True:
         r, tried = p_at(path[-1]), set()
-        for s in sorted(c for node in same for c in children[node]):
+        for s in kids[first[path[-1]]]:
             x = tree.tokens[s]
             if x in tried:
                 continue
             tried.add(x)
             if rng.bernoulli(r[x]):
-                same = [c for node in same for c in children[node] if tree.tokens[c] == x]
-                path = tree.path_to(s)     # s's own ancestors: the copy of the accepted path it hangs under
+                path = tree.path_to(s)   # s is a first copy; its own ancestors may be other copies
                 break
             rejected.append(s)
             r = residual(r, x)
@@ -207,6 +208,14 @@ class Tree:
         """Root-to-leaf node paths."""
         children = self.children()
         return [self.path_to(leaf) for leaf in range(len(self)) if not children[leaf]]
+
+    def first_copies(self) -> list[int]:
+        """Each node's first copy: the lowest node id with the same token path (the node itself unless
+        merged trees repeat a path). Parents precede children, so one pass finds them all."""
+        first, seen = [0], {}
+        for i in range(1, len(self)):
+            first.append(seen.setdefault((first[self.parents[i]], self.tokens[i]), i))
+        return first
 
     def path_to(self, node: int) -> list[int]:
         """Node ids from the root to node."""
@@ -924,15 +933,16 @@ class Stats:
         # one drafter's tree, else -1: a merged tree (also one whose every node several drafters drafted)
         self.routed.append(origins.pop() if len(origins) == 1 and min(origins) >= 0 else -1)
         self.accepted_from.append(tree.origin[path[1]] if len(path) > 1 and tree.origin else -1)
-        self.leaf.append(path[-1] not in tree.parents)
+        first = tree.first_copies()          # a merged tree's copies of one token path count as one node
+        self.leaf.append(first[path[-1]] not in {first[i] for i in tree.parents[1:]})
         self.draft_time += draft_s
         self.verify_time += verify_s
         # the entropy lists keep the judgements whose token was emitted: children of path[j], j < emitted
-        parents = set(path[:emitted])
-        path, rejected = path[:1 + emitted], [s for s in rejected if tree.parents[s] in parents]
+        parents = {first[i] for i in path[:emitted]}
+        path, rejected = path[:1 + emitted], [s for s in rejected if first[tree.parents[s]] in parents]
         judged = path[1:] + rejected
-        if judged:
-            h_target = entropy(torch.log_softmax(torch.stack([logits[tree.parents[i]] for i in judged]), -1)).tolist()
+        if judged:   # p was computed at first copies only (`verify_tree`)
+            h_target = entropy(torch.log_softmax(torch.stack([logits[first[tree.parents[i]]] for i in judged]), -1)).tolist()
             m = len(path) - 1
             self.draft_entropy_accepted += [tree.entropy[i] for i in path[1:]]
             self.draft_entropy_rejected += [tree.entropy[i] for i in rejected]

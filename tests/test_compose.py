@@ -126,7 +126,8 @@ def test_merged_at_temperature_0_accepts_the_longest_matching_path(seed, k, V):
 
 def test_merged_follows_the_second_copy_of_an_accepted_token():
     """By hand: both drafters propose 5; only b continues with the target's 7 under it. The first copy
-    of 5 is accepted; the verifier must still try b's 7 (what a first-copy-only walk misses)."""
+    of 5 is accepted; the verifier must still try b's 7 (what a first-copy-only walk misses), and the
+    statistics must find the target's logits of that path where the verifier computed them."""
     a, b = small_trees()
     m = merge([a, b])                                   # tokens [4, 5, 6, 8, 5, 9, 7]
 
@@ -137,12 +138,21 @@ def test_merged_follows_the_second_copy_of_an_accepted_token():
         def categorical(self, r):
             return int(r.argmax())
 
+    logits = {}                                         # what the verifier computed, as TargetHead keeps it
+
     def p_at(node):
+        logits[node] = torch.zeros(12)
         p = torch.zeros(12)
         p[{(): 5, (5,): 7}.get(node_tokens(m, node), 0)] = 1
         return p
     path, x, rejected = verify_tree(m, p_at, Script())
     assert path == [0, 4, 6] and x == 0 and [m.tokens[i] for i in rejected] == [6]
+    # the statistics see one trie: 7 is a leaf, a's 6 (under the other copy of 5) was judged and rejected
+    s = Stats()
+    s.record(m, path, rejected, logits, 3, 0.0, 0.0)
+    assert s.leaf == [True] and s.accepted_from == [1]
+    assert s.draft_entropy_accepted == [2.0, 0.1] and s.draft_entropy_rejected == [0.5]
+    assert len(s.target_entropy_accepted) == 2 and len(s.target_entropy_rejected) == 1
 
 
 @settings(max_examples=150, deadline=None)
