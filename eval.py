@@ -10,8 +10,10 @@ the study, so lambda weights the first):
   average        one drafter theta = lam * theta_0 + (1 - lam) * theta_1 (eq. 11); --lam-sweep: Figure 6
   route          each step, only the tree with the highest mean draft confidence is verified (eqs. 12-13)
   route-entropy  each step, the tree with the lowest mean draft entropy (the study's comparison)
-  merged         every drafter's tree under one shared root, verified once (lossless: Lemma A.2)
-  merged-dedup   beyond the study: the merged tree as a trie, identical paths united
+  merged         every drafter's tree under one shared root, verified once (lossless: Lemma A.2) on
+                 the trie of its token paths, as the study's candidate verification does
+  merged-dedup   beyond the study: the same trie built before the call (identical paths united),
+                 so the same tokens are accepted with fewer nodes verified
   --equal-budget beyond the study: also run the merged kinds with total_tokens // k nodes per tree,
                  so that a merged tree is no larger than one single tree
 Every choice between or within trees uses draft-side quantities only (taps.COMPOSE), so the output
@@ -29,8 +31,8 @@ Tables (markdown, shaped like the study's): Table 1 (tau and speedup per benchma
 average), Table 3 (routing: share of prompts whose majority of steps went to each drafter, and share
 of verifier calls), Tables 7-8 (mean entropy of accepted vs rejected draft tokens, draft and target
 at T = 1), Tables 9-11 (acceptance rate by depth), Figure 6 (tau vs lambda), merged trees (whose node the
-accepted path started with: in a plain merged tree the verifier tries the first drafter's children
-first, so a token both drafted counts for the first; merged-dedup counts it as both).
+accepted path runs on: in a plain merged tree the branch of the drafter whose copy of the path goes
+deepest, the first drafter's where both do; merged-dedup counts a node both drafted as both).
 
 Uncertainty: every tau gets a 95% percentile bootstrap interval over prompts (an item's turns stay
 together; the average over benchmarks resamples each benchmark on its own), and the study's
