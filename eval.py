@@ -37,7 +37,8 @@ deepest, the first drafter's where both do; merged-dedup counts a node both draf
 Uncertainty: every tau gets a 95% percentile bootstrap interval over prompts (an item's turns stay
 together; the average over benchmarks resamples each benchmark on its own), and the study's
 comparisons -- in-domain vs out-of-domain specialist, averaged / routed / merged / mixed vs the best
-single specialist of each benchmark, merged vs routed -- get paired intervals on the same prompts.
+single specialist of each benchmark, merged vs routed, confidence vs entropy routing -- get paired
+intervals on the same prompts.
 Figures 6-8 (--figures DIR, matplotlib): tau vs lambda, draft entropy of accepted vs rejected
 tokens, acceptance by depth.
 
@@ -495,7 +496,7 @@ def comparisons(rs: list[dict], benches: list[str]) -> list[tuple[str, dict, dic
     """The study's comparisons as (name, run A, run B) pairs, A - B (B may differ per benchmark: a
     dict bench -> run): in-domain vs out-of-domain specialist (math on the math benchmarks, chat on
     MT-Bench), averaged (λ = 0.5) / routed / merged / each mixed-data drafter vs the best single
-    specialist of each benchmark, merged vs routed."""
+    specialist of each benchmark, merged vs routed, routing by confidence vs by entropy."""
     domain = lambda r: r["config"]["drafters"][0].get("domain")
     singles = {domain(r): r for r in rs if kind(r) == "single"}
     by = {kind(r): r for r in rs if kind(r) != "single" and not r["config"]["equal_budget"]}
@@ -509,8 +510,8 @@ def comparisons(rs: list[dict], benches: list[str]) -> list[tuple[str, dict, dic
         candidates = [("averaged (λ = 0.5)", avg), ("routed", by.get("route")), ("merged", by.get("merged"))]
         candidates += [(f"{d}", singles[d]) for d in singles if d not in ("math", "chat")]
         out += [(f"{name} − best single", {b: r for b in benches}, best) for name, r in candidates if r]
-    if "merged" in by and "route" in by:
-        out.append(("merged − routed", {b: by["merged"] for b in benches}, {b: by["route"] for b in benches}))
+    pairs = (("merged − routed", "merged", "route"), ("confidence − entropy routing", "route", "route-entropy"))
+    out += [(name, {b: by[x] for b in benches}, {b: by[y] for b in benches}) for name, x, y in pairs if x in by and y in by]
     return out
 
 
@@ -622,7 +623,7 @@ def tables(runs: list[dict]) -> str:
         if merged:
             rows = [[method(r)] + [" / ".join(pct(x) for x in get(r, b, "accepted_from") or []) for b in benches]
                     for r in merged]
-            out.append(f"### Merged trees (T = {t:g}): the accepted path started with a node of "
+            out.append(f"### Merged trees (T = {t:g}): the accepted path runs on a branch of "
                        f"{' / '.join(drafter_names)} / both (merged-dedup) / nothing accepted\n\n"
                        + table(["method"] + names, rows))
 

@@ -268,10 +268,14 @@ def test_the_study_comparisons_pick_the_right_runs():
     math_, chat = fake("math", tau={"gsm8k": {"tau": 3.0}, "mt_bench": {"tau": 1.2}}), \
         fake("chat", tau={"gsm8k": {"tau": 2.0}, "mt_bench": {"tau": 1.9}})
     avg, mixed = fake("avg", lam=0.5), fake("mixed-large")
-    route, merged = fake("x", "route"), fake("x", "merged")
-    found = {name: (a, b) for name, a, b in ev.comparisons([math_, chat, avg, mixed, route, merged], ["gsm8k", "mt_bench"])}
+    route, merged, entropy = fake("x", "route"), fake("x", "merged"), fake("x", "route-entropy")
+    found = {name: (a, b) for name, a, b in ev.comparisons([math_, chat, avg, mixed, route, merged, entropy],
+                                                           ["gsm8k", "mt_bench"])}
     assert list(found) == ["in-domain − out-of-domain specialist", "averaged (λ = 0.5) − best single",
-                           "routed − best single", "merged − best single", "mixed-large − best single", "merged − routed"]
+                           "routed − best single", "merged − best single", "mixed-large − best single", "merged − routed",
+                           "confidence − entropy routing"]
+    a, b = found["confidence − entropy routing"]
+    assert a == {"gsm8k": route, "mt_bench": route} and b == {"gsm8k": entropy, "mt_bench": entropy}
     a, b = found["in-domain − out-of-domain specialist"]
     assert (a["gsm8k"], b["gsm8k"], a["mt_bench"], b["mt_bench"]) == (math_, chat, chat, math_)
     a, b = found["mixed-large − best single"]
