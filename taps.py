@@ -125,15 +125,12 @@ def verify_tree(tree: "Tree", p_at: Callable[[int], object], rng: RandomSource):
     that same token path, in node order, and a repeated token among them is skipped -- after its
     first copy is rejected it has r(s) = 0 -- so it is neither a draw nor a rejected token in the
     statistics. A plain merged tree is thereby verified exactly as its de-duplicated trie
-    (`merge(dedup=True)`); the trie only spends fewer nodes.
+    (`merge(dedup=True)`); the trie only spends fewer nodes. `Tree.trie` finds the copies.
     Returns (path, x, rejected): accepted node ids from the root (path[0] == 0, each node the parent
     of the next), the token the verifier emits after them (correction, or bonus at a leaf), the
     children tried and rejected.
     """
-    first = tree.first_copies()
-    kids = [[] for _ in tree.tokens]     # the trie's children: those of every copy of a node, in node order
-    for i in range(1, len(tree)):
-        kids[first[tree.parents[i]]].append(i)
+    first, kids = tree.trie()
     path, rejected = [0], []
     while True:
         r, tried = p_at(path[-1]), set()
@@ -209,13 +206,16 @@ class Tree:
         children = self.children()
         return [self.path_to(leaf) for leaf in range(len(self)) if not children[leaf]]
 
-    def first_copies(self) -> list[int]:
-        """Each node's first copy: the lowest node id with the same token path (the node itself unless
-        merged trees repeat a path). Parents precede children, so one pass finds them all."""
-        first, seen = [0], {}
+    def trie(self) -> tuple[list[int], list[list[int]]]:
+        """The trie of the tree's token paths, as (first, kids): first[i] is node i's first copy, the
+        lowest node id with the same token path (i itself unless merged trees repeat a path);
+        kids[f] of a first copy f are the children of every copy of f, in node order. Parents
+        precede children, so one pass finds them all."""
+        first, seen, kids = [0], {}, [[] for _ in self.tokens]
         for i in range(1, len(self)):
             first.append(seen.setdefault((first[self.parents[i]], self.tokens[i]), i))
-        return first
+            kids[first[self.parents[i]]].append(i)
+        return first, kids
 
     def path_to(self, node: int) -> list[int]:
         """Node ids from the root to node."""
@@ -933,8 +933,8 @@ class Stats:
         # one drafter's tree, else -1: a merged tree (also one whose every node several drafters drafted)
         self.routed.append(origins.pop() if len(origins) == 1 and min(origins) >= 0 else -1)
         self.accepted_from.append(tree.origin[path[1]] if len(path) > 1 and tree.origin else -1)
-        first = tree.first_copies()          # a merged tree's copies of one token path count as one node
-        self.leaf.append(first[path[-1]] not in {first[i] for i in tree.parents[1:]})
+        first, kids = tree.trie()            # a merged tree's copies of one token path count as one node
+        self.leaf.append(not kids[first[path[-1]]])
         self.draft_time += draft_s
         self.verify_time += verify_s
         # the entropy lists keep the judgements whose token was emitted: children of path[j], j < emitted
