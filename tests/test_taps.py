@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from conftest import DEVICES, broken_sampling, chi_square_p, exact_first_tokens, near_oracle, node_tokens, prompts, tiny
 from model import TapsError, generate_plain
-from taps import COMPOSE, DraftState, Drafter, Stats, TorchRandom, Tree, draft_tree, generate, grow_tree, main
+import taps
+from taps import COMPOSE, DraftState, Drafter, Stats, TorchRandom, Tree, draft_tree, generate, grow_tree, main, merge
 
 
 
@@ -336,25 +337,45 @@ def test_greedy_is_exactly_the_target(device, setup, chain, top_k, depth, total_
 
 
 
-@pytest.mark.parametrize("chain", [False, True])
+@pytest.mark.parametrize("mode", ["tree", "chain", "merged"])
 @pytest.mark.parametrize("wrong", [False, True])
-def test_monte_carlo_first_tokens_match_the_target(chain, wrong, monkeypatch):
+def test_monte_carlo_first_tokens_match_the_target(mode, wrong, monkeypatch):
     """Temperature 1, V = 4: the first two (and three) generated tokens are distributed as the target's;
-    the same test rejects a verifier sampling at temperature 0.5 (its power, shown)."""
+    the same test rejects a verifier sampling at temperature 0.5 (its power, shown). `merged` verifies
+    a merged tree whose first part is the drafted tree's depth-1 nodes alone, its second the whole
+    tree: every accepted path deeper than 1 runs on through a second copy (counted)."""
     if wrong:
         broken_sampling(monkeypatch, temperature=0.5)
     target = tiny(V=4, n_layers=1)
     drafter = near_oracle(target)
+
+    def stub_then_whole(trees):   # draft-side only: a function of the drafted tree
+        t, depth = trees[0], trees[0].depths()
+        keep = [i for i in range(len(t)) if depth[i] <= 1]
+        stub = Tree(*([getattr(t, f)[i] for i in keep] for f in ("tokens", "parents", "logq", "entropy", "origin")))
+        return merge([stub, t])
+    second_copies = []
+    verify = taps.verify_tree
+
+    def counting(tree, p_at, rng):
+        path, x, rejected = verify(tree, p_at, rng)
+        first, _ = tree.trie()
+        second_copies.append(any(first[i] != i for i in path))
+        return path, x, rejected
+    monkeypatch.setattr(taps, "verify_tree", counting)
     prompt, n, rng = [1, 2, 3], 1500, TorchRandom(7)
     samples, accepted = [], 0
     for _ in range(n):
-        out, s = generate(target, drafter, prompt, 3, temperature=1.0, top_k=2, depth=2, total_tokens=5, chain=chain, rng=rng)
+        out, s = generate(target, drafter, prompt, 3, temperature=1.0, top_k=2, depth=2, total_tokens=5,
+                          chain=mode == "chain", compose=stub_then_whole if mode == "merged" else "single", rng=rng)
         samples.append(tuple(out))
         accepted += sum(s.accepted)
     assert accepted > n / 4                      # the drafts matter: many tokens come from accepted drafts
+    if mode == "merged":
+        assert sum(second_copies) > n / 20       # the trie walk was exercised, not only first copies
     for k in (2, 3):
         p = chi_square_p(Counter(x[:k] for x in samples), exact_first_tokens(target, prompt, k), n)
-        print(f"chain={chain} wrong={wrong} first {k} tokens: chi-square p = {p:.3g}")
+        print(f"{mode} wrong={wrong} first {k} tokens: chi-square p = {p:.3g}")
         assert (p < 1e-6) if wrong else (p > 1e-6)
 
 

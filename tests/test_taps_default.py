@@ -3,12 +3,15 @@
 Greedy speculative decoding is token-identical to plain greedy decoding on real chat prompts, and
 the CLI with `--drafter random` prints exactly the target's own greedy reply.
 """
+import math
+
 import pytest
 import torch
 
 import model
+import taps
 from model import TapsError, generate_plain
-from taps import AutoTree, Drafter, generate, main, verify_table
+from taps import AutoTree, Drafter, Tree, generate, main, verify_table
 
 PROMPTS = [
     "What is 7 * 6?",
@@ -78,3 +81,44 @@ def test_cli_refuses_a_drafter_for_another_target(default, tmp_path, capsys):
             main(["--prompt", "hi", "--drafter", str(ckpt), "--device", "cpu"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_default_greedy_of_merged_trees_through_second_copies(default, monkeypatch):
+    """fp32, compose merged: the first drafter's tree holds the target's next token as a leaf (with two
+    wrong siblings), the second the same token with the target's next four below it, so every accepted
+    path deeper than 1 runs on through a second copy of a token path (the trie walk of `verify_tree`).
+    The trees are read off the target's own greedy reply -- any tree is fine for greedy verification,
+    which must still emit exactly the target's tokens and keep the right keys and values."""
+    target, tok = default
+    ids, _ = tok.encode_chat([{"role": "user", "content": PROMPTS[1]}], add_generation_prompt=True)
+    n = 24
+    full = ids + generate_plain(target, ids, n, stop_ids=tok.stop_ids)
+    drafters = [Drafter.random(target, 1), Drafter.random(target, 2)]
+
+    def oracle_tree(state, target, root, top_k, depth, total_tokens, more=None):
+        at = state.ready(target).cache.length      # the drafter has seen full[:at] (root excluded)
+        assert full[at] == root
+        nxt = full[at + 1:at + 5]
+        if not nxt:
+            return Tree([root], [-1], [0.0], [math.nan])
+        if state.drafter is drafters[0]:
+            wrong = [t for t in range(3) if t != nxt[0]][:2]
+            tokens, parents = [root, nxt[0], *wrong], [-1, 0, 0, 0]
+        else:
+            tokens, parents = [root, *nxt], list(range(-1, len(nxt)))
+        return Tree(tokens, parents, [-float(d) for d in range(len(tokens))], [math.nan] + [0.0] * (len(tokens) - 1))
+
+    second_copies = []
+    verify = taps.verify_tree
+
+    def counting(tree, p_at, rng):
+        path, x, rejected = verify(tree, p_at, rng)
+        first, _ = tree.trie()
+        second_copies.append(any(first[i] != i for i in path))
+        return path, x, rejected
+    monkeypatch.setattr(taps, "draft_tree", oracle_tree)
+    monkeypatch.setattr(taps, "verify_tree", counting)
+    out, stats = generate(target, drafters, ids, n, stop_ids=tok.stop_ids, compose="merged")
+    assert out == full[len(ids):]
+    print(f"second copies {sum(second_copies)} of {stats.calls} calls, tau {stats.tau:.2f}")
+    assert sum(second_copies) >= stats.calls - 1 and stats.tau > 3
