@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from model import ModelArgs, Transformer, logits_to_probs
+import taps
 from taps import Drafter, Tree, verify_tree
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
@@ -232,3 +233,17 @@ def broken_sampling(monkeypatch, **wrong):
     real = taps.logits_to_probs
     monkeypatch.setattr(taps, "logits_to_probs", lambda logits, temperature, top_p: real(
         logits, wrong.get("temperature", temperature), wrong.get("top_p", top_p)))
+
+
+def count_second_copies(monkeypatch) -> list[bool]:
+    """Wrap taps.verify_tree so that `generate` records, per verifier call, whether the accepted path
+    ran through a second copy of a token path (a merged tree's trie walk, not a first-copy walk)."""
+    seen, verify = [], taps.verify_tree
+
+    def counting(tree, p_at, rng):
+        path, x, rejected = verify(tree, p_at, rng)
+        first, _ = tree.trie()
+        seen.append(any(first[i] != i for i in path))
+        return path, x, rejected
+    monkeypatch.setattr(taps, "verify_tree", counting)
+    return seen

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import save_file
 
-from conftest import DEVICES, broken_sampling, chi_square_p, exact_first_tokens, near_oracle, node_tokens, prompts, tiny
+from conftest import (DEVICES, broken_sampling, chi_square_p, count_second_copies, exact_first_tokens, near_oracle,
+                      node_tokens, prompts, tiny)
 from model import TapsError, generate_plain
-import taps
 from taps import COMPOSE, DraftState, Drafter, Stats, TorchRandom, Tree, draft_tree, generate, grow_tree, main, merge
 
 
@@ -354,15 +354,7 @@ def test_monte_carlo_first_tokens_match_the_target(mode, wrong, monkeypatch):
         keep = [i for i in range(len(t)) if depth[i] <= 1]
         stub = Tree(*([getattr(t, f)[i] for i in keep] for f in ("tokens", "parents", "logq", "entropy", "origin")))
         return merge([stub, t])
-    second_copies = []
-    verify = taps.verify_tree
-
-    def counting(tree, p_at, rng):
-        path, x, rejected = verify(tree, p_at, rng)
-        first, _ = tree.trie()
-        second_copies.append(any(first[i] != i for i in path))
-        return path, x, rejected
-    monkeypatch.setattr(taps, "verify_tree", counting)
+    second_copies = count_second_copies(monkeypatch)
     prompt, n, rng = [1, 2, 3], 1500, TorchRandom(7)
     samples, accepted = [], 0
     for _ in range(n):

@@ -10,6 +10,7 @@ import torch
 
 import model
 import taps
+from conftest import count_second_copies
 from model import TapsError, generate_plain
 from taps import AutoTree, Drafter, Tree, generate, main, verify_table
 
@@ -108,16 +109,8 @@ def test_default_greedy_of_merged_trees_through_second_copies(default, monkeypat
             tokens, parents = [root, *nxt], list(range(-1, len(nxt)))
         return Tree(tokens, parents, [-float(d) for d in range(len(tokens))], [math.nan] + [0.0] * (len(tokens) - 1))
 
-    second_copies = []
-    verify = taps.verify_tree
-
-    def counting(tree, p_at, rng):
-        path, x, rejected = verify(tree, p_at, rng)
-        first, _ = tree.trie()
-        second_copies.append(any(first[i] != i for i in path))
-        return path, x, rejected
     monkeypatch.setattr(taps, "draft_tree", oracle_tree)
-    monkeypatch.setattr(taps, "verify_tree", counting)
+    second_copies = count_second_copies(monkeypatch)
     out, stats = generate(target, drafters, ids, n, stop_ids=tok.stop_ids, compose="merged")
     assert out == full[len(ids):]
     print(f"second copies {sum(second_copies)} of {stats.calls} calls, tau {stats.tau:.2f}")
