@@ -52,17 +52,16 @@ cpu-drafters: install
 # Tables and figures: results/cpu/.
 CPU = results/cpu
 CPU_EVAL = --max-new-tokens 64 --tree study --dtype fp32
-CPU_SETS = eagle mixed
+CPU_SETS = eagle mixed-small mixed-large
 eagle_DRAFTERS = eagle-math eagle-chat
 eagle_COMPOSE = single,average,route,route-entropy,merged,merged-dedup --equal-budget --lam-sweep 0.25,0.5,0.75
 mixed_DRAFTERS = eagle-mixed-small eagle-mixed-large
-mixed_COMPOSE = single
 hass_DRAFTERS = hass-math hass-chat
 hass_COMPOSE = single,average,route,merged
 cpu-eval:
 	for set in $(CPU_SETS); do for t in 0 1; do for bench in gsm8k math_500 svamp mt_bench; do \
 	  ls $(CPU)/$$set-$$bench-*-T$$t.json >/dev/null 2>&1 && continue; \
-	  case $$set in eagle) c="$(eagle_COMPOSE)"; d="$(eagle_DRAFTERS)";; mixed) c="$(mixed_COMPOSE)"; d="$(mixed_DRAFTERS)";; \
+	  case $$set in eagle) c="$(eagle_COMPOSE)"; d="$(eagle_DRAFTERS)";; mixed-*) c=single; d=eagle-$$set;; \
 	    hass) c="$(hass_COMPOSE)"; d="$(hass_DRAFTERS)";; esac; \
 	  $(PY) eval.py $(CPU_EVAL) --temperature $$t --limit $$( [ $$t = 0 ] && echo 20 || echo 10 ) --bench $$bench \
 	    --compose $$c --drafters $$(for x in $$d; do echo checkpoints/cpu/$$x.safetensors; done) \
@@ -72,7 +71,7 @@ cpu-eval:
 cpu-study: install
 	$(PY) -m pip install -q matplotlib
 	$(MAKE) cpu-drafters CPU_DRAFTERS="$(eagle_DRAFTERS) $(mixed_DRAFTERS)"
-	$(MAKE) cpu-eval CPU_SETS="eagle mixed"
+	$(MAKE) cpu-eval CPU_SETS="eagle mixed-small mixed-large"
 	$(MAKE) cpu-drafters CPU_DRAFTERS="$(hass_DRAFTERS)"
 	$(MAKE) cpu-eval CPU_SETS="hass"
 	$(PY) eval.py --report $(CPU)/eagle-*.json $(CPU)/mixed-*.json --figures $(CPU)/figures-eagle > $(CPU)/eagle.md
