@@ -48,7 +48,8 @@ cpu-drafters: install
 # The study's evaluation of them at the study's tree in fp32 (greedy output checked bit for bit), 64 new
 # tokens, 20 items per benchmark at T = 0 and 10 at T = 1 (MT-Bench with both turns): one eval per
 # (drafter set, temperature, benchmark), skipped when its results exist, so a cut study reruns only what
-# is missing (`eval.py --report` joins a run's files). EAGLE is evaluated before HASS is trained.
+# is missing (`eval.py --report` joins a run's files; a set of several runs names each file after its run,
+# a set of one run is given that name). EAGLE is evaluated before HASS is trained.
 # Tables and figures: results/cpu/.
 CPU = results/cpu
 CPU_EVAL = --max-new-tokens 64 --tree study --dtype fp32
@@ -61,11 +62,11 @@ hass_COMPOSE = single,average,route,merged
 cpu-eval:
 	for set in $(CPU_SETS); do for t in 0 1; do for bench in gsm8k math_500 svamp mt_bench; do \
 	  ls $(CPU)/$$set-$$bench-*-T$$t.json >/dev/null 2>&1 && continue; \
-	  case $$set in eagle) c="$(eagle_COMPOSE)"; d="$(eagle_DRAFTERS)";; mixed-*) c=single; d=eagle-$$set;; \
-	    hass) c="$(hass_COMPOSE)"; d="$(hass_DRAFTERS)";; esac; \
+	  j=$(CPU)/$$set-$$bench.json; case $$set in eagle) c="$(eagle_COMPOSE)"; d="$(eagle_DRAFTERS)";; \
+	    hass) c="$(hass_COMPOSE)"; d="$(hass_DRAFTERS)";; \
+	    mixed-*) c=single; d=eagle-$$set; j=$(CPU)/$$set-$$bench-$$d-T$$t.json;; esac; \
 	  $(PY) eval.py $(CPU_EVAL) --temperature $$t --limit $$( [ $$t = 0 ] && echo 20 || echo 10 ) --bench $$bench \
-	    --compose $$c --drafters $$(for x in $$d; do echo checkpoints/cpu/$$x.safetensors; done) \
-	    --json $(CPU)/$$set-$$bench.json || exit 1; \
+	    --compose $$c --drafters $$(for x in $$d; do echo checkpoints/cpu/$$x.safetensors; done) --json $$j || exit 1; \
 	done; done; done
 
 cpu-study: install
