@@ -544,9 +544,12 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def row_order(run: dict, paths: list[str]):
-    """Rows in METHODS order: singles by drafter, averages by lambda, each merged kind before its equal budget."""
+    """Rows in METHODS order: singles by drafter (the composed drafters in their order, then drafters
+    run alone, such as the mixed-data ones, by training conversations: small before large, as the
+    study's Table 1), averages by lambda, each merged kind before its equal budget."""
     c, k = run["config"], kind(run)
-    first = paths.index(c["drafters"][0]["path"]) if c["drafters"][0]["path"] in paths else 0
+    d = c["drafters"][0]
+    first = (paths.index(d["path"]), 0) if d["path"] in paths else (len(paths), (d.get("data") or {}).get("conversations", 0))
     return METHODS.index(k) if k in METHODS else len(METHODS), first, c["lambda"] or 0, c["equal_budget"]
 
 

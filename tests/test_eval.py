@@ -282,6 +282,19 @@ def test_the_study_comparisons_pick_the_right_runs():
     assert a["gsm8k"] is mixed and b == {"gsm8k": math_, "mt_bench": chat}
 
 
+def test_table_1_rows_in_the_study_order():
+    """Singles in the composed drafters' order, then drafters run alone (the mixed-data ones) small
+    before large by their training conversations, then the compositions; file order does not matter."""
+    def fake(name, compose="single", lam=None, conversations=None):
+        d = {"path": name, "data": {"conversations": conversations} if conversations else None}
+        return {"config": {"compose": compose, "lambda": lam, "equal_budget": False, "drafters": [d]}, "name": name}
+    rows = [fake("large", conversations=8340), fake("math"), fake("math", lam=0.5), fake("small", conversations=4170),
+            fake("math", "merged"), fake("chat")]
+    rows.sort(key=lambda r: ev.row_order(r, ["math", "chat"]))
+    assert [(r["name"], ev.kind(r)) for r in rows] == [("math", "single"), ("chat", "single"), ("small", "single"),
+                                                      ("large", "single"), ("math", "average"), ("math", "merged")]
+
+
 def test_nan_becomes_null():
     assert ev.finite({"a": [math.nan, 1.0], "b": {"c": math.inf}}) == {"a": [None, 1.0], "b": {"c": None}}
 
