@@ -496,7 +496,8 @@ def comparisons(rs: list[dict], benches: list[str]) -> list[tuple[str, dict, dic
     """The study's comparisons as (name, run A, run B) pairs, A - B (B may differ per benchmark: a
     dict bench -> run): in-domain vs out-of-domain specialist (math on the math benchmarks, chat on
     MT-Bench), averaged (λ = 0.5) / routed / merged / each mixed-data drafter vs the best single
-    specialist of each benchmark, merged vs routed, routing by confidence vs by entropy."""
+    specialist of each benchmark, merged vs routed, routing by confidence vs by entropy, and for RQ2
+    mixed-large vs mixed-small, routed and merged vs mixed-large."""
     domain = lambda r: r["config"]["drafters"][0].get("domain")
     singles = {domain(r): r for r in rs if kind(r) == "single"}
     by = {kind(r): r for r in rs if kind(r) != "single" and not r["config"]["equal_budget"]}
@@ -512,6 +513,12 @@ def comparisons(rs: list[dict], benches: list[str]) -> list[tuple[str, dict, dic
         out += [(f"{name} − best single", {b: r for b in benches}, best) for name, r in candidates if r]
     pairs = (("merged − routed", "merged", "route"), ("confidence − entropy routing", "route", "route-entropy"))
     out += [(name, {b: by[x] for b in benches}, {b: by[y] for b in benches}) for name, x, y in pairs if x in by and y in by]
+    # RQ2: more mixed data, and composing two specialists vs one drafter trained on both corpora
+    large = singles.get("mixed-large")
+    if large and "mixed-small" in singles:
+        out.append(("mixed-large − mixed-small", {b: large for b in benches}, {b: singles["mixed-small"] for b in benches}))
+    out += [(f"{name} − mixed-large", {b: by[k] for b in benches}, {b: large for b in benches})
+            for name, k in (("routed", "route"), ("merged", "merged")) if large and k in by]
     return out
 
 

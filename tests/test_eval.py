@@ -267,13 +267,18 @@ def test_the_study_comparisons_pick_the_right_runs():
                            "drafters": [{"path": domain, "domain": domain}]}, "results": tau}
     math_, chat = fake("math", tau={"gsm8k": {"tau": 3.0}, "mt_bench": {"tau": 1.2}}), \
         fake("chat", tau={"gsm8k": {"tau": 2.0}, "mt_bench": {"tau": 1.9}})
-    avg, mixed = fake("avg", lam=0.5), fake("mixed-large")
+    avg, small, mixed = fake("avg", lam=0.5), fake("mixed-small"), fake("mixed-large")
     route, merged, entropy = fake("x", "route"), fake("x", "merged"), fake("x", "route-entropy")
-    found = {name: (a, b) for name, a, b in ev.comparisons([math_, chat, avg, mixed, route, merged, entropy],
+    found = {name: (a, b) for name, a, b in ev.comparisons([math_, chat, avg, small, mixed, route, merged, entropy],
                                                            ["gsm8k", "mt_bench"])}
     assert list(found) == ["in-domain − out-of-domain specialist", "averaged (λ = 0.5) − best single",
-                           "routed − best single", "merged − best single", "mixed-large − best single", "merged − routed",
-                           "confidence − entropy routing"]
+                           "routed − best single", "merged − best single", "mixed-small − best single",
+                           "mixed-large − best single", "merged − routed", "confidence − entropy routing",
+                           "mixed-large − mixed-small", "routed − mixed-large", "merged − mixed-large"]
+    assert found["mixed-large − mixed-small"] == ({"gsm8k": mixed, "mt_bench": mixed}, {"gsm8k": small, "mt_bench": small})
+    assert found["merged − mixed-large"] == ({"gsm8k": merged, "mt_bench": merged}, {"gsm8k": mixed, "mt_bench": mixed})
+    without = [name for name, _, _ in ev.comparisons([math_, chat, route, merged], ["gsm8k"])]
+    assert not any("mixed" in name for name in without)
     a, b = found["confidence − entropy routing"]
     assert a == {"gsm8k": route, "mt_bench": route} and b == {"gsm8k": entropy, "mt_bench": entropy}
     a, b = found["in-domain − out-of-domain specialist"]
