@@ -58,7 +58,7 @@ eagle_DRAFTERS = eagle-math eagle-chat
 eagle_COMPOSE = single,average,route,route-entropy,merged,merged-dedup --equal-budget --lam-sweep 0.25,0.5,0.75
 mixed_DRAFTERS = eagle-mixed-small eagle-mixed-large
 hass_DRAFTERS = hass-math hass-chat
-hass_COMPOSE = single,average,route,merged
+hass_COMPOSE = single,average,route,route-entropy,merged
 cpu-eval:
 	for set in $(CPU_SETS); do for t in 0 1; do for bench in gsm8k math_500 svamp mt_bench; do \
 	  ls $(CPU)/$$set-$$bench-*-T$$t.json >/dev/null 2>&1 && continue; \
