@@ -65,8 +65,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,8 +82,8 @@ import numpy as np
 import torch
 
 from data import BENCHMARKS, DataError, load_bench
-from model import (DTYPES, TapsError, atomic_write, clock, default_device, generate_plain, load_target, logits_to_probs,
-                   machine, mean, one_line_errors, resolve_dtype)
+from model import (DTYPES, TapsError, atomic_write, check_flags, check_writable, clock, context_budget, default_device,
+                   generate_plain, load_target, logits_to_probs, machine, mean, one_line_errors, resolve_dtype, writing)
 from taps import COMPOSE, EAGLE_WEIGHTS, TREES, AutoTree, Drafter, Stats, TorchRandom, auto_dtype, average, generate, load_for
 
 METHODS = ("single", "average", *(m for m in COMPOSE if m != "single"))
@@ -292,31 +294,15 @@ def finite(x):
     return x
 
 
+SCHEMA = 1   # the layout of a results file (the module docstring); --report reads this one only
+
+
 def as_dict(run: Run) -> dict:
-    return finite({"config": run.config, "results": run.results})
+    return finite({"schema": SCHEMA, "config": run.config, "results": run.results})
 
 
 def json_path(base: Path, run: Run, several: bool) -> Path:
     return base.with_name(f"{base.stem}-{run.slug}{base.suffix}") if several else base
-
-
-def check_destination(paths: list[Path], force: bool):
-    """Before any work: results can be written where asked, and no existing file is replaced unasked
-    (a read-only one never)."""
-    for path in paths:
-        if path.is_dir():
-            raise TapsError(f"{path}: is a directory; give --json a file name")
-        if path.exists():
-            if not path.stat().st_mode & 0o222:
-                raise TapsError(f"{path}: exists and is read-only; choose another --json path")
-            if not force:
-                raise TapsError(f"{path}: exists; pass --force to replace it, or choose another --json path")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=path.parent).close()
-        except OSError as err:
-            raise TapsError(f"--json {path}: cannot write in {path.parent} ({err.strerror or err}); "
-                            f"choose another path") from None
 
 
 def write_json(path: Path, run: Run):
@@ -365,35 +351,48 @@ def timed(target, fn, prompts, n) -> tuple[float, list]:
     return clock(dev) - t0, outs
 
 
+BUSY = 1.25   # plain decoding this much faster or slower after the speculative runs than before: a busy machine
+
+
 def speed_rows(target, tokenizer, drafter, prompts, n, study: dict) -> list[dict]:
-    """Plain decoding, the study's tree and the auto tree on the same prompts, back to back, T = 0."""
+    """Plain decoding, the study's tree and the auto tree on the same prompts, back to back, T = 0,
+    then plain decoding again: ratios are against the mean of the two plain timings, and the two
+    disagreeing by more than BUSY means something else ran on the machine meanwhile (`busy`)."""
     stop = tokenizer.stop_ids
-    plain_s, plain = timed(target, lambda ids, n: generate_plain(target, ids, n, stop_ids=stop), prompts, n)
-    rows = [{"config": "plain decoding", "tok_s": sum(map(len, plain)) / plain_s, "vs_plain": 1.0}]
+    plain_fn = lambda ids, n: generate_plain(target, ids, n, stop_ids=stop)
+    before_s, plain = timed(target, plain_fn, prompts, n)
+    spec = []
     for name, auto in (("study tree (60/5/10)", None), ("auto tree", AutoTree.for_target(target))):
         spec_s, outs = timed(target, lambda ids, n: generate(target, drafter, ids, n, stop_ids=stop, auto=auto, **study),
                              prompts, n)
+        spec.append((name, spec_s, outs))
+    after_s, _ = timed(target, plain_fn, prompts, n)
+    plain_tok_s = sum(map(len, plain)) / ((before_s + after_s) / 2)
+    rows = [{"config": "plain decoding", "tok_s": plain_tok_s, "vs_plain": 1.0,
+             "plain_tok_s_before_after": [sum(map(len, plain)) / t for t in (before_s, after_s)],
+             "busy": max(before_s, after_s) / min(before_s, after_s) > BUSY}]
+    for name, spec_s, outs in spec:
         s = combine([st for _, st in outs])
-        tokens = sum(len(out) for out, _ in outs)
-        rows.append({"config": name, "tok_s": tokens / spec_s, "vs_plain": tokens / spec_s * plain_s / sum(map(len, plain)),
+        tok_s = sum(len(out) for out, _ in outs) / spec_s
+        rows.append({"config": name, "tok_s": tok_s, "vs_plain": tok_s / plain_tok_s,
                      "tau": s.tau, "draft_ms": 1000 * s.draft_time / s.calls, "verify_ms": 1000 * s.verify_time / s.calls,
                      "nodes": sum(s.tree_size) / s.calls, "drafted_calls": sum(x > 1 for x in s.tree_size) / s.calls,
                      "greedy_match": f"{sum(out == ref for (out, _), ref in zip(outs, plain))}/{len(plain)}"})
     return rows
 
 
-def peer_rows(path, dtype, tokenizer, prompts, n, plain_tok_s) -> list[dict]:
+def peer_rows(path, dtype, device, tokenizer, prompts, n, plain_tok_s) -> list[dict]:
     """HF transformers on the same weights, prompts and budgets: plain greedy and prompt lookup."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
         print("[peer skipped: transformers is not installed; `make bench` installs it]", file=sys.stderr)
         return []
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
     rows = []
     for name, kw in PEER:
         def run(ids, n):
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=device)
             with torch.inference_mode():
                 y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
                                    eos_token_id=sorted(tokenizer.stop_ids), pad_token_id=sorted(tokenizer.stop_ids)[0], **kw)
@@ -407,7 +406,8 @@ def peer_rows(path, dtype, tokenizer, prompts, n, plain_tok_s) -> list[dict]:
 def speed(drafter_paths: list, path: Path, dec: Decoding, total_tokens: int = 60, target_path=None, device="cpu",
           limit: int = 3, data_dir=None):
     """`make bench`: one table of tok/s per dtype and configuration, each ratio against plain decoding
-    in the same dtype and process; then HF transformers (the peer) on the same prompts."""
+    in the same dtype and process; then HF transformers (the peer) on the same prompts. The JSON at
+    `path` grows by each finished table, so an interrupted benchmark keeps what it printed."""
     from model import default_target_dir
     m = machine(device)
     print(f"# {m['cpu']} ({', '.join(m['flags']) or 'no AVX2'}), {m['threads']} threads, torch {m['torch']}"
@@ -418,31 +418,39 @@ def speed(drafter_paths: list, path: Path, dec: Decoding, total_tokens: int = 60
         dtypes.append(torch.bfloat16)                 # fp32, and bf16 where it pays on this CPU
     study = dict(top_k=dec.top_k, depth=dec.depth, total_tokens=total_tokens)
     results = []
-    for dtype in dtypes:
-        target = target.to(dtype)
-        drafters = [Drafter.load(p, target) for p in drafter_paths]
-        for bench, k in SPEED_PAIRS:
+    try:
+        for dtype, (bench, k) in ((d, pair) for d in dtypes for pair in SPEED_PAIRS):
+            target = target.to(dtype)
+            drafters = [Drafter.load(p, target) for p in drafter_paths]
             items = load_bench(bench, limit, data_dir)
             prompts = [tokenizer.encode_chat([{"role": "user", "content": it["turns"][0]}], add_generation_prompt=True)[0]
                        for it in items]
             k = min(k, len(drafters) - 1)             # one drafter given: it runs on both benchmarks
             rows = speed_rows(target, tokenizer, drafters[k], prompts, dec.max_new_tokens, study)
-            rows += peer_rows(target_path or default_target_dir(), dtype, tokenizer, prompts, dec.max_new_tokens, rows[0]["tok_s"])
+            rows += peer_rows(target_path or default_target_dir(), dtype, device, tokenizer, prompts, dec.max_new_tokens,
+                              rows[0]["tok_s"])
             for r in rows:
                 r.update(dtype=str(dtype).removeprefix("torch."), benchmark=BENCH_NAMES[bench],
                          drafter=Path(drafter_paths[k]).stem)
-            results += rows
             print(table(["dtype", "benchmark", "drafter", "configuration", "tok/s", "vs plain", "τ", "draft ms/call",
                          "verify ms/call", "nodes/call", "drafted calls", "greedy = plain"],
                         [[r["dtype"], r["benchmark"], r["drafter"], r["config"], fmt(r["tok_s"], ".1f"),
                           f"{fmt(r['vs_plain'])}×", fmt(r.get("tau")), fmt(r.get("draft_ms"), ".1f"),
                           fmt(r.get("verify_ms"), ".1f"), fmt(r.get("nodes"), ".1f"), pct(r.get("drafted_calls")),
                           r.get("greedy_match", "–")] for r in rows]) + "\n", flush=True)
-    try:
-        atomic_write(path, lambda p: p.write_text(json.dumps({"machine": m, "argv": sys.argv[1:], "rows": finite(results)},
-                                                             indent=1) + "\n"))
-    except OSError as err:
-        raise TapsError(f"could not write {path} ({err}); the tables above are all that is kept") from None
+            if rows[0]["busy"]:
+                before, after = rows[0]["plain_tok_s_before_after"]
+                print(f"warning: plain decoding ran at {before:.1f} tok/s before and {after:.1f} after the speculative "
+                      f"runs: the machine was busy, so these ratios are unreliable; rerun on an idle machine\n",
+                      file=sys.stderr)
+            results += rows
+            with writing(path, "the tables above are all that is kept"):
+                atomic_write(path, lambda p: p.write_text(
+                    json.dumps({"machine": m, "argv": sys.argv[1:], "rows": finite(results)}, indent=1) + "\n"))
+    except KeyboardInterrupt:
+        kept = f"the {len(results)} rows above are in {path}" if results else "nothing was measured yet"
+        print(f"\ninterrupted: {kept}", file=sys.stderr)
+        sys.exit(130)
     print(f"[JSON: {path}]")
 
 
@@ -477,7 +485,8 @@ def bootstrap(a: list[dict], b: Optional[list[dict]] = None, n: int = BOOTSTRAP,
     stats = np.zeros(n)
     for k, sa in enumerate(a):
         sb = b[k] if b is not None else sa
-        keys = sorted(set(sa) & set(sb), key=str)
+        # a prompt with no verifier call (a one-token reply) has no tau to resample
+        keys = sorted((q for q in set(sa) & set(sb) if sa[q][1] and sb[q][1]), key=str)
         if len(keys) < 2:
             return None
         idx = g.integers(0, len(keys), (n, len(keys)))                  # (n, prompts)
@@ -489,7 +498,7 @@ def bootstrap(a: list[dict], b: Optional[list[dict]] = None, n: int = BOOTSTRAP,
 
 
 def interval(ci) -> str:
-    return "–" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci is not None and all(map(known, ci)) else "–"
 
 
 def comparisons(rs: list[dict], benches: list[str]) -> list[tuple[str, dict, dict]]:
@@ -524,12 +533,17 @@ def comparisons(rs: list[dict], benches: list[str]) -> list[tuple[str, dict, dic
 
 # ----------------------------------------------------------------------------- tables
 
+def known(x) -> bool:
+    """A number to print: not missing, NaN or infinite (a mean over nothing, a time of 0 s)."""
+    return x is not None and not (isinstance(x, float) and not math.isfinite(x))
+
+
 def fmt(x, spec=".2f"):
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+    return format(x, spec) if known(x) else "–"
 
 
 def pct(x):
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
+    return f"{100 * x:.0f}%" if known(x) else "–"
 
 
 def get(run: dict, *keys):
@@ -710,6 +724,31 @@ def parse_args(argv=None):
     return args
 
 
+NUM, INT, STR = (int, float, type(None)), (int,), (str,)
+# What the tables read of a results file, by type (a key may be missing: a partial or older run).
+CONFIG_SHAPE = {"method": STR, "compose": STR, "temperature": (int, float), "lambda": NUM, "equal_budget": (bool,),
+                "drafters": [{"path": STR}]}
+BENCH_SHAPE = {"tau": NUM, "speedup": NUM, "mean_tree_size": NUM, "alpha_by_depth": [NUM], "accepted_from": [NUM],
+               "routing": {"per_call": [NUM], "per_prompt_majority": [NUM]},
+               "entropy": {w: {"accepted": NUM, "rejected": NUM} for w in ("draft", "target")},
+               "turns": [{"question_id": (int, str), "new_tokens": INT, "calls": INT, "match": (bool, type(None)),
+                          "margin": NUM}]}
+
+
+def misfit(x, shape, where: str) -> Optional[str]:
+    """Where x does not have `shape` (a tuple of types, [shape of each item], {key: shape}), else None."""
+    if isinstance(shape, tuple):
+        ok = isinstance(x, shape) and not (isinstance(x, bool) and bool not in shape)
+        return None if ok else f"{where} is {type(x).__name__}"
+    if isinstance(shape, list):
+        if not isinstance(x, list):
+            return f"{where} is {type(x).__name__}, not a list"
+        return next((m for i, v in enumerate(x) if (m := misfit(v, shape[0], f"{where}[{i}]"))), None)
+    if not isinstance(x, dict):
+        return f"{where} is {type(x).__name__}, not an object"
+    return next((m for k, s in shape.items() if k in x and (m := misfit(x[k], s, f"{where}.{k}"))), None)
+
+
 def load_runs(paths: list[Path]) -> list[dict]:
     """Saved runs, checked. Files of the same run (method and temperature), e.g. an interrupted
     evaluation and its completion with --bench set to the remaining benchmarks, are joined."""
@@ -719,16 +758,23 @@ def load_runs(paths: list[Path]) -> list[dict]:
             raise TapsError(f"{p}: is a directory; pass eval.py's JSON files, e.g. {p}/*.json")
         try:
             obj = json.loads(p.read_text())
-            c = obj["config"]
+            if not isinstance(obj, dict) or obj.get("schema") != SCHEMA:
+                raise ValueError(f"schema {obj.get('schema') if isinstance(obj, dict) else None!r}, "
+                                 f"this eval.py reads schema {SCHEMA}")
+            c, results = obj["config"], obj["results"]
+            problem = misfit(c, CONFIG_SHAPE, "config") or misfit(results, {}, "results") or next(
+                (m for b in BENCHMARKS if b in results and (m := misfit(results[b], BENCH_SHAPE, b))), None)
+            if problem:
+                raise TypeError(problem)
+            missing = [k for k in CONFIG_SHAPE if k not in c]
+            if missing or not c["drafters"]:
+                raise KeyError(f"config.{(missing or ['drafters'])[0]}")
+            if not any(b in results for b in BENCHMARKS):
+                raise KeyError(f"results of none of the benchmarks {', '.join(BENCHMARKS)}")
             key = (c["method"], c["temperature"])
-            if not isinstance(obj["results"], dict):
-                raise TypeError("results is not an object")
-            if not (c["drafters"] and all("path" in d for d in c["drafters"])):
-                raise KeyError("config.drafters[].path")
-            c["compose"], c["lambda"], c["equal_budget"]   # what the tables read
         except FileNotFoundError:
             raise TapsError(f"{p}: no such file") from None
-        except (ValueError, KeyError, TypeError, IndexError) as e:
+        except (ValueError, KeyError, TypeError, IndexError, OSError) as e:
             raise TapsError(f"{p}: not an eval.py result ({type(e).__name__}: {e})") from None
         if key in runs:
             runs[key]["results"].update(obj["results"])
@@ -752,56 +798,65 @@ def pyplot():
 
 def figures(runs: list[dict], out: Path) -> list[Path]:
     """The study's Figures 6-8 as PNG files in `out`, per temperature: tau vs lambda, the draft
-    entropy of accepted vs rejected tokens (each single drafter, each benchmark), acceptance by depth."""
+    entropy of accepted vs rejected tokens (each single drafter, each benchmark), acceptance by depth.
+    All are drawn in a staging folder first and moved in together, so an interrupted run never leaves
+    a new figure beside a stale one."""
     plt = pyplot()
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out, "choose another --figures directory"):
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
     written = []
 
     def save(fig, name):
-        atomic_write(out / name, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
+        fig.savefig(staging / name, format="png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(out / name)
 
-    for t, rs, benches, drafter_paths in by_temperature(runs):
-        sweep = lambda_sweep(rs, drafter_paths)
-        if len(sweep) > 1:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            for b in benches + ["average"]:
-                ax.plot([lam for lam, _ in sweep], [get(r, b, "tau") for _, r in sweep], marker="o",
-                        label=BENCH_NAMES.get(b, b), linestyle="--" if b == "average" else "-")
-            ax.set(xlabel=f"λ (weight of {Path(drafter_paths[0]).stem})", ylabel="τ", title=f"Figure 6: τ vs λ, T = {t:g}")
-            ax.legend(fontsize=8)
-            save(fig, f"figure6-T{t:g}.png")
-        singles = [r for r in rs if kind(r) == "single" and any(get(r, b, "entropy_hist") for b in benches)]
-        if singles:
-            fig, axes = plt.subplots(len(singles), len(benches), figsize=(3 * len(benches), 2.2 * len(singles)),
-                                     squeeze=False, sharex=True)
-            for row, r in zip(axes, singles):
-                for ax, b in zip(row, benches):
-                    h = get(r, b, "entropy_hist")
-                    for judged in ("accepted", "rejected"):
-                        counts = np.array(h["draft"][judged]) if h else np.zeros(0)
-                        if counts.sum():
-                            ax.stairs(counts / counts.sum(), h["edges"], label=judged, fill=judged == "accepted", alpha=0.6)
-                    ax.set_title(f"{method(r)} · {BENCH_NAMES[b]}", fontsize=8)
-                    ax.tick_params(labelsize=7)
-            axes[0][0].legend(fontsize=7)
-            for ax in axes[-1]:
-                ax.set_xlabel("draft entropy (nats)", fontsize=8)
-            fig.suptitle(f"Figure 7: draft entropy of accepted vs rejected tokens (share per bin), T = {t:g}", fontsize=9,
-                         y=1.02)
-            save(fig, f"figure7-T{t:g}.png")
-        fig, axes = plt.subplots(1, len(benches), figsize=(3.2 * len(benches), 3), squeeze=False, sharey=True)
-        for ax, b in zip(axes[0], benches):
-            for r in rs:
-                alpha = get(r, b, "alpha_by_depth") or []
-                ax.plot(range(1, len(alpha) + 1), alpha, marker=".", label=method(r))
-            ax.set(title=BENCH_NAMES[b], xlabel="depth d", ylim=(0, 1.02))
-            ax.xaxis.get_major_locator().set_params(integer=True)
-        axes[0][0].set_ylabel("acceptance rate at depth d")
-        axes[0][-1].legend(fontsize=6, loc="lower left")
-        fig.suptitle(f"Figure 8: acceptance rate by depth, T = {t:g}", fontsize=9, y=1.03)
-        save(fig, f"figure8-T{t:g}.png")
+    try:
+        for t, rs, benches, drafter_paths in by_temperature(runs):
+            sweep = lambda_sweep(rs, drafter_paths)
+            if len(sweep) > 1:
+                fig, ax = plt.subplots(figsize=(5, 3.5))
+                for b in benches + ["average"]:
+                    ax.plot([lam for lam, _ in sweep], [get(r, b, "tau") for _, r in sweep], marker="o",
+                            label=BENCH_NAMES.get(b, b), linestyle="--" if b == "average" else "-")
+                ax.set(xlabel=f"λ (weight of {Path(drafter_paths[0]).stem})", ylabel="τ", title=f"Figure 6: τ vs λ, T = {t:g}")
+                ax.legend(fontsize=8)
+                save(fig, f"figure6-T{t:g}.png")
+            singles = [r for r in rs if kind(r) == "single" and any(get(r, b, "entropy_hist") for b in benches)]
+            if singles:
+                fig, axes = plt.subplots(len(singles), len(benches), figsize=(3 * len(benches), 2.2 * len(singles)),
+                                         squeeze=False, sharex=True)
+                for row, r in zip(axes, singles):
+                    for ax, b in zip(row, benches):
+                        h = get(r, b, "entropy_hist")
+                        for judged in ("accepted", "rejected"):
+                            counts = np.array(h["draft"][judged]) if h else np.zeros(0)
+                            if counts.sum():
+                                ax.stairs(counts / counts.sum(), h["edges"], label=judged, fill=judged == "accepted", alpha=0.6)
+                        ax.set_title(f"{method(r)} · {BENCH_NAMES[b]}", fontsize=8)
+                        ax.tick_params(labelsize=7)
+                axes[0][0].legend(fontsize=7)
+                for ax in axes[-1]:
+                    ax.set_xlabel("draft entropy (nats)", fontsize=8)
+                fig.suptitle(f"Figure 7: draft entropy of accepted vs rejected tokens (share per bin), T = {t:g}", fontsize=9,
+                             y=1.02)
+                save(fig, f"figure7-T{t:g}.png")
+            fig, axes = plt.subplots(1, len(benches), figsize=(3.2 * len(benches), 3), squeeze=False, sharey=True)
+            for ax, b in zip(axes[0], benches):
+                for r in rs:
+                    alpha = get(r, b, "alpha_by_depth") or []
+                    ax.plot(range(1, len(alpha) + 1), alpha, marker=".", label=method(r))
+                ax.set(title=BENCH_NAMES[b], xlabel="depth d", ylim=(0, 1.02))
+                ax.xaxis.get_major_locator().set_params(integer=True)
+            axes[0][0].set_ylabel("acceptance rate at depth d")
+            axes[0][-1].legend(fontsize=6, loc="lower left")
+            fig.suptitle(f"Figure 8: acceptance rate by depth, T = {t:g}", fontsize=9, y=1.03)
+            save(fig, f"figure8-T{t:g}.png")
+        for path in written:
+            os.replace(staging / path.name, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return written
 
 
@@ -809,6 +864,7 @@ def main(argv=None):
     args = parse_args(argv)
     dec = Decoding(args.max_new_tokens, args.top_p, args.top_k, args.depth, args.seed)
     with one_line_errors(DataError, interrupted="nothing was evaluated yet"):
+        check_flags(args)
         if args.figures:
             pyplot()                                                    # installed? say so before any work
         if args.report:
@@ -817,19 +873,27 @@ def main(argv=None):
             if args.figures:
                 print(f"[figures: {', '.join(map(str, figures(runs, args.figures)))}]")
             return
-        if args.threads:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise TapsError(f"--threads must be >= 1, got {args.threads} (leave it out for torch's default)")
             torch.set_num_threads(args.threads)
         if args.limit is not None and args.limit < 1:
             raise TapsError(f"--limit must be >= 1, got {args.limit}")
+        k = len(args.drafters)
+        if args.equal_budget and k > 1 and args.total_tokens // k < args.depth:
+            raise TapsError(f"--equal-budget splits --total-tokens {args.total_tokens} into {k} trees of "
+                            f"{args.total_tokens // k} nodes, fewer than --depth {args.depth}; "
+                            f"give --total-tokens {k * args.depth} or more")
         for t in args.temperature:   # sampling arguments, validated as taps.generate does, before any work
             logits_to_probs(torch.zeros(1), t, args.top_p)
         bench_items = {b: load_bench(b, args.limit, args.data_dir) for b in args.bench}   # unknown names fail early
         json_base = args.json or Path("runs") / time.strftime(("bench" if args.speed else "eval") + "-%Y%m%d-%H%M%S.json")
-        check_destination([json_base], args.force)                     # before any model is loaded
+        check_writable(json_base, "--json", args.force)                     # before any model is loaded
         if args.speed:
             return speed(args.drafters, json_base, dec, args.total_tokens, args.target, args.device, args.limit or 3,
                          args.data_dir)
         target, tokenizer = load_for(args.target, args.device, args.dtype, load_target)
+        dec.max_new_tokens = context_budget(target, 1, dec.max_new_tokens, say=True)
         drafters = [Drafter.load(p, target) for p in args.drafters]
         idents = [identity(p, d) for p, d in zip(args.drafters, drafters)]
         shared = {"target": target.args.name, "target_path": args.target, "device": args.device,
@@ -843,7 +907,8 @@ def main(argv=None):
             for r in runs:
                 r.auto = AutoTree.for_target(target)
                 r.config.update(tree_budget=None)
-        check_destination([json_path(json_base, r, len(runs) > 1) for r in runs], args.force)
+        for r in runs:
+            check_writable(json_path(json_base, r, len(runs) > 1), "--json", args.force)
         t0 = time.perf_counter()
         try:
             failed = evaluate(target, tokenizer, runs, bench_items, dec, json_base)
@@ -851,13 +916,15 @@ def main(argv=None):
             print("\ninterrupted: tables of the benchmarks completed so far", file=sys.stderr)
             print(tables([as_dict(r) for r in runs if r.results]))
             sys.exit(130)
-    saved = [as_dict(r) for r in runs]
-    print(tables(saved))
-    if args.figures:
-        print(f"[figures: {', '.join(map(str, figures(saved, args.figures)))}]")
+        saved = [as_dict(r) for r in runs]
+        print(tables(saved))
+        if args.figures:
+            print(f"[figures: {', '.join(map(str, figures(saved, args.figures)))}]")
+    written = [json_path(json_base, r, len(runs) > 1) for r in runs if r.slug not in failed]
     print(f"\n[{len(runs)} runs x {sum(len(v) for v in bench_items.values())} prompts in "
-          f"{time.perf_counter() - t0:.0f} s; JSON: {json_path(json_base, runs[0], len(runs) > 1)}"
-          f"{' and the other runs beside it' if len(runs) > 1 else ''}]")
+          f"{time.perf_counter() - t0:.0f} s; JSON: {written[0] if written else 'none written (errors above)'}"
+          f"{' and the other runs beside it' if len(written) > 1 else ''}"
+          f"{f'; {len(failed)} run(s) not written' if written and failed else ''}]")
     if failed:
         sys.exit(2)
 

@@ -39,6 +39,7 @@ import platform
 import re
 import struct
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,13 +222,20 @@ class Transformer(nn.Module):
         self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        # Module.to(dtype) casts every floating buffer, but the rotary frequencies must stay fp32: in
+        # bf16 the angle at position 500 is ~1 rad off. So they are rebuilt after every move or cast.
+        super()._apply(fn, *args, **kwargs)
+        self.inv_freq = rope_inv_freq(self.args).to(self.inv_freq.device)
+        return self
+
     def head(self, h):
         """LM head on final-norm features (shared, frozen, by the drafter)."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, w)
 
     def rope(self, input_pos, dtype):
-        freqs = input_pos[..., None].float() * self.inv_freq.float()  # (B, T, hd/2), fp32 as in HF whatever the dtype
+        freqs = input_pos[..., None].float() * self.inv_freq           # (B, T, hd/2), fp32 whatever the dtype
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]             # (B, 1, T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -286,8 +294,8 @@ def logits_to_probs(logits, temperature: float = 1.0, top_p: float = 1.0):
     goes through this one function: sampling from raw logits when T != 1 would be lossy.
     temperature 0 means greedy: a one-hot distribution on the argmax.
     """
-    if temperature < 0:
-        raise TapsError(f"temperature must be >= 0, got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise TapsError(f"temperature must be finite and >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise TapsError(f"top_p must be in (0, 1], got {top_p}")
     if temperature == 0:
@@ -308,6 +316,7 @@ def generate_plain(model: Transformer, prompt_ids, max_new_tokens: int, temperat
                    stop_ids=(), generator: Optional[torch.Generator] = None) -> list[int]:
     """Plain autoregressive decoding with a KV cache: the baseline that speculative decoding must match."""
     device = model.embed_tokens.weight.device
+    max_new_tokens = context_budget(model, len(prompt_ids), max_new_tokens)
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens + 1)
     logits, _ = model(torch.tensor([prompt_ids], device=device), cache=cache, last_only=True)
     out = []
@@ -375,37 +384,41 @@ def hf_config_from_args(args: ModelArgs) -> dict:
     }
 
 
-def read_json(path: Path) -> dict:
+DOWNLOAD_AGAIN = "download it again"   # what to do about a truncated checkpoint file, unless it is a local conversion
+
+
+def read_json(path: Path, redo: str = DOWNLOAD_AGAIN) -> dict:
     if not path.is_file():
         raise TapsError(f"{path}: file not found")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TapsError(f"{path}: not valid JSON ({e}); the file may be truncated, download it again") from None
+        raise TapsError(f"{path}: not valid JSON ({e}); the file may be truncated, {redo}") from None
 
 
-def read_safetensors(path: Path, dtype, device) -> dict:
+def read_safetensors(path: Path, dtype, device, redo: str = DOWNLOAD_AGAIN) -> dict:
     from safetensors.torch import load_file
     if not path.is_file():
         raise TapsError(f"{path}: weight file not found")
     try:
         sd = load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise TapsError(f"{path}: cannot read safetensors ({e}); the file may be truncated, download it again") from None
+        raise TapsError(f"{path}: cannot read safetensors ({e}); the file may be truncated, {redo}") from None
     return {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
 
 
-def load_hf(path, device="cpu", dtype=torch.float32) -> Transformer:
-    """Load a Hugging Face checkpoint directory (config.json + model.safetensors or a sharded index)."""
+def load_hf(path, device="cpu", dtype=torch.float32, redo: str = DOWNLOAD_AGAIN) -> Transformer:
+    """Load a Hugging Face checkpoint directory (config.json + model.safetensors or a sharded index);
+    `redo` says what to do about a truncated file."""
     path = Path(path)
     if not path.is_dir():
         raise TapsError(f"{path}: target checkpoint directory not found")
-    args = args_from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
+    args = args_from_hf_config(read_json(path / "config.json", redo), str(path / "config.json"))
     index = path / "model.safetensors.index.json"
-    shards = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    shards = sorted(set(read_json(index, redo)["weight_map"].values())) if index.exists() else ["model.safetensors"]
     sd = {}
     for shard in shards:
-        sd.update(read_safetensors(path / shard, dtype, device))
+        sd.update(read_safetensors(path / shard, dtype, device, redo))
     sd = {k.removeprefix("model."): v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
     with torch.device("meta"):
         model = Transformer(args)
@@ -428,7 +441,8 @@ def atomic_write(path: Path, write):
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)   # never leave a half-written temporary file behind
+        with contextlib.suppress(OSError):   # on a read-only disk this fails too: the first error is the news
+            tmp.unlink(missing_ok=True)      # never leave a half-written temporary file behind
         raise
 
 
@@ -941,11 +955,15 @@ def export_default(out):
     with torch.device("meta"):
         model = Transformer(args_from_hf_config(config, str(default_gguf_path())))
     model.load_state_dict({k.removeprefix("model."): v for k, v in state_dict.items()}, assign=True)
-    save_hf(model, tmp, extra_files=gguf_tokenizer_files(meta))
-    if out.exists():  # a stale or partial export: replace it whole
-        import shutil
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    import shutil
+    try:
+        with writing(out.parent, "set TAPS_CACHE to a writable directory with 1 GB free"):
+            save_hf(model, tmp, extra_files=gguf_tokenizer_files(meta))
+            if out.exists():  # a stale or partial export: replace it whole
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)   # a failed export leaves no half-written folder
     return out
 
 
@@ -967,8 +985,10 @@ def check_device(device) -> torch.device:
 def load_target(path=None, device="cpu", dtype=torch.float32):
     """(model, tokenizer) from an HF directory, or the embedded default when `path` is None."""
     check_device(device)
-    path = Path(path) if path else default_target_dir()
-    return load_hf(path, device, dtype), load_tokenizer(path)
+    if path:
+        return load_hf(path, device, dtype), load_tokenizer(path)
+    path = default_target_dir()
+    return load_hf(path, device, dtype, f"delete {path} and rerun to convert it again"), load_tokenizer(path)
 
 
 def load_tokenizer(path) -> "Tokenizer":
@@ -1015,15 +1035,66 @@ def clock(device) -> float:
     return time.perf_counter()
 
 
+def check_flags(args):
+    """Every number on a parsed command line is finite and every count positive: NaN or inf
+    (`--temperature inf` would sample uniformly) is refused before any model loads."""
+    for name, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise TapsError(f"--{name.replace('_', '-')} {v}: not a finite number; give a number such as 0.5")
+
+
+def check_writable(path: Path, flag: str, replace: bool = True):
+    """Before any work: `path` (given by `flag`) can be written, and with replace=False an existing file
+    is not replaced unasked (a read-only one never)."""
+    if path.is_dir():
+        raise TapsError(f"{flag} {path}: is a directory; give a file name")
+    if path.exists():
+        if not path.stat().st_mode & 0o222:
+            raise TapsError(f"{flag} {path}: exists and is read-only; choose another path")
+        if not replace:
+            raise TapsError(f"{flag} {path}: exists; pass --force to replace it, or choose another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as err:
+        raise TapsError(f"{flag} {path}: cannot write in {path.parent} ({err.strerror or err}); "
+                        f"choose another path") from None
+
+
+@contextlib.contextmanager
+def writing(where, advice: str):
+    """A failed write (read-only disk, full disk, a directory in the way) is one line: where, why, what to do."""
+    try:
+        yield
+    except OSError as err:
+        raise TapsError(f"{where}: cannot write ({err.strerror or err}); {advice}") from None
+
+
+def context_budget(model: Transformer, n_prompt: int, max_new_tokens: int, say: bool = False) -> int:
+    """max_new_tokens capped so that prompt and reply fit the model's context (a budget of 1e9 would
+    allocate a cache until memory runs out; `say`: one line when it does); a prompt that does not fit
+    is refused."""
+    n_ctx = model.args.max_seq_len
+    if n_prompt >= n_ctx:
+        raise TapsError(f"the prompt has {n_prompt} tokens and {model.args.name or 'the target'} reads at most "
+                        f"{n_ctx}; shorten it")
+    if say and max_new_tokens > n_ctx - n_prompt:
+        print(f"[--max-new-tokens {max_new_tokens} capped at {n_ctx - n_prompt}: the context of "
+              f"{model.args.name or 'the target'} is {n_ctx} tokens]", file=sys.stderr)
+    return min(max_new_tokens, n_ctx - n_prompt)
+
+
 def mean(xs, empty=math.nan):
     """The mean of a list, `empty` (NaN, or None for JSON) when there is nothing to average."""
     return sum(xs) / len(xs) if len(xs) else empty
 
 
 @contextlib.contextmanager
-def one_line_errors(*kinds, interrupted: Optional[str] = None):
+def one_line_errors(*kinds, interrupted=None):
     """Every CLI's body: a TapsError (or one of `kinds`) is one line `error: ...` on stderr and exit
-    status 2, never a traceback; Ctrl-C prints `interrupted` (what is kept) and exits 130 when given."""
+    status 2, never a traceback; Ctrl-C prints `interrupted` (what is kept: a string, or a function
+    asked at that moment) and exits 130 when given."""
     try:
         yield
     except (TapsError, *kinds) as e:
@@ -1032,7 +1103,7 @@ def one_line_errors(*kinds, interrupted: Optional[str] = None):
     except KeyboardInterrupt:
         if interrupted is None:
             raise
-        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
+        print(f"\ninterrupted: {interrupted() if callable(interrupted) else interrupted}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -1084,6 +1155,7 @@ def main(argv=None):
             return
         if not (a.prompt or a.bench):
             ap.error("give --prompt TEXT, --bench or --export DIR")
+        check_flags(a)
         if a.max_new_tokens < 0:
             raise TapsError(f"max_new_tokens must be >= 0, got {a.max_new_tokens}")
         dtype = resolve_dtype(a.dtype, a.device)
@@ -1093,7 +1165,8 @@ def main(argv=None):
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
         ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
         g = torch.Generator(device=a.device).manual_seed(a.seed)
-        out = generate_plain(model, ids, a.max_new_tokens, a.temperature, a.top_p, tokenizer.stop_ids, g)
+        n = context_budget(model, len(ids), a.max_new_tokens, say=True)
+        out = generate_plain(model, ids, n, a.temperature, a.top_p, tokenizer.stop_ids, g)
         print(tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]))
 
 

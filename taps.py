@@ -59,8 +59,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (Block, KVCache, ModelArgs, TapsError, Transformer, args_from_hf_config, atomic_write, build_mask,
-                   cache_dir, clock, load_target, logits_to_probs, machine, mean, one_line_errors, read_json, resolve_dtype,
-                   target_identity)
+                   cache_dir, check_flags, clock, context_budget, load_target, logits_to_probs, machine, mean,
+                   one_line_errors, read_json, resolve_dtype, target_identity, writing)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -328,7 +328,8 @@ class Drafter(nn.Module):
     def for_target(cls, target: Transformer, vocab=None, **meta) -> "Drafter":
         p = target.embed_tokens.weight
         args = dataclasses.replace(target.args, n_layers=1)
-        meta = {"target": target.args.name, "vocab_size": target.args.vocab_size, "dim": target.args.dim, **meta}
+        meta = {"target": target.args.name, "vocab_size": target.args.vocab_size, "dim": target.args.dim,
+                "fingerprint": target_identity(target)["fingerprint"], **meta}
         return cls(args, meta, vocab).to(device=p.device, dtype=p.dtype)
 
     @property
@@ -407,6 +408,14 @@ class Drafter(nn.Module):
         if (meta.get("target"), meta.get("vocab_size"), meta.get("dim")) != (t.name, t.vocab_size, t.dim):
             raise TapsError(f"{path}: drafter was trained for target {meta.get('target')!r} (vocab "
                             f"{meta.get('vocab_size')}, hidden {meta.get('dim')}), not {t.name!r} (vocab {t.vocab_size}, hidden {t.dim})")
+        weights = target_identity(target)["fingerprint"]   # drafters saved before fingerprints have none
+        if meta.get("fingerprint", weights) != weights:
+            raise TapsError(f"{path}: drafter was trained for other weights of {t.name!r} (fingerprint "
+                            f"{meta['fingerprint']}, this target's {weights}); train one for this target")
+        try:
+            check_vocab(state.get("vocab"), t.vocab_size)
+        except TapsError as e:
+            raise TapsError(f"{path}: {e}; the file is damaged or not from train.py") from None
         config = {k: v for k, v in meta.pop("config").items() if k in {f.name for f in dataclasses.fields(ModelArgs)}}
         drafter = cls(ModelArgs(**config), meta, state.get("vocab"))
         drafter.load_state_dict(state)
@@ -583,8 +592,10 @@ def average(drafters: Sequence[Drafter], lam: float) -> Drafter:
         raise TapsError(f"cannot average drafters trained for different targets ({a.meta.get('target')!r} "
                         f"and {b.meta.get('target')!r}) or with different configurations")
     if (a.vocab is None) != (b.vocab is None) or (a.vocab is not None and not torch.equal(a.vocab, b.vocab)):
+        why = ("train both with the same --draft-vocab" if a.draft_vocab_size != b.draft_vocab_size else
+               "the vocabulary comes from the feature caches, so train both from the caches of one size on one machine")
         raise TapsError(f"cannot average drafters with different draft vocabularies ({a.draft_vocab_size} and "
-                        f"{b.draft_vocab_size} tokens): their heads propose different tokens; train both with the same --draft-vocab")
+                        f"{b.draft_vocab_size} tokens): their heads propose different tokens; {why}")
     sa, sb = a.state_dict(), b.state_dict()
     terms = [(w, s) for w, s in ((lam, sa), (1 - lam, sb)) if w]
     state = {}
@@ -722,28 +733,45 @@ def calibration_key(target: Transformer) -> str:
                        "dtype": str(target.embed_tokens.weight.dtype).removeprefix("torch.")}, sort_keys=True)
 
 
+def read_curve(entry) -> dict:
+    """A saved calibration entry's {n: seconds}; ValueError unless every time is finite and > 0
+    (a NaN would silently turn speculation off)."""
+    curve = {int(n): float(t) for n, t in entry["verify_s"].items()}
+    if not curve or not all(0 < t < math.inf and n >= 1 for n, t in curve.items()):
+        raise ValueError("times must be finite and > 0")
+    return curve
+
+
 def calibrate(target: Transformer, path: Optional[Path] = None) -> dict:
     """The target's {n: seconds to score n tokens} on this machine, measured once and cached in
-    $TAPS_CACHE/calibration.json under `calibration_key` (an unreadable file is measured anew)."""
+    $TAPS_CACHE/calibration.json under `calibration_key`. An unreadable entry is measured anew (other
+    machines' entries are kept); a cache that cannot be written costs a measurement next time, nothing else."""
     path = Path(path or cache_dir() / "calibration.json")
+    if path.is_dir():
+        raise TapsError(f"{path}: is a directory, not a calibration file; remove it or set TAPS_CACHE elsewhere")
     key, saved = calibration_key(target), {}
     if path.exists():
         try:
             saved = json.loads(path.read_text())
-            entry = saved.get(key) if isinstance(saved, dict) else None
-            if entry is not None:
-                return {int(n): float(t) for n, t in entry["verify_s"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, OSError):
             print(f"[{path}: unreadable calibration file; measuring again]", file=sys.stderr)
-            saved = {}
+        saved = saved if isinstance(saved, dict) else {}
+        if key in saved:
+            try:
+                return read_curve(saved[key])
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                print(f"[{path}: this machine's calibration is unusable ({e}); measuring again]", file=sys.stderr)
     k = json.loads(key)
     print(f"[calibrating tree sizes: {k['target']['name']} in {k['dtype']} on {k['machine']['cpu']}, "
           f"{k['machine']['threads']} threads; cached in {path}]", file=sys.stderr)
     curve = measure_verify(target)
-    saved = saved if isinstance(saved, dict) else {}
     saved[key] = {"verify_s": curve, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: p.write_text(json.dumps(saved, indent=1)))
+    try:
+        with writing(path, "it is measured again next time; set TAPS_CACHE to a writable directory"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda p: p.write_text(json.dumps(saved, indent=1)))
+    except TapsError as e:
+        print(f"[{e}]", file=sys.stderr)
     return curve
 
 
@@ -840,7 +868,7 @@ class AutoTree:
 
     def best(self, logq: torch.Tensor, elapsed: float) -> tuple[int, float, float]:
         """(N, expected tokens, tokens/s) of the best tree keeping the root and the top N - 1 of `logq`."""
-        conf = logq.double().exp().sort(descending=True).values[:self.n_max - 1]
+        conf = logq.double().cpu().exp().sort(descending=True).values[:self.n_max - 1]   # beside verify_s
         expected = 1 + self.c * torch.cat([conf.new_zeros(1), conf.cumsum(0)])      # N = 1, 2, ...
         rate = expected / (elapsed + self.verify_s[1:len(expected) + 1])
         i = int(rate.argmax())
@@ -1045,6 +1073,7 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).flatten()
     if len(prompt) == 0:
         raise TapsError("the prompt is empty")
+    max_new_tokens = context_budget(target, len(prompt), max_new_tokens)
     # a whole (composed: up to one tree per drafter) tree is appended before `keep`
     max_len = len(prompt) + max_new_tokens + len(drafters) * total_tokens + depth + 2
     cache, stats = target.new_cache(1, max_len), Stats()
@@ -1127,11 +1156,13 @@ def main(argv=None):
                     help="auto (default): bf16 where this machine's calibration says it pays, else fp32")
     args = ap.parse_args(argv)
     with one_line_errors():
+        check_flags(args)
         target, tokenizer = load_for(args.target, args.device, args.dtype)
         drafters = [Drafter.random(target, args.seed) if d == "random" else Drafter.load(d, target) for d in args.drafter]
         auto = AutoTree.for_target(target) if args.tree == "auto" and not args.chain else None
         ids, _ = tokenizer.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-        out, stats = generate(target, drafters, ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+        n = context_budget(target, len(ids), args.max_new_tokens, say=True)
+        out, stats = generate(target, drafters, ids, n, args.temperature, args.top_p, args.top_k,
                               args.depth, args.total_tokens, args.compose, args.chain, tokenizer.stop_ids,
                               TorchRandom(args.seed), auto)
     print(tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]))

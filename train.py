@@ -75,7 +75,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data import DataError, load_corpus
-from model import TapsError, Transformer, atomic_write, cache_dir, machine, one_line_errors, target_identity
+from model import (TapsError, Transformer, atomic_write, cache_dir, check_flags, check_writable, machine, one_line_errors,
+                   target_identity, writing)
 from taps import Drafter, load_for
 
 BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + context alignment (eqs. 8-9): 3 passes in all
@@ -405,11 +406,17 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
                                   f"size first: python train.py --features-only --size <the same size>")
     if not (extract or meta_path.exists()):
         raise missing(n_shards)
-    folder.mkdir(parents=True, exist_ok=True)
+    cache_advice = "free space or set TAPS_CACHE to a writable directory; finished shards are kept"
+    with writing(folder, cache_advice):
+        folder.mkdir(parents=True, exist_ok=True)
     shards = {}                                   # file name -> {"bytes", "sha1"} of each finished shard
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        shards = old.pop("shards", {})
+        try:
+            old = json.loads(meta_path.read_text())
+            shards = old.pop("shards", {})
+        except (ValueError, AttributeError):      # truncated: which target built the shards is unknown
+            raise TapsError(f"{meta_path}: unreadable (truncated?), so the shards beside it cannot be trusted; "
+                            f"delete {folder} to rebuild the cache") from None
         if old.get("target") != meta["target"]:
             raise TapsError(f"{folder}: feature cache was built for target {old.get('target')}, not {meta['target']}; "
                             f"delete the folder or point TAPS_CACHE elsewhere")
@@ -418,7 +425,8 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
                             f"changed); delete the folder to rebuild it")
 
     def save_meta():
-        atomic_write(meta_path, lambda p: p.write_text(json.dumps({**meta, "shards": shards}, indent=1)))
+        with writing(folder, cache_advice):
+            atomic_write(meta_path, lambda p: p.write_text(json.dumps({**meta, "shards": shards}, indent=1)))
 
     paths = [folder / f"{i:05d}.safetensors" for i in range(n_shards)]
     for p in paths:                               # a shard that is not what was written is rebuilt
@@ -463,7 +471,8 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
                        "lengths": torch.tensor([len(ids) for ids, _ in shard])}
             if not torch.isfinite(tensors["feats"]).all():
                 raise TapsError(f"{desc}: target features overflow fp16; this target is not supported by the cache")
-            atomic_write(paths[i], lambda p: save_file(tensors, str(p)))
+            with writing(folder, cache_advice):
+                atomic_write(paths[i], lambda p: save_file(tensors, str(p)))
             shards[paths[i].name] = file_record(paths[i])
             save_meta()
         bar.close()
@@ -630,7 +639,11 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     config = dataclasses.asdict(cfg)
     st = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "top1_sum": 0.0, "log": []}
     if resume and state_file.exists():
-        saved = torch.load(state_file, map_location=dev, weights_only=True)
+        try:
+            saved = torch.load(state_file, map_location=dev, weights_only=True)
+        except Exception as e:   # truncated or corrupt: torch's and pickle's own error types
+            raise TapsError(f"{state_file}: unreadable training state ({type(e).__name__}); it is truncated or "
+                            f"damaged: rerun with --overwrite to start over") from None
         if saved["config"] != config or saved["target"] != target_identity(target):
             raise TapsError(f"{state_file}: saved by a run with another configuration or target; "
                             f"rerun without --resume to start over")
@@ -644,13 +657,19 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     elif resume:
         print(f"no training state at {state_file}: starting from scratch")
 
+    saving = lambda: writing(out.parent, "free space or fix permissions there, then rerun with --resume")
+
     def save_state():
         s = {"config": config, "target": target_identity(target), "drafter": drafter.state_dict(),
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": g.get_state(), "progress": st}
-        atomic_write(state_file, lambda p: torch.save(s, p))
+        with saving():
+            atomic_write(state_file, lambda p: torch.save(s, p))
 
-    def write_log():
-        atomic_write(log_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in st["log"])))
+    def save_drafter():   # after the state that holds it: a failed write here loses nothing --resume cannot redo
+        drafter.meta["heldout_top1"] = st["log"][-1]["heldout_top1"]
+        with saving():
+            atomic_write(out, drafter.save)
+            atomic_write(log_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in st["log"])))
 
     from tqdm import tqdm
     cols = (["epoch", "steps", "train loss", "train top-1"] + [f"held-out top-1 {d}" for d in heldout]
@@ -693,12 +712,12 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
                               + [f"{record['positions_per_s']}", f"{record['elapsed_s']:.0f}"]))
         st.update(epoch=epoch + 1, batch=0, loss_sum=0.0, top1_sum=0.0, positions=0, train_s=0.0,
                   log=st["log"] + [record])
-        drafter.meta["heldout_top1"] = record["heldout_top1"]
-        atomic_write(out, drafter.save)
         save_state()
+        save_drafter()
         last_save = time.perf_counter()
-        write_log()
     bar.close()
+    if st["log"] and not out.exists():   # a resumed run whose last drafter write failed
+        save_drafter()
     return drafter
 
 
@@ -732,8 +751,15 @@ def main(argv=None):
                        ("batch-size", int), ("seed", int)):
         ap.add_argument(f"--{name}", type=kind, default=None, help="override the size's default")
     args = ap.parse_args(argv)
-    with one_line_errors(DataError, interrupted="finished feature shards and the last training state are kept; "
-                                                 "rerun with --resume"):
+    out = None
+
+    def kept() -> str:   # what Ctrl-C leaves, said at that moment
+        if out is not None and state_path(out).exists():
+            return f"finished feature shards and the training state {state_path(out)} are kept; rerun with --resume"
+        return "finished feature shards are kept (no training state was saved yet); rerun the same command"
+
+    with one_line_errors(DataError, interrupted=kept):
+        check_flags(args)
         overrides = {k: getattr(args, k) for k in ("epochs", "lr", "n_train", "max_len", "n_heldout", "batch_size", "seed")
                      if getattr(args, k) is not None}
         if not (args.domain or args.features_only):
@@ -741,12 +767,15 @@ def main(argv=None):
         cfg = TrainConfig(domain=args.domain or "math", backbone=args.backbone, size=args.size, amp=args.amp,
                           draft_vocab=args.draft_vocab, **overrides)
         out = Path(args.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
+        if not args.features_only:   # the destination, before any extraction or training
+            if not (args.resume or args.overwrite):
+                refuse_to_replace(out, cfg.epochs)
+            for path in (out, state_path(out)):
+                check_writable(path, "--out")
         cuda = args.device.startswith("cuda")
         t0 = time.perf_counter()
         target, tokenizer = load_for(args.target, args.device, args.dtype, load_target)
         check_vocab_size(cfg.draft_vocab, target.args.vocab_size, tokenizer.stop_ids)   # before any extraction
-        if not (args.resume or args.overwrite or args.features_only):
-            refuse_to_replace(out, cfg.epochs)
         batch = args.extract_batch or (8 if cuda else 1)
         mixture = cfg.domain in MIXES and not args.features_only
         prep = lambda d, split, n: prepare_features(target, tokenizer, d, split, n, cfg.max_len, args.data_dir, batch,

@@ -70,15 +70,23 @@ def _require(rel, override):
 
 
 def _read_jsonl(path):
-    """Yield (line number, object) for each non-blank line; a bad line names file and line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """Yield (line number, object) for each non-blank line; a bad line (not UTF-8, not JSON, not a
+    JSON object) names file and line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
 
 
 def complete_json_objects(text):
@@ -156,8 +164,8 @@ def _math_items(path):
     """[(group, conversation)] for GSM8K train; group = the question itself."""
     items = []
     for lineno, row in _read_jsonl(path):
-        if not {"question", "answer"} <= row.keys():
-            raise DataError(f"{path}:{lineno}: expected keys question and answer")
+        if not all(isinstance(row.get(k), str) for k in ("question", "answer")):
+            raise DataError(f"{path}:{lineno}: expected keys question and answer holding strings")
         # "48/2 = <<48/2=24>>24" -> "48/2 = 24": the annotations are GSM8K's calculator
         # calls, not text a model should learn to write
         answer = re.sub(r"<<[^>]*>>", "", row["answer"])
@@ -219,6 +227,15 @@ def load_bench(name, limit=None, data_dir=None):
         missing = [key for key in ("question_id", "category", "turns") if key not in row]
         if missing or not row["turns"]:
             raise DataError(f"{path}:{lineno}: missing or empty {', '.join(missing) or 'turns'}")
+        texts = lambda x: isinstance(x, list) and all(isinstance(t, str) for t in x)
+        wrong = [key for key, ok in (("question_id", isinstance(row["question_id"], (int, str))
+                                      and not isinstance(row["question_id"], bool)),
+                                     ("category", isinstance(row["category"], str)),
+                                     ("turns", texts(row["turns"])), ("reference", texts(row.get("reference", []))))
+                 if not ok]
+        if wrong:
+            raise DataError(f"{path}:{lineno}: {wrong[0]} has the wrong type ({type(row[wrong[0]]).__name__}); "
+                            f"expected question_id int or str, category str, turns and reference lists of str")
         items.append({"question_id": row["question_id"], "category": row["category"],
                       "turns": list(row["turns"]), "reference": list(row.get("reference", []))})
     return items[:limit]

