@@ -46,13 +46,13 @@ Sections, in file order: setup · measurement · speed (make bench) · uncertain
 
 JSON (--json PATH, default runs/eval-<date>-<time>.json): one file per (method, temperature) run, each
 
-    {"config": {method, compose, lambda, temperature, tree budget, drafters (path, sha256, metadata),
+    {"schema": 1, "config": {method, compose, lambda, temperature, tree budget, drafters (path, sha256, metadata),
                 target, benchmarks, limit, seed, versions (python, torch, git commit), ...},
      "results": {"<bench>": {"tau", "speedup", "greedy_match", "alpha_by_depth", "entropy",
                              "routing", "accepted_from", "mean_tree_size", times, counts, "turns": [...]},
                  ..., "average": {"tau", "speedup"}}}
 
-so `results[bench]["tau"]` reads directly. One run writes PATH itself; several write
+(--report reads schema 1 only and checks the types of what its tables read), so `results[bench]["tau"]` reads directly. One run writes PATH itself; several write
 PATH's stem + "-<method>-T<temperature>" + suffix (e.g. runs/demo-merged-T0.json) next to each
 other, and `--report` prints the tables of any set of them. Each file is rewritten (atomically)
 after every benchmark, so Ctrl-C loses at most the benchmark in progress; rerun the rest with
