@@ -72,6 +72,7 @@ class ModelArgs:
     rope_scaling: Optional[dict] = None  # Llama-3.1 style {"rope_type": "llama3", ...}
     tie_embeddings: bool = True
     qkv_bias: bool = False         # Qwen2-style biases on q/k/v projections
+    qk_norm: bool = False          # Qwen3: RMSNorm over each head's queries and keys, before rotary
     max_seq_len: int = 8192
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int | list] = None
@@ -133,12 +134,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
 
     def forward(self, x, cos, sin, mask, cache: Optional["KVCache"], layer: int):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)                                       # per head, over hd
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)                                            # (B, nkv, S, hd)
@@ -332,7 +337,7 @@ def generate_plain(model: Transformer, prompt_ids, max_new_tokens: int, temperat
 
 # ----------------------------------------------------------------------------- Hugging Face checkpoints
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def args_from_hf_config(cfg: dict, where: str) -> ModelArgs:
@@ -351,6 +356,8 @@ def args_from_hf_config(cfg: dict, where: str) -> ModelArgs:
         refuse("attention_bias")
     if cfg.get("sliding_window") is not None and (mtype == "mistral" or cfg.get("use_sliding_window")):
         refuse(f"sliding-window attention (sliding_window={cfg['sliding_window']})")
+    if any(kind != "full_attention" for kind in cfg.get("layer_types") or []):
+        refuse(f"layer_types {sorted(set(cfg['layer_types']))} (only full_attention)")
     if cfg.get("quantization_config"):
         refuse("quantization_config")
     # transformers >= 5 writes `rope_parameters` (theta included); older configs `rope_theta` + `rope_scaling`.
@@ -365,7 +372,7 @@ def args_from_hf_config(cfg: dict, where: str) -> ModelArgs:
             n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]), vocab_size=cfg["vocab_size"],
             hidden_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim"), norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=theta, rope_scaling=scaling if kind == "llama3" else None,
-            tie_embeddings=cfg.get("tie_word_embeddings", False), qkv_bias=mtype == "qwen2",
+            tie_embeddings=cfg.get("tie_word_embeddings", False), qkv_bias=mtype == "qwen2", qk_norm=mtype == "qwen3",
             max_seq_len=cfg.get("max_position_embeddings", 8192), bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"), name=cfg.get("_name_or_path") or Path(where).parent.name)
     except KeyError as e:
@@ -373,8 +380,10 @@ def args_from_hf_config(cfg: dict, where: str) -> ModelArgs:
 
 
 def hf_config_from_args(args: ModelArgs) -> dict:
+    kind = "qwen3" if args.qk_norm else "qwen2" if args.qkv_bias else "llama"
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "_name_or_path": args.name,
+        "architectures": [{"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama"}[kind] + "ForCausalLM"],
+        "model_type": kind, "_name_or_path": args.name,
         "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
         "intermediate_size": args.hidden_dim, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,

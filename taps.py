@@ -327,7 +327,7 @@ class Drafter(nn.Module):
     @classmethod
     def for_target(cls, target: Transformer, vocab=None, **meta) -> "Drafter":
         p = target.embed_tokens.weight
-        args = dataclasses.replace(target.args, n_layers=1)
+        args = dataclasses.replace(target.args, n_layers=1, qk_norm=False)   # a Llama layer, as EAGLE's
         meta = {"target": target.args.name, "vocab_size": target.args.vocab_size, "dim": target.args.dim,
                 "fingerprint": target_identity(target)["fingerprint"], **meta}
         return cls(args, meta, vocab).to(device=p.device, dtype=p.dtype)

@@ -247,3 +247,43 @@ def test_cli_error_is_one_line(tmp_path):
                           "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and "not found" in out.stderr
+
+
+# ----------------------------------------------------------------------------- other targets (the study's Table 2)
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-vicuna"])
+def test_qwen3_and_vicuna_logits_match_transformers(name):
+    """tests/fixtures/make_hf_references.py: transformers' own Qwen3 / Llama-1 on random weights."""
+    folder = Path(__file__).parent / "fixtures" / name
+    ref = load_file(folder / "reference.safetensors")
+    m = load_hf(folder, dtype=torch.float32)
+    assert m.args.qk_norm == (name == "tiny-qwen3") and m.args.head_dim == (16 if name == "tiny-qwen3" else 8)
+    logits, _ = m(ref["input_ids"][None])
+    assert (logits[0] - ref["logits"]).abs().max() < 1e-4
+    plain = functools.partial(generate_plain, m, ref["input_ids"][:8].tolist(), 12)
+    assert plain() == generate_plain(load_hf(folder, dtype=torch.float64), ref["input_ids"][:8].tolist(), 12)
+
+
+def test_a_qwen3_checkpoint_roundtrips_and_drafts_exactly(tmp_path):
+    folder = Path(__file__).parent / "fixtures" / "tiny-qwen3"
+    m = load_hf(folder, dtype=torch.float64)
+    save_hf(m, tmp_path / "copy")
+    assert json.loads((tmp_path / "copy" / "config.json").read_text())["model_type"] == "qwen3"
+    again = load_hf(tmp_path / "copy", dtype=torch.float64)
+    x = torch.arange(10)[None]
+    assert torch.equal(m(x)[0], again(x)[0])
+    from taps import Drafter, generate
+    prompt = list(range(3, 12))
+    out, _ = generate(m, Drafter.random(m), prompt, 20, top_k=3, depth=3, total_tokens=8)
+    assert out == generate_plain(m, prompt, 20)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_sliding_window": True, "sliding_window": 4096}, "sliding-window attention"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ({"attention_bias": True}, "attention_bias"),
+])
+def test_unsupported_qwen3_fields_are_refused_in_one_line(tmp_path, change, message):
+    cfg = json.loads((Path(__file__).parent / "fixtures" / "tiny-qwen3" / "config.json").read_text())
+    with pytest.raises(TapsError, match=f"{message}.* is not supported"):
+        args_from_hf_config({**cfg, **change}, "config.json")
