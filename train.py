@@ -95,6 +95,7 @@ HELDOUT_DOMAINS = ("math", "chat")
 # training corpora: the two domains, and the study's RQ2 mixtures of their caches at a size
 MIXES = {"mixed-small": 0.5, "mixed-large": 1.0}   # share of each domain's n: the 35k+35k and 70k+70k analogues
 TRAIN_DOMAINS = ("math", "chat", *MIXES)
+SHARD_SIZE = 32      # conversations per feature shard (cached) or per unit of the epoch's shuffle (online)
 DRAFT_VOCAB = 4096   # the most frequent target tokens a drafter proposes from (README: tau and speed per size)
 
 
@@ -319,6 +320,20 @@ def encode_conversations(tokenizer, convs, max_len):
     return out
 
 
+@torch.inference_mode()
+def target_features(target: Transformer, chunk: list, device) -> list:
+    """The target over conversations `chunk` [ids] in one right-padded call: per conversation its
+    final-norm features f (n, H) rounded to fp16 (what the cache stores) and its greedy next
+    tokens (n,) int32, both on `device`. Right padding needs no attention mask: with causal
+    attention the valid positions never see the padding after them."""
+    dev = target.embed_tokens.weight.device
+    T = max(map(len, chunk))
+    tokens = torch.tensor([ids + [0] * (T - len(ids)) for ids in chunk], device=dev)
+    _, h = target(tokens, last_only=True)                                # (B, T, H)
+    return [(h[k, :len(ids)].to(device, torch.float16),
+             logits(target, h[k, :len(ids)]).argmax(-1).to(device, torch.int32)) for k, ids in enumerate(chunk)]
+
+
 class FeatureSet:
     """A finished cache folder: shards of conversations, loaded one shard at a time. `sizes` are
     the conversations used of each shard: all of them, or fewer in a view made by `first`."""
@@ -326,6 +341,7 @@ class FeatureSet:
     def __init__(self, folder: Path, meta: dict, sizes=None):
         self.folder, self.meta = folder, meta
         self.sizes = meta["shard_sizes"] if sizes is None else sizes
+        self.last = (None, None)   # (i, conversations) of the shard read last: batches come shard by shard
 
     def __len__(self):
         return len(self.sizes)
@@ -339,6 +355,12 @@ class FeatureSet:
         lengths = t.pop("lengths").tolist()
         parts = {k: v.split(lengths) for k, v in t.items()}
         return [{k: parts[k][c] for k in parts} for c in range(self.sizes[i])]
+
+    def batch(self, i, idx: list) -> list:
+        """Conversations idx of shard i (a training batch)."""
+        if self.last[0] != i:
+            self.last = (i, self.shard(i))
+        return [self.last[1][c] for c in idx]
 
     def first(self, n: int) -> "FeatureSet":
         """A view of the first n conversations: a mixture's share of this cache (RQ2)."""
@@ -365,6 +387,46 @@ class FeatureSet:
         return torch.cat(out).long()
 
 
+class OnlineSet(FeatureSet):
+    """`--features online`: the same shards of conversations, but the target computes a batch's
+    features when it is asked for them (as EAGLE-3 and SpecForge train) and nothing is stored, for
+    targets whose cache would not fit on disk (hidden size 4096: ~740 GB for ShareGPT-68k). The
+    features are rounded to fp16 as the cache's are, so both give bit-identical losses; the cost
+    is a target forward per batch per epoch, and one pass more for a draft vocabulary."""
+
+    def __init__(self, target: Transformer, examples: list, meta: dict, batch_size=1, shard_size=SHARD_SIZE,
+                 sizes=None):
+        super().__init__(Path(meta["name"]), meta, sizes)
+        self.target, self.examples, self.batch_size, self.shard_size = target, examples, batch_size, shard_size
+
+    def path(self, i) -> str:
+        return f"{self.meta['name']}, conversations {i * self.shard_size}.. (computed online)"
+
+    def batch(self, i, idx: list) -> list:
+        dev = self.target.embed_tokens.weight.device
+        convs = [self.examples[i * self.shard_size + c] for c in idx]
+        out = []
+        for b in range(0, len(convs), self.batch_size):      # the cache's extraction batches, so its rounding
+            chunk = convs[b:b + self.batch_size]
+            for (ids, mask), (f, nxt) in zip(chunk, target_features(self.target, [ids for ids, _ in chunk], dev)):
+                out.append({"ids": torch.tensor(ids, dtype=torch.int32, device=dev),
+                            "mask": torch.tensor(mask, dtype=torch.uint8, device=dev), "feats": f, "next": nxt})
+        return out
+
+    def shard(self, i):
+        return self.batch(i, list(range(self.sizes[i])))
+
+    def first(self, n: int) -> "OnlineSet":
+        examples = self.examples[:n]
+        meta = {**self.meta, "conversations": len(examples), "tokens": sum(len(ids) for ids, _ in examples)}
+        sizes = [len(examples[i:i + self.shard_size]) for i in range(0, len(examples), self.shard_size)]
+        return OnlineSet(self.target, examples, meta, self.batch_size, self.shard_size, sizes)
+
+    def target_tokens(self) -> torch.Tensor:
+        return torch.cat([c["next"][1:-1][c["mask"][2:].bool()] for i in range(len(self))
+                          for c in self.shard(i)]).long().cpu()
+
+
 def file_record(path: Path) -> dict:
     """Size and SHA-1 of a file: what meta.json keeps of each shard, to find truncated or altered ones."""
     digest = hashlib.sha1()
@@ -386,21 +448,22 @@ def read_shard(path: Path) -> dict:
     return t
 
 
-def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard_size=32, batch_size=1,
-                desc="features", extract=True) -> FeatureSet:
-    """Run the target over `examples` [(ids, mask)] and store shards in `folder` (resumable);
-    extract=False only reads a finished cache.
-
-    Right-padded batches need no attention mask: with causal attention the valid positions never
-    see the padding after them."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-    dev = target.embed_tokens.weight.device
-    n_shards = math.ceil(len(examples) / shard_size)
+def features_meta(target: Transformer, examples, corpus: dict, shard_size: int) -> dict:
+    """What a set of features is: the target, the corpus, its conversations and their shards."""
     digest = hashlib.sha1(json.dumps(examples).encode()).hexdigest()[:16]
-    meta = {"target": target_identity(target), **corpus, "conversations": len(examples),
+    return {"target": target_identity(target), **corpus, "conversations": len(examples),
             "tokens": sum(len(ids) for ids, _ in examples), "examples_sha1": digest,
             "shard_sizes": [len(examples[i:i + shard_size]) for i in range(0, len(examples), shard_size)]}
+
+
+def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard_size=SHARD_SIZE, batch_size=1,
+                desc="features", extract=True) -> FeatureSet:
+    """Run the target over `examples` [(ids, mask)] in batches of `batch_size` (`target_features`)
+    and store shards in `folder` (resumable); extract=False only reads a finished cache."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    n_shards = math.ceil(len(examples) / shard_size)
+    meta = features_meta(target, examples, corpus, shard_size)
     meta_path = folder / "meta.json"
     missing = lambda k: TapsError(f"{folder}: {k} of {n_shards} {desc} shards are missing; build the caches of this "
                                   f"size first: python train.py --features-only --size <the same size>")
@@ -455,16 +518,12 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
         for i in todo:
             shard = examples[i * shard_size:(i + 1) * shard_size]
             feats, nexts = [], []
-            with torch.inference_mode():
-                for b in range(0, len(shard), batch_size):
-                    chunk = [ids for ids, _ in shard[b:b + batch_size]]
-                    T = max(map(len, chunk))
-                    tokens = torch.tensor([ids + [0] * (T - len(ids)) for ids in chunk], device=dev)
-                    _, h = target(tokens, last_only=True)                     # (B, T, H)
-                    for k, ids in enumerate(chunk):
-                        feats.append(h[k, :len(ids)].to("cpu", torch.float16))
-                        nexts.append(logits(target, h[k, :len(ids)]).argmax(-1).to("cpu", torch.int32))
-                    bar.update(sum(map(len, chunk)))
+            for b in range(0, len(shard), batch_size):
+                chunk = [ids for ids, _ in shard[b:b + batch_size]]
+                for f, nxt in target_features(target, chunk, "cpu"):
+                    feats.append(f)
+                    nexts.append(nxt)
+                bar.update(sum(map(len, chunk)))
             tensors = {"ids": torch.tensor([t for ids, _ in shard for t in ids], dtype=torch.int32),
                        "mask": torch.tensor([m for _, ms in shard for m in ms], dtype=torch.uint8),
                        "feats": torch.cat(feats), "next": torch.cat(nexts),
@@ -482,8 +541,9 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
 
 
 def prepare_features(target, tokenizer, domain, split, n, max_len, data_dir=None, batch_size=1,
-                     extract=True) -> FeatureSet:
-    """Corpus -> chat template -> cached target features for one domain and split."""
+                     extract=True, online=False) -> FeatureSet:
+    """Corpus -> chat template -> cached target features for one domain and split (online: computed
+    when training asks for them, `OnlineSet`)."""
     convs = load_corpus(domain, n, split, data_dir=data_dir)
     examples = encode_conversations(tokenizer, convs, max_len)
     if not examples:
@@ -496,6 +556,9 @@ def prepare_features(target, tokenizer, domain, split, n, max_len, data_dir=None
     folder = (cache_root() / f"{slug}-V{ident['vocab_size']}-H{ident['dim']}"
               / f"{domain}-{split}-n{'all' if n is None else n}-len{max_len}{'-' + dtype if dtype else ''}")
     corpus = {"domain": domain, "split": split, "n": n, "max_len": max_len, **({"dtype": dtype} if dtype else {})}
+    if online:
+        meta = {**features_meta(target, examples, corpus, SHARD_SIZE), "name": f"{domain} {split}"}
+        return OnlineSet(target, examples, meta, batch_size)
     return build_cache(target, examples, folder, corpus, batch_size=batch_size, desc=f"{domain} {split} features",
                        extract=extract)
 
@@ -523,18 +586,6 @@ def epoch_plan(sets, cfg: TrainConfig, epoch):
         order = torch.randperm(sets[s].sizes[i], generator=g).tolist()
         plan += [(s, i, order[b:b + cfg.batch_size]) for b in range(0, len(order), cfg.batch_size)]
     return plan
-
-
-class ShardReader:
-    """Keeps the last shard loaded: consecutive batches of a plan come from the same shard."""
-
-    def __init__(self, sets):
-        self.sets, self.key, self.convs = sets, None, None
-
-    def get(self, s, i):
-        if self.key != (s, i):
-            self.key, self.convs = (s, i), self.sets[s].shard(i)
-        return self.convs
 
 
 def autocast(cfg: TrainConfig, device):
@@ -679,13 +730,12 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
                desc=f"{cfg.backbone}-{cfg.domain}", file=sys.stderr, smoothing=0.05)
     st.setdefault("positions", 0)    # this epoch's loss positions and seconds of training steps
     st.setdefault("train_s", 0.0)
-    reader, last_save, t0 = ShardReader(train_sets), time.perf_counter(), time.perf_counter()
+    last_save = t0 = time.perf_counter()
     for epoch in range(st["epoch"], cfg.epochs):
         plan = epoch_plan(train_sets, cfg, epoch)
         for b in range(st["batch"], per_epoch):
             s, i, idx = plan[b]
-            convs = reader.get(s, i)
-            batch = collate([convs[c] for c in idx], dev)
+            batch = collate(train_sets[s].batch(i, idx), dev)
             t_step = time.perf_counter()
             loss, terms = train_step(drafter, target, opt, sched, batch, cfg, g)
             if not math.isfinite(loss):

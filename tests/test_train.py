@@ -368,3 +368,28 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 1 and not (tmp_path / "cache" / "features" / "tiny-smol-V49152-H64" / "chat-train-n6-len320").exists()
     T.main(mix[2:] + ["--features-only"])   # --features-only builds both domains' caches, no --domain needed
     T.main(mix + ["--overwrite"])
+
+
+def online(target, examples, shard_size=4, name="a"):
+    meta = {**T.features_meta(target, examples, {"domain": name}, shard_size), "name": name}
+    return T.OnlineSet(target, examples, meta, shard_size=shard_size)
+
+
+@pytest.mark.parametrize("backbone, draft_vocab", [("eagle", 0), ("hass", 16)])
+def test_online_features_give_the_cached_losses_bit_for_bit(tmp_path, backbone, draft_vocab):
+    """--features online runs the target inside training; the drafter, its log and its draft
+    vocabulary equal those of the cached path on the same batches."""
+    target = tiny_target()
+    train, held = synthetic_examples(9, seed=1), synthetic_examples(3, seed=2)
+    cached = ([T.build_cache(target, train, tmp_path / "a", {"domain": "a"}, shard_size=4)],
+              {"h": T.build_cache(target, held, tmp_path / "h", {"domain": "h"}, shard_size=4)})
+    computed = ([online(target, train)], {"h": online(target, held, name="h")})
+    cfg = small_cfg(backbone=backbone, draft_vocab=draft_vocab)
+    a = T.train(cfg, target, *cached, tmp_path / "c.safetensors")
+    b = T.train(cfg, target, *computed, tmp_path / "o.safetensors")
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(x, b.state_dict()[k]) for k, x in a.state_dict().items())
+    logs = [[json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in "co"]
+    strip = lambda log: [{k: v for k, v in r.items() if k not in ("elapsed_s", "positions_per_s")} for r in log]
+    assert strip(logs[0]) == strip(logs[1]) and logs[0][-1]["train_loss"] > 0
+    assert cached[0][0].first(5).target_tokens().tolist() == computed[0][0].first(5).target_tokens().tolist()
