@@ -30,12 +30,19 @@ demo: install checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetens
 checkpoints/eagle-%.safetensors:
 	$(MAKE) train DOMAIN=$* BACKBONE=eagle SIZE=demo
 
-# The full configuration (GPU-sized): both backbones on the whole corpora, every benchmark item.
+# The full configuration on GPUs (an instruction: not yet run). TARGET: an HF checkpoint directory
+# (e.g. Meta-Llama-3-8B-Instruct); NGPU ranks of torchrun per drafter, which must divide the batch of 8;
+# features online (a cache of an 8B target's features would need ~740 GB); every benchmark item.
+NGPU ?= 1
 study: install
-	for b in eagle hass; do for d in math chat; do $(MAKE) train DOMAIN=$$d BACKBONE=$$b SIZE=full || exit 1; done; done
-	for b in eagle hass; do $(PY) eval.py --compose single,average,route,route-entropy,merged,merged-dedup --equal-budget \
-	  --lam-sweep 0,0.25,0.5,0.75,1 --temperature 0,1 --drafters checkpoints/$$b-math.safetensors \
-	  checkpoints/$$b-chat.safetensors --json runs/study-$$b.json || exit 1; done
+	@test -n "$(TARGET)" || { echo "usage: make study TARGET=<HF checkpoint directory> [NGPU=4]"; exit 2; }
+	for b in eagle hass; do for d in math chat mixed-small mixed-large; do torchrun --standalone \
+	  --nproc_per_node $(NGPU) train.py --domain $$d --backbone $$b --size full --features online \
+	  --target $(TARGET) --device cuda --out checkpoints/full/$$b-$$d.safetensors --resume || exit 1; done; done
+	for b in eagle hass; do $(PY) eval.py --target $(TARGET) --device cuda \
+	  --compose single,average,route,route-entropy,merged,merged-dedup --equal-budget --lam-sweep 0,0.25,0.5,0.75,1 \
+	  --temperature 0,1 --drafters checkpoints/full/$$b-math.safetensors checkpoints/full/$$b-chat.safetensors \
+	  --json runs/study-$$b.json || exit 1; done
 
 # The study at the CPU size on the embedded default (train.py's docstring): the shared feature caches,
 # then the drafters, one after another (hours on 2 cores; every step resumes: rerun to continue).

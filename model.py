@@ -1100,14 +1100,14 @@ def mean(xs, empty=math.nan):
 
 
 @contextlib.contextmanager
-def one_line_errors(*kinds, interrupted=None):
+def one_line_errors(*kinds, interrupted=None, who=lambda: ""):
     """Every CLI's body: a TapsError (or one of `kinds`) is one line `error: ...` on stderr and exit
     status 2, never a traceback; Ctrl-C prints `interrupted` (what is kept: a string, or a function
-    asked at that moment) and exits 130 when given."""
+    asked at that moment) and exits 130 when given. who() names the process (a torchrun rank)."""
     try:
         yield
     except (TapsError, *kinds) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {who()}{e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         if interrupted is None:

@@ -2,6 +2,7 @@
 
     python train.py --domain math --backbone eagle        # -> checkpoints/eagle-math.safetensors
     make train DOMAIN=chat BACKBONE=hass SIZE=demo
+    torchrun --standalone --nproc_per_node 4 train.py --domain math --size full --features online
 
 1. Feature cache. The target reads each training conversation once (chat template applied,
    truncated at max_len). Token ids, the assistant-token mask (from `Tokenizer.encode_chat`),
@@ -12,6 +13,8 @@
    target's identity (name, vocab, hidden size, weight fingerprint) and refuses another target,
    and each shard's size and SHA-1: a truncated or overwritten shard is rebuilt before training.
    The target runs in --dtype auto's choice; features of a bf16 target are a cache of their own.
+   --features online (`OnlineSet`) stores nothing: the target computes each batch's features inside
+   training, rounded as the cache rounds them, so the losses are bit-identical to the cached path's.
 
 2. Objectives. For one conversation x_0..x_{n-1} with target features f_0..f_{n-1}, the drafter
    at position t reads cat(embed(x_{t+1}), f_t) and outputs f_hat_{t+1}. It is scored against the
@@ -36,10 +39,16 @@
    After each epoch: the checkpoint (atomic), top-1 agreement of argmax(head(f_hat)) with the
    target's greedy token on math and chat held-out conversations (printed, and logged to
    <out>.jsonl), and the training state <out>.state.pt (also every `save_interval` seconds);
-   --resume continues from it and reproduces an uninterrupted run exactly.
+   --resume continues from it and reproduces an uninterrupted run exactly (the input noise of each
+   step comes from a generator seeded by the step and the rank, so no generator state is needed).
+
+4. Data parallel (`World`): under torchrun (RANK / LOCAL_RANK / WORLD_SIZE), every rank takes its
+   share of each global batch, DDP averages the gradients, and the loss divides by the global count
+   of loss positions, so N ranks train what one process trains on the same batches; rank 0 writes
+   the checkpoint, log and state, and the ranks share out feature extraction by shard.
 
 Sections, in file order: losses (pure functions) · draft vocabulary · drafter passes (HASS
-alignment) · feature cache · training loop · CLI.
+alignment) · feature cache · data parallel (torchrun) · training loop · CLI.
 
 Sizes (measured timings are in the README):
   demo  2,000 math / 600 chat conversations, max_len 320, 24 held-out per domain, 3 epochs, lr 1e-3,
@@ -64,6 +73,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -71,6 +81,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -149,9 +160,11 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- losses (pure functions)
 
-def feature_loss(f_hat, f):
-    """Smooth L1 regression of the drafter's features on the target's, (N, H) x 2 -> scalar (eq. 4)."""
-    return F.smooth_l1_loss(f_hat.float(), f.float(), reduction="none").mean(-1).mean()
+def feature_loss(f_hat, f, denom=None):
+    """Smooth L1 regression of the drafter's features on the target's, (N, H) x 2 -> scalar (eq. 4):
+    the mean over positions, or their sum over `denom` (the count of all ranks' positions)."""
+    per_position = F.smooth_l1_loss(f_hat.float(), f.float(), reduction="none").mean(-1)
+    return per_position.mean() if denom is None else per_position.sum() / denom
 
 
 def distill_terms(logq, p, k):
@@ -184,8 +197,9 @@ def _head_sums(head, f_hat, f, k, keep):
     return (ce * keep).sum(), (topk * keep).sum(), (top1 * keep).sum()
 
 
-def head_terms(head, f_hat, f, k, chunk, keep=None):
-    """Mean CE, mean top-K term and top-1 agreement over N loss positions, (N, H) x 2 -> 3 scalars.
+def head_terms(head, f_hat, f, k, chunk, keep=None, denom=None):
+    """Mean CE, mean top-K term and top-1 agreement over N loss positions, (N, H) x 2 -> 3 scalars
+    (means over the kept positions, or sums over `denom`).
 
     head: `draft_head`. keep (N,) bool: the positions these terms count (default all); with a draft
     vocabulary, those whose target token is in it -- elsewhere the renormalised p would teach q a
@@ -199,7 +213,7 @@ def head_terms(head, f_hat, f, k, chunk, keep=None):
         parts = [checkpoint(_head_sums, head, f_hat[i:i + chunk], f[i:i + chunk], k, keep[i:i + chunk],
                             use_reentrant=False) for i in range(0, len(f_hat), chunk)]
         sums = [sum(s) for s in zip(*parts)]
-    return [s / max(int(keep.sum()), 1) for s in sums]
+    return [s / (denom or max(int(keep.sum()), 1)) for s in sums]
 
 
 def align_mask(T, j, device=None):
@@ -279,10 +293,12 @@ def aligned_passes(drafter, target, tokens, f_in, steps):
         f_in = torch.cat([f_in[:, :1], h[:, :-1].detach().to(f_in.dtype)], dim=1)
 
 
-def drafter_loss(drafter, target, batch, cfg: TrainConfig, g: Optional[torch.Generator] = None):
+def drafter_loss(drafter, target, batch, cfg: TrainConfig, g: Optional[torch.Generator] = None, count=None):
     """Eq. 4 (EAGLE) or eqs. 7-9 (HASS) on a padded batch; noise on the input features when `g` is given.
 
-    Returns the loss (summed over alignment steps) and the plain pass's terms (v, ce, topk, top1)."""
+    Returns the loss (summed over alignment steps) and the plain pass's terms (v, ce, topk, top1).
+    count(n) turns this batch's number of loss positions into what the terms divide by (`World.count`
+    under torchrun: the global mean; default: this batch's mean)."""
     ids, mask, f, lengths = batch["ids"], batch["mask"], batch["feats"], batch["lengths"]
     tokens, f_in, f_next = ids[:, 1:-1], f[:, :-2], f[:, 1:-1]   # (B, T) x_{t+1}; (B, T, H) f_t, f_{t+1}
     sel = mask[:, 2:].bool()                                      # (B, T): x_{t+2} is an assistant token
@@ -292,11 +308,14 @@ def drafter_loss(drafter, target, batch, cfg: TrainConfig, g: Optional[torch.Gen
         f_in = f_in + noise * scale[:, None, None]
     f_tgt = f_next[sel]                                           # (N, H)
     keep = None if drafter.vocab is None else torch.isin(batch["next"][:, 1:-1][sel], drafter.vocab)   # (N,)
+    count = count or (lambda n: max(int(n), 1))
+    n_pos = count(sel.sum())
+    n_keep = n_pos if keep is None else count(keep.sum())
     head = draft_head(target, drafter)
     total, first = 0.0, None
     for h in aligned_passes(drafter, target, tokens, f_in, cfg.steps):
-        v = feature_loss(h[sel], f_tgt)
-        ce, topk, top1 = head_terms(head, h[sel], f_tgt, cfg.topk, cfg.head_chunk, keep)
+        v = feature_loss(h[sel], f_tgt, n_pos)
+        ce, topk, top1 = head_terms(head, h[sel], f_tgt, cfg.topk, cfg.head_chunk, keep, n_keep)
         total = total + cfg.v_w * v + cfg.p_w * ce + cfg.topk_w * topk
         first = first or {"v": v.item(), "ce": ce.item(), "topk": topk.item(), "top1": top1.item()}
     return total, first
@@ -457,11 +476,13 @@ def features_meta(target: Transformer, examples, corpus: dict, shard_size: int) 
 
 
 def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard_size=SHARD_SIZE, batch_size=1,
-                desc="features", extract=True) -> FeatureSet:
+                desc="features", extract=True, world: Optional["World"] = None) -> FeatureSet:
     """Run the target over `examples` [(ids, mask)] in batches of `batch_size` (`target_features`)
-    and store shards in `folder` (resumable); extract=False only reads a finished cache."""
+    and store shards in `folder` (resumable); extract=False only reads a finished cache. Under
+    torchrun rank r extracts shards r, r + size, ...; rank 0 checks old shards and writes meta.json."""
     from safetensors.torch import save_file
     from tqdm import tqdm
+    world = world or SINGLE
     n_shards = math.ceil(len(examples) / shard_size)
     meta = features_meta(target, examples, corpus, shard_size)
     meta_path = folder / "meta.json"
@@ -492,7 +513,7 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
             atomic_write(meta_path, lambda p: p.write_text(json.dumps({**meta, "shards": shards}, indent=1)))
 
     paths = [folder / f"{i:05d}.safetensors" for i in range(n_shards)]
-    for p in paths:                               # a shard that is not what was written is rebuilt
+    for p in paths if world.main else []:         # a shard that is not what was written is rebuilt
         if not p.exists():
             continue
         record = file_record(p)
@@ -506,7 +527,9 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
             print(f"{p}: changed since it was written (truncated or overwritten?); rebuilding it", file=sys.stderr)
             p.unlink()
             shards.pop(p.name, None)
-    save_meta()
+    if world.main:
+        save_meta()
+    world.barrier()
     lens = [len(ids) for ids, _ in examples]
     done = sum(sum(lens[i * shard_size:(i + 1) * shard_size]) for i, p in enumerate(paths) if p.exists())
     todo = [i for i, p in enumerate(paths) if not p.exists()]
@@ -514,8 +537,9 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
         raise missing(len(todo))
     if todo:
         t0 = time.perf_counter()
-        bar = tqdm(total=meta["tokens"], initial=done, unit="tok", unit_scale=True, desc=desc, smoothing=0.1)
-        for i in todo:
+        bar = tqdm(total=meta["tokens"], initial=done, unit="tok", unit_scale=True, desc=desc, smoothing=0.1,
+                   disable=not world.main)
+        for i in todo[world.rank::world.size]:
             shard = examples[i * shard_size:(i + 1) * shard_size]
             feats, nexts = [], []
             for b in range(0, len(shard), batch_size):
@@ -532,16 +556,21 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
                 raise TapsError(f"{desc}: target features overflow fp16; this target is not supported by the cache")
             with writing(folder, cache_advice):
                 atomic_write(paths[i], lambda p: save_file(tensors, str(p)))
-            shards[paths[i].name] = file_record(paths[i])
-            save_meta()
+            if world.main:
+                shards[paths[i].name] = file_record(paths[i])
+                save_meta()
         bar.close()
-        rate = (meta["tokens"] - done) / (time.perf_counter() - t0)
-        print(f"{desc}: {meta['tokens'] - done} tokens in {time.perf_counter() - t0:.0f} s ({rate:.0f} tokens/s)")
+        world.barrier()                           # every rank's shards are written
+        if world.main:
+            shards.update({paths[i].name: file_record(paths[i]) for i in todo if paths[i].name not in shards})
+            save_meta()
+            rate = (meta["tokens"] - done) / (time.perf_counter() - t0)
+            print(f"{desc}: {meta['tokens'] - done} tokens in {time.perf_counter() - t0:.0f} s ({rate:.0f} tokens/s)")
     return FeatureSet(folder, meta)
 
 
 def prepare_features(target, tokenizer, domain, split, n, max_len, data_dir=None, batch_size=1,
-                     extract=True, online=False) -> FeatureSet:
+                     extract=True, online=False, world=None) -> FeatureSet:
     """Corpus -> chat template -> cached target features for one domain and split (online: computed
     when training asks for them, `OnlineSet`)."""
     convs = load_corpus(domain, n, split, data_dir=data_dir)
@@ -560,7 +589,123 @@ def prepare_features(target, tokenizer, domain, split, n, max_len, data_dir=None
         meta = {**features_meta(target, examples, corpus, SHARD_SIZE), "name": f"{domain} {split}"}
         return OnlineSet(target, examples, meta, batch_size)
     return build_cache(target, examples, folder, corpus, batch_size=batch_size, desc=f"{domain} {split} features",
-                       extract=extract)
+                       extract=extract, world=world)
+
+
+# ----------------------------------------------------------------------------- data parallel (torchrun)
+
+@dataclass
+class World:
+    """This process's place in a `torchrun` job: rank `rank` of `size` (rank 0 of 1 without torchrun).
+
+    Data parallel as nanoGPT does it: every rank holds the drafter and takes its share of each global
+    batch (`share`); DistributedDataParallel averages the gradients, so every rank takes the same
+    optimizer step. The loss divides by the global number of loss positions (`count`), so k steps
+    on N ranks are k steps of one process on the same global batch, up to the input noise, which each
+    rank draws from its own stream. Rank 0 alone writes checkpoints, logs and the training state;
+    feature extraction is shared out by shard (`build_cache`)."""
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def from_env(cls, device: str) -> tuple["World", str]:
+        """The job torchrun describes in RANK / LOCAL_RANK / WORLD_SIZE, and this rank's device."""
+        size = int(os.environ.get("WORLD_SIZE", 1))
+        if size == 1:
+            return cls(), device
+        import torch.distributed as dist
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        try:
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        except (ValueError, RuntimeError) as e:
+            raise TapsError(f"WORLD_SIZE={size} but no torchrun job to join ({str(e).splitlines()[0]}); "
+                            f"start it with torchrun --standalone --nproc_per_node {size} train.py ...") from None
+        return cls(dist.get_rank(), size), device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def name(self) -> str:
+        """How this rank signs its error lines ("" without torchrun)."""
+        return f"rank {self.rank} of {self.size}: " if self.size > 1 else ""
+
+    def share(self, idx: list) -> tuple[list, bool]:
+        """This rank's conversations of a global batch, and whether they count. A rank left with none
+        (a shard's short last batch) reruns the first with no loss positions: every rank must join
+        every gradient exchange."""
+        mine = idx[self.rank::self.size]
+        return (mine, True) if mine else (idx[:1], False)
+
+    def count(self, n: torch.Tensor) -> float:
+        """What a rank divides its sum of n loss terms by: the count over all ranks divided by their
+        number, since DDP averages the ranks' gradients; the result is the global batch's mean."""
+        if self.size == 1:
+            return max(int(n), 1)
+        import torch.distributed as dist
+        total = n.detach().double().reshape(1).clone()
+        dist.all_reduce(total)
+        return max(total.item(), 1) / self.size
+
+    def mean(self, values: list) -> list:
+        """Floats averaged over the ranks (the logged loss of the global batch)."""
+        if self.size == 1:
+            return values
+        import torch.distributed as dist
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return (t / self.size).tolist()
+
+    def barrier(self):
+        if self.size > 1:
+            import torch.distributed as dist
+            try:
+                dist.barrier()
+            except RuntimeError as e:
+                raise TapsError(f"another rank stopped ({str(e).splitlines()[0][:120]}); what was saved is kept: "
+                                f"rerun with --resume") from None
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's tensor on every rank (t: a buffer of the same shape elsewhere)."""
+        if self.size > 1:
+            import torch.distributed as dist
+            dist.broadcast(t, 0)
+        return t
+
+
+SINGLE = World()
+
+
+def check_split(batch_size: int, ranks: int):
+    if batch_size % ranks:
+        raise TapsError(f"--batch-size {batch_size} does not split over {ranks} ranks; give a multiple of {ranks} "
+                        f"(each rank takes batch-size / ranks conversations of every step's batch)")
+
+
+class Objective(nn.Module):
+    """The training loss as a module, so DistributedDataParallel can wrap it: its only parameters are
+    the drafter's; the frozen target is held outside the module tree (DDP neither broadcasts nor
+    reduces it)."""
+
+    def __init__(self, drafter: Drafter, target: Transformer, cfg: TrainConfig, world: World = SINGLE):
+        super().__init__()
+        self.drafter, self.frozen, self.cfg, self.world = drafter, (target,), cfg, world
+        target.requires_grad_(False)   # else backward also forms the (V, H) head-weight gradient
+
+    def forward(self, batch, g):
+        return drafter_loss(self.drafter, self.frozen[0], batch, self.cfg, g, self.world.count)
+
+
+def wrap(objective: Objective) -> nn.Module:
+    """DDP around the objective under torchrun; the objective itself in one process."""
+    if objective.world.size == 1:
+        return objective
+    from torch.nn.parallel import DistributedDataParallel
+    dev = objective.drafter.fc.weight.device
+    return DistributedDataParallel(objective, device_ids=[dev] if dev.type == "cuda" else None)
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -612,17 +757,19 @@ def heldout_agreement(drafter, target, fs: FeatureSet, cfg: TrainConfig) -> floa
     return correct / total
 
 
-def train_step(drafter, target, opt, sched, batch, cfg, g):
-    target.requires_grad_(False)   # frozen; else backward also forms the (V, H) head-weight gradient
-    drafter.train()
-    with autocast(cfg, batch["ids"].device):
-        loss, terms = drafter_loss(drafter, target, batch, cfg, g)
+def train_step(model: nn.Module, opt, sched, batch, g):
+    """One optimizer step of `wrap(objective)`; returns the global batch's loss and terms."""
+    objective = getattr(model, "module", model)   # DDP keeps the wrapped module as .module
+    objective.drafter.train()
+    with autocast(objective.cfg, batch["ids"].device):
+        loss, terms = model(batch, g)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_value_(drafter.parameters(), cfg.grad_clip)
+    torch.nn.utils.clip_grad_value_(objective.drafter.parameters(), objective.cfg.grad_clip)
     opt.step()
     sched.step()
-    return loss.item(), terms
+    loss, top1 = objective.world.mean([loss.item(), terms["top1"]])
+    return loss, {**terms, "top1": top1}
 
 
 def lr_factor(step, warm, total):
@@ -652,17 +799,21 @@ def refuse_to_replace(out: Path, epochs: int):
 
 
 def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out, resume=False,
-          save_interval: float = 120.0, stop_ids=(), overwrite=False, vocab_sets=None) -> Drafter:
+          save_interval: float = 120.0, stop_ids=(), overwrite=False, vocab_sets=None, world: World = SINGLE) -> Drafter:
     """Train a drafter for `target` on `train_sets`; writes `out` (+ .jsonl log, .state.pt) each epoch.
 
     heldout: {domain: FeatureSet} for the per-epoch agreement table. vocab_sets: the feature sets
     whose target tokens choose the draft vocabulary (default `train_sets`; the CLI passes the math
-    and chat sets of the size, so that every drafter of a size shares one vocabulary and can be averaged). The training state is saved
-    atomically every `save_interval` seconds and after each epoch; resume=True continues from it."""
+    and chat sets of the size, so that every drafter of a size shares one vocabulary and can be
+    averaged). The training state is saved atomically every `save_interval` seconds and after each
+    epoch; resume=True continues from it. Under torchrun, `world` is this rank (`World`)."""
     out = Path(out)
+    check_split(cfg.batch_size, world.size)
     if not (resume or overwrite):
         refuse_to_replace(out, cfg.epochs)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    say = print if world.main else lambda *args, **kw: None
+    if world.main:
+        out.parent.mkdir(parents=True, exist_ok=True)
     state_file, log_path = state_path(out), out.with_name(out.stem + ".jsonl")
     dev = target.embed_tokens.weight.device
     data = {"corpus": cfg.domain, "conversations": sum(fs.meta["conversations"] for fs in train_sets),
@@ -671,9 +822,12 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
             # bit-for-bit reproducible on the same CPU kind with the same torch thread count only
             "threads": torch.get_num_threads(), "cpu": machine(dev)["cpu"]}
     vocab, meta = None, {}
-    if cfg.draft_vocab:
+    if cfg.draft_vocab and not world.main:   # rank 0 reads (or computes) the target's tokens once
+        vocab = world.broadcast(torch.empty(cfg.draft_vocab, dtype=torch.long, device=dev))
+    elif cfg.draft_vocab:
         vocab = draft_vocabulary([fs.target_tokens() for fs in vocab_sets or train_sets], cfg.draft_vocab,
                                  target.args.vocab_size, stop_ids)
+        world.broadcast(vocab.to(dev))
         meta["draft_vocab"] = {"size": cfg.draft_vocab,
                                "coverage": {d: round(coverage(vocab, fs.target_tokens()), 4) for d, fs in heldout.items()}}
         print(f"draft vocabulary: {cfg.draft_vocab} of {target.args.vocab_size} tokens; held-out coverage of the "
@@ -681,12 +835,13 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         drafter = Drafter.for_target(target, vocab, backbone=cfg.backbone, domain=cfg.domain, data=data, **meta).float()
+    model = wrap(Objective(drafter, target, cfg, world))
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
     per_epoch = len(epoch_plan(train_sets, cfg, 0))
     total = cfg.epochs * per_epoch
     warm = max(1, round(cfg.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warm, total))
-    g = torch.Generator(device=dev).manual_seed(cfg.seed)
+    g = torch.Generator(device=dev)   # input noise: seeded per (step, rank), so a resumed run needs no state
     config = dataclasses.asdict(cfg)
     st = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "top1_sum": 0.0, "log": []}
     if resume and state_file.exists():
@@ -701,18 +856,17 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
         drafter.load_state_dict(saved["drafter"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
-        g.set_state(saved["rng"].cpu())
         st = saved["progress"]
-        print(f"resuming {out} at epoch {st['epoch'] + 1}, batch {st['batch']} of {per_epoch}" if st["epoch"] < cfg.epochs
+        say(f"resuming {out} at epoch {st['epoch'] + 1}, batch {st['batch']} of {per_epoch}" if st["epoch"] < cfg.epochs
               else f"resuming {out}: all {cfg.epochs} epochs are done, nothing to train")
     elif resume:
-        print(f"no training state at {state_file}: starting from scratch")
+        say(f"no training state at {state_file}: starting from scratch")
 
     saving = lambda: writing(out.parent, "free space or fix permissions there, then rerun with --resume")
 
     def save_state():
         s = {"config": config, "target": target_identity(target), "drafter": drafter.state_dict(),
-             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": g.get_state(), "progress": st}
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "progress": st}
         with saving():
             atomic_write(state_file, lambda p: torch.save(s, p))
 
@@ -725,48 +879,68 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     from tqdm import tqdm
     cols = (["epoch", "steps", "train loss", "train top-1"] + [f"held-out top-1 {d}" for d in heldout]
             + ["loss positions/s", "time (s)"])
-    print(" | ".join(cols))
+    say(" | ".join(cols))
     bar = tqdm(total=cfg.epochs * per_epoch, initial=st["epoch"] * per_epoch + st["batch"], unit="step",
-               desc=f"{cfg.backbone}-{cfg.domain}", file=sys.stderr, smoothing=0.05)
+               desc=f"{cfg.backbone}-{cfg.domain}", file=sys.stderr, smoothing=0.05, disable=not world.main)
     st.setdefault("positions", 0)    # this epoch's loss positions and seconds of training steps
     st.setdefault("train_s", 0.0)
     last_save = t0 = time.perf_counter()
-    for epoch in range(st["epoch"], cfg.epochs):
-        plan = epoch_plan(train_sets, cfg, epoch)
-        for b in range(st["batch"], per_epoch):
-            s, i, idx = plan[b]
-            batch = collate(train_sets[s].batch(i, idx), dev)
-            t_step = time.perf_counter()
-            loss, terms = train_step(drafter, target, opt, sched, batch, cfg, g)
-            if not math.isfinite(loss):
-                raise TapsError(f"step {epoch * per_epoch + b + 1}: loss is {loss} on a batch of "
-                                f"{train_sets[s].path(i)}; stopped, the drafter is not saved")
-            st["train_s"] += time.perf_counter() - t_step
-            st["positions"] += int(batch["mask"][:, 2:].sum())
-            st["loss_sum"] += loss
-            st["top1_sum"] += terms["top1"]
-            st["batch"] = b + 1
-            bar.update()
-            bar.set_postfix(loss=f"{st['loss_sum'] / (b + 1):.3f}", refresh=False)
-            if time.perf_counter() - last_save >= save_interval:
-                save_state()
-                last_save = time.perf_counter()
-        drafter.eval()
-        record = {"epoch": epoch + 1, "step": (epoch + 1) * per_epoch, "train_loss": st["loss_sum"] / per_epoch,
-                  "train_top1": st["top1_sum"] / per_epoch,
-                  "heldout_top1": {d: heldout_agreement(drafter, target, fs, cfg) for d, fs in heldout.items()},
-                  "lr": sched.get_last_lr()[0], "positions_per_s": round(st["positions"] / max(st["train_s"], 1e-9)),
-                  "elapsed_s": round(time.perf_counter() - t0, 1)}
-        tqdm.write(" | ".join([f"{epoch + 1}", f"{record['step']}", f"{record['train_loss']:.4f}",
-                               f"{record['train_top1']:.3f}"] + [f"{a:.3f}" for a in record["heldout_top1"].values()]
-                              + [f"{record['positions_per_s']}", f"{record['elapsed_s']:.0f}"]))
-        st.update(epoch=epoch + 1, batch=0, loss_sum=0.0, top1_sum=0.0, positions=0, train_s=0.0,
-                  log=st["log"] + [record])
-        save_state()
-        save_drafter()
-        last_save = time.perf_counter()
-    bar.close()
-    if st["log"] and not out.exists():   # a resumed run whose last drafter write failed
+    try:   # the bar is closed before any error line, so that line stands alone
+        for epoch in range(st["epoch"], cfg.epochs):
+            plan = epoch_plan(train_sets, cfg, epoch)
+            for b in range(st["batch"], per_epoch):
+                s, i, idx = plan[b]
+                mine, counts = world.share(idx)
+                batch = collate(train_sets[s].batch(i, mine), dev)
+                if not counts:
+                    batch["mask"].zero_()
+                step = epoch * per_epoch + b
+                g.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + world.rank)
+                t_step = time.perf_counter()
+                try:
+                    loss, terms = train_step(model, opt, sched, batch, g)
+                    positions = world.mean([float(batch["mask"][:, 2:].sum())])[0] * world.size
+                except RuntimeError as e:   # torch.distributed's error when another rank is gone
+                    if world.size == 1:
+                        raise
+                    raise TapsError(f"another rank stopped at step {step + 1} "
+                                    f"({str(e).splitlines()[0][:120]}); {state_file} holds the last saved state: "
+                                    f"rerun with --resume") from None
+                if not math.isfinite(loss):
+                    raise TapsError(f"step {step + 1}: loss is {loss} on a batch of "
+                                    f"{train_sets[s].path(i)}; stopped, the drafter is not saved")
+                st["train_s"] += time.perf_counter() - t_step
+                st["positions"] += int(positions)
+                st["loss_sum"] += loss
+                st["top1_sum"] += terms["top1"]
+                st["batch"] = b + 1
+                bar.update()
+                bar.set_postfix(loss=f"{st['loss_sum'] / (b + 1):.3f}", refresh=False)
+                if world.main and time.perf_counter() - last_save >= save_interval:
+                    save_state()
+                    last_save = time.perf_counter()
+            drafter.eval()
+            if not world.main:   # rank 0 scores the held-out sets and writes; the others wait for it
+                st.update(epoch=epoch + 1, batch=0, loss_sum=0.0, top1_sum=0.0, positions=0, train_s=0.0)
+                world.barrier()
+                continue
+            record = {"epoch": epoch + 1, "step": (epoch + 1) * per_epoch, "train_loss": st["loss_sum"] / per_epoch,
+                      "train_top1": st["top1_sum"] / per_epoch,
+                      "heldout_top1": {d: heldout_agreement(drafter, target, fs, cfg) for d, fs in heldout.items()},
+                      "lr": sched.get_last_lr()[0], "positions_per_s": round(st["positions"] / max(st["train_s"], 1e-9)),
+                      "elapsed_s": round(time.perf_counter() - t0, 1)}
+            tqdm.write(" | ".join([f"{epoch + 1}", f"{record['step']}", f"{record['train_loss']:.4f}",
+                                   f"{record['train_top1']:.3f}"] + [f"{a:.3f}" for a in record["heldout_top1"].values()]
+                                  + [f"{record['positions_per_s']}", f"{record['elapsed_s']:.0f}"]))
+            st.update(epoch=epoch + 1, batch=0, loss_sum=0.0, top1_sum=0.0, positions=0, train_s=0.0,
+                      log=st["log"] + [record])
+            save_state()
+            save_drafter()
+            last_save = time.perf_counter()
+            world.barrier()
+    finally:
+        bar.close()
+    if world.main and st["log"] and not out.exists():   # a resumed run whose last drafter write failed
         save_drafter()
     return drafter
 
@@ -784,6 +958,9 @@ def main(argv=None):
     ap.add_argument("--out", help="drafter checkpoint (default: checkpoints/<backbone>-<domain>.safetensors)")
     ap.add_argument("--features-only", action="store_true",
                     help="build the size's feature caches (both domains, train and held-out) and stop")
+    ap.add_argument("--features", choices=("cached", "online"), default="cached",
+                    help="cached (default): target features stored once under $TAPS_CACHE and reused; online: "
+                         "the target runs inside training, nothing stored (for caches too large for the disk)")
     ap.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
     ap.add_argument("--overwrite", action="store_true", help="start over even where <out> or <out>.state.pt exists")
     ap.add_argument("--device", default=default_device())
@@ -808,45 +985,55 @@ def main(argv=None):
             return f"finished feature shards and the training state {state_path(out)} are kept; rerun with --resume"
         return "finished feature shards are kept (no training state was saved yet); rerun the same command"
 
-    with one_line_errors(DataError, interrupted=kept):
+    world = SINGLE
+    with one_line_errors(DataError, interrupted=kept, who=lambda: world.name):
         check_flags(args)
+        if args.features == "online" and args.features_only:
+            raise TapsError("--features-only builds the feature caches, which --features online never reads; "
+                            "drop one of the two")
         overrides = {k: getattr(args, k) for k in ("epochs", "lr", "n_train", "max_len", "n_heldout", "batch_size", "seed")
                      if getattr(args, k) is not None}
         if not (args.domain or args.features_only):
             raise TapsError("--domain is required (or --features-only)")
         cfg = TrainConfig(domain=args.domain or "math", backbone=args.backbone, size=args.size, amp=args.amp,
                           draft_vocab=args.draft_vocab, **overrides)
+        check_split(cfg.batch_size, int(os.environ.get("WORLD_SIZE", 1)))   # before joining the torchrun job
         out = Path(args.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
         if not args.features_only:   # the destination, before any extraction or training
             if not (args.resume or args.overwrite):
                 refuse_to_replace(out, cfg.epochs)
             for path in (out, state_path(out)):
                 check_writable(path, "--out")
-        cuda = args.device.startswith("cuda")
+        world, device = World.from_env(args.device)
+        cuda = device.startswith("cuda")
         t0 = time.perf_counter()
-        target, tokenizer = load_for(args.target, args.device, args.dtype, load_target)
+        target, tokenizer = load_for(args.target, device, args.dtype, load_target)
         check_vocab_size(cfg.draft_vocab, target.args.vocab_size, tokenizer.stop_ids)   # before any extraction
         batch = args.extract_batch or (8 if cuda else 1)
         mixture = cfg.domain in MIXES and not args.features_only
         prep = lambda d, split, n: prepare_features(target, tokenizer, d, split, n, cfg.max_len, args.data_dir, batch,
-                                                    extract=not mixture)
+                                                    extract=not mixture, online=args.features == "online", world=world)
         heldout = {d: prep(d, "heldout", cfg.n_heldout) for d in HELDOUT_DOMAINS}
         # one draft vocabulary per (target, size, n_train), from both domains' training sets: every
         # drafter of a size proposes from the same tokens and can be averaged
         need = HELDOUT_DOMAINS if cfg.draft_vocab or cfg.domain in MIXES or args.features_only else (cfg.domain,)
         sets = {d: prep(d, "train", n) for d, n in cfg.corpus_sizes(need).items()}
+        say = print if world.main else lambda *a: None
         if args.features_only:
-            print(f"[feature caches of size {cfg.size} ready in {time.perf_counter() - t0:.0f} s]")
+            say(f"[feature caches of size {cfg.size} ready in {time.perf_counter() - t0:.0f} s]")
             return
         train_sets = ([fs.first(round(MIXES[cfg.domain] * fs.meta["conversations"])) for fs in sets.values()]
                       if mixture else [sets[cfg.domain]])
         vocab_sets = list(sets.values()) if cfg.draft_vocab else None
         t1 = time.perf_counter()
-        print(f"[target + features ready in {t1 - t0:.0f} s; training {cfg.backbone} on {cfg.domain}: "
+        say(f"[target + features ready in {t1 - t0:.0f} s; training {cfg.backbone} on {cfg.domain}: "
               f"{sum(fs.meta['conversations'] for fs in train_sets)} conversations, {cfg.epochs} epochs, lr {cfg.lr}]")
         train(cfg, target, train_sets, heldout, out, args.resume, args.save_interval, tokenizer.stop_ids, args.overwrite,
-              vocab_sets)
-        print(f"[{out} (log {out.with_name(out.stem + '.jsonl')}): training {time.perf_counter() - t1:.0f} s, "
+              vocab_sets, world)
+        if world.size > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+        say(f"[{out} (log {out.with_name(out.stem + '.jsonl')}): training {time.perf_counter() - t1:.0f} s, "
               f"total {time.perf_counter() - t0:.0f} s]")
 
 

@@ -1,0 +1,64 @@
+"""One rank of a data-parallel training job for tests/test_distributed.py; run by torchrun, or by
+the test itself with the same environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT).
+
+    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT cached|online [--stop-at K] [--die-at K]
+
+Trains the tiny target's drafter on synthetic conversations (`setup`), the same data and config a
+single process uses in the test. --stop-at K: Ctrl-C on every rank at step K (the state is saved after
+every step); --die-at K: rank 1 exits at step K without a word, as a killed process would."""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
+import train as T  # noqa: E402
+from model import one_line_errors  # noqa: E402
+from test_train import small_cfg, synthetic_examples, tiny_target  # noqa: E402
+
+
+def setup(folder: Path, features: str, world=None):
+    """(cfg, target, train sets, held-out sets): 10 conversations, global batch 4, no input noise (each
+    rank draws its own noise, so only a noise-free run can equal one process)."""
+    target = tiny_target()
+    train, held = synthetic_examples(10, seed=1), synthetic_examples(3, seed=2)
+    if features == "online":
+        meta = lambda ex, name: {**T.features_meta(target, ex, {"domain": name}, 4), "name": name}
+        sets = [T.OnlineSet(target, train, meta(train, "a"), shard_size=4)]
+        heldout = {"h": T.OnlineSet(target, held, meta(held, "h"), shard_size=4)}
+    else:
+        sets = [T.build_cache(target, train, folder / "a", {"domain": "a"}, shard_size=4, world=world)]
+        heldout = {"h": T.build_cache(target, held, folder / "h", {"domain": "h"}, shard_size=4, world=world)}
+    return small_cfg(backbone="hass", batch_size=4, noise=0.0, draft_vocab=16), target, sets, heldout
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("features")
+    ap.add_argument("--stop-at", type=int)
+    ap.add_argument("--die-at", type=int)
+    ap.add_argument("--resume", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    world = T.SINGLE
+    with one_line_errors(interrupted="stopped", who=lambda: world.name):
+        world, _ = T.World.from_env("cpu")
+        cfg, target, sets, heldout = setup(a.out.parent / "cache", a.features, world)
+        real_step, steps = T.train_step, []
+
+        def step(*args):
+            steps.append(1)
+            if len(steps) == a.stop_at:
+                raise KeyboardInterrupt
+            if len(steps) == a.die_at and world.rank == 1:
+                os._exit(3)
+            return real_step(*args)
+        T.train_step = step
+        T.train(cfg, target, sets, heldout, a.out, resume=a.resume, save_interval=0, world=world)
+
+
+if __name__ == "__main__":
+    main()
