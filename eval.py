@@ -83,7 +83,7 @@ import torch
 
 from data import BENCHMARKS, DataError, load_bench
 from model import (DTYPES, TapsError, atomic_write, check_flags, check_writable, clock, context_budget, default_device,
-                   generate_plain, load_target, logits_to_probs, machine, mean, one_line_errors, resolve_dtype, writing)
+                   describe, generate_plain, load_target, logits_to_probs, machine, mean, one_line_errors, resolve_dtype, writing)
 from taps import COMPOSE, EAGLE_WEIGHTS, TREES, AutoTree, Drafter, Stats, TorchRandom, auto_dtype, average, generate, load_for
 
 METHODS = ("single", "average", *(m for m in COMPOSE if m != "single"))
@@ -410,8 +410,7 @@ def speed(drafter_paths: list, path: Path, dec: Decoding, total_tokens: int = 60
     `path` grows by each finished table, so an interrupted benchmark keeps what it printed."""
     from model import default_target_dir
     m = machine(device)
-    print(f"# {m['cpu']} ({', '.join(m['flags']) or 'no AVX2'}), {m['threads']} threads, torch {m['torch']}"
-          f"{', ' + m['gpu'] if m['gpu'] else ''}; T = 0, first {limit} prompts, up to {dec.max_new_tokens} new tokens\n")
+    print(f"{describe(m)}; T = 0, first {limit} prompts, up to {dec.max_new_tokens} new tokens\n")
     target, tokenizer = load_target(target_path, device, resolve_dtype(None, device))
     dtypes = [target.embed_tokens.weight.dtype]
     if device.startswith("cpu") and auto_dtype(target) == torch.bfloat16:

@@ -1037,6 +1037,12 @@ def machine(device="cpu") -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "gpu": gpu}
 
 
+def describe(m: dict) -> str:
+    """One line for the top of a speed table: what it was measured on."""
+    return (f"# {m['cpu']} ({', '.join(m['flags']) or 'no AVX2'}), {m['threads']} threads, torch {m['torch']}"
+            f"{', ' + m['gpu'] if m['gpu'] else ''}")
+
+
 def clock(device) -> float:
     """time.perf_counter() once the device's queued work is done: a CUDA timing is of the work, not its launch."""
     if torch.device(device).type == "cuda":
@@ -1118,29 +1124,95 @@ def one_line_errors(*kinds, interrupted=None, who=lambda: ""):
 
 # ----------------------------------------------------------------------------- CLI
 
+SHAPES = {   # named architectures for `--bench --shape`: random weights, so a speed needs no download
+    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
+                      rope_theta=500000.0, tie_embeddings=False),
+    "smollm2-135m": dict(),   # the embedded default's shape: ModelArgs' defaults
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=128),
+}
+
+
+def random_target(shape: str, device, dtype) -> Transformer:
+    """A target of a named architecture with random weights (N(0, 0.02), norms 1), built directly in
+    `dtype` on `device` (an 8B model in fp32 would not fit where its bf16 copy does)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = Transformer(ModelArgs(**SHAPES[shape], name=f"{shape} (random weights)"))
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device=device)
+    g = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=g)
+    return model.eval()
+
+
+def copy_bandwidth(device, nbytes: int, reps: int = 10) -> float:
+    """Bytes per second a device-to-device copy moves (read + write): the memory bound of decoding."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t0 = clock(device)
+    for _ in range(reps):
+        dst.copy_(src)
+    return 2 * nbytes * reps / (clock(device) - t0)
+
+
 @torch.inference_mode()
-def bench(model, tokenizer, device, n_new=128):
-    """Plain decoding speed at batch 1: prefill tokens/s, decode tokens/s, and the cost of scoring 8 tokens."""
-    prompt, _ = tokenizer.encode_chat([{"role": "user", "content": "Explain how a rainbow forms."}],
-                                      add_generation_prompt=True)
+def bench(model, prompt: list, device, n_new=128):
+    """Plain decoding at batch 1 against the memory bound -- every weight is read once per token, so
+    tok/s <= copy bandwidth / weight bytes -- then the cost of scoring N tokens, and one call of the
+    study's tree (draft + verify) against a plain step, with the full and a 32k draft vocabulary."""
+    from taps import Drafter, generate
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth(device, 1 << (30 if torch.device(device).type == "cuda" else 28))
     generate_plain(model, prompt, 8)  # warm-up
-    cache = model.new_cache(1, 4096)
-    long_prompt = torch.tensor([(prompt * 20)[:512]], device=device)
-    t0 = clock(device)
-    model(long_prompt, cache=cache, last_only=True)
-    t_prefill = clock(device) - t0
-    t0 = clock(device)
-    for _ in range(10):
-        model(long_prompt[:, :8], cache=cache)
-        cache.truncate(512)
-    t_score8 = (clock(device) - t0) / 10
     t0 = clock(device)
     out = generate_plain(model, prompt, n_new)  # no stop ids: always n_new tokens
-    t_decode = clock(device) - t0
-    print(f"| target | device | dtype | prefill tok/s (512) | score 8 tokens (ms) | decode tok/s (batch 1, {n_new} new) |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {model.args.name} | {device} | {str(model.embed_tokens.weight.dtype).removeprefix('torch.')} "
-          f"| {512 / t_prefill:.0f} | {1000 * t_score8:.1f} | {len(out) / t_decode:.1f} |")
+    tok_s = len(out) / (clock(device) - t0)
+    cache = model.new_cache(1, 1024)
+    long_prompt = torch.tensor([(prompt * 600)[:512]], device=device)
+    t0 = clock(device)
+    model(long_prompt, cache=cache, last_only=True)
+    prefill = 512 / (clock(device) - t0)
+    score = {}
+    for n in (1, 2, 4, 8, 16, 32, 64, 128):
+        model(long_prompt[:, :n], cache=cache)                      # warm-up of this shape
+        cache.truncate(512)
+        t0 = clock(device)
+        for _ in range(5):
+            model(long_prompt[:, :n], cache=cache)
+            cache.truncate(512)
+        score[n] = 1000 * (clock(device) - t0) / 5
+    limit = bandwidth / weights
+    print(f"| target | device | dtype | weights (GB) | copy bandwidth (GB/s) | limit tok/s | decode tok/s "
+          f"(batch 1, {n_new} new) | of the limit | prefill tok/s (512) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| {model.args.name} | {device} | {dtype} | {weights / 1e9:.2f} | {bandwidth / 1e9:.0f} | {limit:.0f} "
+          f"| {tok_s:.1f} | {tok_s / limit:.0%} | {prefill:.0f} |\n")
+    print("| score N tokens after 512 | " + " | ".join(f"N = {n}" for n in score) + " |")
+    print("|---|" + "---|" * len(score))
+    print("| ms | " + " | ".join(f"{t:.1f}" for t in score.values()) + " |\n")
+    V = model.args.vocab_size
+    rows = []
+    for name, vocab in (("full", None), ("32k", torch.arange(32000) if V > 32000 else None)):
+        if name == "32k" and vocab is None:
+            continue                                                # the full vocabulary is <= 32k already
+        drafter = Drafter.random(model)
+        drafter.vocab = None if vocab is None else vocab.to(device)
+        generate(model, drafter, prompt, 8)                         # warm-up
+        _, s = generate(model, drafter, prompt, 24)
+        draft, verify = 1000 * s.draft_time / s.calls, 1000 * s.verify_time / s.calls
+        rows.append(f"| {name} ({drafter.draft_vocab_size}) | {draft:.1f} | {verify:.1f} | {1000 / tok_s:.1f} "
+                    f"| {(draft + verify) * tok_s / 1000:.2f} |")
+    print("| study tree call (60/5/10), draft vocabulary | draft ms | verify ms | plain step ms | "
+          "call / plain step |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
 
 
 def main(argv=None):
@@ -1156,7 +1228,9 @@ def main(argv=None):
     ap.add_argument("--device", default=default_device())
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp32 on CPU, bf16 on CUDA")
     ap.add_argument("--export", metavar="DIR", help="write the embedded default target as an HF directory and exit")
-    ap.add_argument("--bench", action="store_true", help="print plain decoding speed and exit")
+    ap.add_argument("--bench", action="store_true", help="print decoding speed against the memory bound and exit")
+    ap.add_argument("--shape", choices=SHAPES, help="with --bench: random weights of this architecture instead of "
+                                                    "a checkpoint (no download), e.g. llama3-8b")
     a = ap.parse_args(argv)
     with one_line_errors():
         if a.export:
@@ -1168,9 +1242,18 @@ def main(argv=None):
         if a.max_new_tokens < 0:
             raise TapsError(f"max_new_tokens must be >= 0, got {a.max_new_tokens}")
         dtype = resolve_dtype(a.dtype, a.device)
+        if a.bench:
+            check_device(a.device)
+            print(describe(machine(a.device)) + "\n")
+        if a.bench and a.shape:
+            model = random_target(a.shape, a.device, dtype)
+            prompt = torch.randint(model.args.vocab_size, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+            return bench(model, prompt, a.device, a.max_new_tokens)
         model, tokenizer = load_target(a.target, a.device, dtype)
         if a.bench:
-            return bench(model, tokenizer, a.device, a.max_new_tokens)
+            prompt, _ = tokenizer.encode_chat([{"role": "user", "content": "Explain how a rainbow forms."}],
+                                              add_generation_prompt=True)
+            return bench(model, prompt, a.device, a.max_new_tokens)
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
         ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
         g = torch.Generator(device=a.device).manual_seed(a.seed)

@@ -207,8 +207,8 @@ def exact_first_tokens(target, prompt, n, temperature=1.0, top_p=1.0):
     for _ in range(n):
         seqs = list(dist)
         with torch.inference_mode():
-            logits, _ = target(torch.tensor([prompt + list(s) for s in seqs]))
-        p = logits_to_probs(logits[:, -1].double(), temperature, top_p)
+            logits, _ = target(torch.tensor([prompt + list(s) for s in seqs], device=target.embed_tokens.weight.device))
+        p = logits_to_probs(logits[:, -1].double().cpu(), temperature, top_p)
         dist = {s + (x,): dist[s] * p[i, x].item() for i, s in enumerate(seqs) for x in range(V) if p[i, x] > 0}
     return dist
 

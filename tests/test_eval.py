@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import eval as ev
-from conftest import tiny
+from conftest import DEVICES, tiny
 from taps import Drafter
 
 V = 48
@@ -368,3 +368,17 @@ def test_existing_results_are_never_replaced_unasked(setup, capsys):
     dest.chmod(0o644)
     run(tmp_path, paths, "--compose", "route", "--limit", "1", "--bench", "svamp", "--json", str(dest), "--force")
     assert json.loads(dest.read_text())["config"]["method"] == "route"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_item_on_each_device_matches_plain_greedy(setup, monkeypatch, device):
+    """The whole eval path on the device: loading, study and auto trees, plain timing, the JSON."""
+    tmp_path, paths = setup
+    target = tiny(V=V, name="tiny-eval").to(device)
+    monkeypatch.setattr(ev, "load_target", lambda path, dev, dtype: (target, FakeTokenizer()))
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
+    for tree in ("study", "auto"):
+        run(tmp_path, paths, "--compose", "merged", "--limit", "1", "--bench", "gsm8k", "--device", device,
+            "--tree", tree, "--json", str(tmp_path / f"{tree}.json"))
+        r = json.loads((tmp_path / f"{tree}.json").read_text())["results"]["gsm8k"]
+        assert r["greedy_match"] == 1.0 and r["calls"] >= 1

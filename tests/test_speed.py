@@ -255,13 +255,13 @@ def test_a_residual_that_rounds_to_zero_falls_back_safely():
 # ----------------------------------------------------------------------------- Monte Carlo of the real generate
 
 
-
-def monte_carlo(temperature_seen_by_verifier=None, n=1200):
+def monte_carlo(device="cpu", n=1200):
     """First 3 tokens of `generate` at T = 0.6, top-p 0.8 with a near-oracle drafter on a draft
     vocabulary and deep auto trees; returns the chi-square p-value and what the runs exercised."""
     target = tiny(V=4, n_layers=1, seed=3)
     drafter = near_oracle(target)
     drafter.vocab = torch.tensor([0, 1, 3])
+    target, drafter = target.to(device), drafter.to(device)
     prompt, rng, auto = [0, 3], TorchRandom(11), flat_auto(16, max_depth=2)
     samples, deep, bonus, multi = [], 0, 0, 0
     for _ in range(n):
@@ -274,18 +274,20 @@ def monte_carlo(temperature_seen_by_verifier=None, n=1200):
     return chi_square_p(Counter(samples), expected, n), deep / n, bonus / n, multi / n
 
 
-def test_monte_carlo_of_generate_with_draft_vocabulary_and_auto_trees():
-    p, deep, bonus, multi = monte_carlo()
+@pytest.mark.parametrize("device", DEVICES)
+def test_monte_carlo_of_generate_with_draft_vocabulary_and_auto_trees(device):
+    p, deep, bonus, multi = monte_carlo(device)
     print(f"chi-square p = {p:.3g}; runs with depth >= 2 accepted {deep:.2f}, bonus at a leaf {bonus:.2f}, "
           f"several verifier calls {multi:.2f}")
     assert deep > 0.05 and bonus > 0.05 and multi > 0.05     # the paths under test were exercised
     assert p > 1e-6
 
 
-def test_the_same_monte_carlo_rejects_sampling_at_the_wrong_temperature(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_same_monte_carlo_rejects_sampling_at_the_wrong_temperature(device, monkeypatch):
     """Negative control: a verifier whose p ignores the temperature (T = 1 instead of 0.6)."""
     real = taps.logits_to_probs
     monkeypatch.setattr(taps, "logits_to_probs", lambda logits, temperature, top_p: real(logits, 1.0, top_p))
-    p, *_ = monte_carlo()
+    p, *_ = monte_carlo(device)
     print(f"wrong temperature: chi-square p = {p:.3g}")
     assert p < 1e-6

@@ -16,14 +16,6 @@ from model import TapsError, generate_plain
 from taps import COMPOSE, DraftState, Drafter, Stats, TorchRandom, Tree, draft_tree, generate, grow_tree, main, merge
 
 
-
-
-
-
-
-
-
-
 # ----------------------------------------------------------------------------- trees
 
 def test_tree_structure():
@@ -332,14 +324,10 @@ def test_greedy_is_exactly_the_target(device, setup, chain, top_k, depth, total_
 # ----------------------------------------------------------------------------- Monte Carlo at temperature > 0
 
 
-
-
-
-
-
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["tree", "chain", "merged"])
 @pytest.mark.parametrize("wrong", [False, True])
-def test_monte_carlo_first_tokens_match_the_target(mode, wrong, monkeypatch):
+def test_monte_carlo_first_tokens_match_the_target(mode, wrong, device, monkeypatch):
     """Temperature 1, V = 4: the first two (and three) generated tokens are distributed as the target's;
     the same test rejects a verifier sampling at temperature 0.5 (its power, shown). `merged` verifies
     a merged tree whose first part is the drafted tree's depth-1 nodes alone, its second the whole
@@ -347,7 +335,8 @@ def test_monte_carlo_first_tokens_match_the_target(mode, wrong, monkeypatch):
     if wrong:
         broken_sampling(monkeypatch, temperature=0.5)
     target = tiny(V=4, n_layers=1)
-    drafter = near_oracle(target)
+    drafter = near_oracle(target).to(device)
+    target = target.to(device)
 
     def stub_then_whole(trees):   # draft-side only: a function of the drafted tree
         t, depth = trees[0], trees[0].depths()
@@ -371,14 +360,16 @@ def test_monte_carlo_first_tokens_match_the_target(mode, wrong, monkeypatch):
         assert (p < 1e-6) if wrong else (p > 1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("wrong", [False, True])
-def test_monte_carlo_with_temperature_and_top_p(wrong, monkeypatch):
+def test_monte_carlo_with_temperature_and_top_p(wrong, device, monkeypatch):
     """T = 0.6, top-p 0.8 go through the same processing for every draw: still the target's distribution;
     the same test rejects a verifier that ignores top-p."""
     if wrong:
         broken_sampling(monkeypatch, top_p=1.0)
     target = tiny(V=4, n_layers=1, seed=3)
-    drafter = near_oracle(target)
+    drafter = near_oracle(target).to(device)
+    target = target.to(device)
     prompt, n, rng = [0, 3], 1500, TorchRandom(11)
     samples = [tuple(generate(target, drafter, prompt, 2, temperature=0.6, top_p=0.8, top_k=2, depth=2,
                               total_tokens=5, rng=rng)[0]) for _ in range(n)]
@@ -386,8 +377,6 @@ def test_monte_carlo_with_temperature_and_top_p(wrong, monkeypatch):
     p = chi_square_p(Counter(samples), expected, n)
     print(f"T=0.6 top-p=0.8 wrong={wrong} first 2 tokens: chi-square p = {p:.3g}")
     assert (p < 1e-6) if wrong else (p > 1e-6)
-
-
 
 
 def test_cli_reports_errors_in_one_line(capsys):

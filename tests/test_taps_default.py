@@ -22,8 +22,6 @@ PROMPTS = [
 ]
 
 
-
-
 @pytest.fixture(scope="module")
 def default():
     try:

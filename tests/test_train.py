@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train as T
-from conftest import tiny
+from conftest import DEVICES, tiny
 from model import TapsError
 from taps import Drafter
 
@@ -194,12 +194,13 @@ def test_first_is_a_view_of_the_first_conversations(tmp_path):
 
 # ----------------------------------------------------------------------------- training
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backbone", ["eagle", "hass"])
-def test_training_steps_lower_the_loss(tmp_path, backbone):
-    target = tiny_target()
+def test_training_steps_lower_the_loss(tmp_path, backbone, device):
+    target = tiny_target().to(device)
     fs = T.build_cache(target, synthetic_examples(4), tmp_path / "c", {"domain": "test"})
     cfg = small_cfg(backbone=backbone)
-    batch = T.collate(fs.shard(0), "cpu")
+    batch = T.collate(fs.shard(0), device)
     drafter = Drafter.for_target(target)
     opt = torch.optim.AdamW(drafter.parameters(), lr=3e-3, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

@@ -18,26 +18,7 @@ from conftest import Target, drafts, frac_vector, node_tokens, outcomes, spec_di
 from taps import Tree, verify_chain, verify_tree
 
 
-# ----------------------------------------------------------------------------- exact enumeration
-
-
-
-
-
-# ----------------------------------------------------------------------------- random rational models
-
-
-
-
-
-
-
-
-
 # ----------------------------------------------------------------------------- one verifier call per scheme
-
-
-
 
 
 def scheme(name, target, seed):
@@ -74,8 +55,6 @@ def chain_call(target, seed, ctx, rng):
         tokens.append(rng.categorical(q[-1]))
     path, x, _ = verify_chain(tokens, q, lambda i: target.p(ctx + tuple(tokens[1:i + 1])), rng)
     return tuple(tokens[i] for i in path[1:]) + (x,)
-
-
 
 
 def lossless(name, V, seed, n, half_temperature):
