@@ -358,13 +358,13 @@ class Drafter(nn.Module):
             return cls.for_target(target, backbone="eagle", domain="none", data="untrained (random init)")
 
     def forward(self, target: Transformer, tokens, feats, cache: Optional[KVCache] = None, input_pos=None, mask=None,
-                last_only=False):
+                last_only=False, head=True):
         """tokens (B, T) are x_{t+1}, feats (B, T, H) the features f_t; mask/input_pos as the target's.
 
         Returns draft logits (B, T, V_draft) (or (B, 1, V_draft) with last_only; columns are
-        `vocab`'s tokens) for x_{t+2} and the drafter's
-        features (B, T, H), its prediction of f_{t+1}, which deeper tree nodes read in place of the
-        target's feature.
+        `vocab`'s tokens; None with head=False: training applies the head at loss positions only)
+        for x_{t+2} and the drafter's features (B, T, H), its prediction of f_{t+1}, which deeper
+        tree nodes read in place of the target's feature.
         """
         B, T = tokens.shape
         L = cache.length if cache is not None else 0
@@ -375,6 +375,8 @@ class Drafter(nn.Module):
         h = self.layers[0](x, cos, sin, build_mask(mask, B, T, L, tokens.device), cache, 0)
         if cache is not None:
             cache.length = L + T
+        if not head:
+            return None, h
         return self.head(target, h[:, -1:] if last_only else h).float(), h
 
     def new_cache(self, max_len: int) -> KVCache:

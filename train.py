@@ -50,7 +50,7 @@
 Sections, in file order: losses (pure functions) · draft vocabulary · drafter passes (HASS
 alignment) · feature cache · data parallel (torchrun) · training loop · CLI.
 
-Sizes (measured timings are in the README):
+Sizes (measured timings are in results/REPORT.md):
   demo  2,000 math / 600 chat conversations, max_len 320, 24 held-out per domain, 3 epochs, lr 1e-3,
         batch 2, draft vocabulary 4,096. The lr is high because the run is short.
   cpu   the whole GSM8K train split (7,273 solutions, 685k assistant tokens) and 1,140 ShareGPT
@@ -107,7 +107,7 @@ HELDOUT_DOMAINS = ("math", "chat")
 MIXES = {"mixed-small": 0.5, "mixed-large": 1.0}   # share of each domain's n: the 35k+35k and 70k+70k analogues
 TRAIN_DOMAINS = ("math", "chat", *MIXES)
 SHARD_SIZE = 32      # conversations per feature shard (cached) or per unit of the epoch's shuffle (online)
-DRAFT_VOCAB = 4096   # the most frequent target tokens a drafter proposes from (README: tau and speed per size)
+DRAFT_VOCAB = 4096   # the most frequent target tokens a drafter proposes from (results/speed.md: tau and speed per size)
 
 
 @dataclass
@@ -260,7 +260,7 @@ class KeyValueStack:
     place) the stack keeps them in the autograd graph."""
 
     def __init__(self):
-        self.k, self.v = [], []
+        self.k, self.v, self.length = [], [], 0   # length: keys so far, as KVCache counts them
 
     def update(self, layer, k, v):
         self.k.append(k)
@@ -269,15 +269,12 @@ class KeyValueStack:
 
 
 def draft_features(drafter: Drafter, target: Transformer, tokens, feats, mask, kv: KeyValueStack):
-    """The drafter's features (B, T, H) for inputs (x_{t+1}, f_t) at positions 0..T-1.
-
-    Drafter.forward also applies the LM head at every position, which would cost more than the
-    whole training step; the loss applies it at loss positions only."""
+    """The drafter's features (B, T, H) for inputs (x_{t+1}, f_t) at positions 0..T-1: `Drafter.forward`
+    (eq. 3) without its LM head, which the loss applies at loss positions only. mask: (T, S) over the
+    S keys of every alignment step so far, this one's last."""
     B, T = tokens.shape
-    x = drafter.fc(torch.cat([target.embed_tokens(tokens), feats], dim=-1).to(drafter.fc.weight.dtype))
-    pos = torch.arange(T, device=tokens.device).expand(B, T)
-    cos, sin = target.rope(pos, x.dtype)
-    return drafter.layers[0](x, cos, sin, mask[None, None], kv, 0)   # (B, T, H)
+    pos = torch.arange(T, device=tokens.device).expand(B, T)   # every alignment step re-reads positions 0..T-1
+    return drafter(target, tokens, feats, kv, pos, mask[None], head=False)[1]   # (B, T, H)
 
 
 def aligned_passes(drafter, target, tokens, f_in, steps):
