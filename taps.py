@@ -16,9 +16,8 @@ distribution (the study's eqs. 1-2 use the opposite letters, its eq. 5 this one)
   x with probability min(1, p(x)/q(x)), otherwise resample from norm(max(0, p - q)).
 * `average` (eq. 11), `route` / `route_entropy` (eqs. 12-13), `merge` -- composing specialist
   drafters: one averaged drafter, or one tree chosen from (or packed from) each drafter's tree.
-* `AutoTree` -- trees sized for the hardware: the target's cost of scoring N tokens is measured
-  once per machine (`calibrate`), and each call keeps the nodes, and grows the depth, that maximise
-  expected tokens per second; where drafting does not pay, a call is a plain decoding step.
+* Trees sized for the hardware (`--tree auto`) are `extras/autotree.py`'s `AutoTree`, which
+  `generate` takes as `auto`: the same verifier runs on them.
 * `generate` -- draft -> verify -> keep -> emit -> extend until `max_new_tokens` or a stop token.
   Acceptance length: each verifier call emits its accepted draft tokens plus one token drawn
   by the verifier (the correction, or the bonus token after a leaf), and
@@ -28,7 +27,7 @@ distribution (the study's eqs. 1-2 use the opposite letters, its eq. 5 this one)
   where new tokens excludes the first token, which comes from the prefill call.
 
 Sections, in file order: sampling (`RandomSource`) · verification · draft trees · the drafter ·
-composing specialists · hardware-sized trees · generation (`Stats`, `generate`) · CLI.
+composing specialists · generation (`Stats`, `generate`) · CLI.
 
 All randomness goes through a `RandomSource` (one Bernoulli and one categorical draw), and the
 verifiers only index, zero and renormalise probability vectors, so the exact tests run this
@@ -41,15 +40,9 @@ very code with `fractions.Fraction` vectors and a random source that enumerates 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import functools
 import json
 import math
-import pickle
-import sys
-import time
-import weakref
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
@@ -58,9 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (Block, KVCache, ModelArgs, TapsError, Transformer, args_from_hf_config, atomic_write, build_mask,
-                   cache_dir, check_flags, clock, context_budget, load_target, logits_to_probs, machine, mean,
-                   one_line_errors, read_json, resolve_dtype, target_identity, writing)
+from model import (Block, KVCache, ModelArgs, TapsError, Transformer, build_mask, check_flags, clock, context_budget,
+                   logits_to_probs, mean, one_line_errors, target_identity)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -201,11 +193,6 @@ class Tree:
             c[self.parents[i]].append(i)
         return c
 
-    def paths(self) -> list[list[int]]:
-        """Root-to-leaf node paths."""
-        children = self.children()
-        return [self.path_to(leaf) for leaf in range(len(self)) if not children[leaf]]
-
     def trie(self) -> tuple[list[int], list[list[int]]]:
         """The trie of the tree's token paths, as (first, kids): first[i] is node i's first copy, the
         lowest node id with the same token path (i itself unless merged trees repeat a path);
@@ -300,8 +287,6 @@ def prune(tree: Tree, n: int) -> Tree:
 
 # ----------------------------------------------------------------------------- the drafter (eq. 3)
 
-EAGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")   # a public EAGLE checkpoint's weights, either
-
 class Drafter(nn.Module):
     """EAGLE-1/2 drafter: fc(cat(embed(x_{t+1}), f_t)) -> one decoder layer -> target LM head.
 
@@ -393,11 +378,12 @@ class Drafter(nn.Module):
     @classmethod
     def load(cls, path, target: Transformer) -> "Drafter":
         """Load a drafter saved by `save` (it must have been trained for this target), or a public
-        EAGLE-1/2 checkpoint directory (`load_eagle`)."""
+        EAGLE-1/2 checkpoint directory (extras/eagle.py: the same architecture, other names)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
         if Path(path).is_dir():
-            return cls.load_eagle(path, target)
+            from extras.eagle import load_eagle
+            return load_eagle(path, target)
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})["taps"])
@@ -421,53 +407,9 @@ class Drafter(nn.Module):
         config = {k: v for k, v in meta.pop("config").items() if k in {f.name for f in dataclasses.fields(ModelArgs)}}
         drafter = cls(ModelArgs(**config), meta, state.get("vocab"))
         drafter.load_state_dict(state)
-        return drafter._ready(path, target)
+        return drafter.ready(path, target)
 
-    @classmethod
-    def load_eagle(cls, path, target: Transformer) -> "Drafter":
-        """A public EAGLE-1/2 (or HASS) drafter as SafeAILab/EAGLE publishes it: a directory with
-        config.json (a one-layer Llama config; `bias`, default true, gives fc a bias) and
-        pytorch_model.bin or model.safetensors holding fc.weight, [fc.bias] and layers.0.* (no
-        input_layernorm), maybe embed_tokens.weight (the target's own copy: unused). It is this
-        architecture exactly -- fc(cat(embed(x_{t+1}), f_t)), one layer, the target's head -- so only the
-        names are mapped: a missing fc.bias (bias false) is a zero bias. .bin files are read with
-        torch.load(weights_only=True) only: no pickled code runs."""
-        from safetensors.torch import load_file
-        path, t = Path(path), target.args
-        config = read_json(path / "config.json")
-        if (config.get("hidden_size"), config.get("vocab_size")) != (t.dim, t.vocab_size):
-            raise TapsError(f"{path}: EAGLE drafter for hidden size {config.get('hidden_size')}, vocab "
-                            f"{config.get('vocab_size')}; the target {t.name!r} has hidden size {t.dim}, vocab {t.vocab_size}")
-        args = args_from_hf_config({**config, "num_hidden_layers": 1, "_name_or_path": t.name}, str(path / "config.json"))
-        if (args.rope_theta, args.rope_scaling) != (t.rope_theta, t.rope_scaling):
-            raise TapsError(f"{path}: EAGLE drafter with rope_theta {args.rope_theta} / rope_scaling {args.rope_scaling}, "
-                            f"target {t.rope_theta} / {t.rope_scaling}: taps drafters use the target's rotary table")
-        weights = next((path / n for n in EAGLE_WEIGHTS if (path / n).is_file()), None)
-        if weights is None:
-            raise TapsError(f"{path}: no {' or '.join(EAGLE_WEIGHTS)} in this EAGLE checkpoint directory")
-        try:
-            state = (load_file(str(weights)) if weights.suffix == ".safetensors"
-                     else torch.load(weights, map_location="cpu", weights_only=True))
-        except pickle.UnpicklingError:   # objects other than tensors: weights_only refuses to run their code
-            raise TapsError(f"{weights}: holds pickled objects besides tensors, refused (torch.load weights_only); "
-                            f"use a model.safetensors copy of this checkpoint") from None
-        except Exception as e:           # truncated or corrupt
-            first = (str(e).splitlines() or [""])[0][:160]
-            raise TapsError(f"{weights}: unreadable EAGLE weights ({type(e).__name__}: {first}); "
-                            f"download the checkpoint again") from None
-        state = {k: v for k, v in state.items() if k != "embed_tokens.weight"}
-        if "fc.bias" not in state and not config.get("bias", True):
-            state["fc.bias"] = torch.zeros(t.dim, dtype=state["fc.weight"].dtype)
-        meta = {"target": t.name, "vocab_size": t.vocab_size, "dim": t.dim, "backbone": "eagle", "domain": "external",
-                "data": f"external EAGLE checkpoint {path}", "external": "eagle"}
-        drafter = cls(args, meta)
-        missing, unexpected = drafter.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise TapsError(f"{weights}: not an EAGLE-1/2 drafter (missing {', '.join(missing) or 'nothing'}; "
-                            f"unexpected {', '.join(unexpected) or 'nothing'})")
-        return drafter._ready(weights, target)
-
-    def _ready(self, path, target: Transformer) -> "Drafter":
+    def ready(self, path, target: Transformer) -> "Drafter":
         """Finite weights, on the target's device and dtype, in eval mode."""
         if not all(torch.isfinite(p).all() for p in self.parameters()):
             raise TapsError(f"{path}: drafter weights hold non-finite values (NaN or inf); retrain it")
@@ -696,239 +638,6 @@ COMPOSE: dict[str, Callable[[list[Tree]], Tree]] = {
 }
 
 
-# ----------------------------------------------------------------------------- hardware-sized trees
-# The study's tree (60 nodes, depth 5, top-k 10) is sized for a GPU, where scoring 60 tokens costs
-# about what scoring one does. On a CPU it costs 3x (fp32), so the best tree is smaller and its size
-# depends on the hardware: measure the target's cost of scoring N tokens once, then pick each call's
-# tree from draft-side quantities (which keeps verification exactly lossless, as any tree does).
-
-TREES = ("auto", "study")
-AUTO_MAX_NODES = 256
-EXPLORE, PROBE = 8, 2   # plain steps before drafting is probed again (at first), drafted calls per probe
-CALIBRATION_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-
-
-@torch.inference_mode()
-def measure_verify(target: Transformer, sizes=CALIBRATION_SIZES, prefix: int = 256, reps: int = 5) -> dict:
-    """Seconds the target takes to score n new tokens after `prefix` cached ones, {n: median of reps}."""
-    dev = target.embed_tokens.weight.device
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(target.args.vocab_size, (1, prefix + max(sizes)), generator=g).to(dev)
-    cache = target.new_cache(1, prefix + max(sizes))
-    target(ids[:, :prefix], cache=cache, last_only=True)
-    out = {}
-    for n in sizes:
-        times = []
-        for _ in range(reps + 1):                    # the first run is a warm-up
-            t0 = clock(dev)
-            target(ids[:, prefix:prefix + n], cache=cache, last_only=True)
-            times.append(clock(dev) - t0)
-            cache.truncate(prefix)
-        out[n] = sorted(times[1:])[reps // 2]
-    return out
-
-
-def calibration_key(target: Transformer) -> str:
-    """Calibrations are per (machine, target, dtype, threads): a file from elsewhere is never trusted."""
-    dev = target.embed_tokens.weight.device
-    return json.dumps({"machine": machine(dev), "device": dev.type, "target": target_identity(target),
-                       "dtype": str(target.embed_tokens.weight.dtype).removeprefix("torch.")}, sort_keys=True)
-
-
-def read_curve(entry) -> dict:
-    """A saved calibration entry's {n: seconds}; ValueError unless every time is finite and > 0
-    (a NaN would silently turn speculation off)."""
-    curve = {int(n): float(t) for n, t in entry["verify_s"].items()}
-    if not curve or not all(0 < t < math.inf and n >= 1 for n, t in curve.items()):
-        raise ValueError("times must be finite and > 0")
-    return curve
-
-
-def calibrate(target: Transformer, path: Optional[Path] = None) -> dict:
-    """The target's {n: seconds to score n tokens} on this machine, measured once and cached in
-    $TAPS_CACHE/calibration.json under `calibration_key`. An unreadable entry is measured anew (other
-    machines' entries are kept); a cache that cannot be written costs a measurement next time, nothing else."""
-    path = Path(path or cache_dir() / "calibration.json")
-    if path.is_dir():
-        raise TapsError(f"{path}: is a directory, not a calibration file; remove it or set TAPS_CACHE elsewhere")
-    key, saved = calibration_key(target), {}
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-        except (ValueError, OSError):
-            print(f"[{path}: unreadable calibration file; measuring again]", file=sys.stderr)
-        saved = saved if isinstance(saved, dict) else {}
-        if key in saved:
-            try:
-                return read_curve(saved[key])
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                print(f"[{path}: this machine's calibration is unusable ({e}); measuring again]", file=sys.stderr)
-    k = json.loads(key)
-    print(f"[calibrating tree sizes: {k['target']['name']} in {k['dtype']} on {k['machine']['cpu']}, "
-          f"{k['machine']['threads']} threads; cached in {path}]", file=sys.stderr)
-    curve = measure_verify(target)
-    saved[key] = {"verify_s": curve, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-    try:
-        with writing(path, "it is measured again next time; set TAPS_CACHE to a writable directory"):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda p: p.write_text(json.dumps(saved, indent=1)))
-    except TapsError as e:
-        print(f"[{e}]", file=sys.stderr)
-    return curve
-
-
-def verify_table(curve: dict, n_max: int) -> torch.Tensor:
-    """(n_max + 1,) seconds to score n = 0..n_max tokens: linear between measured sizes, extrapolated
-    from the last two beyond them; never decreasing in n (a noisy measurement cannot make more cheaper)."""
-    n = sorted(curve)
-    x = torch.tensor(n, dtype=torch.float64)
-    y = torch.tensor([curve[i] for i in n], dtype=torch.float64).cummax(0).values
-    grid = torch.arange(n_max + 1, dtype=torch.float64).clamp(min=n[0])
-    j = (torch.searchsorted(x, grid, right=True) - 1).clamp(0, max(len(n) - 2, 0))
-    if len(n) == 1:
-        return y.expand(n_max + 1).clone()
-    slope = (y[j + 1] - y[j]) / (x[j + 1] - x[j])
-    return y[j] + slope * (grid - x[j])
-
-
-def auto_dtype(target: Transformer) -> torch.dtype:
-    """The dtype that pays for speculative decoding: bf16 on CUDA; on a CPU, bf16 when the calibration
-    measures scoring 16 tokens (a typical verified tree) faster in bf16 than in fp32 -- true on cores
-    with AMX or AVX512-BF16, false where bf16 is emulated. Decided by measuring, not by CPU flags."""
-    if target.embed_tokens.weight.device.type == "cuda":
-        return torch.bfloat16
-    fp32 = calibrate(target.float())
-    bf16 = calibrate(copy.deepcopy(target).to(torch.bfloat16))
-    return torch.bfloat16 if bf16[16] < fp32[16] else torch.float32
-
-
-def load_for(path, device, dtype: Optional[str], loader=load_target):
-    """(target, tokenizer) in the --dtype named (None: the device's default); 'auto' is bf16 on CUDA,
-    and on a CPU loads fp32 and keeps `auto_dtype`'s choice."""
-    if dtype != "auto" or str(device).startswith("cuda"):
-        return loader(path, device, resolve_dtype(None if dtype == "auto" else dtype, device))
-    target, tokenizer = loader(path, device, torch.float32)
-    return target.to(auto_dtype(target)), tokenizer
-
-
-@dataclass
-class AutoTree:
-    """Each verifier call, the EAGLE-2 tree that maximises expected new tokens per second.
-
-    A node is accepted (at T = 0) only with its whole path, whose draft probability is exp(logq), so
-    a call that verifies the root and the nodes S is expected to emit E(S) = 1 + c * sum_S exp(logq)
-    tokens; c = (accepted + 1) / (predicted + 1) over the calls so far calibrates the drafter's
-    confidence against the acceptances measured. The call costs the drafting done so far, t_draft,
-    plus verify_s[N], the measured cost of scoring N = |S| + 1 tokens. So:
-      * size: keep the N - 1 best nodes that maximise E / (t_draft + verify_s[N]) (`prune`);
-      * depth: grow one more level only while even its best case -- new nodes whose path
-        probabilities add up to the frontier's, c * sum exp(frontier) -- would beat the best rate so
-        far after paying one more drafting step (timed once per drafter, `step_cost`);
-      * top_k: kept at the study's 10 (a drafting step costs about the same for 4 or 10 rows);
-      * no tree at all: while drafted calls earn fewer tokens per second than plain steps, a call
-        is a plain step (`speculate`), so a weak drafter cannot make decoding much slower.
-    Every input is a draft-side quantity or a past acceptance, so verification stays exactly lossless.
-    """
-    verify_s: torch.Tensor            # (n_max + 1,) seconds to score n tokens (`verify_table`)
-    top_k: int = 10
-    max_depth: int = 8
-    accepted: float = 0.0             # accepted draft tokens so far (calibration numerator)
-    predicted: float = 0.0            # sum of exp(logq) over the nodes verified so far
-    steps: dict = field(default_factory=weakref.WeakKeyDictionary)   # drafter -> seconds per drafting step
-    spec_tokens: float = 0.0          # tokens and seconds of recent drafted calls (moving sums):
-    spec_s: float = 0.0               # their ratio is the rate a drafted call earns
-    skipped: int = 0                  # plain steps since the last drafted call
-    explore: int = EXPLORE            # after this many plain steps, probe drafting again
-    probe: int = 0                    # drafted calls left in the current probe
-    fresh: bool = False               # the next drafted call starts a fresh rate measurement
-
-    @classmethod
-    def for_target(cls, target: Transformer, n_max: int = AUTO_MAX_NODES, **kw) -> "AutoTree":
-        return cls(verify_table(calibrate(target), n_max), **kw)
-
-    @property
-    def n_max(self) -> int:
-        return len(self.verify_s) - 1
-
-    @property
-    def c(self) -> float:
-        return (self.accepted + 1) / (self.predicted + 1)
-
-    def step_cost(self, state: "DraftState", target: Transformer, root_token: int) -> float:
-        """Seconds per drafting step of this drafter: trees of depth 3 and 1 timed (median of 3), halved."""
-        if state.drafter not in self.steps:
-            dev = target.embed_tokens.weight.device
-
-            def timed(depth):
-                t = clock(dev)
-                draft_tree(state, target, root_token, self.top_k, depth, None)
-                return clock(dev) - t
-            timed(3)                                                      # warm-up
-            runs = sorted(timed(3) - timed(1) for _ in range(3))
-            self.steps[state.drafter] = max(runs[1], 0.0) / 2
-        return self.steps[state.drafter]
-
-    def best(self, logq: torch.Tensor, elapsed: float) -> tuple[int, float, float]:
-        """(N, expected tokens, tokens/s) of the best tree keeping the root and the top N - 1 of `logq`."""
-        conf = logq.double().cpu().exp().sort(descending=True).values[:self.n_max - 1]   # beside verify_s
-        expected = 1 + self.c * torch.cat([conf.new_zeros(1), conf.cumsum(0)])      # N = 1, 2, ...
-        rate = expected / (elapsed + self.verify_s[1:len(expected) + 1])
-        i = int(rate.argmax())
-        return i + 1, expected[i].item(), rate[i].item()
-
-    def more(self, step_s: float, dev, t0: float, pool_logq: torch.Tensor, frontier_logq: torch.Tensor) -> bool:
-        """grow_tree's question before each level (the call began drafting at t0): can one more drafting
-        step pay for itself?"""
-        elapsed = clock(dev) - t0
-        n, expected, rate = self.best(pool_logq, elapsed)
-        gain = self.c * frontier_logq.double().exp().sum().item()
-        return (expected + gain) / (elapsed + step_s + self.verify_s[n].item()) > rate
-
-    def size(self, tree: Tree, dev, t0: float) -> Tree:
-        """The tree pruned to the best size for the time drafting has taken since t0."""
-        n, _, _ = self.best(torch.tensor(tree.logq[1:]), clock(dev) - t0)
-        return prune(tree, n)
-
-    def draft(self, states: list, target: Transformer, root_token: int, compose) -> Tree:
-        """Each drafter's tree grown and sized, then composed (and a composed tree sized again)."""
-        dev = target.embed_tokens.weight.device
-        steps = [self.step_cost(s, target, root_token) for s in states]
-        t0 = clock(dev)
-        trees = [tag(self.size(draft_tree(s, target, root_token, self.top_k, self.max_depth, None,
-                                          functools.partial(self.more, step, dev, t0)), dev, t0), i)
-                 for i, (s, step) in enumerate(zip(states, steps))]
-        tree = compose(trees)
-        return self.size(tree, dev, t0) if len(trees) > 1 else tree
-
-    def speculate(self) -> bool:
-        """Draft this call, or take a plain decoding step (a tree of the root alone, N = 1)? Plain, while
-        recent drafted calls earned fewer tokens per second than a plain step does (1 / verify_s[1]);
-        after `explore` plain steps, a probe of PROBE drafted calls measures afresh, and each probe
-        that still does not pay doubles the wait (up to 64 steps). So auto is never much slower than
-        plain decoding, whatever the drafter, and the choice uses past calls only: still lossless."""
-        if not self.spec_s or self.probe:
-            self.probe = max(self.probe - 1, 0)
-            return True
-        if self.spec_tokens / self.spec_s > 1 / self.verify_s[1].item():
-            self.explore = EXPLORE
-            return True
-        if self.skipped >= self.explore:
-            self.skipped, self.probe, self.fresh = 0, PROBE - 1, True
-            self.explore = min(2 * self.explore, 64)
-            return True
-        self.skipped += 1
-        return False
-
-    def record(self, tree: Tree, accepted: int, seconds: float):
-        """After a drafted call: calibrate confidence (c) and the drafted calls' rate (a probe starts afresh)."""
-        self.predicted += sum(tree.confidence[1:])
-        self.accepted += accepted
-        keep = 0.0 if self.fresh else 0.9
-        self.spec_tokens = keep * self.spec_tokens + accepted + 1
-        self.spec_s = keep * self.spec_s + seconds
-        self.fresh = False
-
-
 # ----------------------------------------------------------------------------- generation
 
 @dataclass
@@ -1042,7 +751,7 @@ def _emit(out: list[int], new: list[int], max_new_tokens: int, stop_ids) -> tupl
 def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 10, depth: int = 5, total_tokens: int = 60,
              compose="single", chain: bool = False, stop_ids=(), rng: Optional[RandomSource] = None,
-             auto: Optional[AutoTree] = None):
+             auto=None):
     """Speculative decoding: draft -> verify until `max_new_tokens` or a stop token.
 
     drafters: a Drafter or a list; each keeps its own KV cache, drafts its own tree every step, and
@@ -1134,6 +843,7 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
+    from extras.autotree import TREES, AutoTree, load_for   # --tree auto, --dtype auto: beyond the study
     from model import DTYPES, default_device
     ap = argparse.ArgumentParser(description="Speculative decoding with EAGLE drafters (lossless: the reply is "
                                              "distributed exactly as the target's own).")
@@ -1180,5 +890,5 @@ def main(argv=None):
           f"{f(s['target_entropy']['rejected'])}]")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":   # extras/ imports `taps`: run the CLI from that module, one copy of its classes
+    __import__("taps").main()

@@ -1,20 +1,15 @@
-"""Train task-aware drafters: target feature cache, EAGLE (eq. 4) and HASS (eqs. 7-9) objectives, CLI.
+"""Train task-aware drafters: EAGLE (eq. 4) and HASS (eqs. 7-9) objectives, the training loop, CLI.
 
     python train.py --domain math --backbone eagle        # -> checkpoints/eagle-math.safetensors
     make train DOMAIN=chat BACKBONE=hass SIZE=demo
     torchrun --standalone --nproc_per_node 4 train.py --domain math --size full --features online
 
-1. Feature cache. The target reads each training conversation once (chat template applied,
-   truncated at max_len). Token ids, the assistant-token mask (from `Tokenizer.encode_chat`),
-   the target's final-norm features f_t (fp16) and its greedy next token go to safetensors
-   shards under $TAPS_CACHE/features/<target>/<corpus>-<split>-n<N>-len<L>/ (default
-   ~/.cache/taps). Shards appear atomically, so an interrupted extraction resumes at the first
-   missing one, and every run that needs the same features reuses them. meta.json records the
-   target's identity (name, vocab, hidden size, weight fingerprint) and refuses another target,
-   and each shard's size and SHA-1: a truncated or overwritten shard is rebuilt before training.
-   The target runs in --dtype auto's choice; features of a bf16 target are a cache of their own.
-   --features online (`OnlineSet`) stores nothing: the target computes each batch's features inside
-   training, rounded as the cache rounds them, so the losses are bit-identical to the cached path's.
+1. Features (extras/features.py). The target reads each training conversation once (chat template
+   applied, truncated at max_len); its final-norm features f_t (fp16) and greedy next tokens go to
+   a resumable, checksummed cache under $TAPS_CACHE/features/, shared by every drafter of a size
+   and refused for another target; the target runs in --dtype auto's choice. --features online
+   stores nothing: the target computes each batch's features inside training, rounded as the
+   cache rounds them, so the losses are bit-identical. The loop reads batches from either.
 
 2. Objectives. For one conversation x_0..x_{n-1} with target features f_0..f_{n-1}, the drafter
    at position t reads cat(embed(x_{t+1}), f_t) and outputs f_hat_{t+1}. It is scored against the
@@ -48,7 +43,7 @@
    the checkpoint, log and state, and the ranks share out feature extraction by shard.
 
 Sections, in file order: losses (pure functions) · draft vocabulary · drafter passes (HASS
-alignment) · feature cache · data parallel (torchrun) · training loop · CLI.
+alignment) · data parallel (torchrun) · training loop · CLI.
 
 Sizes (measured timings are in results/REPORT.md):
   demo  2,000 math / 600 chat conversations, max_len 320, 24 held-out per domain, 3 epochs, lr 1e-3,
@@ -70,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -85,10 +79,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data import DataError, load_corpus
-from model import (TapsError, Transformer, atomic_write, cache_dir, check_flags, check_writable, machine, one_line_errors,
+from data import DataError
+from model import (TapsError, Transformer, atomic_write, check_flags, check_writable, machine, one_line_errors,
                    target_identity, writing)
-from taps import Drafter, load_for
+from taps import Drafter
 
 BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + context alignment (eqs. 8-9): 3 passes in all
     "eagle": dict(topk_w=0.0, align_steps=0),
@@ -318,277 +312,6 @@ def drafter_loss(drafter, target, batch, cfg: TrainConfig, g: Optional[torch.Gen
     return total, first
 
 
-# ----------------------------------------------------------------------------- feature cache
-
-def cache_root() -> Path:
-    return cache_dir() / "features"
-
-
-def encode_conversations(tokenizer, convs, max_len):
-    """(ids, mask) per conversation through the chat template, truncated at max_len; conversations
-    without an assistant token the drafter could predict (at position >= 2) are dropped."""
-    out = []
-    for conv in convs:
-        ids, mask = tokenizer.encode_chat(conv)
-        ids, mask = ids[:max_len], mask[:max_len]
-        if any(mask[2:]):
-            out.append((ids, mask))
-    return out
-
-
-@torch.inference_mode()
-def target_features(target: Transformer, chunk: list, device) -> list:
-    """The target over conversations `chunk` [ids] in one right-padded call: per conversation its
-    final-norm features f (n, H) rounded to fp16 (what the cache stores) and its greedy next
-    tokens (n,) int32, both on `device`. Right padding needs no attention mask: with causal
-    attention the valid positions never see the padding after them."""
-    dev = target.embed_tokens.weight.device
-    T = max(map(len, chunk))
-    tokens = torch.tensor([ids + [0] * (T - len(ids)) for ids in chunk], device=dev)
-    _, h = target(tokens, last_only=True)                                # (B, T, H)
-    return [(h[k, :len(ids)].to(device, torch.float16),
-             logits(target, h[k, :len(ids)]).argmax(-1).to(device, torch.int32)) for k, ids in enumerate(chunk)]
-
-
-class FeatureSet:
-    """A finished cache folder: shards of conversations, loaded one shard at a time. `sizes` are
-    the conversations used of each shard: all of them, or fewer in a view made by `first`."""
-
-    def __init__(self, folder: Path, meta: dict, sizes=None):
-        self.folder, self.meta = folder, meta
-        self.sizes = meta["shard_sizes"] if sizes is None else sizes
-        self.last = (None, None)   # (i, conversations) of the shard read last: batches come shard by shard
-
-    def __len__(self):
-        return len(self.sizes)
-
-    def path(self, i) -> Path:
-        return self.folder / f"{i:05d}.safetensors"
-
-    def shard(self, i):
-        """The i-th shard as a list of conversations {ids (n,), mask (n,), feats (n, H), next (n,)}."""
-        t = read_shard(self.path(i))
-        lengths = t.pop("lengths").tolist()
-        parts = {k: v.split(lengths) for k, v in t.items()}
-        return [{k: parts[k][c] for k in parts} for c in range(self.sizes[i])]
-
-    def batch(self, i, idx: list) -> list:
-        """Conversations idx of shard i (a training batch)."""
-        if self.last[0] != i:
-            self.last = (i, self.shard(i))
-        return [self.last[1][c] for c in idx]
-
-    def first(self, n: int) -> "FeatureSet":
-        """A view of the first n conversations: a mixture's share of this cache (RQ2)."""
-        from safetensors import safe_open
-        sizes, tokens = [], 0
-        for i, size in enumerate(self.sizes):
-            take = min(size, n - sum(sizes))
-            if take <= 0:
-                break
-            with safe_open(str(self.path(i)), framework="pt") as f:
-                tokens += int(f.get_tensor("lengths")[:take].sum())
-            sizes.append(take)
-        return FeatureSet(self.folder, {**self.meta, "conversations": sum(sizes), "tokens": tokens}, sizes)
-
-    def target_tokens(self) -> torch.Tensor:
-        """The target's greedy token x_{t+2} at every loss position (next token an assistant token),
-        all conversations: what a drafter trained on this set learns to propose. Reads no features."""
-        from safetensors import safe_open
-        out = []
-        for i, size in enumerate(self.sizes):
-            with safe_open(str(self.path(i)), framework="pt") as f:
-                nxt, mask, lengths = f.get_tensor("next"), f.get_tensor("mask"), f.get_tensor("lengths").tolist()
-            out += [n[1:-1][m[2:].bool()] for n, m in list(zip(nxt.split(lengths), mask.split(lengths)))[:size]]
-        return torch.cat(out).long()
-
-
-class OnlineSet(FeatureSet):
-    """`--features online`: the same shards of conversations, but the target computes a batch's
-    features when it is asked for them (as EAGLE-3 and SpecForge train) and nothing is stored, for
-    targets whose cache would not fit on disk (hidden size 4096: ~740 GB for ShareGPT-68k). The
-    features are rounded to fp16 as the cache's are, so both give bit-identical losses; the cost
-    is a target forward per batch per epoch, and one pass more for a draft vocabulary."""
-
-    def __init__(self, target: Transformer, examples: list, meta: dict, batch_size=1, shard_size=SHARD_SIZE,
-                 sizes=None):
-        super().__init__(Path(meta["name"]), meta, sizes)
-        self.target, self.examples, self.batch_size, self.shard_size = target, examples, batch_size, shard_size
-
-    def path(self, i) -> str:
-        return f"{self.meta['name']}, conversations {i * self.shard_size}.. (computed online)"
-
-    def batch(self, i, idx: list) -> list:
-        dev = self.target.embed_tokens.weight.device
-        convs = [self.examples[i * self.shard_size + c] for c in idx]
-        out = []
-        for b in range(0, len(convs), self.batch_size):      # the cache's extraction batches, so its rounding
-            chunk = convs[b:b + self.batch_size]
-            for (ids, mask), (f, nxt) in zip(chunk, target_features(self.target, [ids for ids, _ in chunk], dev)):
-                out.append({"ids": torch.tensor(ids, dtype=torch.int32, device=dev),
-                            "mask": torch.tensor(mask, dtype=torch.uint8, device=dev), "feats": f, "next": nxt})
-        return out
-
-    def shard(self, i):
-        return self.batch(i, list(range(self.sizes[i])))
-
-    def first(self, n: int) -> "OnlineSet":
-        examples = self.examples[:n]
-        meta = {**self.meta, "conversations": len(examples), "tokens": sum(len(ids) for ids, _ in examples)}
-        sizes = [len(examples[i:i + self.shard_size]) for i in range(0, len(examples), self.shard_size)]
-        return OnlineSet(self.target, examples, meta, self.batch_size, self.shard_size, sizes)
-
-    def target_tokens(self) -> torch.Tensor:
-        return torch.cat([c["next"][1:-1][c["mask"][2:].bool()] for i in range(len(self))
-                          for c in self.shard(i)]).long().cpu()
-
-
-def file_record(path: Path) -> dict:
-    """Size and SHA-1 of a file: what meta.json keeps of each shard, to find truncated or altered ones."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha1": digest.hexdigest()}
-
-
-def read_shard(path: Path) -> dict:
-    """A shard's tensors, refused with one line if unreadable or holding non-finite features."""
-    from safetensors.torch import load_file
-    try:
-        t = load_file(str(path))
-    except Exception as e:   # safetensors' own error types
-        raise TapsError(f"{path}: unreadable feature shard ({e}); delete it and rerun to rebuild it") from None
-    if not torch.isfinite(t["feats"]).all():
-        raise TapsError(f"{path}: feature shard holds non-finite values; delete it and rerun to rebuild it")
-    return t
-
-
-def features_meta(target: Transformer, examples, corpus: dict, shard_size: int) -> dict:
-    """What a set of features is: the target, the corpus, its conversations and their shards."""
-    digest = hashlib.sha1(json.dumps(examples).encode()).hexdigest()[:16]
-    return {"target": target_identity(target), **corpus, "conversations": len(examples),
-            "tokens": sum(len(ids) for ids, _ in examples), "examples_sha1": digest,
-            "shard_sizes": [len(examples[i:i + shard_size]) for i in range(0, len(examples), shard_size)]}
-
-
-def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard_size=SHARD_SIZE, batch_size=1,
-                desc="features", extract=True, world: Optional["World"] = None) -> FeatureSet:
-    """Run the target over `examples` [(ids, mask)] in batches of `batch_size` (`target_features`)
-    and store shards in `folder` (resumable); extract=False only reads a finished cache. Under
-    torchrun rank r extracts shards r, r + size, ...; rank 0 checks old shards and writes meta.json."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-    world = world or SINGLE
-    n_shards = math.ceil(len(examples) / shard_size)
-    meta = features_meta(target, examples, corpus, shard_size)
-    meta_path = folder / "meta.json"
-    missing = lambda k: TapsError(f"{folder}: {k} of {n_shards} {desc} shards are missing; build the caches of this "
-                                  f"size first: python train.py --features-only --size <the same size>")
-    if not (extract or meta_path.exists()):
-        raise missing(n_shards)
-    cache_advice = "free space or set TAPS_CACHE to a writable directory; finished shards are kept"
-    with writing(folder, cache_advice):
-        folder.mkdir(parents=True, exist_ok=True)
-    shards = {}                                   # file name -> {"bytes", "sha1"} of each finished shard
-    if meta_path.exists():
-        try:
-            old = json.loads(meta_path.read_text())
-            shards = old.pop("shards", {})
-        except (ValueError, AttributeError):      # truncated: which target built the shards is unknown
-            raise TapsError(f"{meta_path}: unreadable (truncated?), so the shards beside it cannot be trusted; "
-                            f"delete {folder} to rebuild the cache") from None
-        if old.get("target") != meta["target"]:
-            raise TapsError(f"{folder}: feature cache was built for target {old.get('target')}, not {meta['target']}; "
-                            f"delete the folder or point TAPS_CACHE elsewhere")
-        if old != meta:
-            raise TapsError(f"{folder}: feature cache was built from other conversations (tokenizer or corpus "
-                            f"changed); delete the folder to rebuild it")
-
-    def save_meta():
-        with writing(folder, cache_advice):
-            atomic_write(meta_path, lambda p: p.write_text(json.dumps({**meta, "shards": shards}, indent=1)))
-
-    paths = [folder / f"{i:05d}.safetensors" for i in range(n_shards)]
-    for p in paths if world.main else []:         # a shard that is not what was written is rebuilt
-        if not p.exists():
-            continue
-        record = file_record(p)
-        if p.name not in shards:                  # a cache from before the records: keep what loads
-            try:
-                read_shard(p)
-                shards[p.name] = record
-            except TapsError:
-                pass
-        if shards.get(p.name) != record:
-            print(f"{p}: changed since it was written (truncated or overwritten?); rebuilding it", file=sys.stderr)
-            p.unlink()
-            shards.pop(p.name, None)
-    if world.main:
-        save_meta()
-    world.barrier()
-    lens = [len(ids) for ids, _ in examples]
-    done = sum(sum(lens[i * shard_size:(i + 1) * shard_size]) for i, p in enumerate(paths) if p.exists())
-    todo = [i for i, p in enumerate(paths) if not p.exists()]
-    if todo and not extract:
-        raise missing(len(todo))
-    if todo:
-        t0 = time.perf_counter()
-        bar = tqdm(total=meta["tokens"], initial=done, unit="tok", unit_scale=True, desc=desc, smoothing=0.1,
-                   disable=not world.main)
-        for i in todo[world.rank::world.size]:
-            shard = examples[i * shard_size:(i + 1) * shard_size]
-            feats, nexts = [], []
-            for b in range(0, len(shard), batch_size):
-                chunk = [ids for ids, _ in shard[b:b + batch_size]]
-                for f, nxt in target_features(target, chunk, "cpu"):
-                    feats.append(f)
-                    nexts.append(nxt)
-                bar.update(sum(map(len, chunk)))
-            tensors = {"ids": torch.tensor([t for ids, _ in shard for t in ids], dtype=torch.int32),
-                       "mask": torch.tensor([m for _, ms in shard for m in ms], dtype=torch.uint8),
-                       "feats": torch.cat(feats), "next": torch.cat(nexts),
-                       "lengths": torch.tensor([len(ids) for ids, _ in shard])}
-            if not torch.isfinite(tensors["feats"]).all():
-                raise TapsError(f"{desc}: target features overflow fp16; this target is not supported by the cache")
-            with writing(folder, cache_advice):
-                atomic_write(paths[i], lambda p: save_file(tensors, str(p)))
-            if world.main:
-                shards[paths[i].name] = file_record(paths[i])
-                save_meta()
-        bar.close()
-        world.barrier()                           # every rank's shards are written
-        if world.main:
-            shards.update({paths[i].name: file_record(paths[i]) for i in todo if paths[i].name not in shards})
-            save_meta()
-            rate = (meta["tokens"] - done) / (time.perf_counter() - t0)
-            print(f"{desc}: {meta['tokens'] - done} tokens in {time.perf_counter() - t0:.0f} s ({rate:.0f} tokens/s)")
-    return FeatureSet(folder, meta)
-
-
-def prepare_features(target, tokenizer, domain, split, n, max_len, data_dir=None, batch_size=1,
-                     extract=True, online=False, world=None) -> FeatureSet:
-    """Corpus -> chat template -> cached target features for one domain and split (online: computed
-    when training asks for them, `OnlineSet`)."""
-    convs = load_corpus(domain, n, split, data_dir=data_dir)
-    examples = encode_conversations(tokenizer, convs, max_len)
-    if not examples:
-        raise TapsError(f"none of the {len(convs)} {domain} {split} conversations has an assistant token within "
-                        f"the first {max_len} tokens; raise --max-len")
-    ident = target_identity(target)
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in ident["name"]) or "unnamed"
-    # features of a bf16 (fp16) target are another cache than fp32's: they round differently
-    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(target.embed_tokens.weight.dtype)
-    folder = (cache_root() / f"{slug}-V{ident['vocab_size']}-H{ident['dim']}"
-              / f"{domain}-{split}-n{'all' if n is None else n}-len{max_len}{'-' + dtype if dtype else ''}")
-    corpus = {"domain": domain, "split": split, "n": n, "max_len": max_len, **({"dtype": dtype} if dtype else {})}
-    if online:
-        meta = {**features_meta(target, examples, corpus, SHARD_SIZE), "name": f"{domain} {split}"}
-        return OnlineSet(target, examples, meta, batch_size)
-    return build_cache(target, examples, folder, corpus, batch_size=batch_size, desc=f"{domain} {split} features",
-                       extract=extract, world=world)
-
-
 # ----------------------------------------------------------------------------- data parallel (torchrun)
 
 @dataclass
@@ -735,7 +458,7 @@ def autocast(cfg: TrainConfig, device):
 
 
 @torch.no_grad()
-def heldout_agreement(drafter, target, fs: FeatureSet, cfg: TrainConfig) -> float:
+def heldout_agreement(drafter, target, fs, cfg: TrainConfig) -> float:
     """Top-1 agreement of the drafter's argmax (over its draft vocabulary) with the target's greedy
     x_{t+2}, on assistant positions."""
     dev = target.embed_tokens.weight.device
@@ -945,7 +668,7 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    from model import DTYPES, default_device, load_target
+    from model import DTYPES, default_device
     ap = argparse.ArgumentParser(description="Train a task-aware EAGLE or HASS drafter for the target.")
     ap.add_argument("--domain", help=f"training corpus: {', '.join(TRAIN_DOMAINS)} (mixtures read the caches of "
                                      f"both domains at the size)")
@@ -1001,10 +724,16 @@ def main(argv=None):
                 refuse_to_replace(out, cfg.epochs)
             for path in (out, state_path(out)):
                 check_writable(path, "--out")
+        from extras.features import prepare_features   # the target's features: cached, or computed online
         world, device = World.from_env(args.device)
         cuda = device.startswith("cuda")
         t0 = time.perf_counter()
-        target, tokenizer = load_for(args.target, device, args.dtype, load_target)
+        from extras.autotree import load_for   # --dtype auto: bf16 where this machine measures it faster
+        target, tokenizer = load_for(args.target, device, args.dtype)
+        if world.size > 1:   # each rank measured for --dtype auto: rank 0's choice holds, so all read one cache
+            kinds = [torch.float32, torch.bfloat16, torch.float16]
+            pick = torch.tensor([kinds.index(target.embed_tokens.weight.dtype)], device=device)
+            target = target.to(kinds[int(world.broadcast(pick))])
         check_vocab_size(cfg.draft_vocab, target.args.vocab_size, tokenizer.stop_ids)   # before any extraction
         batch = args.extract_batch or (8 if cuda else 1)
         mixture = cfg.domain in MIXES and not args.features_only
@@ -1034,5 +763,5 @@ def main(argv=None):
               f"total {time.perf_counter() - t0:.0f} s]")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":   # extras/ imports `train`: run the CLI from that module, one copy of its classes
+    __import__("train").main()

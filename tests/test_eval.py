@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 
 import eval as ev
+import extras.report as report
+import extras.autotree
+import extras.speed
 from conftest import DEVICES, tiny
 from taps import Drafter
 
@@ -45,7 +48,8 @@ def setup(tmp_path, monkeypatch):
         d.meta["domain"] = domain
         paths.append(str(tmp_path / f"eagle-{domain}.safetensors"))
         d.save(paths[-1])
-    monkeypatch.setattr(ev, "load_target", lambda path, device, dtype: (target, FakeTokenizer()))
+    for module in (extras.autotree, extras.speed):   # eval.py (through load_for) and its speed table load it
+        monkeypatch.setattr(module, "load_target", lambda path, device, dtype: (target, FakeTokenizer()))
     return tmp_path, paths
 
 
@@ -218,7 +222,7 @@ def test_figures_without_matplotlib_is_one_line_before_any_work(setup, capsys, m
     import sys
     tmp_path, paths = setup
     monkeypatch.setitem(sys.modules, "matplotlib", None)     # as if not installed
-    monkeypatch.setattr(ev, "load_target", lambda *a: pytest.fail("loaded a model before refusing"))
+    monkeypatch.setattr(extras.autotree, "load_target", lambda *a: pytest.fail("loaded a model before refusing"))
     with pytest.raises(SystemExit) as e:
         run(tmp_path, paths, "--figures", str(tmp_path / "figs"))
     err = capsys.readouterr().err
@@ -237,14 +241,14 @@ def fake_items(rng, n, tau):
 
 
 def test_bootstrap_intervals_are_points_for_identical_prompts_and_cover_the_truth():
-    assert ev.bootstrap([{0: (30, 10), 1: (60, 20)}]) == pytest.approx((3.0, 3.0))
+    assert report.bootstrap([{0: (30, 10), 1: (60, 20)}]) == pytest.approx((3.0, 3.0))
     same = {q: (3 * q + 3, q + 1) for q in range(8)}
-    assert ev.bootstrap([same], [same]) == (0.0, 0.0)
-    assert ev.bootstrap([{}]) is None and ev.bootstrap([{0: (5, 2)}]) is None and ev.interval(None) == "–"
+    assert report.bootstrap([same], [same]) == (0.0, 0.0)
+    assert report.bootstrap([{}]) is None and report.bootstrap([{0: (5, 2)}]) is None and report.interval(None) == "–"
     # calibration: over 200 simulated evaluations of 30 prompts, the 95% interval holds the true
     # ratio of expectations (tau = 2.5) about 95% of the time -- not always, not rarely
     rng = np.random.default_rng(1)
-    hits = sum(lo <= 2.5 <= hi for lo, hi in (ev.bootstrap([fake_items(rng, 30, 2.5)], n=1000, seed=s)
+    hits = sum(lo <= 2.5 <= hi for lo, hi in (report.bootstrap([fake_items(rng, 30, 2.5)], n=1000, seed=s)
                                               for s in range(200)))
     assert 0.88 <= hits / 200 <= 0.99
 
@@ -255,9 +259,9 @@ def test_paired_intervals_see_what_unpaired_ones_miss():
     rng = np.random.default_rng(2)
     base = fake_items(rng, 20, 2.0)
     better = {q: (new + int(0.2 * calls), calls) for q, (new, calls) in base.items()}
-    lo, hi = ev.bootstrap([better], [base])
+    lo, hi = report.bootstrap([better], [base])
     assert 0.1 < lo <= hi < 0.3
-    a, b = ev.bootstrap([better]), ev.bootstrap([base])
+    a, b = report.bootstrap([better]), report.bootstrap([base])
     assert a[0] < b[1]   # the unpaired intervals overlap
 
 
@@ -269,7 +273,7 @@ def test_the_study_comparisons_pick_the_right_runs():
         fake("chat", tau={"gsm8k": {"tau": 2.0}, "mt_bench": {"tau": 1.9}})
     avg, small, mixed = fake("avg", lam=0.5), fake("mixed-small"), fake("mixed-large")
     route, merged, entropy = fake("x", "route"), fake("x", "merged"), fake("x", "route-entropy")
-    found = {name: (a, b) for name, a, b in ev.comparisons([math_, chat, avg, small, mixed, route, merged, entropy],
+    found = {name: (a, b) for name, a, b in report.comparisons([math_, chat, avg, small, mixed, route, merged, entropy],
                                                            ["gsm8k", "mt_bench"])}
     assert list(found) == ["in-domain − out-of-domain specialist", "averaged (λ = 0.5) − best single",
                            "routed − best single", "merged − best single", "mixed-small − best single",
@@ -277,7 +281,7 @@ def test_the_study_comparisons_pick_the_right_runs():
                            "mixed-large − mixed-small", "routed − mixed-large", "merged − mixed-large"]
     assert found["mixed-large − mixed-small"] == ({"gsm8k": mixed, "mt_bench": mixed}, {"gsm8k": small, "mt_bench": small})
     assert found["merged − mixed-large"] == ({"gsm8k": merged, "mt_bench": merged}, {"gsm8k": mixed, "mt_bench": mixed})
-    without = [name for name, _, _ in ev.comparisons([math_, chat, route, merged], ["gsm8k"])]
+    without = [name for name, _, _ in report.comparisons([math_, chat, route, merged], ["gsm8k"])]
     assert not any("mixed" in name for name in without)
     a, b = found["confidence − entropy routing"]
     assert a == {"gsm8k": route, "mt_bench": route} and b == {"gsm8k": entropy, "mt_bench": entropy}
@@ -295,8 +299,8 @@ def test_table_1_rows_in_the_study_order():
         return {"config": {"compose": compose, "lambda": lam, "equal_budget": False, "drafters": [d]}, "name": name}
     rows = [fake("large", conversations=8340), fake("math"), fake("math", lam=0.5), fake("small", conversations=4170),
             fake("math", "merged"), fake("chat")]
-    rows.sort(key=lambda r: ev.row_order(r, ["math", "chat"]))
-    assert [(r["name"], ev.kind(r)) for r in rows] == [("math", "single"), ("chat", "single"), ("small", "single"),
+    rows.sort(key=lambda r: report.row_order(r, ["math", "chat"]))
+    assert [(r["name"], report.kind(r)) for r in rows] == [("math", "single"), ("chat", "single"), ("small", "single"),
                                                       ("large", "single"), ("math", "average"), ("math", "merged")]
 
 
@@ -318,7 +322,7 @@ def test_auto_trees_record_their_sizes_and_match_plain_greedy(setup, monkeypatch
 def test_speed_table_compares_plain_study_and_auto_in_one_process(setup, monkeypatch, capsys):
     tmp_path, paths = setup
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(ev, "peer_rows", lambda *args: [])      # HF transformers: an optional extra
+    monkeypatch.setattr(extras.speed, "peer_rows", lambda *args: [])   # HF transformers: an optional extra
     run(tmp_path, paths, "--speed", "--limit", "1", "--json", str(tmp_path / "speed.json"))
     out = capsys.readouterr().out
     assert "plain decoding" in out and "study tree" in out and "auto tree" in out
@@ -332,7 +336,7 @@ def test_speed_table_compares_plain_study_and_auto_in_one_process(setup, monkeyp
 
 def test_an_unwritable_destination_is_refused_before_any_model_loads(setup, monkeypatch, capsys):
     tmp_path, paths = setup
-    monkeypatch.setattr(ev, "load_target", lambda *args: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(extras.autotree, "load_target", lambda *args: pytest.fail("a model was loaded"))
     (tmp_path / "file.txt").write_text("not a folder")
     with pytest.raises(SystemExit) as e:
         run(tmp_path, paths, "--limit", "1", "--json", str(tmp_path / "file.txt" / "r.json"))
@@ -375,7 +379,7 @@ def test_one_item_on_each_device_matches_plain_greedy(setup, monkeypatch, device
     """The whole eval path on the device: loading, study and auto trees, plain timing, the JSON."""
     tmp_path, paths = setup
     target = tiny(V=V, name="tiny-eval").to(device)
-    monkeypatch.setattr(ev, "load_target", lambda path, dev, dtype: (target, FakeTokenizer()))
+    monkeypatch.setattr(extras.autotree, "load_target", lambda path, dev, dtype: (target, FakeTokenizer()))
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
     for tree in ("study", "auto"):
         run(tmp_path, paths, "--compose", "merged", "--limit", "1", "--bench", "gsm8k", "--device", device,

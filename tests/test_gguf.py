@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import TapsError, default_gguf_path, gguf_to_hf, gguf_tokenizer_files, read_gguf
+from extras.gguf import default_gguf_path, gguf_to_hf, gguf_tokenizer_files, read_gguf
+from model import TapsError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import conftest
+import extras.bench
 import model as model_module
 
 from model import (ModelArgs, TapsError, args_from_hf_config, generate_plain, load_hf, logits_to_probs,
@@ -294,11 +295,19 @@ def test_unsupported_qwen3_fields_are_refused_in_one_line(tmp_path, change, mess
 def test_bench_of_a_named_shape_reports_the_memory_bound(device, capsys, monkeypatch):
     """model.py --bench --shape: random weights (no download); tok/s against copy bandwidth / weight
     bytes, the score-N curve, and one study-tree call with the full and a 32k draft vocabulary."""
-    monkeypatch.setitem(model_module.SHAPES, "tiny-40k", dict(model_module.SHAPES["tiny"], vocab_size=40000))
-    model_module.main(["--bench", "--shape", "tiny-40k", "--device", device, "--max-new-tokens", "8"])
+    monkeypatch.setitem(extras.bench.SHAPES, "tiny", dict(extras.bench.SHAPES["tiny"], vocab_size=40000))
+    model_module.main(["--bench", "--shape", "tiny", "--device", device, "--max-new-tokens", "8"])
     out = capsys.readouterr().out
-    assert "| tiny-40k (random weights) |" in out and "copy bandwidth (GB/s)" in out and "of the limit" in out
+    assert "| tiny (random weights) |" in out and "copy bandwidth (GB/s)" in out and "of the limit" in out
     assert "| ms |" in out and "N = 128" in out
     assert "| full (40000) |" in out and "| 32k (32000) |" in out
-    m = model_module.random_target("tiny", device, torch.bfloat16)
+    m = extras.bench.random_target("tiny", device, torch.bfloat16)
     assert m.embed_tokens.weight.dtype == torch.bfloat16 and m.inv_freq.dtype == torch.float32
+
+
+def test_the_core_does_not_import_extras():
+    """extras/ holds plumbing (the GGUF reader); importing the four core files loads none of it."""
+    code = "import sys, model, taps, train, eval; print(sorted(m for m in sys.modules if m.startswith('extras')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]

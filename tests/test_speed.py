@@ -14,8 +14,9 @@ from hypothesis import given, settings, strategies as st
 
 import taps
 from model import TapsError, generate_plain
-from taps import (AutoTree, Drafter, TorchRandom, Tree, average, calibrate, generate, merge, prune, verify_chain,
-                  verify_table, verify_tree)
+import extras.autotree
+from extras.autotree import AutoTree, calibrate, verify_table
+from taps import Drafter, TorchRandom, Tree, average, generate, merge, prune, verify_chain, verify_tree
 from conftest import (DEVICES, Target, chi_square_p, exact_first_tokens, frac_vector, near_oracle, prompts, random_tree,
                       spec_dist, tiny, tree_call)
 from train import coverage, draft_vocabulary
@@ -177,7 +178,7 @@ def test_calibration_is_cached_per_machine_and_never_trusted_from_elsewhere(tmp_
     target = tiny(V=32, name="tiny-cal")
     path = tmp_path / "calibration.json"
     calls = []
-    monkeypatch.setattr(taps, "measure_verify", lambda t: calls.append(1) or {1: 0.5, 8: 1.0})
+    monkeypatch.setattr(extras.autotree, "measure_verify", lambda t: calls.append(1) or {1: 0.5, 8: 1.0})
     assert calibrate(target, path) == {1: 0.5, 8: 1.0} and len(calls) == 1
     assert calibrate(target, path) == {1: 0.5, 8: 1.0} and len(calls) == 1      # cached
     saved = json.loads(path.read_text())

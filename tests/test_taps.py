@@ -27,7 +27,7 @@ def test_tree_structure():
              entropy=[math.nan] + [0.5] * 6)
     assert t.depths() == [0, 1, 1, 2, 2, 2, 3]
     assert t.children() == [[1, 2], [3, 4], [5], [6], [], [], []]
-    assert t.paths() == [[0, 1, 4], [0, 2, 5], [0, 1, 3, 6]]
+    assert [t.path_to(leaf) for leaf, kids in enumerate(t.children()) if not kids] == [[0, 1, 4], [0, 2, 5], [0, 1, 3, 6]]
     m = t.mask()
     assert m[6].tolist() == [True, True, False, True, False, False, True]
     assert m.sum().item() == 1 + 2 + 2 + 3 + 3 + 3 + 4

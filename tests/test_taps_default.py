@@ -12,7 +12,8 @@ import model
 import taps
 from conftest import count_second_copies
 from model import TapsError, generate_plain
-from taps import AutoTree, Drafter, Tree, generate, main, verify_table
+from extras.autotree import AutoTree, verify_table
+from taps import Drafter, Tree, generate, main
 
 PROMPTS = [
     "What is 7 * 6?",

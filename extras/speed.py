@@ -1,0 +1,133 @@
+"""`make bench` (`eval.py --speed`): plain decoding, the study's tree and the auto tree on the same
+prompts, back to back in one process, per dtype, then HF transformers (the peer) on the same
+weights, prompts and budgets. Every ratio is against plain decoding in the same dtype and process;
+plain decoding is timed before and after the speculative runs, and a busy machine is flagged.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from data import load_bench
+from eval import BENCH_NAMES, Decoding, combine, finite
+from extras.report import fmt, pct, table
+from extras.autotree import AutoTree, auto_dtype
+from model import atomic_write, clock, describe, generate_plain, load_target, machine, resolve_dtype, writing
+from taps import Drafter, generate
+
+
+SPEED_PAIRS = (("gsm8k", 0), ("mt_bench", 1))   # each specialist on its own domain: (benchmark, drafter index)
+PEER = (("HF transformers, greedy", {}), ("HF transformers, prompt lookup", {"prompt_lookup_num_tokens": 10}))
+
+
+def timed(target, fn, prompts, n) -> tuple[float, list]:
+    """Seconds for fn(ids, n) over all prompts (after an 8-token warm-up on the first), and the outputs."""
+    dev = target.embed_tokens.weight.device
+    fn(prompts[0], 8)
+    t0, outs = clock(dev), [fn(ids, n) for ids in prompts]
+    return clock(dev) - t0, outs
+
+
+BUSY = 1.25   # plain decoding this much faster or slower after the speculative runs than before: a busy machine
+
+
+def speed_rows(target, tokenizer, drafter, prompts, n, study: dict) -> list[dict]:
+    """Plain decoding, the study's tree and the auto tree on the same prompts, back to back, T = 0,
+    then plain decoding again: ratios are against the mean of the two plain timings, and the two
+    disagreeing by more than BUSY means something else ran on the machine meanwhile (`busy`)."""
+    stop = tokenizer.stop_ids
+    plain_fn = lambda ids, n: generate_plain(target, ids, n, stop_ids=stop)
+    before_s, plain = timed(target, plain_fn, prompts, n)
+    spec = []
+    for name, auto in (("study tree (60/5/10)", None), ("auto tree", AutoTree.for_target(target))):
+        spec_s, outs = timed(target, lambda ids, n: generate(target, drafter, ids, n, stop_ids=stop, auto=auto, **study),
+                             prompts, n)
+        spec.append((name, spec_s, outs))
+    after_s, _ = timed(target, plain_fn, prompts, n)
+    plain_tok_s = sum(map(len, plain)) / ((before_s + after_s) / 2)
+    rows = [{"config": "plain decoding", "tok_s": plain_tok_s, "vs_plain": 1.0,
+             "plain_tok_s_before_after": [sum(map(len, plain)) / t for t in (before_s, after_s)],
+             "busy": max(before_s, after_s) / min(before_s, after_s) > BUSY}]
+    for name, spec_s, outs in spec:
+        s = combine([st for _, st in outs])
+        tok_s = sum(len(out) for out, _ in outs) / spec_s
+        rows.append({"config": name, "tok_s": tok_s, "vs_plain": tok_s / plain_tok_s,
+                     "tau": s.tau, "draft_ms": 1000 * s.draft_time / s.calls, "verify_ms": 1000 * s.verify_time / s.calls,
+                     "nodes": sum(s.tree_size) / s.calls, "drafted_calls": sum(x > 1 for x in s.tree_size) / s.calls,
+                     "greedy_match": f"{sum(out == ref for (out, _), ref in zip(outs, plain))}/{len(plain)}"})
+    return rows
+
+
+def peer_rows(path, dtype, device, tokenizer, prompts, n, plain_tok_s) -> list[dict]:
+    """HF transformers on the same weights, prompts and budgets: plain greedy and prompt lookup."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        print("[peer skipped: transformers is not installed; `make bench` installs it]", file=sys.stderr)
+        return []
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    rows = []
+    for name, kw in PEER:
+        def run(ids, n):
+            x = torch.tensor([ids], device=device)
+            with torch.inference_mode():
+                y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                                   eos_token_id=sorted(tokenizer.stop_ids), pad_token_id=sorted(tokenizer.stop_ids)[0], **kw)
+            return y[0, len(ids):].tolist()
+        seconds, outs = timed(model.model, run, prompts, n)   # model.model: its embed_tokens tells the device
+        tok_s = sum(map(len, outs)) / seconds
+        rows.append({"config": name, "tok_s": tok_s, "vs_plain": tok_s / plain_tok_s})
+    return rows
+
+
+def speed(drafter_paths: list, path: Path, dec: Decoding, total_tokens: int = 60, target_path=None, device="cpu",
+          limit: int = 3, data_dir=None):
+    """`make bench`: one table of tok/s per dtype and configuration, each ratio against plain decoding
+    in the same dtype and process; then HF transformers (the peer) on the same prompts. The JSON at
+    `path` grows by each finished table, so an interrupted benchmark keeps what it printed."""
+    from model import default_target_dir
+    m = machine(device)
+    print(f"{describe(m)}; T = 0, first {limit} prompts, up to {dec.max_new_tokens} new tokens\n")
+    target, tokenizer = load_target(target_path, device, resolve_dtype(None, device))
+    dtypes = [target.embed_tokens.weight.dtype]
+    if device.startswith("cpu") and auto_dtype(target) == torch.bfloat16:
+        dtypes.append(torch.bfloat16)                 # fp32, and bf16 where it pays on this CPU
+    study = dict(top_k=dec.top_k, depth=dec.depth, total_tokens=total_tokens)
+    results = []
+    try:
+        for dtype, (bench, k) in ((d, pair) for d in dtypes for pair in SPEED_PAIRS):
+            target = target.to(dtype)
+            drafters = [Drafter.load(p, target) for p in drafter_paths]
+            items = load_bench(bench, limit, data_dir)
+            prompts = [tokenizer.encode_chat([{"role": "user", "content": it["turns"][0]}], add_generation_prompt=True)[0]
+                       for it in items]
+            k = min(k, len(drafters) - 1)             # one drafter given: it runs on both benchmarks
+            rows = speed_rows(target, tokenizer, drafters[k], prompts, dec.max_new_tokens, study)
+            rows += peer_rows(target_path or default_target_dir(), dtype, device, tokenizer, prompts, dec.max_new_tokens,
+                              rows[0]["tok_s"])
+            for r in rows:
+                r.update(dtype=str(dtype).removeprefix("torch."), benchmark=BENCH_NAMES[bench],
+                         drafter=Path(drafter_paths[k]).stem)
+            print(table(["dtype", "benchmark", "drafter", "configuration", "tok/s", "vs plain", "τ", "draft ms/call",
+                         "verify ms/call", "nodes/call", "drafted calls", "greedy = plain"],
+                        [[r["dtype"], r["benchmark"], r["drafter"], r["config"], fmt(r["tok_s"], ".1f"),
+                          f"{fmt(r['vs_plain'])}×", fmt(r.get("tau")), fmt(r.get("draft_ms"), ".1f"),
+                          fmt(r.get("verify_ms"), ".1f"), fmt(r.get("nodes"), ".1f"), pct(r.get("drafted_calls")),
+                          r.get("greedy_match", "–")] for r in rows]) + "\n", flush=True)
+            if rows[0]["busy"]:
+                before, after = rows[0]["plain_tok_s_before_after"]
+                print(f"warning: plain decoding ran at {before:.1f} tok/s before and {after:.1f} after the speculative "
+                      f"runs: the machine was busy, so these ratios are unreliable; rerun on an idle machine\n",
+                      file=sys.stderr)
+            results += rows
+            with writing(path, "the tables above are all that is kept"):
+                atomic_write(path, lambda p: p.write_text(
+                    json.dumps({"machine": m, "argv": sys.argv[1:], "rows": finite(results)}, indent=1) + "\n"))
+    except KeyboardInterrupt:
+        kept = f"the {len(results)} rows above are in {path}" if results else "nothing was measured yet"
+        print(f"\ninterrupted: {kept}", file=sys.stderr)
+        sys.exit(130)
+    print(f"[JSON: {path}]")
