@@ -720,10 +720,10 @@ def main(argv=None):
         check_split(cfg.batch_size, int(os.environ.get("WORLD_SIZE", 1)))   # before joining the torchrun job
         out = Path(args.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
         if not args.features_only:   # the destination, before any extraction or training
-            if not (args.resume or args.overwrite):
-                refuse_to_replace(out, cfg.epochs)
             for path in (out, state_path(out)):
                 check_writable(path, "--out")
+            if not (args.resume or args.overwrite):
+                refuse_to_replace(out, cfg.epochs)
         from extras.features import prepare_features   # the target's features: cached, or computed online
         world, device = World.from_env(args.device)
         cuda = device.startswith("cuda")

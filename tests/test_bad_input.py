@@ -140,9 +140,10 @@ def test_train_checks_its_destination_before_any_work(tmp_path, capsys, no_model
     if where == "read-only file":
         out.write_text("a user's drafter")
         out.chmod(0o444)
-    err = one_line_error(capsys, T.main, ["--domain", "math", "--device", "cpu", "--out", str(out), "--overwrite"])
-    assert {"directory": "is a directory", "under a file": "cannot write in",
-            "read-only file": "exists and is read-only"}[where] in err
+    for overwrite in ([], ["--overwrite"]):
+        err = one_line_error(capsys, T.main, ["--domain", "math", "--device", "cpu", "--out", str(out), *overwrite])
+        assert {"directory": "is a directory", "under a file": "cannot write in",
+                "read-only file": "exists and is read-only"}[where] in err
 
 
 def test_a_full_disk_keeps_the_training_state_and_resume_writes_the_drafter(tmp_path, monkeypatch):
