@@ -77,7 +77,7 @@ import torch
 from data import BENCHMARKS, DataError, load_bench
 from model import (DTYPES, TapsError, atomic_write, check_flags, check_writable, clock, context_budget, default_device,
                    generate_plain, logits_to_probs, machine, mean, one_line_errors)
-from taps import COMPOSE, Drafter, Stats, TorchRandom, average, generate
+from taps import COMPOSE, Drafter, Sampling, Stats, TorchRandom, TreeShape, average, generate
 
 METHODS = ("single", "average", *(m for m in COMPOSE if m != "single"))
 MERGED = ("merged", "merged-dedup")
@@ -198,9 +198,9 @@ def run_item(target, tokenizer, run: Run, item: dict, dec: Decoding, seed: int, 
         messages.append({"role": "user", "content": question})
         ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
         t0 = clock(dev)
-        out, stats = generate(target, run.drafters, ids, dec.max_new_tokens, run.temperature, dec.top_p, dec.top_k,
-                              dec.depth, run.budget, run.compose, stop_ids=tokenizer.stop_ids,
-                              rng=TorchRandom(seed + turn), auto=run.auto)
+        sampling = Sampling(run.temperature, dec.top_p, dec.max_new_tokens, tokenizer.stop_ids)
+        out, stats = generate(target, run.drafters, ids, sampling, run.auto or TreeShape(dec.top_k, dec.depth, run.budget),
+                              run.compose, TorchRandom(seed + turn))
         spec_s = clock(dev) - t0
         plain_s, ref = plain(ids, len(out), run.temperature, dec.top_p)
         record = {"question_id": item["question_id"], "turn": turn + 1, "new_tokens": stats.new_tokens,
@@ -311,8 +311,8 @@ def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, dec: Decodin
     plain = PlainClock(target, dec.seed)
     warm = tokenizer.encode_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=True)[0]
     generate_plain(target, warm, 4)                                    # first-call overheads out of the timings
-    generate(target, runs[0].drafters, warm, 4, top_k=dec.top_k, depth=dec.depth, total_tokens=runs[0].budget,
-             compose=runs[0].compose)
+    generate(target, runs[0].drafters, warm, Sampling(max_new_tokens=4), TreeShape(dec.top_k, dec.depth, runs[0].budget),
+             runs[0].compose)
     k, failed = max(len(r.drafters) for r in runs), set()
     for bench, items in bench_items.items():
         per_run = {id(r): [] for r in runs}

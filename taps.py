@@ -17,7 +17,7 @@ distribution (the study's eqs. 1-2 use the opposite letters, its eq. 5 this one)
 * `average` (eq. 11), `route` / `route_entropy` (eqs. 12-13), `merge` -- composing specialist
   drafters: one averaged drafter, or one tree chosen from (or packed from) each drafter's tree.
 * Trees sized for the hardware (`--tree auto`) are `extras/autotree.py`'s `AutoTree`, which
-  `generate` takes as `auto`: the same verifier runs on them.
+  `generate` takes as its `tree`: the same verifier runs on them.
 * `generate` -- draft -> verify -> keep -> emit -> extend until `max_new_tokens` or a stop token.
   Acceptance length: each verifier call emits its accepted draft tokens plus one token drawn
   by the verifier (the correction, or the bonus token after a leaf), and
@@ -219,37 +219,47 @@ class Tree:
         return m.to(device)
 
 
-def check_tree_args(top_k: int, depth: int, total_tokens: int):
-    if top_k < 1 or depth < 1:
-        raise TapsError(f"top_k and depth must be >= 1, got top_k={top_k}, depth={depth}")
-    if total_tokens < depth:
-        raise TapsError(f"total_tokens ({total_tokens}) must be >= depth ({depth})")
+@dataclass(frozen=True)
+class TreeShape:
+    """The draft tree of eq. 6: each of `depth` steps expands the top_k children of the top_k best
+    frontier nodes, then the `total_tokens` best nodes are kept (None: the whole pool). The study's
+    EAGLE-2 setting is 10 / 5 / 60. chain=True drafts a sampled chain of depth + 1 tokens instead,
+    verified by eqs. 1-2."""
+    top_k: int = 10
+    depth: int = 5
+    total_tokens: Optional[int] = 60
+    chain: bool = False
+
+    def __post_init__(self):
+        if self.top_k < 1 or self.depth < 1:
+            raise TapsError(f"top_k and depth must be >= 1, got top_k={self.top_k}, depth={self.depth}")
+        if self.total_tokens is not None and self.total_tokens < self.depth:
+            raise TapsError(f"total_tokens ({self.total_tokens}) must be >= depth ({self.depth})")
 
 
-def grow_tree(root_token: int, logp0: torch.Tensor, expand, top_k: int, depth: int, total_tokens: Optional[int],
-              vocab: Optional[torch.Tensor] = None, more=None) -> Tree:
+def grow_tree(root_token: int, logp0: torch.Tensor, expand, shape: TreeShape, vocab: Optional[torch.Tensor] = None,
+              more=None) -> Tree:
     """The EAGLE-2 dynamic tree (eq. 6) from draft log-probs.
 
     logp0: (V,) draft log-probs of the root's children. expand(tokens, slots) runs the drafter on
     the frontier, tokens (k,), whose parents are `slots` (k,) into the previous frontier (None for
-    the root's children), and returns the children's log-probs (k, V). Each of the `depth` steps
-    adds the top_k children of every frontier node to the candidate pool, scored by cumulative
+    the root's children), and returns the children's log-probs (k, V). Each of the shape's `depth`
+    steps adds the top_k children of every frontier node to the candidate pool, scored by cumulative
     log-prob, and makes the top_k of those the next frontier. Finally the `total_tokens` best
     candidates are kept (`prune`; None keeps the whole pool). Nodes stay in pool order.
     vocab: (V,) the token id of each log-prob column (a draft vocabulary; None: column i is token i).
     more(pool_scores, frontier_scores), if given, is asked before each step whether to take it (a
     hardware-sized tree, `AutoTree`); its answer may depend on draft-side quantities only.
     """
-    check_tree_args(top_k, depth, total_tokens or depth)
     ids = (lambda i: i) if vocab is None else (lambda i: vocab[i])
-    k = min(top_k, logp0.shape[-1])
+    k = min(shape.top_k, logp0.shape[-1])
     score, col = logp0.topk(k)                                        # (k,)
     tok = ids(col)
     pool_tok, pool_score = [tok], [score]
     pool_parent = [torch.full((k,), -1, device=tok.device)]
     pool_ent = [entropy(logp0).expand(k)]
     frontier, slots, n = torch.arange(k, device=tok.device), None, k  # pool ids of the frontier
-    for _ in range(depth):
+    for _ in range(shape.depth):
         if more is not None and not more(torch.cat(pool_score), score):
             break
         logp = expand(tok, slots)                                     # (k, V)
@@ -266,7 +276,7 @@ def grow_tree(root_token: int, logp0: torch.Tensor, expand, top_k: int, depth: i
     parent = torch.cat(pool_parent) + 1                              # pool ids -> node ids (root = 0)
     pool = Tree(tokens=[root_token] + torch.cat(pool_tok).tolist(), parents=[-1] + parent.tolist(),
                 logq=[0.0] + torch.cat(pool_score).tolist(), entropy=[math.nan] + torch.cat(pool_ent).tolist())
-    return pool if total_tokens is None else prune(pool, total_tokens + 1)
+    return pool if shape.total_tokens is None else prune(pool, shape.total_tokens + 1)
 
 
 def prune(tree: Tree, n: int) -> Tree:
@@ -459,10 +469,9 @@ class DraftState:
         return self
 
 
-def draft_tree(state: DraftState, target: Transformer, root_token: int, top_k: int, depth: int,
-               total_tokens: Optional[int], more=None) -> Tree:
-    """Run the drafter up to `depth` times over the growing tree (`grow_tree`: total_tokens None keeps
-    the whole pool, `more` may stop early); its cache is back to the prefix after."""
+def draft_tree(state: DraftState, target: Transformer, root_token: int, shape: TreeShape, more=None) -> Tree:
+    """Run the drafter up to `shape.depth` times over the growing tree (`grow_tree`: total_tokens None
+    keeps the whole pool, `more` may stop early); its cache is back to the prefix after."""
     cache, L = state.ready(target).cache, state.cache.length
     dev = state.h.device
     rows = h = None          # frontier's mask rows over the tree nodes fed so far; its drafter features
@@ -483,8 +492,7 @@ def draft_tree(state: DraftState, target: Transformer, root_token: int, top_k: i
         return torch.log_softmax(logits[0], dim=-1)
 
     try:
-        return grow_tree(root_token, torch.log_softmax(state.logits, -1), expand, top_k, depth, total_tokens,
-                         state.drafter.vocab, more)
+        return grow_tree(root_token, torch.log_softmax(state.logits, -1), expand, shape, state.drafter.vocab, more)
     finally:
         cache.truncate(L)
 
@@ -640,6 +648,21 @@ COMPOSE: dict[str, Callable[[list[Tree]], Tree]] = {
 
 # ----------------------------------------------------------------------------- generation
 
+@dataclass(frozen=True)
+class Sampling:
+    """What `generate` draws and when it stops: p (and a chain's q) after temperature (0 = greedy)
+    and top-p, at most max_new_tokens tokens, the last of them a stop token if one comes."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop_ids: frozenset = frozenset()
+
+    def __post_init__(self):
+        logits_to_probs(torch.zeros(1), self.temperature, self.top_p)   # refused here, before any work
+        if self.max_new_tokens < 1:
+            raise TapsError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
 @dataclass
 class Stats:
     """Per-generation statistics; lists have one entry per verifier call unless named per token."""
@@ -748,28 +771,19 @@ def _emit(out: list[int], new: list[int], max_new_tokens: int, stop_ids) -> tupl
 
 
 @torch.inference_mode()
-def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 10, depth: int = 5, total_tokens: int = 60,
-             compose="single", chain: bool = False, stop_ids=(), rng: Optional[RandomSource] = None,
-             auto=None):
-    """Speculative decoding: draft -> verify until `max_new_tokens` or a stop token.
+def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sampling(), tree=TreeShape(),
+             compose="single", rng: Optional[RandomSource] = None):
+    """Speculative decoding: draft -> verify until `sampling.max_new_tokens` or a stop token.
 
     drafters: a Drafter or a list; each keeps its own KV cache, drafts its own tree every step, and
     `compose` (a name in COMPOSE or a function of the list of trees) makes the one tree to verify.
-    The tree is the study's fixed shape (top_k, depth, total_tokens), or with `auto` an `AutoTree`
-    sized for the hardware each call (each drafter's tree, then the composed one: a merged tree
-    ranks the union of the drafters' nodes under one budget).
-    chain=True drafts a sampled chain of depth + 1 tokens instead and verifies it with eqs. 1-2.
+    tree: a fixed `TreeShape` (the study's by default; chain=True: a sampled chain, eqs. 1-2), or an
+    `extras.autotree.AutoTree` that sizes every call's trees for the hardware (each drafter's tree,
+    then the composed one: a merged tree ranks the union of the drafters' nodes under one budget).
     Returns the generated tokens (prompt excluded; the first comes from prefill) and `Stats`.
     """
-    logits_to_probs(torch.zeros(1), temperature, top_p)  # validate sampling arguments before any work
-    if auto is not None:
-        if chain:
-            raise TapsError("a chain has a fixed length: use the study's tree settings (not --tree auto) with --chain")
-        top_k, depth, total_tokens = auto.top_k, auto.max_depth, auto.n_max
-    check_tree_args(top_k, depth, total_tokens)
-    if max_new_tokens < 1:
-        raise TapsError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    shape, auto = (tree, None) if isinstance(tree, TreeShape) else (tree.shape, tree)
+    temperature, top_p, stop_ids = sampling.temperature, sampling.top_p, sampling.stop_ids
     drafters = [drafters] if isinstance(drafters, Drafter) else list(drafters)
     for d in drafters:
         check_drafter(d, target)
@@ -777,16 +791,16 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
         if compose not in COMPOSE:
             raise TapsError(f"unknown compose {compose!r} (choose from {', '.join(COMPOSE)})")
         compose = COMPOSE[compose]
-    if chain and len(drafters) != 1:
+    if shape.chain and len(drafters) != 1:
         raise TapsError("chain speculative sampling takes exactly one drafter")
     rng = rng or TorchRandom(0)
     dev = target.embed_tokens.weight.device
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).flatten()
     if len(prompt) == 0:
         raise TapsError("the prompt is empty")
-    max_new_tokens = context_budget(target, len(prompt), max_new_tokens)
+    max_new_tokens = context_budget(target, len(prompt), sampling.max_new_tokens)
     # a whole (composed: up to one tree per drafter) tree is appended before `keep`
-    max_len = len(prompt) + max_new_tokens + len(drafters) * total_tokens + depth + 2
+    max_len = len(prompt) + max_new_tokens + len(drafters) * shape.total_tokens + shape.depth + 2
     cache, stats = target.new_cache(1, max_len), Stats()
 
     t0 = clock(dev)
@@ -794,7 +808,7 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
     x = rng.categorical(logits_to_probs(logits[0, -1], temperature, top_p))
     out: list[int] = []
     _, done = _emit(out, [x], max_new_tokens, stop_ids)
-    states = [DraftState(d, d.new_cache(max_len + depth * top_k)) for d in drafters]
+    states = [DraftState(d, d.new_cache(max_len + shape.depth * shape.top_k)) for d in drafters]
     for s in states:   # pairs (x_{t+1}, f_t) over the prompt, ending with the token just sampled
         s.extend(target, torch.cat([prompt[1:], prompt.new_tensor([x])]), f[0])
         if auto is not None:
@@ -804,11 +818,11 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
     while not done:
         # draft: one tree from draft-side quantities only (or the root alone: a plain step)
         t0 = clock(dev)
-        if chain:
-            tree, q = draft_chain(states[0], target, x, depth + 1, temperature, top_p, rng)
+        if shape.chain:
+            tree, q = draft_chain(states[0], target, x, shape.depth + 1, temperature, top_p, rng)
             tag(tree, 0)
         elif auto is None:
-            tree = compose([tag(draft_tree(s, target, x, top_k, depth, total_tokens), i) for i, s in enumerate(states)])
+            tree = compose([tag(draft_tree(s, target, x, shape), i) for i, s in enumerate(states)])
         elif auto.speculate():
             tree = auto.draft(states, target, x, compose)
         else:
@@ -821,7 +835,7 @@ def generate(target: Transformer, drafters, prompt_ids, max_new_tokens: int = 25
         mask = tree.mask(dev)[None] if len(tree) > 1 else None              # a lone root sees the prefix
         _, h = target(tokens, pos, mask, cache, head=False)                 # (1, N, H)
         p_at = TargetHead(target, tree, h[0], temperature, top_p)
-        if chain:
+        if shape.chain:
             path, x, rejected = verify_chain(tree.tokens, q, p_at, rng)
         else:
             path, x, rejected = verify_tree(tree, p_at, rng)
@@ -874,9 +888,9 @@ def main(argv=None):
         auto = AutoTree.for_target(target) if args.tree == "auto" and not args.chain else None
         ids, _ = tokenizer.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         n = context_budget(target, len(ids), args.max_new_tokens, say=True)
-        out, stats = generate(target, drafters, ids, n, args.temperature, args.top_p, args.top_k,
-                              args.depth, args.total_tokens, args.compose, args.chain, tokenizer.stop_ids,
-                              TorchRandom(args.seed), auto)
+        sampling = Sampling(args.temperature, args.top_p, n, frozenset(tokenizer.stop_ids))
+        tree = auto or TreeShape(args.top_k, args.depth, args.total_tokens, args.chain)
+        out, stats = generate(target, drafters, ids, sampling, tree, args.compose, TorchRandom(args.seed))
     print(tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]))
     s = stats.summary()
     wall = s["prefill_s"] + s["draft_s"] + s["verify_s"]

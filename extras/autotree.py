@@ -25,7 +25,7 @@ import torch
 
 from model import (TapsError, Transformer, atomic_write, cache_dir, clock, load_target, machine, resolve_dtype,
                    target_identity, writing)
-from taps import DraftState, Tree, draft_tree, prune, tag
+from taps import DraftState, Tree, TreeShape, draft_tree, prune, tag
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -183,6 +183,11 @@ class AutoTree:
         return len(self.verify_s) - 1
 
     @property
+    def shape(self) -> TreeShape:
+        """The largest tree a call may verify (what `generate` sizes its caches for)."""
+        return TreeShape(self.top_k, self.max_depth, self.n_max)
+
+    @property
     def c(self) -> float:
         return (self.accepted + 1) / (self.predicted + 1)
 
@@ -193,7 +198,7 @@ class AutoTree:
 
             def timed(depth):
                 t = clock(dev)
-                draft_tree(state, target, root_token, self.top_k, depth, None)
+                draft_tree(state, target, root_token, TreeShape(self.top_k, depth, None))
                 return clock(dev) - t
             timed(3)                                                      # warm-up
             runs = sorted(timed(3) - timed(1) for _ in range(3))
@@ -226,7 +231,7 @@ class AutoTree:
         dev = target.embed_tokens.weight.device
         steps = [self.step_cost(s, target, root_token) for s in states]
         t0 = clock(dev)
-        trees = [tag(self.size(draft_tree(s, target, root_token, self.top_k, self.max_depth, None,
+        trees = [tag(self.size(draft_tree(s, target, root_token, TreeShape(self.top_k, self.max_depth, None),
                                           functools.partial(self.more, step, dev, t0)), dev, t0), i)
                  for i, (s, step) in enumerate(zip(states, steps))]
         tree = compose(trees)

@@ -56,7 +56,7 @@ def bench(model, prompt: list, device, n_new=128):
     """Plain decoding at batch 1 against the memory bound -- every weight is read once per token, so
     tok/s <= copy bandwidth / weight bytes -- then the cost of scoring N tokens, and one call of the
     study's tree (draft + verify) against a plain step, with the full and a 32k draft vocabulary."""
-    from taps import Drafter, generate
+    from taps import Drafter, Sampling, generate
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(device, 1 << (30 if torch.device(device).type == "cuda" else 28))
@@ -94,8 +94,8 @@ def bench(model, prompt: list, device, n_new=128):
             continue                                                # the full vocabulary is <= 32k already
         drafter = Drafter.random(model)
         drafter.vocab = None if vocab is None else vocab.to(device)
-        generate(model, drafter, prompt, 8)                         # warm-up
-        _, s = generate(model, drafter, prompt, 24)
+        generate(model, drafter, prompt, Sampling(max_new_tokens=8))         # warm-up
+        _, s = generate(model, drafter, prompt, Sampling(max_new_tokens=24))
         draft, verify = 1000 * s.draft_time / s.calls, 1000 * s.verify_time / s.calls
         rows.append(f"| {name} ({drafter.draft_vocab_size}) | {draft:.1f} | {verify:.1f} | {1000 / tok_s:.1f} "
                     f"| {(draft + verify) * tok_s / 1000:.2f} |")

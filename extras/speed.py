@@ -16,7 +16,7 @@ from eval import BENCH_NAMES, Decoding, combine, finite
 from extras.report import fmt, pct, table
 from extras.autotree import AutoTree, auto_dtype
 from model import atomic_write, clock, describe, generate_plain, load_target, machine, resolve_dtype, writing
-from taps import Drafter, generate
+from taps import Drafter, Sampling, TreeShape, generate
 
 
 SPEED_PAIRS = (("gsm8k", 0), ("mt_bench", 1))   # each specialist on its own domain: (benchmark, drafter index)
@@ -34,24 +34,24 @@ def timed(target, fn, prompts, n) -> tuple[float, list]:
 BUSY = 1.25   # plain decoding this much faster or slower after the speculative runs than before: a busy machine
 
 
-def speed_rows(target, tokenizer, drafter, prompts, n, study: dict) -> list[dict]:
+def speed_rows(target, tokenizer, drafter, prompts, n, study: TreeShape) -> list[dict]:
     """Plain decoding, the study's tree and the auto tree on the same prompts, back to back, T = 0,
     then plain decoding again: ratios are against the mean of the two plain timings, and the two
     disagreeing by more than BUSY means something else ran on the machine meanwhile (`busy`)."""
     stop = tokenizer.stop_ids
     plain_fn = lambda ids, n: generate_plain(target, ids, n, stop_ids=stop)
     before_s, plain = timed(target, plain_fn, prompts, n)
-    spec = []
-    for name, auto in (("study tree (60/5/10)", None), ("auto tree", AutoTree.for_target(target))):
-        spec_s, outs = timed(target, lambda ids, n: generate(target, drafter, ids, n, stop_ids=stop, auto=auto, **study),
-                             prompts, n)
-        spec.append((name, spec_s, outs))
+    runs = []
+    for name, tree in (("study tree (60/5/10)", study), ("auto tree", AutoTree.for_target(target))):
+        spec = lambda ids, n: generate(target, drafter, ids, Sampling(max_new_tokens=n, stop_ids=stop), tree)
+        spec_s, outs = timed(target, spec, prompts, n)
+        runs.append((name, spec_s, outs))
     after_s, _ = timed(target, plain_fn, prompts, n)
     plain_tok_s = sum(map(len, plain)) / ((before_s + after_s) / 2)
     rows = [{"config": "plain decoding", "tok_s": plain_tok_s, "vs_plain": 1.0,
              "plain_tok_s_before_after": [sum(map(len, plain)) / t for t in (before_s, after_s)],
              "busy": max(before_s, after_s) / min(before_s, after_s) > BUSY}]
-    for name, spec_s, outs in spec:
+    for name, spec_s, outs in runs:
         s = combine([st for _, st in outs])
         tok_s = sum(len(out) for out, _ in outs) / spec_s
         rows.append({"config": name, "tok_s": tok_s, "vs_plain": tok_s / plain_tok_s,
@@ -95,7 +95,7 @@ def speed(drafter_paths: list, path: Path, dec: Decoding, total_tokens: int = 60
     dtypes = [target.embed_tokens.weight.dtype]
     if device.startswith("cpu") and auto_dtype(target) == torch.bfloat16:
         dtypes.append(torch.bfloat16)                 # fp32, and bf16 where it pays on this CPU
-    study = dict(top_k=dec.top_k, depth=dec.depth, total_tokens=total_tokens)
+    study = TreeShape(dec.top_k, dec.depth, total_tokens)
     results = []
     try:
         for dtype, (bench, k) in ((d, pair) for d in dtypes for pair in SPEED_PAIRS):

@@ -24,7 +24,7 @@ from conftest import tiny
 from data import DataError, load_bench
 from model import TapsError, atomic_write, generate_plain
 from extras.autotree import AutoTree, calibrate, verify_table
-from taps import Drafter, average, generate
+from taps import Drafter, Sampling, TreeShape, average, generate
 from test_eval import FakeTokenizer, run as eval_run, setup  # noqa: F401  (setup is a fixture)
 from test_train import small_cfg, synthetic_examples, tiny_target
 
@@ -302,9 +302,11 @@ def test_budgets_and_prompts_past_the_context():
     target = tiny(V=32, max_seq_len=40)
     prompt = list(range(1, 11))
     assert len(generate_plain(target, prompt, 10 ** 9)) == 30
-    out, _ = generate(target, Drafter.random(target), prompt, 10 ** 9, top_k=3, depth=2, total_tokens=4)
+    out, _ = generate(target, Drafter.random(target), prompt, Sampling(max_new_tokens=10 ** 9),
+                      TreeShape(top_k=3, depth=2, total_tokens=4))
     assert out == generate_plain(target, prompt, 30)
-    out, _ = generate(target, Drafter.random(target), prompt, 10 ** 9, auto=AutoTree(verify_table({1: 1.0}, 8)))
+    out, _ = generate(target, Drafter.random(target), prompt, Sampling(max_new_tokens=10 ** 9),
+                      AutoTree(verify_table({1: 1.0}, 8)))
     assert len(out) == 30
     with pytest.raises(TapsError, match="the prompt has 40 tokens and the target reads at most 40; shorten it"):
         generate_plain(target, list(range(40)), 5)

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from model import TapsError, generate_plain
-from taps import (COMPOSE, Drafter, Stats, TorchRandom, Tree, average, generate, merge, route, route_entropy, tag,
-                  verify_tree)
+from taps import (COMPOSE, Drafter, Sampling, Stats, TorchRandom, Tree, TreeShape, average, generate, merge, route,
+                  route_entropy, tag, verify_tree)
 from conftest import Target, drafts, node_tokens, outcomes, prompts, spec_dist, tiny, tree_call
 
 
@@ -298,7 +298,7 @@ def test_average_refuses_one_drafter_and_different_targets():
 def test_compositions_need_two_drafters(name):
     target = tiny(V=32)
     with pytest.raises(TapsError, match=f"compose '{name}' takes two or more drafters, got 1"):
-        generate(target, [Drafter.random(target, 0)], [1, 2, 3], 8, compose=name)
+        generate(target, [Drafter.random(target, 0)], [1, 2, 3], Sampling(max_new_tokens=8), compose=name)
 
 
 @pytest.mark.parametrize("name", sorted(COMPOSE))
@@ -308,7 +308,8 @@ def test_greedy_of_every_composition_is_the_target(name):
     drafters = [Drafter.random(target, s) for s in ((1,) if name == "single" else (1, 2, 3))]
     for prompt in prompts(V, n=2):
         ref = generate_plain(target, prompt, 32)
-        out, s = generate(target, drafters, prompt, 32, top_k=4, depth=3, total_tokens=10, compose=name)
+        out, s = generate(target, drafters, prompt, Sampling(max_new_tokens=32),
+                          TreeShape(top_k=4, depth=3, total_tokens=10), compose=name)
         assert out == ref
         assert len(s.routed) == len(s.accepted_from) == s.calls
         if name in ("merged", "merged-dedup"):
@@ -316,13 +317,15 @@ def test_greedy_of_every_composition_is_the_target(name):
         else:
             assert set(s.routed) <= set(range(len(drafters)))
         assert all(o == -1 if a == 0 else o in range(len(drafters)) for o, a in zip(s.accepted_from, s.accepted))
-    out, _ = generate(target, average(drafters[:2], 0.5) if name != "single" else drafters[0], prompts(V)[0], 32,
-                      top_k=4, depth=3, total_tokens=10)
+    drafter = average(drafters[:2], 0.5) if name != "single" else drafters[0]
+    out, _ = generate(target, drafter, prompts(V)[0], Sampling(max_new_tokens=32),
+                      TreeShape(top_k=4, depth=3, total_tokens=10))
     assert out == generate_plain(target, prompts(V)[0], 32)
 
 
 def test_single_drafter_stats_name_drafter_0():
     target = tiny(V=1)
-    _, s = generate(target, Drafter.random(target), [0, 0], max_new_tokens=9, top_k=1, depth=2, total_tokens=3)
+    _, s = generate(target, Drafter.random(target), [0, 0], Sampling(max_new_tokens=9),
+                    TreeShape(top_k=1, depth=2, total_tokens=3))
     assert s.routed == [0, 0] and s.accepted_from == [0, 0]
     assert Stats().routed == []

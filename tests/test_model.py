@@ -274,9 +274,10 @@ def test_a_qwen3_checkpoint_roundtrips_and_drafts_exactly(tmp_path):
     again = load_hf(tmp_path / "copy", dtype=torch.float64)
     x = torch.arange(10)[None]
     assert torch.equal(m(x)[0], again(x)[0])
-    from taps import Drafter, generate
+    from taps import Drafter, Sampling, TreeShape, generate
     prompt = list(range(3, 12))
-    out, _ = generate(m, Drafter.random(m), prompt, 20, top_k=3, depth=3, total_tokens=8)
+    out, _ = generate(m, Drafter.random(m), prompt, Sampling(max_new_tokens=20),
+                      TreeShape(top_k=3, depth=3, total_tokens=8))
     assert out == generate_plain(m, prompt, 20)
 
 

@@ -16,7 +16,7 @@ import taps
 from model import TapsError, generate_plain
 import extras.autotree
 from extras.autotree import AutoTree, calibrate, verify_table
-from taps import Drafter, TorchRandom, Tree, average, generate, merge, prune, verify_chain, verify_tree
+from taps import Drafter, Sampling, TorchRandom, Tree, average, generate, merge, prune, verify_chain, verify_tree
 from conftest import (DEVICES, Target, chi_square_p, exact_first_tokens, frac_vector, near_oracle, prompts, random_tree,
                       spec_dist, tiny, tree_call)
 from train import coverage, draft_vocabulary
@@ -67,7 +67,7 @@ def test_bad_draft_vocabularies_are_refused(vocab, msg):
     d = Drafter.random(target)
     d.vocab = torch.tensor(vocab, dtype=torch.long)
     with pytest.raises(TapsError, match=msg):
-        generate(target, d, [1, 2], 4)
+        generate(target, d, [1, 2], Sampling(max_new_tokens=4))
 
 
 def test_average_refuses_drafters_with_different_vocabularies():
@@ -214,18 +214,13 @@ def test_auto_trees_are_exactly_greedy(compose, device):
     deep = 0
     for prompt in prompts(V):
         ref = generate_plain(target, prompt, 40)
-        out, s = generate(target, drafters, prompt, 40, compose=compose, auto=flat_auto())
+        out, s = generate(target, drafters, prompt, Sampling(max_new_tokens=40), flat_auto(), compose=compose)
         assert out == ref and max(s.tree_size) <= 32
         deep += sum(a >= 2 for a in s.accepted)
-        out, s = generate(target, drafters, prompt, 40, compose=compose, auto=AutoTree.for_target(target))
+        out, s = generate(target, drafters, prompt, Sampling(max_new_tokens=40),
+                          AutoTree.for_target(target), compose=compose)
         assert out == ref
     assert deep > 0 or compose == "route"   # routing may prefer the random drafter's flatter tree
-
-
-def test_auto_tree_refuses_a_chain():
-    target = tiny(V=16)
-    with pytest.raises(TapsError, match="chain has a fixed length"):
-        generate(target, Drafter.random(target), [1, 2], 4, chain=True, auto=flat_auto())
 
 
 # ----------------------------------------------------------------------------- a residual that rounds to nothing
@@ -266,7 +261,8 @@ def monte_carlo(device="cpu", n=1200):
     prompt, rng, auto = [0, 3], TorchRandom(11), flat_auto(16, max_depth=2)
     samples, deep, bonus, multi = [], 0, 0, 0
     for _ in range(n):
-        out, s = generate(target, drafter, prompt, 5, temperature=0.6, top_p=0.8, rng=rng, auto=auto)
+        out, s = generate(target, drafter, prompt, Sampling(temperature=0.6, top_p=0.8, max_new_tokens=5),
+                          auto, rng=rng)
         samples.append(tuple(out[:3]))
         deep += any(a >= 2 for a in s.accepted)
         bonus += any(s.leaf)

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from conftest import (DEVICES, broken_sampling, chi_square_p, count_second_copies, exact_first_tokens, near_oracle,
                       node_tokens, prompts, tiny)
 from model import TapsError, generate_plain
-from taps import COMPOSE, DraftState, Drafter, Stats, TorchRandom, Tree, draft_tree, generate, grow_tree, main, merge
+from taps import (COMPOSE, DraftState, Drafter, Sampling, Stats, TorchRandom, Tree, TreeShape, draft_tree, generate,
+                  grow_tree, main, merge)
 
 
 # ----------------------------------------------------------------------------- trees
@@ -57,7 +58,7 @@ def test_grow_tree_is_eagle2(V, top_k, depth, n, seed):
     trees = []
     for total_tokens in (10**6, total):
         logp_of, expand, frontiers = table_expand(V, seed)
-        trees.append(grow_tree(7, logp_of(()), expand, top_k, depth, total_tokens))
+        trees.append(grow_tree(7, logp_of(()), expand, TreeShape(top_k, depth, total_tokens)))
         assert len(frontiers) == depth
     full, small = trees
     assert len(full) - 1 == k + depth * k * k                        # the whole candidate pool
@@ -98,7 +99,7 @@ def test_draft_tree_masks_and_positions_match_a_plain_chain_run():
         state.extend(target, pairs, f[0])
         state.ready(target)
         L = state.cache.length
-        tree = draft_tree(state, target, 5, top_k=3, depth=3, total_tokens=20)
+        tree = draft_tree(state, target, 5, TreeShape(top_k=3, depth=3, total_tokens=20))
         assert state.cache.length == L                              # back to the prefix
         for i in range(1, len(tree)):
             path = node_tokens(tree, i)
@@ -185,7 +186,8 @@ def test_a_public_eagle_checkpoint_drafts_exactly_like_the_same_weights_in_taps_
     for x, y in zip(ours(target, tokens, feats), theirs(target, tokens, feats)):
         assert torch.equal(x, y)
     for prompt in prompts(64, n=2):
-        a, b = (generate(target, dr, prompt, 24, temperature=1.0, top_k=4, depth=3, total_tokens=10, rng=TorchRandom(5))
+        a, b = (generate(target, dr, prompt, Sampling(temperature=1.0, max_new_tokens=24),
+                         TreeShape(top_k=4, depth=3, total_tokens=10), rng=TorchRandom(5))
                 for dr in (ours, theirs))
         assert a[0] == b[0] and a[1].accepted == b[1].accepted and a[1].tree_size == b[1].tree_size
 
@@ -212,31 +214,32 @@ def test_a_public_eagle_checkpoint_is_refused_with_one_line(tmp_path):
         Drafter.load(tmp_path / "cut", target)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(total_tokens=3, depth=5), r"total_tokens \(3\) must be >= depth \(5\)"),
-    (dict(temperature=-0.5), "temperature must be finite and >= 0"),
-    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
-    (dict(top_k=0), "top_k and depth must be >= 1"),
-    (dict(compose="nonsense"), "unknown compose 'nonsense'"),
+@pytest.mark.parametrize("bad, message", [
+    (lambda: TreeShape(total_tokens=3, depth=5), r"total_tokens \(3\) must be >= depth \(5\)"),
+    (lambda: TreeShape(top_k=0), "top_k and depth must be >= 1"),
+    (lambda: Sampling(temperature=-0.5), "temperature must be finite and >= 0"),
+    (lambda: Sampling(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (lambda: Sampling(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (lambda: Sampling(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
+    (lambda: generate(tiny(V=32), Drafter.random(tiny(V=32)), [1, 2, 3], compose="nonsense"),
+     "unknown compose 'nonsense'"),
 ])
-def test_bad_arguments(kwargs, message):
-    target = tiny(V=32)
+def test_bad_arguments(bad, message):
     with pytest.raises(TapsError, match=message):
-        generate(target, Drafter.random(target), [1, 2, 3], 8, **kwargs)
+        bad()
 
 
 @pytest.mark.parametrize("other", [dict(V=48), dict(V=32, dim=32)])
 def test_mismatched_drafter(other):
     target = tiny(V=32)
     with pytest.raises(TapsError, match="does not match the target"):
-        generate(target, Drafter.random(tiny(**other)), [1, 2, 3], 8)
+        generate(target, Drafter.random(tiny(**other)), [1, 2, 3], Sampling(max_new_tokens=8))
 
 
 def test_single_compose_takes_one_drafter():
     target = tiny(V=32)
     with pytest.raises(TapsError, match="compose 'single' takes exactly one drafter, got 2"):
-        generate(target, [Drafter.random(target, 0), Drafter.random(target, 1)], [1, 2, 3], 8)
+        generate(target, [Drafter.random(target, 0), Drafter.random(target, 1)], [1, 2, 3])
     assert "single" in COMPOSE
 
 
@@ -272,11 +275,11 @@ def test_tau_on_a_one_token_vocabulary():
     """V = 1: every draft is right. top_k 1, depth 2 -> a 3-node chain, all accepted + 1 bonus per call."""
     target = tiny(V=1)
     d = Drafter.random(target)
-    out, s = generate(target, d, [0, 0], max_new_tokens=9, top_k=1, depth=2, total_tokens=3)
+    out, s = generate(target, d, [0, 0], Sampling(max_new_tokens=9), TreeShape(top_k=1, depth=2, total_tokens=3))
     # 1 prefill token + 2 calls x (3 accepted + 1 bonus) = 9
     assert out == [0] * 9 and s.accepted == [3, 3] and s.new_tokens == 8 and s.tau == 4.0
     assert s.leaf == [True, True] and s.acceptance_by_depth() == [1, 1, 1]
-    out, s = generate(target, d, [0, 0], max_new_tokens=10, top_k=1, depth=2, total_tokens=3)
+    out, s = generate(target, d, [0, 0], Sampling(max_new_tokens=10), TreeShape(top_k=1, depth=2, total_tokens=3))
     # the third call is cut to its first token: tau counts tokens generated, (10 - 1) / 3
     assert len(out) == 10 and s.calls == 3 and s.tau == 3.0
 
@@ -284,7 +287,8 @@ def test_tau_on_a_one_token_vocabulary():
 def test_statistics_are_consistent():
     target = tiny(V=16, n_layers=1)
     d = near_oracle(target)
-    out, s = generate(target, d, prompts(16)[0], 40, temperature=1.0, top_k=4, depth=3, total_tokens=12, rng=TorchRandom(1))
+    out, s = generate(target, d, prompts(16)[0], Sampling(temperature=1.0, max_new_tokens=40),
+                      TreeShape(top_k=4, depth=3, total_tokens=12), rng=TorchRandom(1))
     assert len(out) == 40 and s.new_tokens == 39 and s.tau == 39 / s.calls
     assert sum(s.accepted) + s.calls >= s.new_tokens > sum(s.accepted[:-1]) + s.calls - 1
     assert len(s.draft_entropy_accepted) == len(s.target_entropy_accepted) == sum(s.accepted)
@@ -310,12 +314,13 @@ def test_greedy_is_exactly_the_target(device, setup, chain, top_k, depth, total_
     accepted = 0
     for prompt in prompts(V):
         ref = generate_plain(target, prompt, 48)
-        out, s = generate(target, drafter, prompt, 48, top_k=top_k, depth=depth, total_tokens=total_tokens, chain=chain)
+        out, s = generate(target, drafter, prompt, Sampling(max_new_tokens=48),
+                          TreeShape(top_k=top_k, depth=depth, total_tokens=total_tokens, chain=chain))
         assert out == ref
         accepted += sum(s.accepted)
         stop = ref[20]   # a stop token: both stop right after its first occurrence
-        out, _ = generate(target, drafter, prompt, 48, top_k=top_k, depth=depth, total_tokens=total_tokens,
-                          chain=chain, stop_ids={stop})
+        out, _ = generate(target, drafter, prompt, Sampling(max_new_tokens=48, stop_ids={stop}),
+                          TreeShape(top_k=top_k, depth=depth, total_tokens=total_tokens, chain=chain))
         assert out == ref[:ref.index(stop) + 1]
     if setup == "near-oracle-1-layer":
         assert accepted > 100   # long accepted paths were exercised, not just corrections
@@ -347,8 +352,8 @@ def test_monte_carlo_first_tokens_match_the_target(mode, wrong, device, monkeypa
     prompt, n, rng = [1, 2, 3], 1500, TorchRandom(7)
     samples, accepted = [], 0
     for _ in range(n):
-        out, s = generate(target, drafter, prompt, 3, temperature=1.0, top_k=2, depth=2, total_tokens=5,
-                          chain=mode == "chain", compose=stub_then_whole if mode == "merged" else "single", rng=rng)
+        out, s = generate(target, drafter, prompt, Sampling(temperature=1.0, max_new_tokens=3),
+                          TreeShape(top_k=2, depth=2, total_tokens=5, chain=mode == "chain"), compose=stub_then_whole if mode == "merged" else "single", rng=rng)
         samples.append(tuple(out))
         accepted += sum(s.accepted)
     assert accepted > n / 4                      # the drafts matter: many tokens come from accepted drafts
@@ -371,8 +376,8 @@ def test_monte_carlo_with_temperature_and_top_p(wrong, device, monkeypatch):
     drafter = near_oracle(target).to(device)
     target = target.to(device)
     prompt, n, rng = [0, 3], 1500, TorchRandom(11)
-    samples = [tuple(generate(target, drafter, prompt, 2, temperature=0.6, top_p=0.8, top_k=2, depth=2,
-                              total_tokens=5, rng=rng)[0]) for _ in range(n)]
+    samples = [tuple(generate(target, drafter, prompt, Sampling(temperature=0.6, top_p=0.8, max_new_tokens=2),
+                              TreeShape(top_k=2, depth=2, total_tokens=5), rng=rng)[0]) for _ in range(n)]
     expected = exact_first_tokens(target, prompt, 2, 0.6, 0.8)
     p = chi_square_p(Counter(samples), expected, n)
     print(f"T=0.6 top-p=0.8 wrong={wrong} first 2 tokens: chi-square p = {p:.3g}")

@@ -13,7 +13,7 @@ import taps
 from conftest import count_second_copies
 from model import TapsError, generate_plain
 from extras.autotree import AutoTree, verify_table
-from taps import Drafter, Tree, generate, main
+from taps import Drafter, Sampling, Tree, TreeShape, generate, main
 
 PROMPTS = [
     "What is 7 * 6?",
@@ -31,14 +31,15 @@ def default():
         pytest.skip(f"embedded default target unavailable: {e}")
 
 
-@pytest.mark.parametrize("i, n, tree", [(0, 10, dict(total_tokens=60, depth=5, top_k=10)),
-                                        (1, 16, dict(total_tokens=16, depth=4, top_k=4)),
-                                        (2, 16, dict(total_tokens=8, depth=3, top_k=4))])
+@pytest.mark.parametrize("i, n, tree", [(0, 10, TreeShape(top_k=10, depth=5, total_tokens=60)),
+                                        (1, 16, TreeShape(top_k=4, depth=4, total_tokens=16)),
+                                        (2, 16, TreeShape(top_k=4, depth=3, total_tokens=8))])
 def test_default_greedy_is_exactly_the_target(default, i, n, tree):
     target, tok = default
     ids, _ = tok.encode_chat([{"role": "user", "content": PROMPTS[i]}], add_generation_prompt=True)
     ref = generate_plain(target, ids, n, stop_ids=tok.stop_ids)
-    out, stats = generate(target, Drafter.random(target, i), ids, n, stop_ids=tok.stop_ids, **tree)
+    sampling = Sampling(max_new_tokens=n, stop_ids=tok.stop_ids)
+    out, stats = generate(target, Drafter.random(target, i), ids, sampling, tree)
     assert out == ref
     assert stats.new_tokens == len(out) - 1 and stats.calls >= 1
 
@@ -54,7 +55,7 @@ def test_default_greedy_with_auto_trees_and_a_draft_vocabulary(default, tmp_path
     ref = generate_plain(target, ids, 12, stop_ids=tok.stop_ids)
     flat = AutoTree(verify_table({1: 10.0, 48: 10.0}, 48), max_depth=4)
     for auto in (flat, AutoTree.for_target(target)):
-        out, stats = generate(target, drafter, ids, 12, stop_ids=tok.stop_ids, auto=auto)
+        out, stats = generate(target, drafter, ids, Sampling(max_new_tokens=12, stop_ids=tok.stop_ids), auto)
         assert out == ref
     assert stats.calls >= 1
 
@@ -95,7 +96,7 @@ def test_default_greedy_of_merged_trees_through_second_copies(default, monkeypat
     full = ids + generate_plain(target, ids, n, stop_ids=tok.stop_ids)
     drafters = [Drafter.random(target, 1), Drafter.random(target, 2)]
 
-    def oracle_tree(state, target, root, top_k, depth, total_tokens, more=None):
+    def oracle_tree(state, target, root, shape, more=None):
         at = state.ready(target).cache.length      # the drafter has seen full[:at] (root excluded)
         assert full[at] == root
         nxt = full[at + 1:at + 5]
@@ -110,7 +111,8 @@ def test_default_greedy_of_merged_trees_through_second_copies(default, monkeypat
 
     monkeypatch.setattr(taps, "draft_tree", oracle_tree)
     second_copies = count_second_copies(monkeypatch)
-    out, stats = generate(target, drafters, ids, n, stop_ids=tok.stop_ids, compose="merged")
+    out, stats = generate(target, drafters, ids, Sampling(max_new_tokens=n, stop_ids=tok.stop_ids),
+                          compose="merged")
     assert out == full[len(ids):]
     print(f"second copies {sum(second_copies)} of {stats.calls} calls, tau {stats.tau:.2f}")
     assert sum(second_copies) >= stats.calls - 1 and stats.tau > 3
