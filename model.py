@@ -576,8 +576,8 @@ def clock(device) -> float:
 
 
 def check_flags(args):
-    """Every number on a parsed command line is finite and every count positive: NaN or inf
-    (`--temperature inf` would sample uniformly) is refused before any model loads."""
+    """Every float on a parsed command line is finite: NaN or inf (`--temperature inf` would sample
+    uniformly) is refused before any model loads."""
     for name, value in vars(args).items():
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, float) and not math.isfinite(v):
@@ -681,15 +681,15 @@ def main(argv=None):
             from extras.bench import bench, random_target
             check_device(a.device)
             print(describe(machine(a.device)) + "\n")
-        if a.bench and a.shape:
-            model = random_target(a.shape, a.device, dtype)
-            prompt = torch.randint(model.args.vocab_size, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+            if a.shape:
+                model = random_target(a.shape, a.device, dtype)
+                prompt = torch.randint(model.args.vocab_size, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+            else:
+                model, tokenizer = load_target(a.target, a.device, dtype)
+                prompt, _ = tokenizer.encode_chat([{"role": "user", "content": "Explain how a rainbow forms."}],
+                                                  add_generation_prompt=True)
             return bench(model, prompt, a.device, a.max_new_tokens)
         model, tokenizer = load_target(a.target, a.device, dtype)
-        if a.bench:
-            prompt, _ = tokenizer.encode_chat([{"role": "user", "content": "Explain how a rainbow forms."}],
-                                              add_generation_prompt=True)
-            return bench(model, prompt, a.device, a.max_new_tokens)
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
         ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
         g = torch.Generator(device=a.device).manual_seed(a.seed)

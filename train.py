@@ -64,6 +64,7 @@ size shares it and can be averaged; p and q are then both formed over it (`draft
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -75,6 +76,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -299,7 +301,7 @@ def drafter_loss(drafter, target, batch, cfg: TrainConfig, g: Optional[torch.Gen
         f_in = f_in + noise * scale[:, None, None]
     f_tgt = f_next[sel]                                           # (N, H)
     keep = None if drafter.vocab is None else torch.isin(batch["next"][:, 1:-1][sel], drafter.vocab)   # (N,)
-    count = count or (lambda n: max(int(n), 1))
+    count = count or SINGLE.count
     n_pos = count(sel.sum())
     n_keep = n_pos if keep is None else count(keep.sum())
     head = draft_head(target, drafter)
@@ -333,7 +335,6 @@ class World:
         size = int(os.environ.get("WORLD_SIZE", 1))
         if size == 1:
             return cls(), device
-        import torch.distributed as dist
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
@@ -365,7 +366,6 @@ class World:
         number, since DDP averages the ranks' gradients; the result is the global batch's mean."""
         if self.size == 1:
             return max(int(n), 1)
-        import torch.distributed as dist
         total = n.detach().double().reshape(1).clone()
         dist.all_reduce(total)
         return max(total.item(), 1) / self.size
@@ -374,24 +374,29 @@ class World:
         """Floats averaged over the ranks (the logged loss of the global batch)."""
         if self.size == 1:
             return values
-        import torch.distributed as dist
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
         return (t / self.size).tolist()
 
+    @contextlib.contextmanager
+    def together(self, where: str, kept: str):
+        """Collectives with the other ranks: one of them gone (gloo's or nccl's RuntimeError) is one line,
+        saying where and what is kept."""
+        try:
+            yield
+        except RuntimeError as e:
+            if self.size == 1:
+                raise
+            raise TapsError(f"another rank stopped{where} ({str(e).splitlines()[0][:120]}); {kept}") from None
+
     def barrier(self):
         if self.size > 1:
-            import torch.distributed as dist
-            try:
+            with self.together("", "what was saved is kept: rerun with --resume"):
                 dist.barrier()
-            except RuntimeError as e:
-                raise TapsError(f"another rank stopped ({str(e).splitlines()[0][:120]}); what was saved is kept: "
-                                f"rerun with --resume") from None
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's tensor on every rank (t: a buffer of the same shape elsewhere)."""
         if self.size > 1:
-            import torch.distributed as dist
             dist.broadcast(t, 0)
         return t
 
@@ -478,7 +483,8 @@ def heldout_agreement(drafter, target, fs, cfg: TrainConfig) -> float:
 
 
 def train_step(model: nn.Module, opt, sched, batch, g):
-    """One optimizer step of `wrap(objective)`; returns the global batch's loss and terms."""
+    """One optimizer step of `wrap(objective)`; returns the global batch's loss and terms (its top-1
+    agreement and, as `positions`, its number of loss positions)."""
     objective = getattr(model, "module", model)   # DDP keeps the wrapped module as .module
     objective.drafter.train()
     with autocast(objective.cfg, batch["ids"].device):
@@ -488,8 +494,9 @@ def train_step(model: nn.Module, opt, sched, batch, g):
     torch.nn.utils.clip_grad_value_(objective.drafter.parameters(), objective.cfg.grad_clip)
     opt.step()
     sched.step()
-    loss, top1 = objective.world.mean([loss.item(), terms["top1"]])
-    return loss, {**terms, "top1": top1}
+    world = objective.world
+    loss, top1, positions = world.mean([loss.item(), terms["top1"], float(batch["mask"][:, 2:].sum())])
+    return loss, {**terms, "top1": top1, "positions": round(positions * world.size)}
 
 
 def lr_factor(step, warm, total):
@@ -617,20 +624,14 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
                 step = epoch * per_epoch + b
                 g.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + world.rank)
                 t_step = time.perf_counter()
-                try:
+                with world.together(f" at step {step + 1}", f"{state_file} holds the last saved state: "
+                                                           f"rerun with --resume"):
                     loss, terms = train_step(model, opt, sched, batch, g)
-                    positions = world.mean([float(batch["mask"][:, 2:].sum())])[0] * world.size
-                except RuntimeError as e:   # torch.distributed's error when another rank is gone
-                    if world.size == 1:
-                        raise
-                    raise TapsError(f"another rank stopped at step {step + 1} "
-                                    f"({str(e).splitlines()[0][:120]}); {state_file} holds the last saved state: "
-                                    f"rerun with --resume") from None
                 if not math.isfinite(loss):
                     raise TapsError(f"step {step + 1}: loss is {loss} on a batch of "
                                     f"{train_sets[s].path(i)}; stopped, the drafter is not saved")
                 st["train_s"] += time.perf_counter() - t_step
-                st["positions"] += int(positions)
+                st["positions"] += terms["positions"]
                 st["loss_sum"] += loss
                 st["top1_sum"] += terms["top1"]
                 st["batch"] = b + 1
@@ -757,7 +758,6 @@ def main(argv=None):
         train(cfg, target, train_sets, heldout, out, args.resume, args.save_interval, tokenizer.stop_ids, args.overwrite,
               vocab_sets, world)
         if world.size > 1:
-            import torch.distributed as dist
             dist.destroy_process_group()
         say(f"[{out} (log {out.with_name(out.stem + '.jsonl')}): training {time.perf_counter() - t1:.0f} s, "
               f"total {time.perf_counter() - t0:.0f} s]")

@@ -217,6 +217,15 @@ def load_corpus(domain, n=None, split="train", seed=0, data_dir=None):
 
 # ---------------------------------------------------------------------------- benchmarks
 
+def _texts(x):
+    return isinstance(x, list) and all(isinstance(t, str) for t in x)
+
+
+# the type of each field of a benchmark line (reference is optional)
+BENCH_FIELDS = {"question_id": lambda x: isinstance(x, (int, str)) and not isinstance(x, bool),
+                "category": lambda x: isinstance(x, str), "turns": _texts, "reference": _texts}
+
+
 def load_bench(name, limit=None, data_dir=None):
     """The first `limit` items (all if None) of a benchmark, in the study's order."""
     if name not in BENCHMARKS:
@@ -227,12 +236,7 @@ def load_bench(name, limit=None, data_dir=None):
         missing = [key for key in ("question_id", "category", "turns") if key not in row]
         if missing or not row["turns"]:
             raise DataError(f"{path}:{lineno}: missing or empty {', '.join(missing) or 'turns'}")
-        texts = lambda x: isinstance(x, list) and all(isinstance(t, str) for t in x)
-        wrong = [key for key, ok in (("question_id", isinstance(row["question_id"], (int, str))
-                                      and not isinstance(row["question_id"], bool)),
-                                     ("category", isinstance(row["category"], str)),
-                                     ("turns", texts(row["turns"])), ("reference", texts(row.get("reference", []))))
-                 if not ok]
+        wrong = [key for key, ok in BENCH_FIELDS.items() if key in row and not ok(row[key])]
         if wrong:
             raise DataError(f"{path}:{lineno}: {wrong[0]} has the wrong type ({type(row[wrong[0]]).__name__}); "
                             f"expected question_id int or str, category str, turns and reference lists of str")
