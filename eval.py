@@ -75,8 +75,7 @@ import numpy as np
 import torch
 
 from data import BENCHMARKS, DataError, load_bench
-from model import (DTYPES, TapsError, atomic_write, check_flags, check_writable, clock, context_budget, default_device,
-                   generate_plain, logits_to_probs, machine, mean, one_line_errors)
+from model import DTYPES, TapsError, clock, context_budget, generate_plain, logits_to_probs, mean
 from taps import COMPOSE, Drafter, Sampling, Stats, TorchRandom, TreeShape, average, generate
 
 METHODS = ("single", "average", *(m for m in COMPOSE if m != "single"))
@@ -300,6 +299,7 @@ def json_path(base: Path, run: Run, several: bool) -> Path:
 
 
 def write_json(path: Path, run: Run):
+    from extras.runtime import atomic_write
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: p.write_text(json.dumps(as_dict(run), indent=1, ensure_ascii=False) + "\n"))
 
@@ -334,6 +334,7 @@ def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, dec: Decodin
 # ----------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
+    from extras.runtime import default_device
     ap = argparse.ArgumentParser(description="Evaluate composed specialist drafters on the study's benchmarks "
                                              "(tau, speedup, routing, entropy, acceptance by depth).")
     ap.add_argument("--compose", default="merged", type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
@@ -383,6 +384,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from extras.runtime import check_flags, check_writable, machine, one_line_errors
     args = parse_args(argv)
     dec = Decoding(args.max_new_tokens, args.top_p, args.top_k, args.depth, args.seed)
     from extras.report import figures, load_runs, pyplot, tables   # the study's tables, from the runs' dicts

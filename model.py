@@ -1,43 +1,19 @@
-"""The target model: a Llama-style decoder in plain PyTorch, and its loaders.
+"""The target: a Llama-style decoder in plain PyTorch (Meta's llama3 `model.py`, gpt-fast).
 
-Everything the speculative decoder verifies against lives here:
+`Transformer.forward(tokens, input_pos, mask, cache)` returns the logits and the final-norm
+feature f_t that EAGLE drafters read (eq. 3). Explicit positions and a boolean mask let one call
+score a whole draft tree (a node sees the prefix and its ancestors, at position prefix length +
+depth): verification (eq. 5) is one target call. `KVCache.keep` then keeps the accepted path.
 
-* `Transformer` -- token embedding, `n_layers` x (RMSNorm, grouped-query attention with
-  rotary embeddings, RMSNorm, SwiGLU MLP), final RMSNorm, LM head (tied or not).
-  `forward(tokens, input_pos, mask, cache)` returns the logits *and* the last hidden state
-  after the final norm: that feature f_t is what EAGLE drafters read (study eq. 3).
-  Explicit position ids plus a boolean mask let one call score a whole draft *tree*
-  (each node sees the prefix and its own ancestors, position = prefix length + depth),
-  which is how verification (study eq. 5, Lemma A.2) is done in a single target call.
-* `KVCache` -- append a block, then `keep` only the accepted path of a verified tree.
-* Loaders for Hugging Face checkpoint directories and the embedded default target.
-
-Module names equal the Hugging Face `LlamaForCausalLM` names (minus the `model.` prefix),
-so checkpoints load and save without a renaming table.
-
-Sections, in order:
-  the network   config (`ModelArgs`) · layers (RMSNorm, rotary, attention, MLP, `Block`) ·
-                KV cache · model (`Transformer`, `build_mask`) · sampling (`logits_to_probs`,
-                `generate_plain`)
-  loaders       Hugging Face checkpoints (`load_hf`, `save_hf`, `atomic_write`); Llama, Vicuna,
-                Mistral, Qwen2, Qwen3
-  the default   the embedded default target and a checkpoint's tokenizer (`load_target`, `cache_dir`;
-                the GGUF file is read and converted once by extras/gguf.py, the tokenizer is
-                extras/tokenizer.py's)
-  runtime       devices, dtypes' machine fingerprint (`machine`), `clock`, `mean`, one-line errors,
-                checks of flags, destinations and context budgets
-  CLI           `main` (its --bench is extras/bench.py's)
+Sections: config · layers · KV cache · model · sampling (`logits_to_probs`, `generate_plain`) ·
+loading the target (file formats: extras/checkpoint.py, extras/gguf.py) · CLI.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import math
 import os
-import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,139 +307,7 @@ def generate_plain(model: Transformer, prompt_ids, max_new_tokens: int, temperat
     return out
 
 
-# ----------------------------------------------------------------------------- Hugging Face checkpoints
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def args_from_hf_config(cfg: dict, where: str) -> ModelArgs:
-    """Map an HF config.json to ModelArgs, refusing anything this model does not implement."""
-    def refuse(what):
-        raise TapsError(f"{where}: {what} is not supported by this Llama implementation; use a plain Llama-architecture checkpoint")
-
-    mtype = cfg.get("model_type")
-    if mtype not in SUPPORTED_MODEL_TYPES:
-        refuse(f"model_type {mtype!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    if cfg.get("hidden_act", "silu") != "silu":
-        refuse(f"hidden_act {cfg['hidden_act']!r}")
-    if cfg.get("mlp_bias"):
-        refuse("mlp_bias")
-    if mtype != "qwen2" and cfg.get("attention_bias"):
-        refuse("attention_bias")
-    if cfg.get("sliding_window") is not None and (mtype == "mistral" or cfg.get("use_sliding_window")):
-        refuse(f"sliding-window attention (sliding_window={cfg['sliding_window']})")
-    if any(kind != "full_attention" for kind in cfg.get("layer_types") or []):
-        refuse(f"layer_types {sorted(set(cfg['layer_types']))} (only full_attention)")
-    if cfg.get("quantization_config"):
-        refuse("quantization_config")
-    # transformers >= 5 writes `rope_parameters` (theta included); older configs `rope_theta` + `rope_scaling`.
-    scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in ("default", "llama3"):
-        refuse(f"rope scaling of type {kind!r} (only 'llama3')")
-    try:
-        return ModelArgs(
-            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]), vocab_size=cfg["vocab_size"],
-            hidden_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim"), norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=theta, rope_scaling=scaling if kind == "llama3" else None,
-            tie_embeddings=cfg.get("tie_word_embeddings", False), qkv_bias=mtype == "qwen2", qk_norm=mtype == "qwen3",
-            max_seq_len=cfg.get("max_position_embeddings", 8192), bos_token_id=cfg.get("bos_token_id"),
-            eos_token_id=cfg.get("eos_token_id"), name=cfg.get("_name_or_path") or Path(where).parent.name)
-    except KeyError as e:
-        raise TapsError(f"{where}: required key {e} is missing from the config") from None
-
-
-def hf_config_from_args(args: ModelArgs) -> dict:
-    kind = "qwen3" if args.qk_norm else "qwen2" if args.qkv_bias else "llama"
-    return {
-        "architectures": [{"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama"}[kind] + "ForCausalLM"],
-        "model_type": kind, "_name_or_path": args.name,
-        "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
-        "intermediate_size": args.hidden_dim, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-        "rope_scaling": args.rope_scaling, "tie_word_embeddings": args.tie_embeddings, "hidden_act": "silu",
-        "max_position_embeddings": args.max_seq_len, "bos_token_id": args.bos_token_id,
-        "eos_token_id": args.eos_token_id, "torch_dtype": "float32", "attention_bias": False, "mlp_bias": False,
-    }
-
-
-DOWNLOAD_AGAIN = "download it again"   # what to do about a truncated checkpoint file, unless it is a local conversion
-
-
-def read_json(path: Path, redo: str = DOWNLOAD_AGAIN) -> dict:
-    if not path.is_file():
-        raise TapsError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TapsError(f"{path}: not valid JSON ({e}); the file may be truncated, {redo}") from None
-
-
-def read_safetensors(path: Path, dtype, device, redo: str = DOWNLOAD_AGAIN) -> dict:
-    from safetensors.torch import load_file
-    if not path.is_file():
-        raise TapsError(f"{path}: weight file not found")
-    try:
-        sd = load_file(str(path), device="cpu")
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise TapsError(f"{path}: cannot read safetensors ({e}); the file may be truncated, {redo}") from None
-    return {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
-
-
-def load_hf(path, device="cpu", dtype=torch.float32, redo: str = DOWNLOAD_AGAIN) -> Transformer:
-    """Load a Hugging Face checkpoint directory (config.json + model.safetensors or a sharded index);
-    `redo` says what to do about a truncated file."""
-    path = Path(path)
-    if not path.is_dir():
-        raise TapsError(f"{path}: target checkpoint directory not found")
-    args = args_from_hf_config(read_json(path / "config.json", redo), str(path / "config.json"))
-    index = path / "model.safetensors.index.json"
-    shards = sorted(set(read_json(index, redo)["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    sd = {}
-    for shard in shards:
-        sd.update(read_safetensors(path / shard, dtype, device, redo))
-    sd = {k.removeprefix("model."): v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    with torch.device("meta"):
-        model = Transformer(args)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    if missing or unexpected:
-        raise TapsError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise TapsError(f"{path}: weight shapes do not match config.json ({str(e).splitlines()[-1].strip()})") from None
-    model.inv_freq = rope_inv_freq(args).to(device)  # non-persistent buffer: rebuild off the meta device
-    return model.eval()
-
-
-def atomic_write(path: Path, write):
-    """Write via a temporary file and rename, so an interrupted run never leaves a half-written file."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")   # per process: torchrun's ranks may write one file
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):   # on a read-only disk this fails too: the first error is the news
-            tmp.unlink(missing_ok=True)      # never leave a half-written temporary file behind
-        raise
-
-
-def save_hf(model: Transformer, path, extra_files: Optional[dict] = None):
-    """Write `model` as a standard HF directory: config.json + model.safetensors (+ extra JSON files)."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    sd = {("" if k.startswith("lm_head") else "model.") + k: v.contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path / "model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
-    files = {"config.json": hf_config_from_args(model.args), **(extra_files or {})}
-    for name, obj in files.items():
-        atomic_write(path / name, lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False)))
-
-
-# ----------------------------------------------------------------------------- the embedded default target
+# ----------------------------------------------------------------------------- loading the target
 
 DEFAULT_TARGET = "SmolLM2-135M-Instruct"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -475,154 +319,69 @@ def resolve_dtype(name: Optional[str], device) -> torch.dtype:
 
 
 def cache_dir() -> Path:
-    """$TAPS_CACHE (default ~/.cache/taps): the converted default target, feature caches, calibrations."""
+    """$TAPS_CACHE (default ~/.cache/taps): the converted default target, feature caches,
+    calibrations."""
     return Path(os.environ.get("TAPS_CACHE", Path.home() / ".cache" / "taps"))
 
 
-def target_identity(target: Transformer) -> dict:
-    """Name, vocabulary, hidden size and a weight fingerprint (rounded to bf16, so one target in
-    fp32 or bf16 is the same target)."""
-    probe = [target.embed_tokens.weight[:16], target.norm.weight, target.layers[0].self_attn.q_proj.weight[:16]]
-    digest = hashlib.sha1()
-    for w in probe:
-        digest.update(w.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    a = target.args
-    return {"name": a.name, "vocab_size": a.vocab_size, "dim": a.dim, "fingerprint": digest.hexdigest()[:16]}
-
-
-def default_target_dir() -> Path:
-    """The default target converted once from GGUF into an HF directory under $TAPS_CACHE (~/.cache/taps)."""
-    out = cache_dir() / DEFAULT_TARGET
-    if not (out / "model.safetensors").exists():
-        from extras.gguf import export_default   # the GGUF reader is plumbing, not the decoder
-        export_default(out)
-    return out
-
-
-def check_device(device) -> torch.device:
-    """A --device that this torch build can run, or a one-line error saying what to use instead."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise TapsError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise TapsError(f"--device {device}: taps runs on cpu and cuda only; use --device cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TapsError(f"--device {device}: this torch build has no CUDA support or no GPU is visible; use --device cpu")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise TapsError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return dev
-
-
 def load_target(path=None, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) from an HF directory, or the embedded default when `path` is None."""
+    """(model, tokenizer) from a Hugging Face checkpoint directory, or the embedded default when
+    `path` is None (its GGUF file converted once to such a directory under $TAPS_CACHE). File
+    formats and the tokenizer are plumbing, not the study: extras/checkpoint.py, extras/gguf.py,
+    extras/tokenizer.py."""
+    from extras.checkpoint import load_hf
+    from extras.runtime import check_device
+    from extras.tokenizer import load_tokenizer
     check_device(device)
     if path:
         return load_hf(path, device, dtype), load_tokenizer(path)
     path = default_target_dir()
-    return load_hf(path, device, dtype, f"delete {path} and rerun to convert it again"), load_tokenizer(path)
+    redo = f"delete {path} and rerun to convert it again"
+    return load_hf(path, device, dtype, redo), load_tokenizer(path)
 
 
-def load_tokenizer(path):
-    """The checkpoint's `extras.tokenizer.Tokenizer` (plumbing: turning text into ids is not the study)."""
-    from extras.tokenizer import Tokenizer
-    path = Path(path)
-    for name in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json"):
-        if (path / name).exists():
-            return Tokenizer.from_file(path / name)
-    raise TapsError(f"{path}: no tokenizer.model or tokenizer.json found next to the checkpoint")
+def default_target_dir() -> Path:
+    """The embedded default target as an HF directory under $TAPS_CACHE, converted on first use."""
+    out = cache_dir() / DEFAULT_TARGET
+    if not (out / "model.safetensors").exists():
+        from extras.gguf import export_default
+        export_default(out)
+    return out
 
 
-# ----------------------------------------------------------------------------- runtime: devices, clocks, errors
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "avx_vnni")
-
-
-def machine(device="cpu") -> dict:
-    """What a timing ran on: the CPU model, its matmul-relevant flags, torch threads, the GPU if used.
-    `flags_sha` fingerprints the whole flag list, so two VMs of one CPU model but different features differ."""
-    cpu, flags = platform.processor() or platform.machine(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                cpu = value.strip()
-            elif key.strip() == "flags":
-                flags = value.split()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else None
-    return {"cpu": cpu, "flags": [f for f in SPEED_FLAGS if f in flags],
-            "flags_sha": hashlib.sha1(" ".join(sorted(flags)).encode()).hexdigest()[:12],
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "gpu": gpu}
+def target_identity(target: Transformer) -> dict:
+    """Name, vocabulary, hidden size and a weight fingerprint (rounded to bf16, so one target in
+    fp32 or bf16 is the same target): drafters and feature caches record whose they are."""
+    probe = [target.embed_tokens.weight[:16], target.norm.weight,
+             target.layers[0].self_attn.q_proj.weight[:16]]
+    digest = hashlib.sha1()
+    for w in probe:
+        digest.update(w.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    a = target.args
+    return {"name": a.name, "vocab_size": a.vocab_size, "dim": a.dim,
+            "fingerprint": digest.hexdigest()[:16]}
 
 
-def describe(m: dict) -> str:
-    """One line for the top of a speed table: what it was measured on."""
-    return (f"# {m['cpu']} ({', '.join(m['flags']) or 'no AVX2'}), {m['threads']} threads, torch {m['torch']}"
-            f"{', ' + m['gpu'] if m['gpu'] else ''}")
+def context_budget(model: Transformer, n_prompt: int, max_new_tokens: int, say=False) -> int:
+    """max_new_tokens capped so that prompt and reply fit the model's context (a budget of 1e9
+    would allocate a cache until memory runs out; `say`: one line when it does); a prompt that
+    does not fit is refused."""
+    n_ctx, name = model.args.max_seq_len, model.args.name or "the target"
+    if n_prompt >= n_ctx:
+        raise TapsError(f"the prompt has {n_prompt} tokens and {name} reads at most {n_ctx}; "
+                        f"shorten it")
+    if say and max_new_tokens > n_ctx - n_prompt:
+        print(f"[--max-new-tokens {max_new_tokens} capped at {n_ctx - n_prompt}: the context of "
+              f"{name} is {n_ctx} tokens]", file=sys.stderr)
+    return min(max_new_tokens, n_ctx - n_prompt)
 
 
 def clock(device) -> float:
-    """time.perf_counter() once the device's queued work is done: a CUDA timing is of the work, not its launch."""
+    """time.perf_counter() once the device's queued work is done: a CUDA timing is of the work,
+    not of its launch."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def check_flags(args):
-    """Every float on a parsed command line is finite: NaN or inf (`--temperature inf` would sample
-    uniformly) is refused before any model loads."""
-    for name, value in vars(args).items():
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise TapsError(f"--{name.replace('_', '-')} {v}: not a finite number; give a number such as 0.5")
-
-
-def check_writable(path: Path, flag: str, replace: bool = True):
-    """Before any work: `path` (given by `flag`) can be written, and with replace=False an existing file
-    is not replaced unasked (a read-only one never)."""
-    if path.is_dir():
-        raise TapsError(f"{flag} {path}: is a directory; give a file name")
-    if path.exists():
-        if not path.stat().st_mode & 0o222:
-            raise TapsError(f"{flag} {path}: exists and is read-only; choose another path")
-        if not replace:
-            raise TapsError(f"{flag} {path}: exists; pass --force to replace it, or choose another path")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path.parent).close()
-    except OSError as err:
-        raise TapsError(f"{flag} {path}: cannot write in {path.parent} ({err.strerror or err}); "
-                        f"choose another path") from None
-
-
-@contextlib.contextmanager
-def writing(where, advice: str):
-    """A failed write (read-only disk, full disk, a directory in the way) is one line: where, why, what to do."""
-    try:
-        yield
-    except OSError as err:
-        raise TapsError(f"{where}: cannot write ({err.strerror or err}); {advice}") from None
-
-
-def context_budget(model: Transformer, n_prompt: int, max_new_tokens: int, say: bool = False) -> int:
-    """max_new_tokens capped so that prompt and reply fit the model's context (a budget of 1e9 would
-    allocate a cache until memory runs out; `say`: one line when it does); a prompt that does not fit
-    is refused."""
-    n_ctx = model.args.max_seq_len
-    if n_prompt >= n_ctx:
-        raise TapsError(f"the prompt has {n_prompt} tokens and {model.args.name or 'the target'} reads at most "
-                        f"{n_ctx}; shorten it")
-    if say and max_new_tokens > n_ctx - n_prompt:
-        print(f"[--max-new-tokens {max_new_tokens} capped at {n_ctx - n_prompt}: the context of "
-              f"{model.args.name or 'the target'} is {n_ctx} tokens]", file=sys.stderr)
-    return min(max_new_tokens, n_ctx - n_prompt)
 
 
 def mean(xs, empty=math.nan):
@@ -630,47 +389,32 @@ def mean(xs, empty=math.nan):
     return sum(xs) / len(xs) if len(xs) else empty
 
 
-@contextlib.contextmanager
-def one_line_errors(*kinds, interrupted=None, who=lambda: ""):
-    """Every CLI's body: a TapsError (or one of `kinds`) is one line `error: ...` on stderr and exit
-    status 2, never a traceback; Ctrl-C prints `interrupted` (what is kept: a string, or a function
-    asked at that moment) and exits 130 when given. who() names the process (a torchrun rank)."""
-    try:
-        yield
-    except (TapsError, *kinds) as e:
-        print(f"error: {who()}{e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        if interrupted is None:
-            raise
-        print(f"\ninterrupted: {interrupted() if callable(interrupted) else interrupted}", file=sys.stderr)
-        sys.exit(130)
-
-
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
     import argparse
-    ap = argparse.ArgumentParser(description="Chat with the target model (plain autoregressive decoding).")
+    from extras.runtime import check_flags, default_device, one_line_errors
+    ap = argparse.ArgumentParser(description="Chat with the target (plain decoding).")
     ap.add_argument("--prompt", help="user message to answer")
     ap.add_argument("--system", help="optional system message")
-    ap.add_argument("--target", help=f"HF checkpoint directory (default: the embedded {DEFAULT_TARGET})")
+    ap.add_argument("--target", help=f"HF checkpoint directory (default: {DEFAULT_TARGET})")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=default_device())
-    ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp32 on CPU, bf16 on CUDA")
-    ap.add_argument("--export", metavar="DIR", help="write the embedded default target as an HF directory and exit")
-    ap.add_argument("--bench", action="store_true", help="print decoding speed against the memory bound and exit")
-    ap.add_argument("--shape", help="with --bench: random weights of this architecture instead of "
-                                                    "a checkpoint (no download), e.g. llama3-8b")
+    ap.add_argument("--dtype", choices=DTYPES, help="default: fp32 on CPU, bf16 on CUDA")
+    ap.add_argument("--export", metavar="DIR",
+                    help="write the embedded default target as an HF directory and exit")
+    ap.add_argument("--bench", action="store_true",
+                    help="print decoding speed against the memory bound and exit")
+    ap.add_argument("--shape", help="with --bench: random weights of this architecture instead "
+                                    "of a checkpoint (no download), e.g. llama3-8b")
     a = ap.parse_args(argv)
     with one_line_errors():
         if a.export:
             from extras.gguf import export_default
-            print(export_default(a.export))
-            return
+            return print(export_default(a.export))
         if not (a.prompt or a.bench):
             ap.error("give --prompt TEXT, --bench or --export DIR")
         check_flags(a)
@@ -678,19 +422,11 @@ def main(argv=None):
             raise TapsError(f"max_new_tokens must be >= 0, got {a.max_new_tokens}")
         dtype = resolve_dtype(a.dtype, a.device)
         if a.bench:
-            from extras.bench import bench, random_target
-            check_device(a.device)
-            print(describe(machine(a.device)) + "\n")
-            if a.shape:
-                model = random_target(a.shape, a.device, dtype)
-                prompt = torch.randint(model.args.vocab_size, (40,), generator=torch.Generator().manual_seed(0)).tolist()
-            else:
-                model, tokenizer = load_target(a.target, a.device, dtype)
-                prompt, _ = tokenizer.encode_chat([{"role": "user", "content": "Explain how a rainbow forms."}],
-                                                  add_generation_prompt=True)
-            return bench(model, prompt, a.device, a.max_new_tokens)
+            from extras.bench import bench
+            return bench(a.target, a.shape, a.device, dtype, a.max_new_tokens)
         model, tokenizer = load_target(a.target, a.device, dtype)
-        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+        messages = [{"role": "system", "content": a.system}] if a.system else []
+        messages.append({"role": "user", "content": a.prompt})
         ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
         g = torch.Generator(device=a.device).manual_seed(a.seed)
         n = context_budget(model, len(ids), a.max_new_tokens, say=True)
@@ -698,5 +434,5 @@ def main(argv=None):
         print(tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]))
 
 
-if __name__ == "__main__":   # extras/ imports `model`: run the CLI from that module, one copy of its classes
+if __name__ == "__main__":   # extras/ imports `model`: run this module's CLI, one copy of its classes
     __import__("model").main()

@@ -51,8 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (Block, KVCache, ModelArgs, TapsError, Transformer, build_mask, check_flags, clock, context_budget,
-                   logits_to_probs, mean, one_line_errors, target_identity)
+from model import (Block, KVCache, ModelArgs, TapsError, Transformer, build_mask, clock, context_budget,
+                   logits_to_probs, mean, target_identity)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -858,7 +858,8 @@ def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sam
 
 def main(argv=None):
     from extras.autotree import TREES, AutoTree, load_for   # --tree auto, --dtype auto: beyond the study
-    from model import DTYPES, default_device
+    from extras.runtime import check_flags, default_device, one_line_errors
+    from model import DTYPES
     ap = argparse.ArgumentParser(description="Speculative decoding with EAGLE drafters (lossless: the reply is "
                                              "distributed exactly as the target's own).")
     ap.add_argument("--prompt", required=True, help="user message to answer")

@@ -82,8 +82,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data import DataError
-from model import (TapsError, Transformer, atomic_write, check_flags, check_writable, machine, one_line_errors,
-                   target_identity, writing)
+from model import TapsError, Transformer, target_identity
 from taps import Drafter
 
 BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + context alignment (eqs. 8-9): 3 passes in all
@@ -534,6 +533,7 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     and chat sets of the size, so that every drafter of a size shares one vocabulary and can be
     averaged). The training state is saved atomically every `save_interval` seconds and after each
     epoch; resume=True continues from it. Under torchrun, `world` is this rank (`World`)."""
+    from extras.runtime import atomic_write, machine, writing
     out = Path(out)
     check_split(cfg.batch_size, world.size)
     if not (resume or overwrite):
@@ -669,7 +669,8 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    from model import DTYPES, default_device
+    from extras.runtime import check_flags, check_writable, default_device, one_line_errors
+    from model import DTYPES
     ap = argparse.ArgumentParser(description="Train a task-aware EAGLE or HASS drafter for the target.")
     ap.add_argument("--domain", help=f"training corpus: {', '.join(TRAIN_DOMAINS)} (mixtures read the caches of "
                                      f"both domains at the size)")

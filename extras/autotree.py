@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from model import (TapsError, Transformer, atomic_write, cache_dir, clock, load_target, machine, resolve_dtype,
-                   target_identity, writing)
+from model import TapsError, Transformer, cache_dir, clock, load_target, resolve_dtype, target_identity
+from extras.runtime import atomic_write, machine, writing
 from taps import DraftState, Tree, TreeShape, draft_tree, prune, tag
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from model import ModelArgs, TapsError, Transformer, clock, generate_plain
+from extras.runtime import check_device, describe, machine
+from model import ModelArgs, TapsError, Transformer, clock, generate_plain, load_target
 
 
 SHAPES = {   # named architectures for `--bench --shape`: random weights, so a speed needs no download
@@ -51,8 +52,22 @@ def copy_bandwidth(device, nbytes: int, reps: int = 10) -> float:
     return 2 * nbytes * reps / (clock(device) - t0)
 
 
+def bench(path, shape, device, dtype, n_new=128):
+    """The bench of `path` (None: the embedded default), or of random weights of a named `shape`."""
+    check_device(device)
+    print(describe(machine(device)) + "\n")
+    if shape:
+        model = random_target(shape, device, dtype)
+        prompt = torch.randint(model.args.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+        return measure(model, prompt.tolist(), device, n_new)
+    model, tokenizer = load_target(path, device, dtype)
+    prompt, _ = tokenizer.encode_chat([{"role": "user", "content": "Explain how a rainbow forms."}],
+                                      add_generation_prompt=True)
+    return measure(model, prompt, device, n_new)
+
+
 @torch.inference_mode()
-def bench(model, prompt: list, device, n_new=128):
+def measure(model, prompt: list, device, n_new=128):
     """Plain decoding at batch 1 against the memory bound -- every weight is read once per token, so
     tok/s <= copy bandwidth / weight bytes -- then the cost of scoring N tokens, and one call of the
     study's tree (draft + verify) against a plain step, with the full and a 32k draft vocabulary."""

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from model import TapsError, Transformer, args_from_hf_config, read_json
+from model import TapsError, Transformer
+from extras.checkpoint import args_from_hf_config, read_json
 from taps import Drafter
 
 EAGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")   # a public EAGLE checkpoint's weights, either

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from extras.tokenizer import LLAMA3_PATTERN
-from model import DEFAULT_TARGET, TapsError, Transformer, args_from_hf_config, save_hf, writing
+from model import DEFAULT_TARGET, TapsError, Transformer
+from extras.runtime import writing
+from extras.checkpoint import args_from_hf_config, save_hf
 
 
 # ----------------------------------------------------------------------------- GGUF v2/v3 reader

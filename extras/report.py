@@ -24,7 +24,8 @@ import numpy as np
 
 from data import BENCHMARKS
 from eval import BENCH_NAMES, MERGED, METHODS, SCHEMA, averages
-from model import TapsError, mean, writing
+from model import TapsError, mean
+from extras.runtime import writing
 
 
 # ----------------------------------------------------------------------------- uncertainty

@@ -15,7 +15,8 @@ from data import load_bench
 from eval import BENCH_NAMES, Decoding, combine, finite
 from extras.report import fmt, pct, table
 from extras.autotree import AutoTree, auto_dtype
-from model import atomic_write, clock, describe, generate_plain, load_target, machine, resolve_dtype, writing
+from model import clock, generate_plain, load_target, resolve_dtype
+from extras.runtime import atomic_write, describe, machine, writing
 from taps import Drafter, Sampling, TreeShape, generate
 
 

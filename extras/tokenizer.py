@@ -1,7 +1,7 @@
 """The tokenizer on tiktoken: byte-level BPE from an HF tokenizer.json (SmolLM2: digits split one by
 one, ChatML) or Llama 3's tokenizer.model, and the chat template. `Tokenizer.encode_chat(messages)`
 returns ids and a mask of the assistant-produced tokens, built piece by piece from ids: training's
-loss mask. Plumbing, not the study's algorithm: model.py's `load_tokenizer` imports it.
+loss mask. Plumbing, not the study's algorithm: model.py's `load_target` imports `load_tokenizer`.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import re
+from pathlib import Path
 
 import tiktoken
 
@@ -209,3 +210,12 @@ class Tokenizer:
             head = header("assistant")
             ids, mask = ids + head, mask + [0] * len(head)
         return ids, mask
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """The tokenizer next to a checkpoint: tokenizer.model (Llama 3's tiktoken file) or tokenizer.json."""
+    path = Path(path)
+    for name in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json"):
+        if (path / name).exists():
+            return Tokenizer.from_file(path / name)
+    raise TapsError(f"{path}: no tokenizer.model or tokenizer.json found next to the checkpoint")

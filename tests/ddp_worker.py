@@ -16,7 +16,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
 import extras.features as xf  # noqa: E402
 import train as T  # noqa: E402
-from model import one_line_errors  # noqa: E402
+from extras.runtime import one_line_errors  # noqa: E402
 from test_train import small_cfg, synthetic_examples, tiny_target  # noqa: E402
 
 

@@ -22,7 +22,9 @@ import extras.features as xf
 import train as T
 from conftest import tiny
 from data import DataError, load_bench
-from model import TapsError, atomic_write, generate_plain
+from model import TapsError, generate_plain
+from extras.runtime import atomic_write
+from extras.checkpoint import save_hf
 from extras.autotree import AutoTree, calibrate, verify_table
 from taps import Drafter, Sampling, TreeShape, average, generate
 from test_eval import FakeTokenizer, run as eval_run, setup  # noqa: F401  (setup is a fixture)
@@ -231,7 +233,7 @@ def test_a_failed_export_of_the_default_target_leaves_nothing_behind(tmp_path, m
 
 def test_a_truncated_converted_target_says_to_convert_again(tmp_path, monkeypatch):
     folder = tmp_path / "SmolLM2-135M-Instruct"
-    model.save_hf(tiny(V=16, name="t"), folder)
+    save_hf(tiny(V=16, name="t"), folder)
     (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:100])
     monkeypatch.setattr(model, "default_target_dir", lambda: folder)
     with pytest.raises(TapsError, match=f"truncated, delete {folder} and rerun to convert it again"):

@@ -14,8 +14,8 @@ import conftest
 import extras.bench
 import model as model_module
 
-from model import (ModelArgs, TapsError, args_from_hf_config, generate_plain, load_hf, logits_to_probs,
-                   rope_inv_freq, save_hf, Transformer)
+from model import ModelArgs, TapsError, generate_plain, logits_to_probs, rope_inv_freq, Transformer
+from extras.checkpoint import args_from_hf_config, load_hf, save_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "smollm2_reference.safetensors"
