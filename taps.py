@@ -1,41 +1,30 @@
-"""Task-aware speculative decoding: the EAGLE drafter, EAGLE-2 dynamic trees, lossless verification.
+"""Task-aware speculative decoding: the EAGLE drafter, EAGLE-2 trees, lossless verification.
 
 Naming, fixed for the whole file: **p is the target** distribution, **q is the draft**
 distribution (the study's eqs. 1-2 use the opposite letters, its eq. 5 this one).
 
-* `Drafter` (eq. 3) -- input at position t is cat(embed(x_{t+1}), f_t): the target's (frozen)
-  token embedding and the target's final-norm feature f_t, projected by `fc: 2H -> H`, then one
-  Llama decoder layer without its input RMSNorm, then the target's (frozen) LM head -- or only its
-  rows for a draft vocabulary (`Drafter.vocab`, FR-Spec / EAGLE-3), so q lives on a subset.
-* `grow_tree` / `draft_tree` (eq. 6) -- the EAGLE-2 dynamic draft tree: expand the top_k
-  children of the top_k frontier nodes by cumulative draft log-probability for `depth` steps,
-  then keep the `total_tokens` best nodes overall. The result is a plain `Tree`.
-* `verify_tree` (eq. 5) -- recursive rejection sampling over each node's children, each child
-  a proposal with probability 1. Temperature 0 is the special case of a one-hot p.
-* `verify_chain` (eqs. 1-2) -- classic speculative sampling of a sampled draft chain: accept
-  x with probability min(1, p(x)/q(x)), otherwise resample from norm(max(0, p - q)).
-* `average` (eq. 11), `route` / `route_entropy` (eqs. 12-13), `merge` -- composing specialist
-  drafters: one averaged drafter, or one tree chosen from (or packed from) each drafter's tree.
-* Trees sized for the hardware (`--tree auto`) are `extras/autotree.py`'s `AutoTree`, which
-  `generate` takes as its `tree`: the same verifier runs on them.
-* `generate` -- draft -> verify -> keep -> emit -> extend until `max_new_tokens` or a stop token.
-  Acceptance length: each verifier call emits its accepted draft tokens plus one token drawn
-  by the verifier (the correction, or the bonus token after a leaf), and
+* `Drafter` (eq. 3): fc(cat(embed(x_{t+1}), f_t)) -> one Llama layer -> the target's frozen
+  LM head (or its rows of a draft vocabulary, FR-Spec / EAGLE-3: q lives on a subset).
+* `grow_tree` / `draft_tree` (eq. 6): the EAGLE-2 dynamic tree, `TreeShape` its size.
+* `verify_tree` (eq. 5): recursive rejection sampling, each child a point-mass proposal;
+  `verify_chain` (eqs. 1-2): classic speculative sampling of a sampled chain.
+* `average` (eq. 11), `route` / `route_entropy` (eqs. 12-13), `merge`: composing specialists.
+* `generate`: draft -> verify -> keep -> emit -> extend. Each verifier call emits its accepted
+  draft tokens plus one drawn by the verifier, and the acceptance length is
 
-      tau = new tokens / verifier calls,
+      tau = new tokens / verifier calls       (the first token, from prefill, not counted)
 
-  where new tokens excludes the first token, which comes from the prefill call.
+All randomness goes through a `RandomSource`, and the verifiers only index, zero and renormalise
+probability vectors, so the exact tests run this very code on `fractions.Fraction` vectors with
+a random source that enumerates every outcome. Trees sized for the hardware (`--tree auto`) are
+extras/autotree.py's `AutoTree`, which `generate` takes as its `tree`.
 
-Sections, in file order: sampling (`RandomSource`) · verification · draft trees · the drafter ·
-composing specialists · generation (`Stats`, `generate`) · CLI.
-
-All randomness goes through a `RandomSource` (one Bernoulli and one categorical draw), and the
-verifiers only index, zero and renormalise probability vectors, so the exact tests run this
-very code with `fractions.Fraction` vectors and a random source that enumerates every outcome.
+Sections: sampling · verification · draft trees · the drafter · composing specialists ·
+generation (`Stats`, `generate`) · CLI.
 
     python taps.py --prompt "What is 7 * 6?" --drafter random
-    python taps.py --prompt "..." --drafter checkpoints/eagle-math.safetensors          # --tree auto --dtype auto
-    python taps.py --prompt "..." --drafter ... --tree study --dtype fp32                # the study's 60/5/10 tree
+    python taps.py --prompt "..." --drafter checkpoints/eagle-math.safetensors   # auto tree, dtype
+    python taps.py --prompt "..." --drafter ... --tree study --dtype fp32   # the study's 60/5/10
 """
 from __future__ import annotations
 
@@ -43,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import math
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -51,8 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (Block, KVCache, ModelArgs, TapsError, Transformer, build_mask, clock, context_budget,
-                   logits_to_probs, mean, target_identity)
+from model import (Block, KVCache, ModelArgs, TapsError, Transformer, build_mask, clock,
+                   context_budget, logits_to_probs, mean, target_identity)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -77,10 +65,10 @@ class TorchRandom:
         self.g = torch.Generator().manual_seed(seed)
 
     def bernoulli(self, prob) -> bool:
-        return torch.rand((), generator=self.g).item() < float(prob)  # prob 1 always, prob 0 never
+        return torch.rand((), generator=self.g).item() < float(prob)  # 1 always, 0 never
 
     def categorical(self, probs) -> int:
-        if probs.max() == probs.sum():   # a point mass (greedy decoding): its token, no draw needed
+        if probs.max() == probs.sum():   # a point mass (greedy decoding): its token, no draw
             return int(probs.argmax())
         return int(torch.multinomial(probs.detach().float().cpu(), 1, generator=self.g))
 
@@ -105,47 +93,38 @@ def residual(r, x):
 def verify_tree(tree: "Tree", p_at: Callable[[int], object], rng: RandomSource):
     """Recursive rejection sampling down a draft tree (eq. 5); exact for any draft-side tree.
 
-    p_at(node) returns a fresh, writable vector of target probabilities (already processed by
-    `logits_to_probs`) for the token after that node's path; any type with indexing, item
-    assignment, .sum() and division works (torch tensors, numpy arrays of Fractions).
-    Every child is a deterministic proposal, i.e. a draft distribution that is a point mass, so
-    min(1, p/q) = r(s) and the residual max(0, r - q) is r with r(s) set to 0.
-
-    Merged trees repeat token paths (two drafters proposing the same tokens). Verification runs on
-    the trie of the tree's token paths, as EAGLE's candidate-by-candidate verification does (the
-    study's merged tree): the children tried after an accepted token are those of every node with
-    that same token path, in node order, and a repeated token among them is skipped -- after its
-    first copy is rejected it has r(s) = 0 -- so it is neither a draw nor a rejected token in the
-    statistics. A plain merged tree is thereby verified exactly as its de-duplicated trie
-    (`merge(dedup=True)`); the trie only spends fewer nodes. `Tree.trie` finds the copies.
-    Returns (path, x, rejected): accepted node ids from the root (path[0] == 0, each node the parent
-    of the next), the token the verifier emits after them (correction, or bonus at a leaf), the
+    Each child s is a proposal with probability 1 (a point-mass q), so it is accepted with
+    probability min(1, r(s) / 1) = r(s), and on rejection the residual norm(max(0, r - q)) is r
+    with r(s) set to 0. p_at(node) is a fresh, writable vector of target probabilities (processed
+    by `logits_to_probs`) after that node; any type with indexing, item assignment, .sum() and
+    division works (torch tensors, numpy arrays of Fractions). The walk runs on the tree's trie
+    (`Tree.trie`): a merged tree's repeated token paths are one node, as in the study's
+    candidate-by-candidate verification.
+    Returns (path, x, rejected): accepted node ids from the root (path[0] == 0, each node the
+    parent of the next), the token drawn after them (correction, or bonus at a leaf), and the
     children tried and rejected.
     """
-    first, kids = tree.trie()
-    path, rejected = [0], []
+    _, kids = tree.trie()
+    node, rejected = 0, []
     while True:
-        r, tried = p_at(path[-1]), set()
-        for s in kids[first[path[-1]]]:
-            x = tree.tokens[s]
-            if x in tried:
-                continue
-            tried.add(x)
-            if rng.bernoulli(r[x]):
-                path = tree.path_to(s)   # s is a first copy; its own ancestors may be other copies
+        r = p_at(node)
+        for s in kids[node]:
+            if rng.bernoulli(r[tree.tokens[s]]):
+                node = s
                 break
             rejected.append(s)
-            r = residual(r, x)
-        else:  # no child accepted (or a leaf, where r is still p): emit a draw from r
-            return path, rng.categorical(r), rejected
+            r = residual(r, tree.tokens[s])
+        else:  # no child accepted (or a leaf, where r is still p): draw from r
+            return tree.path_to(node), rng.categorical(r), rejected
 
 
-def verify_chain(tokens: Sequence[int], q: Sequence, p_at: Callable[[int], object], rng: RandomSource):
+def verify_chain(tokens: Sequence[int], q: Sequence, p_at: Callable[[int], object],
+                 rng: RandomSource):
     """Classic speculative sampling (eqs. 1-2) of a chain tokens[1:], tokens[i] ~ q[i-1].
 
-    q[i] and p_at(i) are the draft and target distributions of the token after position i of the
-    chain (position 0 is the root). Accept tokens[i+1] with probability min(1, p/q); on the first
-    rejection resample from norm(max(0, p - q)); after a fully accepted chain draw a bonus from p.
+    q[i] and p_at(i) are the draft and target distributions of the token after position i of
+    the chain (position 0 is the root). Accept tokens[i+1] with probability min(1, p/q); on the
+    first rejection resample from norm(max(0, p - q)); after a whole chain draw a bonus from p.
     Returns (path, x, rejected) as `verify_tree` does, for the chain's node ids 0..len-1.
     """
     for i, x in enumerate(tokens[1:]):
@@ -153,7 +132,7 @@ def verify_chain(tokens: Sequence[int], q: Sequence, p_at: Callable[[int], objec
         if not rng.bernoulli(min(1, p[x] / qi[x])):
             r = p - qi
             r = r * (r > 0)
-            total = r.sum()   # 0 only if p <= q everywhere in floats (p = q exactly: never rejected)
+            total = r.sum()   # 0 only if p <= q everywhere in floats (p = q is never rejected)
             return list(range(i + 1)), rng.categorical(r / total if total > 0 else p), [i + 1]
     return list(range(len(tokens))), rng.categorical(p_at(len(tokens) - 1)), []
 
@@ -164,14 +143,14 @@ def verify_chain(tokens: Sequence[int], q: Sequence, p_at: Callable[[int], objec
 class Tree:
     """A draft tree, node 0 the root (the last accepted token, not yet seen by the target).
 
-    Parents precede children (parents[i] < i), so several trees can be merged into one by
-    concatenating lists and offsetting parent indices.
+    Parents precede children (parents[i] < i), so trees merge by concatenating lists and
+    offsetting parent indices.
     """
     tokens: list[int]
     parents: list[int]        # parents[0] == -1
-    logq: list[float]         # cumulative draft log-prob of the node's path: its EAGLE-2 score (root 0)
-    entropy: list[float]      # entropy of the draft distribution the node was drawn from (root: nan)
-    origin: list[int] = field(default_factory=list)   # drafter index of each node (root -1, several -2); [] untagged
+    logq: list[float]         # cumulative draft log-prob of the node's path, its EAGLE-2 score
+    entropy: list[float]      # entropy of the draft distribution the node was drawn from
+    origin: list[int] = field(default_factory=list)   # drafter of each node (root -1, several -2)
 
     def __len__(self):
         return len(self.tokens)
@@ -194,14 +173,15 @@ class Tree:
         return c
 
     def trie(self) -> tuple[list[int], list[list[int]]]:
-        """The trie of the tree's token paths, as (first, kids): first[i] is node i's first copy, the
-        lowest node id with the same token path (i itself unless merged trees repeat a path);
-        kids[f] of a first copy f are the children of every copy of f, in node order. Parents
-        precede children, so one pass finds them all."""
+        """The trie of the tree's token paths, built in one pass, as (first, kids): first[i] is
+        the lowest node id with node i's token path (i itself unless merged trees repeat a path);
+        kids[f] of a first copy f are the first copies of its children in the trie, one per
+        distinct token, gathered from every copy of f, in node order."""
         first, seen, kids = [0], {}, [[] for _ in self.tokens]
         for i in range(1, len(self)):
             first.append(seen.setdefault((first[self.parents[i]], self.tokens[i]), i))
-            kids[first[self.parents[i]]].append(i)
+            if first[i] == i:
+                kids[first[self.parents[i]]].append(i)
         return first, kids
 
     def path_to(self, node: int) -> list[int]:
@@ -212,8 +192,8 @@ class Tree:
         return path[::-1]
 
     def mask(self, device=None) -> torch.Tensor:
-        """(N, N) bool: each node attends to itself and its ancestors (the prefix is always visible)."""
-        m = torch.eye(len(self), dtype=torch.bool)    # built row by row on the CPU, then moved once
+        """(N, N) bool: a node attends to itself and its ancestors (and the cached prefix)."""
+        m = torch.eye(len(self), dtype=torch.bool)    # built row by row on the CPU, moved once
         for i in range(1, len(self)):
             m[i] |= m[self.parents[i]]
         return m.to(device)
@@ -221,10 +201,10 @@ class Tree:
 
 @dataclass(frozen=True)
 class TreeShape:
-    """The draft tree of eq. 6: each of `depth` steps expands the top_k children of the top_k best
-    frontier nodes, then the `total_tokens` best nodes are kept (None: the whole pool). The study's
-    EAGLE-2 setting is 10 / 5 / 60. chain=True drafts a sampled chain of depth + 1 tokens instead,
-    verified by eqs. 1-2."""
+    """The draft tree of eq. 6: each of `depth` steps expands the top_k children of the top_k
+    best frontier nodes, then the `total_tokens` best nodes are kept (None: the whole pool). The
+    study's EAGLE-2 setting is 10 / 5 / 60. chain=True drafts a sampled chain of depth + 1
+    tokens instead, verified by eqs. 1-2."""
     top_k: int = 10
     depth: int = 5
     total_tokens: Optional[int] = 60
@@ -232,24 +212,25 @@ class TreeShape:
 
     def __post_init__(self):
         if self.top_k < 1 or self.depth < 1:
-            raise TapsError(f"top_k and depth must be >= 1, got top_k={self.top_k}, depth={self.depth}")
+            raise TapsError(f"top_k and depth must be >= 1, got top_k={self.top_k}, "
+                            f"depth={self.depth}")
         if self.total_tokens is not None and self.total_tokens < self.depth:
             raise TapsError(f"total_tokens ({self.total_tokens}) must be >= depth ({self.depth})")
 
 
-def grow_tree(root_token: int, logp0: torch.Tensor, expand, shape: TreeShape, vocab: Optional[torch.Tensor] = None,
-              more=None) -> Tree:
+def grow_tree(root_token: int, logp0: torch.Tensor, expand, shape: TreeShape,
+              vocab: Optional[torch.Tensor] = None, more=None) -> Tree:
     """The EAGLE-2 dynamic tree (eq. 6) from draft log-probs.
 
-    logp0: (V,) draft log-probs of the root's children. expand(tokens, slots) runs the drafter on
-    the frontier, tokens (k,), whose parents are `slots` (k,) into the previous frontier (None for
-    the root's children), and returns the children's log-probs (k, V). Each of the shape's `depth`
-    steps adds the top_k children of every frontier node to the candidate pool, scored by cumulative
-    log-prob, and makes the top_k of those the next frontier. Finally the `total_tokens` best
-    candidates are kept (`prune`; None keeps the whole pool). Nodes stay in pool order.
-    vocab: (V,) the token id of each log-prob column (a draft vocabulary; None: column i is token i).
-    more(pool_scores, frontier_scores), if given, is asked before each step whether to take it (a
-    hardware-sized tree, `AutoTree`); its answer may depend on draft-side quantities only.
+    logp0: (V,) draft log-probs of the root's children. expand(tokens, slots) runs the drafter
+    on the frontier, tokens (k,), whose parents are `slots` (k,) into the previous frontier (None
+    for the root's children), and returns the children's log-probs (k, V). Each of the `depth`
+    steps adds the top_k children of every frontier node to the pool, scored by cumulative
+    log-prob, and makes the top_k of those the next frontier; then `prune` keeps the
+    `total_tokens` best. Nodes stay in pool order.
+    vocab: (V,) the token id of each log-prob column (None: column i is token i).
+    more(pool_scores, frontier_scores), if given, is asked before each step whether to take it
+    (`AutoTree`); its answer may depend on draft-side quantities only.
     """
     ids = (lambda i: i) if vocab is None else (lambda i: vocab[i])
     k = min(shape.top_k, logp0.shape[-1])
@@ -273,26 +254,27 @@ def grow_tree(root_token: int, logp0: torch.Tensor, expand, shape: TreeShape, vo
         score, best = cand.topk(k)
         slots, tok, frontier = best // k, child_tok[best], n + best
         n += k * k
-    parent = torch.cat(pool_parent) + 1                              # pool ids -> node ids (root = 0)
+    parent = torch.cat(pool_parent) + 1                              # pool ids -> node ids
     pool = Tree(tokens=[root_token] + torch.cat(pool_tok).tolist(), parents=[-1] + parent.tolist(),
-                logq=[0.0] + torch.cat(pool_score).tolist(), entropy=[math.nan] + torch.cat(pool_ent).tolist())
+                logq=[0.0] + torch.cat(pool_score).tolist(),
+                entropy=[math.nan] + torch.cat(pool_ent).tolist())
     return pool if shape.total_tokens is None else prune(pool, shape.total_tokens + 1)
 
 
 def prune(tree: Tree, n: int) -> Tree:
-    """The root and the n - 1 best nodes by score (eq. 6's final rerank), in their original order.
+    """The root and the n - 1 best nodes by score (eq. 6's final rerank), in their order.
 
-    A child never outscores its parent (log q <= 0) and ties go to the earlier node, which is the
-    parent, so the kept set is a connected tree. Works on merged trees too: their union is ranked.
+    A child never outscores its parent (log q <= 0) and ties go to the earlier node, which is
+    the parent, so the kept set is a connected tree. Merged trees: their union is ranked.
     """
     if n >= len(tree):
         return tree
-    order = sorted(range(1, len(tree)), key=lambda i: -tree.logq[i])   # stable: ties keep node order
+    order = sorted(range(1, len(tree)), key=lambda i: -tree.logq[i])   # stable: ties by node order
     keep = [0] + sorted(order[:n - 1])
     new_id = {old: new for new, old in enumerate(keep)}
-    return Tree(tokens=[tree.tokens[i] for i in keep], parents=[-1] + [new_id[tree.parents[i]] for i in keep[1:]],
-                logq=[tree.logq[i] for i in keep], entropy=[tree.entropy[i] for i in keep],
-                origin=[tree.origin[i] for i in keep] if tree.origin else [])
+    pick = lambda xs: [xs[i] for i in keep] if xs else []
+    return Tree(pick(tree.tokens), [-1] + [new_id[tree.parents[i]] for i in keep[1:]],
+                pick(tree.logq), pick(tree.entropy), pick(tree.origin))
 
 
 # ----------------------------------------------------------------------------- the drafter (eq. 3)
@@ -308,23 +290,24 @@ class Drafter(nn.Module):
     def __init__(self, args: ModelArgs, meta: Optional[dict] = None, vocab=None):
         super().__init__()
         self.args = args                          # the target's config with n_layers = 1
-        self.meta = dict(meta or {})              # backbone, domain, data summary, target identity
+        self.meta = dict(meta or {})              # backbone, domain, data, target identity
         self.fc = nn.Linear(2 * args.dim, args.dim, bias=True)
         layer = Block(args)
         layer.input_layernorm = nn.Identity()     # fc's output is not normalised before attention
         self.layers = nn.ModuleList([layer])
-        # Draft vocabulary (FR-Spec, EAGLE-3): the sorted token ids the drafter may propose; its head is
-        # those rows of the target's head, so q lives on this subset. None: the whole vocabulary (the
-        # study's drafters). Verification is always over the whole vocabulary, so it stays lossless.
-        self.register_buffer("vocab", None if vocab is None else torch.as_tensor(vocab, dtype=torch.long))
-        self._head = None                         # (key of the target head it was cut from, its rows)
+        # Draft vocabulary (FR-Spec, EAGLE-3): the sorted token ids the drafter may propose; its
+        # head is those rows of the target's head. None: the whole vocabulary (the study's).
+        # Verification is always over the whole vocabulary, so it stays lossless.
+        self.register_buffer("vocab", None if vocab is None else torch.as_tensor(vocab).long())
+        self._head = None                         # (the target head it was cut from, its rows)
 
     @classmethod
     def for_target(cls, target: Transformer, vocab=None, **meta) -> "Drafter":
         p = target.embed_tokens.weight
-        args = dataclasses.replace(target.args, n_layers=1, qk_norm=False)   # a Llama layer, as EAGLE's
-        meta = {"target": target.args.name, "vocab_size": target.args.vocab_size, "dim": target.args.dim,
-                "fingerprint": target_identity(target)["fingerprint"], **meta}
+        args = dataclasses.replace(target.args, n_layers=1, qk_norm=False)   # EAGLE's Llama layer
+        meta = {"target": target.args.name, "vocab_size": target.args.vocab_size,
+                "dim": target.args.dim, "fingerprint": target_identity(target)["fingerprint"],
+                **meta}
         return cls(args, meta, vocab).to(device=p.device, dtype=p.dtype)
 
     @property
@@ -332,11 +315,11 @@ class Drafter(nn.Module):
         return self.args.vocab_size if self.vocab is None else len(self.vocab)
 
     def head(self, target: Transformer, h):
-        """Draft logits (..., H) -> (..., V_draft): the target's frozen head, restricted to `vocab`."""
+        """Draft logits (..., H) -> (..., V_draft): the target's head, restricted to `vocab`."""
         if self.vocab is None:
             return target.head(h)
         w = target.embed_tokens.weight if target.lm_head is None else target.lm_head.weight
-        key = (w.data_ptr(), w.dtype, w.device)   # the rows are cut once per target weight, not per call
+        key = (w.data_ptr(), w.dtype, w.device)   # rows cut once per target weight, not per call
         if self._head is None or self._head[0] != key:
             self._head = (key, w[self.vocab.to(w.device)].contiguous())
         return F.linear(h, self._head[1])
@@ -350,16 +333,16 @@ class Drafter(nn.Module):
         """An untrained drafter: verification must still reproduce the target exactly."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return cls.for_target(target, backbone="eagle", domain="none", data="untrained (random init)")
+            return cls.for_target(target, backbone="eagle", domain="none",
+                                  data="untrained (random init)")
 
-    def forward(self, target: Transformer, tokens, feats, cache: Optional[KVCache] = None, input_pos=None, mask=None,
-                last_only=False, head=True):
-        """tokens (B, T) are x_{t+1}, feats (B, T, H) the features f_t; mask/input_pos as the target's.
-
-        Returns draft logits (B, T, V_draft) (or (B, 1, V_draft) with last_only; columns are
-        `vocab`'s tokens; None with head=False: training applies the head at loss positions only)
-        for x_{t+2} and the drafter's features (B, T, H), its prediction of f_{t+1}, which deeper
-        tree nodes read in place of the target's feature.
+    def forward(self, target: Transformer, tokens, feats, cache: Optional[KVCache] = None,
+                input_pos=None, mask=None, last_only=False, head=True):
+        """tokens (B, T) are x_{t+1}, feats (B, T, H) the features f_t; mask, input_pos as the
+        target's. Returns draft logits (B, T, V_draft) for x_{t+2} (or (B, 1, V_draft) with
+        last_only; columns are `vocab`'s tokens; None with head=False: training applies the head
+        at loss positions only) and the drafter's features (B, T, H), its prediction of f_{t+1},
+        which deeper tree nodes read in place of the target's feature.
         """
         B, T = tokens.shape
         L = cache.length if cache is not None else 0
@@ -383,81 +366,50 @@ class Drafter(nn.Module):
         if not all(torch.isfinite(p).all() for p in self.parameters()):
             raise TapsError(f"{path}: refusing to save a drafter with non-finite weights")
         meta = {**self.meta, "config": dataclasses.asdict(self.args)}
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata={"taps": json.dumps(meta)})
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path), metadata={"taps": json.dumps(meta)})
 
     @classmethod
     def load(cls, path, target: Transformer) -> "Drafter":
-        """Load a drafter saved by `save` (it must have been trained for this target), or a public
-        EAGLE-1/2 checkpoint directory (extras/eagle.py: the same architecture, other names)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        if Path(path).is_dir():
-            from extras.eagle import load_eagle
-            return load_eagle(path, target)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["taps"])
-            state = load_file(str(path))
-        except FileNotFoundError:
-            raise TapsError(f"{path}: no such drafter checkpoint") from None
-        except Exception as e:
-            raise TapsError(f"{path}: not a taps drafter checkpoint ({type(e).__name__}: {e})") from None
-        t = target.args
-        if (meta.get("target"), meta.get("vocab_size"), meta.get("dim")) != (t.name, t.vocab_size, t.dim):
-            raise TapsError(f"{path}: drafter was trained for target {meta.get('target')!r} (vocab "
-                            f"{meta.get('vocab_size')}, hidden {meta.get('dim')}), not {t.name!r} (vocab {t.vocab_size}, hidden {t.dim})")
-        weights = target_identity(target)["fingerprint"]   # drafters saved before fingerprints have none
-        if meta.get("fingerprint", weights) != weights:
-            raise TapsError(f"{path}: drafter was trained for other weights of {t.name!r} (fingerprint "
-                            f"{meta['fingerprint']}, this target's {weights}); train one for this target")
-        try:
-            check_vocab(state.get("vocab"), t.vocab_size)
-        except TapsError as e:
-            raise TapsError(f"{path}: {e}; the file is damaged or not from train.py") from None
-        config = {k: v for k, v in meta.pop("config").items() if k in {f.name for f in dataclasses.fields(ModelArgs)}}
-        drafter = cls(ModelArgs(**config), meta, state.get("vocab"))
-        drafter.load_state_dict(state)
-        return drafter.ready(path, target)
-
-    def ready(self, path, target: Transformer) -> "Drafter":
-        """Finite weights, on the target's device and dtype, in eval mode."""
-        if not all(torch.isfinite(p).all() for p in self.parameters()):
-            raise TapsError(f"{path}: drafter weights hold non-finite values (NaN or inf); retrain it")
-        p = target.embed_tokens.weight
-        return self.to(device=p.device, dtype=p.dtype).eval()
+        """A drafter `save` wrote for this target, or a public EAGLE-1/2 checkpoint directory (the
+        file's checks against the target: extras/checkpoint.py's `load_drafter`)."""
+        from extras.checkpoint import load_drafter
+        return load_drafter(path, target)
 
 
 def check_drafter(drafter: Drafter, target: Transformer):
     d, t = drafter.args, target.args
     if (d.vocab_size, d.dim) != (t.vocab_size, t.dim):
-        raise TapsError(f"drafter (vocab {d.vocab_size}, hidden {d.dim}) does not match the target "
-                        f"(vocab {t.vocab_size}, hidden {t.dim})")
+        raise TapsError(f"drafter (vocab {d.vocab_size}, hidden {d.dim}) does not match the "
+                        f"target (vocab {t.vocab_size}, hidden {t.dim})")
     check_vocab(drafter.vocab, t.vocab_size)
 
 
 def check_vocab(vocab, vocab_size: int):
-    """A draft vocabulary must be sorted, distinct target token ids (train.py puts the stop tokens in)."""
+    """A draft vocabulary is sorted, distinct target token ids (train.py adds the stop tokens)."""
     if vocab is None:
         return
     v = torch.as_tensor(vocab).cpu()
     if len(v) == 0 or len(v) > vocab_size:
-        raise TapsError(f"draft vocabulary of {len(v)} tokens: choose 1..{vocab_size} (the target's vocabulary)")
-    if v.min() < 0 or v.max() >= vocab_size or (len(v) > 1 and not bool((v[1:] > v[:-1]).all())):
+        raise TapsError(f"draft vocabulary of {len(v)} tokens: choose 1..{vocab_size} "
+                        f"(the target's vocabulary)")
+    if v.min() < 0 or v.max() >= vocab_size or not bool((v[1:] > v[:-1]).all()):
         raise TapsError(f"draft vocabulary must be sorted, distinct token ids in [0, {vocab_size})")
 
 
 @dataclass
 class DraftState:
-    """One drafter's view of the sequence: its KV cache over the accepted prefix and its last output."""
+    """One drafter's view of the sequence: its KV cache over the accepted prefix, its output."""
     drafter: Drafter
     cache: KVCache
     logits: Optional[torch.Tensor] = None   # (V_draft,) draft logits of the token after the root
-    h: Optional[torch.Tensor] = None        # (H,) drafter feature at the root, input of depth-1 nodes
-    pending: list = field(default_factory=list)   # accepted (tokens (T,), features (T, H)) not yet fed
+    h: Optional[torch.Tensor] = None        # (H,) drafter feature at the root, read at depth 1
+    pending: list = field(default_factory=list)   # accepted (tokens, features) not yet fed
 
-    def extend(self, target: Transformer, tokens: torch.Tensor, feats: torch.Tensor):
-        """Feed pairs (x_{t+1}, f_t) for newly accepted positions: tokens (T,), target features (T, H).
-        Fed lazily, in one drafter call at the next draft (`ready`): calls that skip drafting cost nothing."""
+    def extend(self, tokens: torch.Tensor, feats: torch.Tensor):
+        """Pairs (x_{t+1}, f_t) of newly accepted positions: tokens (T,), target features (T, H).
+        Fed lazily, in one drafter call at the next draft (`ready`): a call that skips drafting
+        costs nothing."""
         self.pending.append((tokens, feats))
 
     def ready(self, target: Transformer) -> "DraftState":
@@ -469,12 +421,13 @@ class DraftState:
         return self
 
 
-def draft_tree(state: DraftState, target: Transformer, root_token: int, shape: TreeShape, more=None) -> Tree:
-    """Run the drafter up to `shape.depth` times over the growing tree (`grow_tree`: total_tokens None
-    keeps the whole pool, `more` may stop early); its cache is back to the prefix after."""
+def draft_tree(state: DraftState, target: Transformer, root_token: int, shape: TreeShape,
+               more=None) -> Tree:
+    """Run the drafter up to `shape.depth` times over the growing tree (`grow_tree`; `more` may
+    stop early); its cache is back to the prefix after."""
     cache, L = state.ready(target).cache, state.cache.length
     dev = state.h.device
-    rows = h = None          # frontier's mask rows over the tree nodes fed so far; its drafter features
+    rows = h = None          # the frontier's mask rows over the nodes fed so far; its features
     step = 0                 # depth of the frontier being expanded
 
     def expand(tokens, slots):                                        # tokens, slots: (k,)
@@ -482,25 +435,26 @@ def draft_tree(state: DraftState, target: Transformer, root_token: int, shape: T
         k, step = len(tokens), step + 1
         if slots is None:    # the root's children read the drafter's feature at the root
             feats, anc = state.h.expand(k, -1), torch.zeros(k, 0, dtype=torch.bool, device=dev)
-        else:                # deeper nodes read their parent's drafter feature and see its ancestors
+        else:                # deeper nodes read their parent's feature and see its ancestors
             feats, anc = h[slots], rows[slots]
-        rows = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev)], dim=1)   # (k, fed + k)
+        rows = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev)], dim=1)  # (k, fed + k)
         mask = torch.cat([torch.ones(k, L, dtype=torch.bool, device=dev), rows], dim=1)[None]
-        pos = torch.full((1, k), L + step - 1, device=dev)            # a depth-d node sits at L + d - 1
+        pos = torch.full((1, k), L + step - 1, device=dev)            # depth d sits at L + d - 1
         logits, out = state.drafter(target, tokens[None], feats[None], cache, pos, mask)
         h = out[0]
         return torch.log_softmax(logits[0], dim=-1)
 
     try:
-        return grow_tree(root_token, torch.log_softmax(state.logits, -1), expand, shape, state.drafter.vocab, more)
+        logp0 = torch.log_softmax(state.logits, -1)
+        return grow_tree(root_token, logp0, expand, shape, state.drafter.vocab, more)
     finally:
         cache.truncate(L)
 
 
 def draft_chain(state: DraftState, target: Transformer, root_token: int, length: int,
                 temperature: float, top_p: float, rng: RandomSource) -> tuple[Tree, torch.Tensor]:
-    """Sample a chain x_1..x_length, x_i ~ q_i, for `verify_chain`; returns it as a one-child-per-node
-    Tree and the draft distributions q (length, V), processed like p (temperature, top-p). A draft
+    """Sample a chain x_1..x_length, x_i ~ q_i, for `verify_chain`: a one-child-per-node Tree and
+    the draft distributions q (length, V), processed like p (temperature, top-p). A draft
     vocabulary's q is zero outside it: still a valid proposal for eqs. 1-2."""
     cache, L = state.ready(target).cache, state.cache.length
     logits, h = state.logits, state.h
@@ -516,7 +470,8 @@ def draft_chain(state: DraftState, target: Transformer, root_token: int, length:
             tree.logq.append(tree.logq[-1] + math.log(q[-1][x]))
             tree.entropy.append(entropy(torch.log_softmax(logits, -1)).item())
             if i + 1 < length:
-                out, hs = state.drafter(target, torch.tensor([[x]], device=h.device), h[None, None], cache)
+                x_in = torch.tensor([[x]], device=h.device)
+                out, hs = state.drafter(target, x_in, h[None, None], cache)
                 logits, h = out[0, -1], hs[0, -1]
     finally:
         cache.truncate(L)
@@ -524,16 +479,16 @@ def draft_chain(state: DraftState, target: Transformer, root_token: int, length:
 
 
 # ----------------------------------------------------------------------------- composing specialists (eqs. 11-13)
-# Several drafters, one verifier call. A tree composition is a function of the drafted trees alone
-# (tokens, parents, draft scores and entropies), so the tree the target sees is fixed before the
-# target is consulted and recursive rejection sampling stays exactly lossless (Lemma A.2). Picking
-# a tree by what the *target* says (verify both, keep the longer) would not be.
+# Several drafters, one verifier call. A tree composition is a function of the drafted trees
+# alone (tokens, parents, draft scores and entropies), so the tree the target sees is fixed
+# before the target is consulted and recursive rejection sampling stays exactly lossless
+# (Lemma A.2). Picking a tree by what the *target* says (verify both, keep the longer) would not.
 
 def average(drafters: Sequence[Drafter], lam: float) -> Drafter:
-    """Weight averaging (eq. 11): theta = lam * theta_0 + (1 - lam) * theta_1 (the study: 0 = math, 1 = chat).
+    """Weight averaging (eq. 11): theta = lam * theta_0 + (1 - lam) * theta_1 (math first).
 
-    A zero-weight term is left out rather than multiplied by 0, so lam = 1 and lam = 0 return the
-    specialists bit for bit (x * 1.0 is exact; x + 0.0 would turn -0.0 into 0.0).
+    A zero-weight term is left out rather than multiplied by 0, so lam = 1 and lam = 0 return
+    the specialists bit for bit (x * 1.0 is exact; x + 0.0 would turn -0.0 into 0.0).
     """
     if len(drafters) != 2:
         raise TapsError(f"weight averaging takes exactly two drafters, got {len(drafters)}")
@@ -541,13 +496,16 @@ def average(drafters: Sequence[Drafter], lam: float) -> Drafter:
         raise TapsError(f"lambda must be in [0, 1], got {lam}")
     a, b = drafters
     if a.meta.get("target") != b.meta.get("target") or a.args != b.args:
-        raise TapsError(f"cannot average drafters trained for different targets ({a.meta.get('target')!r} "
-                        f"and {b.meta.get('target')!r}) or with different configurations")
-    if (a.vocab is None) != (b.vocab is None) or (a.vocab is not None and not torch.equal(a.vocab, b.vocab)):
-        why = ("train both with the same --draft-vocab" if a.draft_vocab_size != b.draft_vocab_size else
-               "the vocabulary comes from the feature caches, so train both from the caches of one size on one machine")
-        raise TapsError(f"cannot average drafters with different draft vocabularies ({a.draft_vocab_size} and "
-                        f"{b.draft_vocab_size} tokens): their heads propose different tokens; {why}")
+        raise TapsError(f"cannot average drafters trained for different targets "
+                        f"({a.meta.get('target')!r} and {b.meta.get('target')!r}) or configurations")
+    if (a.vocab is None) != (b.vocab is None) or (a.vocab is not None
+                                                  and not torch.equal(a.vocab, b.vocab)):
+        why = ("train both with the same --draft-vocab" if a.draft_vocab_size != b.draft_vocab_size
+               else "the vocabulary comes from the feature caches, so train both from the caches "
+                    "of one size on one machine")
+        raise TapsError(f"cannot average drafters with different draft vocabularies "
+                        f"({a.draft_vocab_size} and {b.draft_vocab_size} tokens): their heads "
+                        f"propose different tokens; {why}")
     sa, sb = a.state_dict(), b.state_dict()
     terms = [(w, s) for w, s in ((lam, sa), (1 - lam, sb)) if w]
     state = {}
@@ -570,27 +528,14 @@ def tag(tree: Tree, origin: int) -> Tree:
     return tree
 
 
-def compose_single(trees: list[Tree]) -> Tree:
-    if len(trees) != 1:
-        raise TapsError(f"compose 'single' takes exactly one drafter, got {len(trees)}")
-    return trees[0]
-
-
-def _at_least_two(name, trees):
-    if len(trees) < 2:
-        raise TapsError(f"compose {name!r} takes two or more drafters, got {len(trees)}")
-
-
 def route(trees: list[Tree]) -> Tree:
-    """Confidence routing (eqs. 12-13): the tree whose nodes have the highest mean draft confidence
-    exp(logq) (EAGLE-2's cumulative path probability, root excluded); ties go to the first."""
-    _at_least_two("route", trees)
+    """Confidence routing (eqs. 12-13): the tree whose nodes have the highest mean draft
+    confidence exp(logq) (EAGLE-2's path probability, root excluded); ties go to the first."""
     return max(trees, key=lambda t: mean(t.confidence[1:]))
 
 
 def route_entropy(trees: list[Tree]) -> Tree:
-    """The study's comparison: the tree whose nodes were drawn from the lowest mean draft entropy."""
-    _at_least_two("route-entropy", trees)
+    """The study's comparison: the tree whose nodes came from the lowest mean draft entropy."""
     return min(trees, key=lambda t: mean(t.entropy[1:]))
 
 
@@ -598,11 +543,11 @@ def merge(trees: list[Tree], dedup: bool = False) -> Tree:
     """Pack trees under their shared root: the root, then each tree's non-root nodes in order.
 
     Parent indices are offset, so each subtree keeps its own mask (`Tree.mask`: a node sees its
-    ancestors only, never another subtree) and depth-based positions (`Tree.depths`). With dedup,
-    a node whose (parent, token) is already present is united with it: the result is the trie of
-    all input paths (every path kept, fewer nodes). A united node keeps the score and entropy of
-    the first tree holding it; its origin becomes -2 when trees of different drafters hold it.
-    Root-to-node paths are never created, only shared.
+    ancestors only, never another subtree) and depth-based positions (`Tree.depths`). With
+    dedup, a node whose (parent, token) is already present is united with it: the result is the
+    trie of all input paths (every path kept, fewer nodes). A united node keeps the score and
+    entropy of the first tree holding it; its origin becomes -2 when trees of different
+    drafters hold it.
     """
     if len({t.tokens[0] for t in trees}) != 1:
         raise TapsError("trees to merge must share their root (the same prefix)")
@@ -627,22 +572,12 @@ def merge(trees: list[Tree], dedup: bool = False) -> Tree:
     return out
 
 
-def compose_merged(trees: list[Tree]) -> Tree:
-    _at_least_two("merged", trees)
-    return merge(trees)
-
-
-def compose_merged_dedup(trees: list[Tree]) -> Tree:
-    _at_least_two("merged-dedup", trees)
-    return merge(trees, dedup=True)
-
-
-# How the trees of several drafters become the one tree the target verifies. Any function of the
-# trees alone (draft-side quantities only) keeps verification lossless. Weight averaging is not
-# here: it makes one drafter (`average`), which then runs as "single".
+# How the trees of several drafters become the one tree the target verifies. Any function of
+# the trees alone (draft-side quantities only) keeps verification lossless. Weight averaging is
+# not here: it makes one drafter (`average`), which then runs as "single".
 COMPOSE: dict[str, Callable[[list[Tree]], Tree]] = {
-    "single": compose_single, "route": route, "route-entropy": route_entropy,
-    "merged": compose_merged, "merged-dedup": compose_merged_dedup,
+    "single": lambda trees: trees[0], "route": route, "route-entropy": route_entropy,
+    "merged": merge, "merged-dedup": lambda trees: merge(trees, dedup=True),
 }
 
 
@@ -650,35 +585,41 @@ COMPOSE: dict[str, Callable[[list[Tree]], Tree]] = {
 
 @dataclass(frozen=True)
 class Sampling:
-    """What `generate` draws and when it stops: p (and a chain's q) after temperature (0 = greedy)
-    and top-p, at most max_new_tokens tokens, the last of them a stop token if one comes."""
+    """What `generate` draws and when it stops: p (and a chain's q) after temperature (0 =
+    greedy) and top-p, at most max_new_tokens tokens, the last a stop token if one comes."""
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 256
     stop_ids: frozenset = frozenset()
 
     def __post_init__(self):
-        logits_to_probs(torch.zeros(1), self.temperature, self.top_p)   # refused here, before any work
+        logits_to_probs(torch.zeros(1), self.temperature, self.top_p)   # refused before any work
         if self.max_new_tokens < 1:
             raise TapsError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+def _calls():
+    return field(default_factory=list)
+
+
 @dataclass
 class Stats:
-    """Per-generation statistics; lists have one entry per verifier call unless named per token."""
-    accepted: list[int] = field(default_factory=list)      # draft tokens accepted per verifier call
-    tree_size: list[int] = field(default_factory=list)     # nodes verified per call, root included
-    routed: list[int] = field(default_factory=list)        # drafter whose tree was verified per call (-1: several)
-    accepted_from: list[int] = field(default_factory=list) # origin of the first accepted node per call (-1: none)
-    leaf: list[bool] = field(default_factory=list)         # the accepted path ended at a leaf: the last token was a bonus
-    new_tokens: int = 0                                    # generated tokens minus the prefill token
-    draft_entropy_accepted: list[float] = field(default_factory=list)   # per token, nats, drafter at T = 1
-    draft_entropy_rejected: list[float] = field(default_factory=list)
-    target_entropy_accepted: list[float] = field(default_factory=list)  # target at T = 1, at the token's parent
-    target_entropy_rejected: list[float] = field(default_factory=list)
+    """Per-generation statistics: lists hold one entry per verifier call unless named per token.
+    Entropies (nats, at T = 1) are the study's Tables 7-8: the draft's at each judged token, the
+    target's at its parent."""
+    accepted: list[int] = _calls()       # draft tokens accepted
+    tree_size: list[int] = _calls()      # nodes verified, root included
+    routed: list[int] = _calls()         # drafter whose tree was verified (-1: several)
+    accepted_from: list[int] = _calls()  # origin of the first accepted node (-1: none)
+    leaf: list[bool] = _calls()          # the accepted path ended at a leaf (a bonus token)
+    new_tokens: int = 0                  # generated tokens minus the prefill token
+    draft_entropy_accepted: list[float] = _calls()    # per token
+    draft_entropy_rejected: list[float] = _calls()
+    target_entropy_accepted: list[float] = _calls()
+    target_entropy_rejected: list[float] = _calls()
     prefill_time: float = 0.0
-    draft_time: float = 0.0                                # drafter: cache extension + tree drafting
-    verify_time: float = 0.0                               # target call + rejection sampling + cache keep
+    draft_time: float = 0.0              # drafter: cache extension + tree drafting
+    verify_time: float = 0.0             # target call + rejection sampling + cache keep
 
     @property
     def calls(self) -> int:
@@ -686,25 +627,26 @@ class Stats:
 
     def record(self, tree: Tree, path: list[int], rejected: list[int], logits: dict, emitted: int,
                draft_s: float, verify_s: float):
-        """One verifier call: accepted path (node ids from the root), rejected children, the target logits
-        computed at visited nodes (the entropies of Tables 7-8 are those of p at each judged node's parent),
-        and how many of the call's tokens were emitted (a stop token or the budget may end it early)."""
+        """One verifier call: accepted path (node ids from the root), rejected children, the
+        target logits computed at visited nodes, and how many of the call's tokens were emitted
+        (a stop token or the budget may end it early)."""
         self.accepted.append(len(path) - 1)
         self.tree_size.append(len(tree))
-        origins = set(tree.origin[1:])
-        # one drafter's tree, else -1: a merged tree (also one whose every node several drafters drafted)
+        origins = set(tree.origin[1:])   # one drafter's tree, else -1 (merged)
         self.routed.append(origins.pop() if len(origins) == 1 and min(origins) >= 0 else -1)
         self.accepted_from.append(tree.origin[path[1]] if len(path) > 1 and tree.origin else -1)
-        first, kids = tree.trie()            # a merged tree's copies of one token path count as one node
+        first, kids = tree.trie()        # a merged tree's copies of a token path are one node
         self.leaf.append(not kids[first[path[-1]]])
         self.draft_time += draft_s
         self.verify_time += verify_s
-        # the entropy lists keep the judgements whose token was emitted: children of path[j], j < emitted
+        # the entropies of judgements whose token was emitted: children of path[j], j < emitted
         parents = {first[i] for i in path[:emitted]}
-        path, rejected = path[:1 + emitted], [s for s in rejected if first[tree.parents[s]] in parents]
+        path = path[:1 + emitted]
+        rejected = [s for s in rejected if first[tree.parents[s]] in parents]
         judged = path[1:] + rejected
         if judged:   # p was computed at first copies only (`verify_tree`)
-            h_target = entropy(torch.log_softmax(torch.stack([logits[first[tree.parents[i]]] for i in judged]), -1)).tolist()
+            p_logits = torch.stack([logits[first[tree.parents[i]]] for i in judged])
+            h_target = entropy(torch.log_softmax(p_logits, -1)).tolist()
             m = len(path) - 1
             self.draft_entropy_accepted += [tree.entropy[i] for i in path[1:]]
             self.draft_entropy_rejected += [tree.entropy[i] for i in rejected]
@@ -717,12 +659,13 @@ class Stats:
         return self.new_tokens / self.calls if self.calls else math.nan
 
     def acceptance_by_depth(self) -> list[float]:
-        """alpha[d-1]: of the calls that accepted a token at depth d-1 (the root is depth 0) *and had a
-        child there to accept*, the share that accepted one at depth d. A path that ended at a leaf had
-        nothing to accept below it (its last token was a bonus), so it leaves the denominator."""
+        """alpha[d-1]: of the calls that accepted a token at depth d-1 (the root is depth 0) *and
+        had a child there to accept*, the share that accepted one at depth d. A path that ended at
+        a leaf had nothing below it to accept (its last token was a bonus): not counted."""
         leaf = self.leaf or [False] * self.calls
         alpha, d = [], 1
-        while reached := sum(n >= d or (n == d - 1 and not end) for n, end in zip(self.accepted, leaf)):
+        while reached := sum(n >= d or (n == d - 1 and not end)
+                             for n, end in zip(self.accepted, leaf)):
             alpha.append(sum(n >= d for n in self.accepted) / reached)
             d += 1
         return alpha
@@ -731,24 +674,26 @@ class Stats:
         return {"new_tokens": self.new_tokens, "calls": self.calls, "tau": self.tau,
                 "alpha_by_depth": [round(x, 3) for x in self.acceptance_by_depth()],
                 "mean_tree_size": mean(self.tree_size),
-                "draft_entropy": {"accepted": mean(self.draft_entropy_accepted), "rejected": mean(self.draft_entropy_rejected)},
-                "target_entropy": {"accepted": mean(self.target_entropy_accepted), "rejected": mean(self.target_entropy_rejected)},
-                "prefill_s": self.prefill_time, "draft_s": self.draft_time, "verify_s": self.verify_time}
+                "draft_entropy": {"accepted": mean(self.draft_entropy_accepted),
+                                  "rejected": mean(self.draft_entropy_rejected)},
+                "target_entropy": {"accepted": mean(self.target_entropy_accepted),
+                                   "rejected": mean(self.target_entropy_rejected)},
+                "prefill_s": self.prefill_time, "draft_s": self.draft_time,
+                "verify_s": self.verify_time}
 
 
 class TargetHead:
-    """p_at for the verifiers: the target's processed distribution after tree node i, a fresh copy.
+    """p_at for the verifiers: the target's processed distribution after node i, a fresh copy.
 
-    The LM head (V x H) is the largest matrix a verifier call touches, so it runs only on nodes the
-    verification visits. A node's logits are computed together with its chain of first children
-    (each node's most likely draft) in one matmul: on the usual path -- the draft's favourites
-    accepted one after another -- the head weights are read once per call instead of once per node.
+    The LM head (V x H) is the largest matrix a verifier call touches, so it runs only on nodes
+    the verification visits. A node's logits are computed together with its chain of first
+    children (each node's likeliest draft) in one matmul: on the usual path -- the draft's
+    favourites accepted one after another -- the head is read once per call, not once per node.
     """
 
-    def __init__(self, target: Transformer, tree: Tree, h: torch.Tensor, temperature: float, top_p: float):
-        self.target, self.h, self.temperature, self.top_p = target, h, temperature, top_p
-        children = tree.children()
-        self.first = [c[0] if c else None for c in children]
+    def __init__(self, target: Transformer, tree: Tree, h: torch.Tensor, sampling: Sampling):
+        self.target, self.h, self.sampling = target, h, sampling
+        self.first = [c[0] if c else None for c in tree.children()]
         self.logits: dict[int, torch.Tensor] = {}   # node -> (V,) fp32 target logits
 
     def __call__(self, i: int):
@@ -758,38 +703,40 @@ class TargetHead:
                 rows.append(self.first[rows[-1]])
             for j, row in zip(rows, self.target.head(self.h[rows]).float()):   # (len(rows), V)
                 self.logits[j] = row
-        return logits_to_probs(self.logits[i], self.temperature, self.top_p)
+        return logits_to_probs(self.logits[i], self.sampling.temperature, self.sampling.top_p)
 
 
-def _emit(out: list[int], new: list[int], max_new_tokens: int, stop_ids) -> tuple[int, bool]:
+def _emit(out: list[int], new: list[int], sampling: Sampling) -> tuple[int, bool]:
     """Append tokens until a stop token (kept) or the budget: (tokens appended, generation over)."""
     for n, x in enumerate(new, 1):
         out.append(x)
-        if x in stop_ids or len(out) >= max_new_tokens:
+        if x in sampling.stop_ids or len(out) >= sampling.max_new_tokens:
             return n, True
     return len(new), False
 
 
 @torch.inference_mode()
-def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sampling(), tree=TreeShape(),
-             compose="single", rng: Optional[RandomSource] = None):
+def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sampling(),
+             tree=TreeShape(), compose="single", rng: Optional[RandomSource] = None):
     """Speculative decoding: draft -> verify until `sampling.max_new_tokens` or a stop token.
 
-    drafters: a Drafter or a list; each keeps its own KV cache, drafts its own tree every step, and
-    `compose` (a name in COMPOSE or a function of the list of trees) makes the one tree to verify.
-    tree: a fixed `TreeShape` (the study's by default; chain=True: a sampled chain, eqs. 1-2), or an
-    `extras.autotree.AutoTree` that sizes every call's trees for the hardware (each drafter's tree,
-    then the composed one: a merged tree ranks the union of the drafters' nodes under one budget).
-    Returns the generated tokens (prompt excluded; the first comes from prefill) and `Stats`.
+    drafters: a Drafter or a list; each keeps its own KV cache and drafts its own tree every
+    call, and `compose` (a name in COMPOSE or a function of the list of trees) makes the one
+    tree to verify. tree: a fixed `TreeShape` (the study's by default; chain=True: a sampled
+    chain, eqs. 1-2), or an `extras.autotree.AutoTree` that sizes every call's trees for the
+    hardware (each drafter's tree, then the composed one under one budget).
+    Returns the generated tokens (prompt excluded; the first from prefill) and `Stats`.
     """
     shape, auto = (tree, None) if isinstance(tree, TreeShape) else (tree.shape, tree)
-    temperature, top_p, stop_ids = sampling.temperature, sampling.top_p, sampling.stop_ids
     drafters = [drafters] if isinstance(drafters, Drafter) else list(drafters)
     for d in drafters:
         check_drafter(d, target)
     if isinstance(compose, str):
         if compose not in COMPOSE:
             raise TapsError(f"unknown compose {compose!r} (choose from {', '.join(COMPOSE)})")
+        if (compose == "single") != (len(drafters) == 1):
+            need = "exactly one drafter" if compose == "single" else "two or more drafters"
+            raise TapsError(f"compose {compose!r} takes {need}, got {len(drafters)}")
         compose = COMPOSE[compose]
     if shape.chain and len(drafters) != 1:
         raise TapsError("chain speculative sampling takes exactly one drafter")
@@ -798,28 +745,30 @@ def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sam
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).flatten()
     if len(prompt) == 0:
         raise TapsError("the prompt is empty")
-    max_new_tokens = context_budget(target, len(prompt), sampling.max_new_tokens)
-    # a whole (composed: up to one tree per drafter) tree is appended before `keep`
-    max_len = len(prompt) + max_new_tokens + len(drafters) * shape.total_tokens + shape.depth + 2
+    n_new = context_budget(target, len(prompt), sampling.max_new_tokens)
+    sampling = dataclasses.replace(sampling, max_new_tokens=n_new)
+    # a whole tree (composed: up to one per drafter) is appended before `keep`
+    max_len = len(prompt) + n_new + len(drafters) * shape.total_tokens + shape.depth + 2
     cache, stats = target.new_cache(1, max_len), Stats()
 
     t0 = clock(dev)
     logits, f = target(prompt[None], cache=cache, last_only=True)      # (1, 1, V), (1, n, H)
-    x = rng.categorical(logits_to_probs(logits[0, -1], temperature, top_p))
+    x = rng.categorical(logits_to_probs(logits[0, -1], sampling.temperature, sampling.top_p))
     out: list[int] = []
-    _, done = _emit(out, [x], max_new_tokens, stop_ids)
+    _, done = _emit(out, [x], sampling)
     states = [DraftState(d, d.new_cache(max_len + shape.depth * shape.top_k)) for d in drafters]
     for s in states:   # pairs (x_{t+1}, f_t) over the prompt, ending with the token just sampled
-        s.extend(target, torch.cat([prompt[1:], prompt.new_tensor([x])]), f[0])
+        s.extend(torch.cat([prompt[1:], prompt.new_tensor([x])]), f[0])
         if auto is not None:
-            auto.step_cost(s, target, x)   # timed once per drafter, here, so no call's rate carries it
+            auto.step_cost(s, target, x)   # timed once per drafter, here: no call's rate carries it
     stats.prefill_time = clock(dev) - t0
 
     while not done:
         # draft: one tree from draft-side quantities only (or the root alone: a plain step)
         t0 = clock(dev)
         if shape.chain:
-            tree, q = draft_chain(states[0], target, x, shape.depth + 1, temperature, top_p, rng)
+            tree, q = draft_chain(states[0], target, x, shape.depth + 1, sampling.temperature,
+                                  sampling.top_p, rng)
             tag(tree, 0)
         elif auto is None:
             tree = compose([tag(draft_tree(s, target, x, shape), i) for i, s in enumerate(states)])
@@ -831,10 +780,10 @@ def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sam
         # verify: one target call over the whole tree, then rejection sampling down it (eq. 5)
         L = cache.length
         tokens = torch.tensor([tree.tokens], device=dev)
-        pos = L + torch.tensor([tree.depths()], device=dev)                # position = prefix length + depth
-        mask = tree.mask(dev)[None] if len(tree) > 1 else None              # a lone root sees the prefix
-        _, h = target(tokens, pos, mask, cache, head=False)                 # (1, N, H)
-        p_at = TargetHead(target, tree, h[0], temperature, top_p)
+        pos = L + torch.tensor([tree.depths()], device=dev)    # position = prefix length + depth
+        mask = tree.mask(dev)[None] if len(tree) > 1 else None  # a lone root sees the prefix
+        _, h = target(tokens, pos, mask, cache, head=False)     # (1, N, H)
+        p_at = TargetHead(target, tree, h[0], sampling)
         if shape.chain:
             path, x, rejected = verify_chain(tree.tokens, q, p_at, rng)
         else:
@@ -846,10 +795,10 @@ def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sam
             auto.record(tree, len(path) - 1, t2 - t0)
         # emit the accepted tokens and the verifier's own; extend the drafters with them
         new = [tree.tokens[i] for i in path[1:]] + [x]
-        emitted, done = _emit(out, new, max_new_tokens, stop_ids)
+        emitted, done = _emit(out, new, sampling)
         stats.record(tree, path, rejected, p_at.logits, emitted, t1 - t0, t2 - t1)
-        for s in states:   # drafters see the accepted tokens with the target's features at their parents
-            s.extend(target, torch.tensor(new, device=dev), h[0, path])
+        for s in states:   # the accepted tokens, with the target's features at their parents
+            s.extend(torch.tensor(new, device=dev), h[0, path])
     stats.new_tokens = len(out) - 1
     return out, stats
 
@@ -857,53 +806,58 @@ def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sam
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    from extras.autotree import TREES, AutoTree, load_for   # --tree auto, --dtype auto: beyond the study
+    from extras.autotree import TREES, AutoTree, load_for   # --tree auto, --dtype auto
     from extras.runtime import check_flags, default_device, one_line_errors
     from model import DTYPES
-    ap = argparse.ArgumentParser(description="Speculative decoding with EAGLE drafters (lossless: the reply is "
-                                             "distributed exactly as the target's own).")
+    ap = argparse.ArgumentParser(description="Speculative decoding with EAGLE drafters (lossless: "
+                                 "the reply is distributed exactly as the target's own).")
     ap.add_argument("--prompt", required=True, help="user message to answer")
     ap.add_argument("--drafter", action="append", required=True, metavar="CKPT",
-                    help="drafter checkpoint (.safetensors), or 'random' for an untrained one; repeat to compose")
+                    help="drafter checkpoint, or 'random' for an untrained one; repeat to compose")
     ap.add_argument("--compose", default="single", choices=sorted(COMPOSE))
-    ap.add_argument("--chain", action="store_true", help="classic chain speculative sampling instead of a tree")
-    ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default target)")
+    ap.add_argument("--chain", action="store_true", help="chain speculative sampling, no tree")
+    ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--tree", choices=TREES, default="auto",
-                    help="auto: sized each call for this machine (AutoTree, calibrated once); study: the fixed "
-                         "--total-tokens/--depth/--top-k tree (default auto; --chain uses the fixed depth)")
-    ap.add_argument("--total-tokens", type=int, default=60, help="study tree: nodes kept (default 60)")
-    ap.add_argument("--depth", type=int, default=5, help="study tree: drafting steps (default 5)")
-    ap.add_argument("--top-k", type=int, default=10, help="study tree: children per node and frontier width (default 10)")
+                    help="auto (default): sized each call for this machine (AutoTree, calibrated "
+                         "once); study: the fixed --total-tokens/--depth/--top-k tree")
+    ap.add_argument("--total-tokens", type=int, default=60, help="study tree: nodes kept")
+    ap.add_argument("--depth", type=int, default=5, help="study tree (and --chain): steps")
+    ap.add_argument("--top-k", type=int, default=10, help="study tree: children per node")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=default_device())
     ap.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
-                    help="auto (default): bf16 where this machine's calibration says it pays, else fp32")
+                    help="auto (default): bf16 where this machine's calibration says it pays")
     args = ap.parse_args(argv)
     with one_line_errors():
         check_flags(args)
         target, tokenizer = load_for(args.target, args.device, args.dtype)
-        drafters = [Drafter.random(target, args.seed) if d == "random" else Drafter.load(d, target) for d in args.drafter]
+        drafters = [Drafter.random(target, args.seed) if d == "random" else Drafter.load(d, target)
+                    for d in args.drafter]
         auto = AutoTree.for_target(target) if args.tree == "auto" and not args.chain else None
-        ids, _ = tokenizer.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        chat = [{"role": "user", "content": args.prompt}]
+        ids, _ = tokenizer.encode_chat(chat, add_generation_prompt=True)
         n = context_budget(target, len(ids), args.max_new_tokens, say=True)
         sampling = Sampling(args.temperature, args.top_p, n, frozenset(tokenizer.stop_ids))
         tree = auto or TreeShape(args.top_k, args.depth, args.total_tokens, args.chain)
-        out, stats = generate(target, drafters, ids, sampling, tree, args.compose, TorchRandom(args.seed))
+        out, stats = generate(target, drafters, ids, sampling, tree, args.compose,
+                              TorchRandom(args.seed))
     print(tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]))
     s = stats.summary()
     wall = s["prefill_s"] + s["draft_s"] + s["verify_s"]
-    f = lambda x: "–" if x is None or math.isnan(x) else f"{x:.2f}"   # a mean over nothing is a dash
-    print(f"\n[{len(out)} tokens in {wall:.2f} s ({len(out) / wall:.1f} tok/s); {s['calls']} verifier calls, "
-          f"tau = {f(s['tau'])}; alpha by depth {s['alpha_by_depth']}; draft {s['draft_s']:.2f} s, "
-          f"verify {s['verify_s']:.2f} s, prefill {s['prefill_s']:.2f} s; {f(s['mean_tree_size'])} nodes/call, "
-          f"{str(target.embed_tokens.weight.dtype).removeprefix('torch.')}]")
-    print(f"[entropy (nats) accepted/rejected: draft {f(s['draft_entropy']['accepted'])}/"
-          f"{f(s['draft_entropy']['rejected'])}, target {f(s['target_entropy']['accepted'])}/"
-          f"{f(s['target_entropy']['rejected'])}]")
+    f = lambda x: "–" if x is None or math.isnan(x) else f"{x:.2f}"   # a mean over nothing
+    dtype = str(target.embed_tokens.weight.dtype).removeprefix("torch.")
+    print(f"\n[{len(out)} tokens in {wall:.2f} s ({len(out) / wall:.1f} tok/s, {dtype}); "
+          f"{s['calls']} verifier calls, tau = {f(s['tau'])}; alpha by depth "
+          f"{s['alpha_by_depth']}; {f(s['mean_tree_size'])} nodes/call; draft {s['draft_s']:.2f} "
+          f"s, verify {s['verify_s']:.2f} s, prefill {s['prefill_s']:.2f} s]")
+    e = {k: f"{f(s[k]['accepted'])}/{f(s[k]['rejected'])}" for k in ("draft_entropy",
+                                                                    "target_entropy")}
+    print(f"[entropy (nats) accepted/rejected: draft {e['draft_entropy']}, "
+          f"target {e['target_entropy']}]")
 
 
-if __name__ == "__main__":   # extras/ imports `taps`: run the CLI from that module, one copy of its classes
+if __name__ == "__main__":   # extras/ imports `taps`: run this module's CLI, one copy of its classes
     __import__("taps").main()

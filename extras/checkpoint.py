@@ -3,6 +3,7 @@ not) <-> `Transformer`. Llama, Vicuna, Mistral, Qwen2 and Qwen3; anything the de
 implement is refused by name. Module names equal the HF names minus `model.`: no renaming table."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -10,7 +11,7 @@ from typing import Optional
 import torch
 
 from extras.runtime import atomic_write
-from model import ModelArgs, TapsError, Transformer, rope_inv_freq
+from model import ModelArgs, TapsError, Transformer, rope_inv_freq, target_identity
 
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -131,3 +132,49 @@ def save_hf(model: Transformer, path, extra_files: Optional[dict] = None):
     files = {"config.json": hf_config_from_args(model.args), **(extra_files or {})}
     for name, obj in files.items():
         atomic_write(path / name, lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False)))
+
+
+def load_drafter(path, target: Transformer):
+    """`taps.Drafter.load`: a drafter file written by `Drafter.save`, checked against the target
+    it is loaded for (name, vocabulary, hidden size, weight fingerprint, draft vocabulary), or a
+    public EAGLE-1/2 checkpoint directory (extras/eagle.py: the same architecture, other names)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from taps import Drafter, check_vocab
+    if Path(path).is_dir():
+        from extras.eagle import load_eagle
+        return load_eagle(path, target)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["taps"])
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise TapsError(f"{path}: no such drafter checkpoint") from None
+    except Exception as e:
+        raise TapsError(f"{path}: not a taps drafter checkpoint ({type(e).__name__}: {e})") from None
+    t = target.args
+    if (meta.get("target"), meta.get("vocab_size"), meta.get("dim")) != (t.name, t.vocab_size, t.dim):
+        raise TapsError(f"{path}: drafter was trained for target {meta.get('target')!r} (vocab "
+                        f"{meta.get('vocab_size')}, hidden {meta.get('dim')}), not {t.name!r} "
+                        f"(vocab {t.vocab_size}, hidden {t.dim})")
+    weights = target_identity(target)["fingerprint"]   # drafters saved before fingerprints have none
+    if meta.get("fingerprint", weights) != weights:
+        raise TapsError(f"{path}: drafter was trained for other weights of {t.name!r} (fingerprint "
+                        f"{meta['fingerprint']}, this target's {weights}); train one for this target")
+    try:
+        check_vocab(state.get("vocab"), t.vocab_size)
+    except TapsError as e:
+        raise TapsError(f"{path}: {e}; the file is damaged or not from train.py") from None
+    fields = {f.name for f in dataclasses.fields(ModelArgs)}
+    config = {k: v for k, v in meta.pop("config").items() if k in fields}
+    drafter = Drafter(ModelArgs(**config), meta, state.get("vocab"))
+    drafter.load_state_dict(state)
+    return ready(drafter, path, target)
+
+
+def ready(drafter, path, target: Transformer):
+    """A loaded drafter with finite weights, on the target's device and dtype, in eval mode."""
+    if not all(torch.isfinite(p).all() for p in drafter.parameters()):
+        raise TapsError(f"{path}: drafter weights hold non-finite values (NaN or inf); retrain it")
+    p = target.embed_tokens.weight
+    return drafter.to(device=p.device, dtype=p.dtype).eval()

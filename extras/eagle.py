@@ -1,6 +1,6 @@
 """Public EAGLE-1/2 (and HASS) drafters as SafeAILab/EAGLE publishes them, loaded as taps drafters.
 
-`Drafter.load` hands a checkpoint *directory* here. The architecture is taps' own --
+`Drafter.load` (extras/checkpoint.py's `load_drafter`) hands a checkpoint *directory* here. The architecture is taps' own --
 fc(cat(embed(x_{t+1}), f_t)), one decoder layer, the target's head -- so only names are mapped,
 and hidden size, vocabulary and rotary settings are checked against the target.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from model import TapsError, Transformer
-from extras.checkpoint import args_from_hf_config, read_json
+from extras.checkpoint import args_from_hf_config, read_json, ready
 from taps import Drafter
 
 EAGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")   # a public EAGLE checkpoint's weights, either
@@ -59,4 +59,4 @@ def load_eagle(path, target: Transformer) -> Drafter:
     if missing or unexpected:
         raise TapsError(f"{weights}: not an EAGLE-1/2 drafter (missing {', '.join(missing) or 'nothing'}; "
                         f"unexpected {', '.join(unexpected) or 'nothing'})")
-    return drafter.ready(weights, target)
+    return ready(drafter, weights, target)

@@ -96,7 +96,7 @@ def test_draft_tree_masks_and_positions_match_a_plain_chain_run():
         _, f = target(torch.tensor([prompt]), cache=cache)
         state = DraftState(drafter, drafter.new_cache(128))
         pairs = torch.tensor(prompt[1:] + [5])
-        state.extend(target, pairs, f[0])
+        state.extend(pairs, f[0])
         state.ready(target)
         L = state.cache.length
         tree = draft_tree(state, target, 5, TreeShape(top_k=3, depth=3, total_tokens=20))
