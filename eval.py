@@ -75,7 +75,7 @@ import numpy as np
 import torch
 
 from data import BENCHMARKS, DataError, load_bench
-from model import DTYPES, TapsError, clock, context_budget, generate_plain, logits_to_probs, mean
+from model import TapsError, clock, context_budget, generate_plain, logits_to_probs, mean
 from taps import COMPOSE, Drafter, Sampling, Stats, TorchRandom, TreeShape, average, generate
 
 METHODS = ("single", "average", *(m for m in COMPOSE if m != "single"))
@@ -334,7 +334,7 @@ def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, dec: Decodin
 # ----------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
-    from extras.runtime import default_device
+    from extras.runtime import DTYPES, default_device
     ap = argparse.ArgumentParser(description="Evaluate composed specialist drafters on the study's benchmarks "
                                              "(tau, speedup, routing, entropy, acceptance by depth).")
     ap.add_argument("--compose", default="merged", type=lambda s: [m.strip() for m in s.split(",") if m.strip()],

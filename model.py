@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -35,7 +33,7 @@ class ModelArgs:
     dim: int = 576                 # hidden size H
     n_layers: int = 30
     n_heads: int = 9
-    n_kv_heads: int = 3            # grouped-query attention: n_heads / n_kv_heads queries share a K/V head
+    n_kv_heads: int = 3            # grouped-query attention: n_heads / n_kv_heads share a K/V head
     vocab_size: int = 49152
     hidden_dim: int = 1536         # SwiGLU intermediate size
     head_dim: Optional[int] = None  # defaults to dim // n_heads
@@ -54,7 +52,8 @@ class ModelArgs:
         if self.head_dim is None:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise TapsError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise TapsError(f"n_heads={self.n_heads} is not a multiple of "
+                            f"n_kv_heads={self.n_kv_heads}")
 
 
 # ----------------------------------------------------------------------------- layers
@@ -111,15 +110,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: Optional["KVCache"], layer: int):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, nh, hd).transpose(1, 2)                  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)                 # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)                                       # per head, over hd
+            q, k = self.q_norm(q), self.k_norm(k)                               # per head, over hd
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)                                            # (B, nkv, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)   # (B, nh, T, hd)
+            k, v = cache.update(layer, k, v)                                    # (B, nkv, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B,nh,T,hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -168,7 +168,8 @@ class KVCache:
     def update(self, layer, k, v):
         L, T = self.length, k.shape[2]
         if L + T > self.max_len:
-            raise TapsError(f"KV cache is full ({L} + {T} > max_len {self.max_len}): raise max_len or shorten the prompt")
+            raise TapsError(f"KV cache is full ({L} + {T} > max_len {self.max_len}): raise max_len "
+                            f"or shorten the prompt")
         self.k[layer][:, :, L:L + T] = k
         self.v[layer][:, :, L:L + T] = v
         return self.k[layer][:, :, :L + T], self.v[layer][:, :, :L + T]
@@ -196,12 +197,13 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.lm_head = (None if args.tie_embeddings
+                        else nn.Linear(args.dim, args.vocab_size, bias=False))
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def _apply(self, fn, *args, **kwargs):
-        # Module.to(dtype) casts every floating buffer, but the rotary frequencies must stay fp32: in
-        # bf16 the angle at position 500 is ~1 rad off. So they are rebuilt after every move or cast.
+        # Module.to(dtype) casts every floating buffer, but the rotary frequencies must stay fp32:
+        # in bf16 the angle at position 500 is ~1 rad off. So they are rebuilt after every cast.
         super()._apply(fn, *args, **kwargs)
         self.inv_freq = rope_inv_freq(self.args).to(self.inv_freq.device)
         return self
@@ -212,24 +214,25 @@ class Transformer(nn.Module):
         return F.linear(h, w)
 
     def rope(self, input_pos, dtype):
-        freqs = input_pos[..., None].float() * self.inv_freq           # (B, T, hd/2), fp32 whatever the dtype
+        freqs = input_pos[..., None].float() * self.inv_freq           # (B, T, hd/2), always fp32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]             # (B, 1, T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def new_cache(self, batch_size=1, max_len=None, dtype=None, device=None) -> KVCache:
         p = self.embed_tokens.weight
-        return KVCache(self.args.n_layers, batch_size, self.args.n_kv_heads, max_len or self.args.max_seq_len,
-                       self.args.head_dim, dtype or p.dtype, device or p.device)
+        a = self.args
+        return KVCache(a.n_layers, batch_size, a.n_kv_heads, max_len or a.max_seq_len, a.head_dim,
+                       dtype or p.dtype, device or p.device)
 
-    def forward(self, tokens, input_pos=None, mask=None, cache: Optional[KVCache] = None, last_only=False,
-                head=True):
+    def forward(self, tokens, input_pos=None, mask=None, cache: Optional[KVCache] = None,
+                last_only=False, head=True):
         """Score T new tokens after the `cache.length` cached ones.
 
         tokens: (B, T) ids. input_pos: (B, T) rotary positions (default: consecutive after the
         cache). mask: (B, T, T) bool over the new tokens (True = may attend; the cached prefix is
         always visible) or (B, T, S) over all S = cache.length + T keys; default causal.
-        Returns logits (B, T, V) (or (B, 1, V) with last_only; None with head=False, for callers that
-        apply the LM head themselves where they need it) and final-norm features (B, T, H).
+        Returns logits (B, T, V) (or (B, 1, V) with last_only; None with head=False, for callers
+        that apply the LM head where they need it) and the final-norm features (B, T, H).
         """
         B, T = tokens.shape
         L = cache.length if cache is not None else 0
@@ -242,7 +245,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, attn_mask, cache, i)
         if cache is not None:
             cache.length = L + T
-        h = self.norm(x)                                             # (B, T, H): the EAGLE feature f
+        h = self.norm(x)                                             # (B, T, H): EAGLE's feature f
         if not head:
             return None, h
         logits = self.head(h[:, -1:] if last_only else h)
@@ -256,16 +259,18 @@ def build_mask(mask, B, T, L, device):
             return None  # one new token sees everything cached
         mask = torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(B, T, T)
     if mask.shape[-1] == T and L > 0:
-        mask = torch.cat([torch.ones(B, T, L, dtype=torch.bool, device=device), mask.expand(B, T, T)], dim=-1)
+        prefix = torch.ones(B, T, L, dtype=torch.bool, device=device)
+        mask = torch.cat([prefix, mask.expand(B, T, T)], dim=-1)
     if mask.shape[-2:] != (T, L + T):
-        raise TapsError(f"attention mask has shape {tuple(mask.shape)}, expected (B, {T}, {T}) or (B, {T}, {L + T})")
+        raise TapsError(f"attention mask has shape {tuple(mask.shape)}, expected (B, {T}, {T}) "
+                        f"or (B, {T}, {L + T})")
     return mask[:, None]
 
 
 # ----------------------------------------------------------------------------- sampling
 
 def logits_to_probs(logits, temperature: float = 1.0, top_p: float = 1.0):
-    """The target distribution p after temperature and nucleus (top-p) processing, (..., V) -> (..., V).
+    """The target distribution p after temperature and nucleus (top-p), (..., V) -> (..., V).
 
     Every draw from the target -- plain sampling, and verification's correction and bonus tokens --
     goes through this one function: sampling from raw logits when T != 1 would be lossy.
@@ -281,7 +286,7 @@ def logits_to_probs(logits, temperature: float = 1.0, top_p: float = 1.0):
     if top_p < 1:
         # Keep the smallest prefix of tokens (by probability) whose mass reaches top_p.
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p       # mass before this token already reaches top_p
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p       # the mass before it reaches top_p
         sorted_p = sorted_p.masked_fill(drop, 0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
@@ -289,9 +294,9 @@ def logits_to_probs(logits, temperature: float = 1.0, top_p: float = 1.0):
 
 
 @torch.inference_mode()
-def generate_plain(model: Transformer, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                   stop_ids=(), generator: Optional[torch.Generator] = None) -> list[int]:
-    """Plain autoregressive decoding with a KV cache: the baseline that speculative decoding must match."""
+def generate_plain(model: Transformer, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+                   top_p: float = 1.0, stop_ids=(), generator: Optional[torch.Generator] = None):
+    """Plain autoregressive decoding with a KV cache: what speculative decoding must match."""
     device = model.embed_tokens.weight.device
     max_new_tokens = context_budget(model, len(prompt_ids), max_new_tokens)
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens + 1)
@@ -299,7 +304,7 @@ def generate_plain(model: Transformer, prompt_ids, max_new_tokens: int, temperat
     out = []
     for _ in range(max_new_tokens):
         p = logits_to_probs(logits[0, -1], temperature, top_p)
-        tok = int(p.argmax()) if temperature == 0 else int(torch.multinomial(p, 1, generator=generator))
+        tok = int(p.argmax() if temperature == 0 else torch.multinomial(p, 1, generator=generator))
         out.append(tok)
         if tok in stop_ids:
             break
@@ -309,27 +314,13 @@ def generate_plain(model: Transformer, prompt_ids, max_new_tokens: int, temperat
 
 # ----------------------------------------------------------------------------- loading the target
 
-DEFAULT_TARGET = "SmolLM2-135M-Instruct"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(name: Optional[str], device) -> torch.dtype:
-    """A --dtype name for a device; the default is bf16 on CUDA and fp32 on a CPU."""
-    return DTYPES[name or ("bf16" if str(device).startswith("cuda") else "fp32")]
-
-
-def cache_dir() -> Path:
-    """$TAPS_CACHE (default ~/.cache/taps): the converted default target, feature caches,
-    calibrations."""
-    return Path(os.environ.get("TAPS_CACHE", Path.home() / ".cache" / "taps"))
-
-
 def load_target(path=None, device="cpu", dtype=torch.float32):
     """(model, tokenizer) from a Hugging Face checkpoint directory, or the embedded default when
     `path` is None (its GGUF file converted once to such a directory under $TAPS_CACHE). File
     formats and the tokenizer are plumbing, not the study: extras/checkpoint.py, extras/gguf.py,
     extras/tokenizer.py."""
     from extras.checkpoint import load_hf
+    from extras.gguf import default_target_dir
     from extras.runtime import check_device
     from extras.tokenizer import load_tokenizer
     check_device(device)
@@ -338,15 +329,6 @@ def load_target(path=None, device="cpu", dtype=torch.float32):
     path = default_target_dir()
     redo = f"delete {path} and rerun to convert it again"
     return load_hf(path, device, dtype, redo), load_tokenizer(path)
-
-
-def default_target_dir() -> Path:
-    """The embedded default target as an HF directory under $TAPS_CACHE, converted on first use."""
-    out = cache_dir() / DEFAULT_TARGET
-    if not (out / "model.safetensors").exists():
-        from extras.gguf import export_default
-        export_default(out)
-    return out
 
 
 def target_identity(target: Transformer) -> dict:
@@ -393,7 +375,8 @@ def mean(xs, empty=math.nan):
 
 def main(argv=None):
     import argparse
-    from extras.runtime import check_flags, default_device, one_line_errors
+    from extras.gguf import DEFAULT_TARGET
+    from extras.runtime import DTYPES, check_flags, default_device, one_line_errors, resolve_dtype
     ap = argparse.ArgumentParser(description="Chat with the target (plain decoding).")
     ap.add_argument("--prompt", help="user message to answer")
     ap.add_argument("--system", help="optional system message")
@@ -434,5 +417,5 @@ def main(argv=None):
         print(tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]))
 
 
-if __name__ == "__main__":   # extras/ imports `model`: run this module's CLI, one copy of its classes
+if __name__ == "__main__":   # extras/ imports `model`: run its CLI from that module, one TapsError
     __import__("model").main()

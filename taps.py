@@ -807,8 +807,7 @@ def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sam
 
 def main(argv=None):
     from extras.autotree import TREES, AutoTree, load_for   # --tree auto, --dtype auto
-    from extras.runtime import check_flags, default_device, one_line_errors
-    from model import DTYPES
+    from extras.runtime import DTYPES, check_flags, default_device, one_line_errors
     ap = argparse.ArgumentParser(description="Speculative decoding with EAGLE drafters (lossless: "
                                  "the reply is distributed exactly as the target's own).")
     ap.add_argument("--prompt", required=True, help="user message to answer")

@@ -669,8 +669,7 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    from extras.runtime import check_flags, check_writable, default_device, one_line_errors
-    from model import DTYPES
+    from extras.runtime import DTYPES, check_flags, check_writable, default_device, one_line_errors
     ap = argparse.ArgumentParser(description="Train a task-aware EAGLE or HASS drafter for the target.")
     ap.add_argument("--domain", help=f"training corpus: {', '.join(TRAIN_DOMAINS)} (mixtures read the caches of "
                                      f"both domains at the size)")

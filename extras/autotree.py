@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-from model import TapsError, Transformer, cache_dir, clock, load_target, resolve_dtype, target_identity
+from model import TapsError, Transformer, clock, load_target, target_identity
+from extras.runtime import cache_dir, resolve_dtype
 from extras.runtime import atomic_write, machine, writing
 from taps import DraftState, Tree, TreeShape, draft_tree, prune, tag
 

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 
 from data import load_corpus
-from model import TapsError, Transformer, cache_dir, target_identity
+from model import TapsError, Transformer, target_identity
+from extras.runtime import cache_dir
 from extras.runtime import atomic_write, writing
 from train import SHARD_SIZE, SINGLE, World, logits
 

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from extras.tokenizer import LLAMA3_PATTERN
-from model import DEFAULT_TARGET, TapsError, Transformer
-from extras.runtime import writing
+from model import TapsError, Transformer
+from extras.runtime import cache_dir, writing
 from extras.checkpoint import args_from_hf_config, save_hf
+
+DEFAULT_TARGET = "SmolLM2-135M-Instruct"
 
 
 # ----------------------------------------------------------------------------- GGUF v2/v3 reader
@@ -292,4 +294,12 @@ def export_default(out):
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)   # a failed export leaves no half-written folder
+    return out
+
+
+def default_target_dir() -> Path:
+    """The embedded default target as an HF directory under $TAPS_CACHE, converted on first use."""
+    out = cache_dir() / DEFAULT_TARGET
+    if not (out / "model.safetensors").exists():
+        export_default(out)
     return out

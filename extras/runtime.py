@@ -10,6 +10,7 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -131,3 +132,17 @@ def describe(m: dict) -> str:
     """One line for the top of a speed table: what it was measured on."""
     return (f"# {m['cpu']} ({', '.join(m['flags']) or 'no AVX2'}), {m['threads']} threads, torch {m['torch']}"
             f"{', ' + m['gpu'] if m['gpu'] else ''}")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: Optional[str], device) -> torch.dtype:
+    """A --dtype name for a device; the default is bf16 on CUDA and fp32 on a CPU."""
+    return DTYPES[name or ("bf16" if str(device).startswith("cuda") else "fp32")]
+
+
+def cache_dir() -> Path:
+    """$TAPS_CACHE (default ~/.cache/taps): the converted default target, feature caches,
+    calibrations."""
+    return Path(os.environ.get("TAPS_CACHE", Path.home() / ".cache" / "taps"))

@@ -15,7 +15,8 @@ from data import load_bench
 from eval import BENCH_NAMES, Decoding, combine, finite
 from extras.report import fmt, pct, table
 from extras.autotree import AutoTree, auto_dtype
-from model import clock, generate_plain, load_target, resolve_dtype
+from model import clock, generate_plain, load_target
+from extras.runtime import resolve_dtype
 from extras.runtime import atomic_write, describe, machine, writing
 from taps import Drafter, Sampling, TreeShape, generate
 
@@ -89,7 +90,7 @@ def speed(drafter_paths: list, path: Path, dec: Decoding, total_tokens: int = 60
     """`make bench`: one table of tok/s per dtype and configuration, each ratio against plain decoding
     in the same dtype and process; then HF transformers (the peer) on the same prompts. The JSON at
     `path` grows by each finished table, so an interrupted benchmark keeps what it printed."""
-    from model import default_target_dir
+    from extras.gguf import default_target_dir
     m = machine(device)
     print(f"{describe(m)}; T = 0, first {limit} prompts, up to {dec.max_new_tokens} new tokens\n")
     target, tokenizer = load_target(target_path, device, resolve_dtype(None, device))

