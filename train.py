@@ -1,70 +1,37 @@
-"""Train task-aware drafters: EAGLE (eq. 4) and HASS (eqs. 7-9) objectives, the training loop, CLI.
+"""Train task-aware drafters: EAGLE (eq. 4) and HASS (eqs. 7-9) objectives, the loop, the CLI.
 
     python train.py --domain math --backbone eagle        # -> checkpoints/eagle-math.safetensors
     make train DOMAIN=chat BACKBONE=hass SIZE=demo
     torchrun --standalone --nproc_per_node 4 train.py --domain math --size full --features online
 
-1. Features (extras/features.py). The target reads each training conversation once (chat template
-   applied, truncated at max_len); its final-norm features f_t (fp16) and greedy next tokens go to
-   a resumable, checksummed cache under $TAPS_CACHE/features/, shared by every drafter of a size
-   and refused for another target; the target runs in --dtype auto's choice. --features online
-   stores nothing: the target computes each batch's features inside training, rounded as the
-   cache rounds them, so the losses are bit-identical. The loop reads batches from either.
+For a conversation x_0..x_{n-1} with target features f_0..f_{n-1} (extras/features.py: cached once
+per size, or computed online, bit-identical), the drafter at position t reads cat(embed(x_{t+1}),
+f_t) and outputs f_hat_{t+1}. It is scored against the target's f_{t+1} and against p =
+softmax(head(f_{t+1})), the target's distribution of x_{t+2}, with q = softmax(head(f_hat_{t+1})),
+only where x_{t+2} is an assistant token:
+  * EAGLE, eq. 4:  L = v_w SmoothL1(f_hat, f) + p_w CE(p, q),  v_w = 1.0, p_w = 0.1, with EAGLE's
+    uniform noise U(-0.5, 0.5) * 0.2 * 512 / n on the input features.
+  * HASS, eqs. 7-9: the EAGLE terms, top-K distillation -sum_{x in top10(p)} p(x) log q(x) (p not
+    renormalised, weight 1.0), and harmonized context alignment: steps j = 1, 2 rerun the drafter
+    on its own detached step-(j-1) features, and `align_mask` gives position t exactly the context
+    a depth-j draft node has at inference. The loss sums steps 0..2: three passes, as
+    HArmonizedSS/HASS's train/main.py runs them (its forward_num_total = 3 counts the plain pass).
 
-2. Objectives. For one conversation x_0..x_{n-1} with target features f_0..f_{n-1}, the drafter
-   at position t reads cat(embed(x_{t+1}), f_t) and outputs f_hat_{t+1}. It is scored against the
-   target's f_{t+1} and against p = softmax(head(f_{t+1})), the target's distribution of x_{t+2}
-   (computed on the fly from the cached features: no logits are stored), with q =
-   softmax(head(f_hat_{t+1})), and only where x_{t+2} is an assistant token.
-   * EAGLE, eq. 4:  L = v_w SmoothL1(f_hat, f) + p_w CE(p, q),  v_w = 1.0, p_w = 0.1; uniform
-     noise (U(-0.5, 0.5) * 0.2 * 512 / n, EAGLE's) on the input features.
-   * HASS, eqs. 7-9: the EAGLE terms plus top-K distillation -sum_{x in top10(p)} p(x) log q(x)
-     (p not renormalised, q the full-vocabulary softmax; weight 1.0), plus harmonized context
-     alignment: alignment steps j = 1, 2 rerun the drafter with its own (detached) features from
-     step j-1 as input, and `align_mask` lets position t see the target-feature keys at positions
-     <= t - j and its own step-i keys at position t - j + i only -- exactly the context a depth-j
-     draft node has at inference. The loss is summed over steps 0..2, as HASS does. Three passes
-     in all, as HArmonizedSS/HASS's released train/main.py runs them: its `forward_num_total` = 3
-     counts the plain pass (its loop's first pass has no drafted features), so the paper's
-     "3 alignment steps" are the plain pass plus 2 aligned ones (`align_steps`, changeable).
+Optimisation (EAGLE/HASS defaults): AdamW, betas (0.9, 0.95), gradients clipped by value at 0.5,
+linear warmup then linear decay, bf16 autocast (--no-amp where bf16 is slow). Each epoch writes the
+drafter (atomically), the held-out top-1 agreement on math and chat (printed, and logged to
+<out>.jsonl) and the training state <out>.state.pt (also every --save-interval seconds); --resume
+reproduces an uninterrupted run exactly (each step's input noise is seeded by step and rank).
+torchrun: extras/distributed.py. A draft vocabulary (--draft-vocab; 0 = every token, the study's)
+is the most frequent target tokens over both domains' training sets of the size
+(`draft_vocabulary`), so every drafter of a size shares it and can be averaged.
 
-3. Optimisation (EAGLE/HASS defaults): AdamW, betas (0.9, 0.95), gradient clipping by value 0.5,
-   linear warmup then linear decay; bf16 autocast, also on a CPU (--no-amp where bf16 is slow). lr 3e-5 is EAGLE's for 20 GPU epochs over 68k
-   conversations; the few-minute demo needs 1e-3 to learn anything in a few hundred steps.
-   After each epoch: the checkpoint (atomic), top-1 agreement of argmax(head(f_hat)) with the
-   target's greedy token on math and chat held-out conversations (printed, and logged to
-   <out>.jsonl), and the training state <out>.state.pt (also every `save_interval` seconds);
-   --resume continues from it and reproduces an uninterrupted run exactly (the input noise of each
-   step comes from a generator seeded by the step and the rank, so no generator state is needed).
-
-4. Data parallel (`World`): under torchrun (RANK / LOCAL_RANK / WORLD_SIZE), every rank takes its
-   share of each global batch, DDP averages the gradients, and the loss divides by the global count
-   of loss positions, so N ranks train what one process trains on the same batches; rank 0 writes
-   the checkpoint, log and state, and the ranks share out feature extraction by shard.
-
-Sections, in file order: losses (pure functions) · draft vocabulary · drafter passes (HASS
-alignment) · data parallel (torchrun) · training loop · CLI.
-
-Sizes (measured timings are in results/REPORT.md):
-  demo  2,000 math / 600 chat conversations, max_len 320, 24 held-out per domain, 3 epochs, lr 1e-3,
-        batch 2, draft vocabulary 4,096. The lr is high because the run is short.
-  cpu   the whole GSM8K train split (7,273 solutions, 685k assistant tokens) and 1,140 ShareGPT
-        conversations (about as many assistant tokens at max_len 1,024), 48 held-out per domain,
-        6 epochs, lr 1e-3, batch 2: sized for one EAGLE drafter in about an hour on 2 cores once
-        the features are cached (`--features-only` builds them once for every drafter of the size).
-  full  the whole corpus (7.3k math, 16.4k chat conversations), max_len 2048, 200 held-out, 20 epochs,
-        lr 3e-5 (EAGLE's), batch 8: sized for a GPU (Llama-3-8B-Instruct: bf16, extraction batch 8).
-Domains: math, chat, and the study's RQ2 mixtures, which read the two caches of their size:
-mixed-small = the first n/2 math + n/2 chat conversations (the 35k + 35k analogue), mixed-large =
-n + n (70k + 70k). Every (size, domain) draws its batches across the shards of its sets.
-Draft vocabulary (--draft-vocab, 0 = all tokens as in the study): the most frequent target tokens
-over both domains' training sets of the run's size (`draft_vocabulary`), so every drafter of a
-size shares it and can be averaged; p and q are then both formed over it (`draft_head`).
+Sections: losses (pure functions) · draft vocabulary · drafter passes (HASS alignment) · training
+loop · CLI.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -76,7 +43,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -85,24 +51,29 @@ from data import DataError
 from model import TapsError, Transformer, target_identity
 from taps import Drafter
 
-BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + context alignment (eqs. 8-9): 3 passes in all
+BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + context alignment (eqs. 8-9)
     "eagle": dict(topk_w=0.0, align_steps=0),
     "hass": dict(topk_w=1.0, align_steps=2),
 }
-SIZES = {
-    "demo": dict(n_train={"math": 2000, "chat": 600}, max_len=320, n_heldout=24, epochs=3, lr=1e-3, batch_size=2,
-                 warmup=0.05),
-    "cpu": dict(n_train={"math": None, "chat": 1140}, max_len=1024, n_heldout=48, epochs=6, lr=1e-3, batch_size=2,
-                warmup=0.02),
-    "full": dict(n_train={"math": None, "chat": None}, max_len=2048, n_heldout=200, epochs=20, lr=3e-5,
-                 batch_size=8, warmup=0.01),
+SIZES = {   # n_train: conversations per domain (None: the whole training split)
+    # minutes on a CPU; the lr is high because the run is short
+    "demo": dict(n_train={"math": 2000, "chat": 600}, max_len=320, n_heldout=24, epochs=3, lr=1e-3,
+                 batch_size=2, warmup=0.05),
+    # GSM8K's whole train split (685k assistant tokens) and about as many chat tokens: one EAGLE
+    # drafter in about an hour on 2 cores once the features are cached (--features-only)
+    "cpu": dict(n_train={"math": None, "chat": 1140}, max_len=1024, n_heldout=48, epochs=6, lr=1e-3,
+                batch_size=2, warmup=0.02),
+    # the whole corpus and EAGLE's lr: for a GPU (Llama-3-8B-Instruct in bf16)
+    "full": dict(n_train={"math": None, "chat": None}, max_len=2048, n_heldout=200, epochs=20,
+                 lr=3e-5, batch_size=8, warmup=0.01),
 }
 HELDOUT_DOMAINS = ("math", "chat")
-# training corpora: the two domains, and the study's RQ2 mixtures of their caches at a size
-MIXES = {"mixed-small": 0.5, "mixed-large": 1.0}   # share of each domain's n: the 35k+35k and 70k+70k analogues
+# the study's RQ2 mixtures read both domains' caches of a size: the first share * n conversations
+# of each (mixed-small: the 35k + 35k analogue, mixed-large: 70k + 70k)
+MIXES = {"mixed-small": 0.5, "mixed-large": 1.0}
 TRAIN_DOMAINS = ("math", "chat", *MIXES)
-SHARD_SIZE = 32      # conversations per feature shard (cached) or per unit of the epoch's shuffle (online)
-DRAFT_VOCAB = 4096   # the most frequent target tokens a drafter proposes from (results/speed.md: tau and speed per size)
+SHARD_SIZE = 32      # conversations per feature shard (cached), or per unit of an epoch's shuffle
+DRAFT_VOCAB = 4096   # tokens a drafter proposes from (results/speed.md: tau and speed per size)
 
 
 @dataclass
@@ -110,7 +81,7 @@ class TrainConfig:
     domain: str = "math"
     backbone: str = "eagle"
     size: str = "demo"
-    n_train: Optional[int] = None    # conversations per training domain (None: the size's default)
+    n_train: Optional[int] = None    # conversations per training domain (None: the size's)
     max_len: Optional[int] = None    # tokens per conversation, longer ones truncated
     n_heldout: Optional[int] = None  # held-out conversations per domain for agreement
     epochs: Optional[int] = None
@@ -121,16 +92,17 @@ class TrainConfig:
     p_w: float = 0.1                 # cross-entropy weight (eq. 4)
     topk_w: Optional[float] = None   # HASS top-K distillation weight (eq. 7); 0 for EAGLE
     topk: int = 10
-    align_steps: Optional[int] = None  # HASS forward-alignment steps (eqs. 8-9); 0 for EAGLE
+    align_steps: Optional[int] = None  # HASS alignment steps (eqs. 8-9); 0 for EAGLE
     noise: float = 0.2               # EAGLE's uniform input-feature noise, scaled by 512 / length
     grad_clip: float = 0.5           # clip each gradient value to [-0.5, 0.5], as EAGLE does
     head_chunk: int = 2048           # loss positions per full-vocabulary logit block
-    draft_vocab: int = 0             # draft vocabulary size (taps.Drafter.vocab); 0 = the whole vocabulary
+    draft_vocab: int = 0             # draft vocabulary size (Drafter.vocab); 0 = every token
     amp: bool = True                 # bf16 autocast
     seed: int = 0
 
     def __post_init__(self):
-        for name, value, known in (("domain", self.domain, TRAIN_DOMAINS), ("backbone", self.backbone, BACKBONES),
+        for name, value, known in (("domain", self.domain, TRAIN_DOMAINS),
+                                   ("backbone", self.backbone, BACKBONES),
                                    ("size", self.size, SIZES)):
             if value not in known:
                 raise TapsError(f"unknown {name} {value!r}; choose one of {', '.join(known)}")
@@ -138,8 +110,9 @@ class TrainConfig:
             if name != "n_train" and getattr(self, name) is None:
                 setattr(self, name, value)
         for name in ("max_len", "n_heldout", "epochs", "batch_size", "topk"):
-            if getattr(self, name) < (3 if name == "max_len" else 1):
-                raise TapsError(f"{name} must be at least {3 if name == 'max_len' else 1}, got {getattr(self, name)}")
+            least = 3 if name == "max_len" else 1
+            if getattr(self, name) < least:
+                raise TapsError(f"{name} must be at least {least}, got {getattr(self, name)}")
 
     @property
     def steps(self) -> int:
@@ -147,24 +120,25 @@ class TrainConfig:
         return 1 + self.align_steps
 
     def corpus_sizes(self, domains=None) -> dict:
-        """Conversations per domain in the size's feature caches (None: the whole split); a mixture
-        reads the math and chat caches of its size."""
+        """Conversations per domain in the size's feature caches (None: the whole split); a
+        mixture reads the math and chat caches of its size."""
         domains = domains or (HELDOUT_DOMAINS if self.domain in MIXES else (self.domain,))
-        return {d: SIZES[self.size]["n_train"][d] if self.n_train is None else self.n_train for d in domains}
+        n = lambda d: SIZES[self.size]["n_train"][d] if self.n_train is None else self.n_train
+        return {d: n(d) for d in domains}
 
 
 # ----------------------------------------------------------------------------- losses (pure functions)
 
 def feature_loss(f_hat, f, denom=None):
-    """Smooth L1 regression of the drafter's features on the target's, (N, H) x 2 -> scalar (eq. 4):
-    the mean over positions, or their sum over `denom` (the count of all ranks' positions)."""
+    """Smooth L1 regression of the drafter's features on the target's, (N, H) x 2 -> scalar
+    (eq. 4): the mean over positions, or their sum over `denom` (all ranks' positions)."""
     per_position = F.smooth_l1_loss(f_hat.float(), f.float(), reduction="none").mean(-1)
     return per_position.mean() if denom is None else per_position.sum() / denom
 
 
 def distill_terms(logq, p, k):
-    """Per-position CE(p, q) = -sum_x p(x) log q(x) and the HASS top-K term over p's k most likely
-    tokens, not renormalised (eq. 7). logq: (N, V) draft log-probs, p: (N, V) target probs -> 2 x (N,)."""
+    """Per-position CE(p, q) = -sum_x p(x) log q(x) and the HASS top-K term over p's k likeliest
+    tokens, not renormalised (eq. 7). logq: (N, V) draft log-probs, p: (N, V) -> 2 x (N,)."""
     top_p, top_i = p.topk(min(k, p.shape[-1]), dim=-1)             # (N, k)
     return -(p * logq).sum(-1), -(top_p * logq.gather(-1, top_i)).sum(-1)
 
@@ -175,9 +149,9 @@ def logits(target, h):
 
 
 def draft_head(target, drafter: Drafter):
-    """The head both distributions are formed with, (..., H) -> (..., V') fp32: the target's whole head,
-    or its rows of the drafter's draft vocabulary (`Drafter.head`), where p is the target's distribution
-    renormalised over that vocabulary (as EAGLE-3 trains) and costs V'/V of the full head."""
+    """The head both distributions are formed with, (..., H) -> (..., V') fp32: the target's
+    whole head, or its rows of the drafter's draft vocabulary (`Drafter.head`), where p is the
+    target's distribution renormalised over it (as EAGLE-3 trains) and costs V'/V of the head."""
     if drafter is None:
         return lambda h: logits(target, h)
     return lambda h: drafter.head(target, h.to(target.embed_tokens.weight.dtype)).float()
@@ -185,7 +159,7 @@ def draft_head(target, drafter: Drafter):
 
 def _head_sums(head, f_hat, f, k, keep):
     with torch.no_grad():
-        p = torch.softmax(head(f), dim=-1)                          # (N, V') target's next-token distribution
+        p = torch.softmax(head(f), dim=-1)                          # (N, V') the target's p
     logq = torch.log_softmax(head(f_hat), dim=-1)                  # (N, V')
     ce, topk = distill_terms(logq, p, k)
     top1 = logq.argmax(-1) == p.argmax(-1)
@@ -193,20 +167,21 @@ def _head_sums(head, f_hat, f, k, keep):
 
 
 def head_terms(head, f_hat, f, k, chunk, keep=None, denom=None):
-    """Mean CE, mean top-K term and top-1 agreement over N loss positions, (N, H) x 2 -> 3 scalars
-    (means over the kept positions, or sums over `denom`).
+    """Mean CE, mean top-K term and top-1 agreement over N loss positions, (N, H) x 2 -> 3
+    scalars (means over the kept positions, or sums over `denom`).
 
-    head: `draft_head`. keep (N,) bool: the positions these terms count (default all); with a draft
-    vocabulary, those whose target token is in it -- elsewhere the renormalised p would teach q a
-    token the target does not pick (EAGLE-3 masks them too); the feature regression keeps them all.
-    Logits are (N, V'); above `chunk` positions they are formed a block at a time and recomputed
-    in backward, so memory stays O(chunk * V') for 128k-token vocabularies."""
+    head: `draft_head`. keep (N,) bool: the positions these terms count (default all); with a
+    draft vocabulary, those whose target token is in it -- elsewhere the renormalised p would
+    teach q a token the target does not pick (EAGLE-3 masks them too); the feature regression
+    keeps them all. Above `chunk` positions the (N, V') logits are formed a block at a time and
+    recomputed in backward, so memory stays O(chunk * V') for 128k-token vocabularies."""
     keep = torch.ones(len(f_hat), dtype=torch.bool, device=f_hat.device) if keep is None else keep
     if len(f_hat) <= chunk:
         sums = _head_sums(head, f_hat, f, k, keep)
     else:
-        parts = [checkpoint(_head_sums, head, f_hat[i:i + chunk], f[i:i + chunk], k, keep[i:i + chunk],
-                            use_reentrant=False) for i in range(0, len(f_hat), chunk)]
+        parts = [checkpoint(_head_sums, head, f_hat[i:i + chunk], f[i:i + chunk], k,
+                            keep[i:i + chunk], use_reentrant=False)
+                 for i in range(0, len(f_hat), chunk)]
         sums = [sum(s) for s in zip(*parts)]
     return [s / (denom or max(int(keep.sum()), 1)) for s in sums]
 
@@ -227,15 +202,16 @@ def align_mask(T, j, device=None):
 
 def check_vocab_size(size: int, vocab_size: int, stop_ids=()):
     if size and not len(set(stop_ids)) <= size <= vocab_size:
-        raise TapsError(f"--draft-vocab {size}: choose between {len(set(stop_ids))} (the stop tokens) and "
-                        f"{vocab_size} (the target's vocabulary), or 0 for the whole vocabulary")
+        raise TapsError(f"--draft-vocab {size}: choose between {len(set(stop_ids))} (the stop "
+                        f"tokens) and {vocab_size} (the target's vocabulary), or 0 for the whole "
+                        f"vocabulary")
 
 
 def draft_vocabulary(tokens: list, size: int, vocab_size: int, stop_ids=()) -> torch.Tensor:
-    """The `size` most frequent target tokens (FR-Spec / EAGLE-3 style) as sorted ids, stop tokens
-    always in. tokens: one tensor per corpus (the target's own next tokens over it), each weighted
-    equally by its frequencies, so a long-winded corpus does not crowd out a terse one. Ties and
-    never-seen tokens go by id: byte-level BPE numbers tokens in merge order, roughly by frequency."""
+    """The `size` most frequent target tokens (FR-Spec / EAGLE-3) as sorted ids, stop tokens
+    always in. tokens: one tensor per corpus (the target's own next tokens over it), each
+    weighted equally, so a long-winded corpus does not crowd out a terse one. Ties and unseen
+    tokens go by id: byte-level BPE numbers tokens in merge order, roughly by frequency."""
     check_vocab_size(size, vocab_size, stop_ids)
     freq = sum(torch.bincount(t, minlength=vocab_size).double() / max(len(t), 1) for t in tokens)
     freq[list(stop_ids)] = math.inf
@@ -243,16 +219,15 @@ def draft_vocabulary(tokens: list, size: int, vocab_size: int, stop_ids=()) -> t
 
 
 def coverage(vocab: torch.Tensor, tokens: torch.Tensor) -> float:
-    """Share of `tokens` inside the draft vocabulary: an upper bound on a draft's top-1 agreement."""
+    """Share of `tokens` inside the draft vocabulary: a bound on a draft's top-1 agreement."""
     return torch.isin(tokens, vocab).double().mean().item() if len(tokens) else math.nan
 
 
 # ----------------------------------------------------------------------------- drafter passes
 
 class KeyValueStack:
-    """Stands in for the drafter's KVCache during training: the attention appends each alignment
-    step's keys/values and attends over all of them. Unlike KVCache (preallocated, written in
-    place) the stack keeps them in the autograd graph."""
+    """The drafter's KVCache during training: attention appends each alignment step's keys and
+    values and attends over all of them, kept in the autograd graph (KVCache writes in place)."""
 
     def __init__(self):
         self.k, self.v, self.length = [], [], 0   # length: keys so far, as KVCache counts them
@@ -263,44 +238,40 @@ class KeyValueStack:
         return torch.cat(self.k, dim=2), torch.cat(self.v, dim=2)
 
 
-def draft_features(drafter: Drafter, target: Transformer, tokens, feats, mask, kv: KeyValueStack):
-    """The drafter's features (B, T, H) for inputs (x_{t+1}, f_t) at positions 0..T-1: `Drafter.forward`
-    (eq. 3) without its LM head, which the loss applies at loss positions only. mask: (T, S) over the
-    S keys of every alignment step so far, this one's last."""
-    B, T = tokens.shape
-    pos = torch.arange(T, device=tokens.device).expand(B, T)   # every alignment step re-reads positions 0..T-1
-    return drafter(target, tokens, feats, kv, pos, mask[None], head=False)[1]   # (B, T, H)
-
-
 def aligned_passes(drafter, target, tokens, f_in, steps):
-    """Yield the drafter's features (B, T, H) at alignment steps 0..steps-1 (eqs. 8-9).
+    """Yield the drafter's features (B, T, H) at alignment steps 0..steps-1 (eqs. 8-9):
+    `Drafter.forward` (eq. 3) without its head, which the loss applies at loss positions only.
 
     Step 0 reads the target's features; step j reads, at position t, the drafter's own step-(j-1)
     prediction of f_t (detached, as in HASS), so with `align_mask` its output at t is what a
     depth-j draft node after the prefix ending at t - j would get at inference."""
-    kv = KeyValueStack()
+    kv, (B, T) = KeyValueStack(), tokens.shape
+    pos = torch.arange(T, device=tokens.device).expand(B, T)   # every step re-reads 0..T-1
     for j in range(steps):
-        h = draft_features(drafter, target, tokens, f_in, align_mask(tokens.shape[1], j, tokens.device), kv)
+        mask = align_mask(T, j, tokens.device)[None]            # over every step's keys so far
+        _, h = drafter(target, tokens, f_in, kv, pos, mask, head=False)
         yield h
         f_in = torch.cat([f_in[:, :1], h[:, :-1].detach().to(f_in.dtype)], dim=1)
 
 
-def drafter_loss(drafter, target, batch, cfg: TrainConfig, g: Optional[torch.Generator] = None, count=None):
-    """Eq. 4 (EAGLE) or eqs. 7-9 (HASS) on a padded batch; noise on the input features when `g` is given.
-
-    Returns the loss (summed over alignment steps) and the plain pass's terms (v, ce, topk, top1).
-    count(n) turns this batch's number of loss positions into what the terms divide by (`World.count`
-    under torchrun: the global mean; default: this batch's mean)."""
+def drafter_loss(drafter, target, batch, cfg: TrainConfig, g: Optional[torch.Generator] = None,
+                 count=None):
+    """Eq. 4 (EAGLE) or eqs. 7-9 (HASS) on a padded batch; noise on the input features when `g`
+    is given. Returns the loss (summed over alignment steps) and the plain pass's terms (v, ce,
+    topk, top1). count(n) turns the batch's number of loss positions into what the terms divide
+    by (`World.count` under torchrun: the global mean; default: this batch's mean)."""
     ids, mask, f, lengths = batch["ids"], batch["mask"], batch["feats"], batch["lengths"]
-    tokens, f_in, f_next = ids[:, 1:-1], f[:, :-2], f[:, 1:-1]   # (B, T) x_{t+1}; (B, T, H) f_t, f_{t+1}
-    sel = mask[:, 2:].bool()                                      # (B, T): x_{t+2} is an assistant token
+    tokens, f_in, f_next = ids[:, 1:-1], f[:, :-2], f[:, 1:-1]   # (B, T) x_{t+1}; f_t, f_{t+1}
+    sel = mask[:, 2:].bool()                                      # (B, T): x_{t+2} is assistant's
     if g is not None:
-        scale = cfg.noise * 512 / lengths.to(f_in.dtype)         # (B,) EAGLE: noise shrinks with length
+        scale = cfg.noise * 512 / lengths.to(f_in.dtype)         # (B,) shrinks with length
         noise = torch.rand(f_in.shape, generator=g, device=f_in.device) - 0.5
         f_in = f_in + noise * scale[:, None, None]
     f_tgt = f_next[sel]                                           # (N, H)
-    keep = None if drafter.vocab is None else torch.isin(batch["next"][:, 1:-1][sel], drafter.vocab)   # (N,)
-    count = count or SINGLE.count
+    keep = None
+    if drafter.vocab is not None:                                 # (N,) target token in vocab
+        keep = torch.isin(batch["next"][:, 1:-1][sel], drafter.vocab)
+    count = count or (lambda n: max(int(n), 1))
     n_pos = count(sel.sum())
     n_keep = n_pos if keep is None else count(keep.sum())
     head = draft_head(target, drafter)
@@ -313,140 +284,23 @@ def drafter_loss(drafter, target, batch, cfg: TrainConfig, g: Optional[torch.Gen
     return total, first
 
 
-# ----------------------------------------------------------------------------- data parallel (torchrun)
-
-@dataclass
-class World:
-    """This process's place in a `torchrun` job: rank `rank` of `size` (rank 0 of 1 without torchrun).
-
-    Data parallel as nanoGPT does it: every rank holds the drafter and takes its share of each global
-    batch (`share`); DistributedDataParallel averages the gradients, so every rank takes the same
-    optimizer step. The loss divides by the global number of loss positions (`count`), so k steps
-    on N ranks are k steps of one process on the same global batch, up to the input noise, which each
-    rank draws from its own stream. Rank 0 alone writes checkpoints, logs and the training state;
-    feature extraction is shared out by shard (`build_cache`)."""
-    rank: int = 0
-    size: int = 1
-
-    @classmethod
-    def from_env(cls, device: str) -> tuple["World", str]:
-        """The job torchrun describes in RANK / LOCAL_RANK / WORLD_SIZE, and this rank's device."""
-        size = int(os.environ.get("WORLD_SIZE", 1))
-        if size == 1:
-            return cls(), device
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-        try:
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        except (ValueError, RuntimeError) as e:
-            raise TapsError(f"WORLD_SIZE={size} but no torchrun job to join ({str(e).splitlines()[0]}); "
-                            f"start it with torchrun --standalone --nproc_per_node {size} train.py ...") from None
-        return cls(dist.get_rank(), size), device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def name(self) -> str:
-        """How this rank signs its error lines ("" without torchrun)."""
-        return f"rank {self.rank} of {self.size}: " if self.size > 1 else ""
-
-    def share(self, idx: list) -> tuple[list, bool]:
-        """This rank's conversations of a global batch, and whether they count. A rank left with none
-        (a shard's short last batch) reruns the first with no loss positions: every rank must join
-        every gradient exchange."""
-        mine = idx[self.rank::self.size]
-        return (mine, True) if mine else (idx[:1], False)
-
-    def count(self, n: torch.Tensor) -> float:
-        """What a rank divides its sum of n loss terms by: the count over all ranks divided by their
-        number, since DDP averages the ranks' gradients; the result is the global batch's mean."""
-        if self.size == 1:
-            return max(int(n), 1)
-        total = n.detach().double().reshape(1).clone()
-        dist.all_reduce(total)
-        return max(total.item(), 1) / self.size
-
-    def mean(self, values: list) -> list:
-        """Floats averaged over the ranks (the logged loss of the global batch)."""
-        if self.size == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return (t / self.size).tolist()
-
-    @contextlib.contextmanager
-    def together(self, where: str, kept: str):
-        """Collectives with the other ranks: one of them gone (gloo's or nccl's RuntimeError) is one line,
-        saying where and what is kept."""
-        try:
-            yield
-        except RuntimeError as e:
-            if self.size == 1:
-                raise
-            raise TapsError(f"another rank stopped{where} ({str(e).splitlines()[0][:120]}); {kept}") from None
-
-    def barrier(self):
-        if self.size > 1:
-            with self.together("", "what was saved is kept: rerun with --resume"):
-                dist.barrier()
-
-    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
-        """Rank 0's tensor on every rank (t: a buffer of the same shape elsewhere)."""
-        if self.size > 1:
-            dist.broadcast(t, 0)
-        return t
-
-
-SINGLE = World()
-
-
-def check_split(batch_size: int, ranks: int):
-    if batch_size % ranks:
-        raise TapsError(f"--batch-size {batch_size} does not split over {ranks} ranks; give a multiple of {ranks} "
-                        f"(each rank takes batch-size / ranks conversations of every step's batch)")
-
-
-class Objective(nn.Module):
-    """The training loss as a module, so DistributedDataParallel can wrap it: its only parameters are
-    the drafter's; the frozen target is held outside the module tree (DDP neither broadcasts nor
-    reduces it)."""
-
-    def __init__(self, drafter: Drafter, target: Transformer, cfg: TrainConfig, world: World = SINGLE):
-        super().__init__()
-        self.drafter, self.frozen, self.cfg, self.world = drafter, (target,), cfg, world
-        target.requires_grad_(False)   # else backward also forms the (V, H) head-weight gradient
-
-    def forward(self, batch, g):
-        return drafter_loss(self.drafter, self.frozen[0], batch, self.cfg, g, self.world.count)
-
-
-def wrap(objective: Objective) -> nn.Module:
-    """DDP around the objective under torchrun; the objective itself in one process."""
-    if objective.world.size == 1:
-        return objective
-    from torch.nn.parallel import DistributedDataParallel
-    dev = objective.drafter.fc.weight.device
-    return DistributedDataParallel(objective, device_ids=[dev] if dev.type == "cuda" else None)
-
-
 # ----------------------------------------------------------------------------- training loop
 
 def collate(convs, device):
-    """Right-pad conversations into a batch: ids/mask (B, n), feats (B, n, H) fp32, next (B, n), lengths (B,)."""
+    """Right-pad conversations into a batch: ids/mask (B, n), feats (B, n, H) fp32, next (B, n),
+    lengths (B,)."""
     n = max(len(c["ids"]) for c in convs)
     pad = lambda x: F.pad(x, (0, 0) * (x.dim() - 1) + (0, n - len(x)))
-    batch = {k: torch.stack([pad(c[k]) for c in convs]).to(device) for k in ("ids", "mask", "feats", "next")}
+    batch = {k: torch.stack([pad(c[k]) for c in convs]).to(device)
+             for k in ("ids", "mask", "feats", "next")}
     batch["ids"], batch["feats"] = batch["ids"].long(), batch["feats"].float()
     batch["lengths"] = torch.tensor([len(c["ids"]) for c in convs], device=device)
     return batch
 
 
 def epoch_plan(sets, cfg: TrainConfig, epoch):
-    """The epoch's batches as (set, shard, conversation indices): shards in random order, shuffled
-    within. A function of (seed, epoch) only, so a resumed run replays the same batches."""
+    """The epoch's batches as (set, shard, conversation indices): shards in random order,
+    shuffled within. A function of (seed, epoch) only, so a resumed run replays the batches."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     shards = [(s, i) for s, fs in enumerate(sets) for i in range(len(fs))]
     plan = []
@@ -458,14 +312,16 @@ def epoch_plan(sets, cfg: TrainConfig, epoch):
 
 
 def autocast(cfg: TrainConfig, device):
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.amp)
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=cfg.amp)
 
 
 @torch.no_grad()
 def heldout_agreement(drafter, target, fs, cfg: TrainConfig) -> float:
-    """Top-1 agreement of the drafter's argmax (over its draft vocabulary) with the target's greedy
-    x_{t+2}, on assistant positions."""
+    """Top-1 agreement of the drafter's argmax (over its draft vocabulary) with the target's
+    greedy x_{t+2}, on assistant positions."""
     dev = target.embed_tokens.weight.device
+    head = draft_head(target, drafter)     # the drafter's own head: its draft vocabulary
     correct = total = 0
     for i in range(len(fs)):
         convs = fs.shard(i)
@@ -473,17 +329,17 @@ def heldout_agreement(drafter, target, fs, cfg: TrainConfig) -> float:
             batch = collate(convs[b:b + cfg.batch_size], dev)
             sel = batch["mask"][:, 2:].bool()
             with autocast(cfg, dev):
-                h = next(aligned_passes(drafter, target, batch["ids"][:, 1:-1], batch["feats"][:, :-2], 1))
-                head = draft_head(target, drafter)     # the drafter's own head: its draft vocabulary
-                pred = torch.cat([drafter.token_ids(head(c).argmax(-1)) for c in h[sel].split(cfg.head_chunk)])
-            correct += (pred == batch["next"][:, 1:-1][sel]).sum().item()
+                h = next(aligned_passes(drafter, target, batch["ids"][:, 1:-1],
+                                        batch["feats"][:, :-2], 1))
+                cols = torch.cat([head(c).argmax(-1) for c in h[sel].split(cfg.head_chunk)])
+            correct += (drafter.token_ids(cols) == batch["next"][:, 1:-1][sel]).sum().item()
             total += sel.sum().item()
     return correct / total
 
 
 def train_step(model: nn.Module, opt, sched, batch, g):
-    """One optimizer step of `wrap(objective)`; returns the global batch's loss and terms (its top-1
-    agreement and, as `positions`, its number of loss positions)."""
+    """One optimizer step of `extras.distributed.wrap(objective)`; returns the global batch's loss
+    and terms (its top-1 agreement and, as `positions`, its number of loss positions)."""
     objective = getattr(model, "module", model)   # DDP keeps the wrapped module as .module
     objective.drafter.train()
     with autocast(objective.cfg, batch["ids"].device):
@@ -494,7 +350,8 @@ def train_step(model: nn.Module, opt, sched, batch, g):
     opt.step()
     sched.step()
     world = objective.world
-    loss, top1, positions = world.mean([loss.item(), terms["top1"], float(batch["mask"][:, 2:].sum())])
+    n = float(batch["mask"][:, 2:].sum())
+    loss, top1, positions = world.mean([loss.item(), terms["top1"], n])
     return loss, {**terms, "top1": top1, "positions": round(positions * world.size)}
 
 
@@ -516,24 +373,29 @@ def refuse_to_replace(out: Path, epochs: int):
         except Exception:   # an unreadable state still belongs to somebody's run
             done = "?"
         if done == epochs:
-            raise TapsError(f"{state}: a finished run ({epochs} epochs) is there; pass --overwrite to start over, "
-                            f"or --out another path")
-        raise TapsError(f"{state}: a run is in progress at epoch {done} of {epochs}; pass --resume to continue "
-                        f"or --overwrite to start over")
+            raise TapsError(f"{state}: a finished run ({epochs} epochs) is there; pass "
+                            f"--overwrite to start over, or --out another path")
+        raise TapsError(f"{state}: a run is in progress at epoch {done} of {epochs}; pass --resume "
+                        f"to continue or --overwrite to start over")
     if out.exists():
-        raise TapsError(f"{out}: a drafter is already there; pass --overwrite to replace it, or --out another path")
+        raise TapsError(f"{out}: a drafter is already there; pass --overwrite to replace it, or "
+                        f"--out another path")
 
 
 def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out, resume=False,
-          save_interval: float = 120.0, stop_ids=(), overwrite=False, vocab_sets=None, world: World = SINGLE) -> Drafter:
-    """Train a drafter for `target` on `train_sets`; writes `out` (+ .jsonl log, .state.pt) each epoch.
+          save_interval: float = 120.0, stop_ids=(), overwrite=False, vocab_sets=None,
+          world=None) -> Drafter:
+    """Train a drafter for `target` on `train_sets`; writes `out` (+ .jsonl log, .state.pt) each
+    epoch.
 
     heldout: {domain: FeatureSet} for the per-epoch agreement table. vocab_sets: the feature sets
-    whose target tokens choose the draft vocabulary (default `train_sets`; the CLI passes the math
-    and chat sets of the size, so that every drafter of a size shares one vocabulary and can be
-    averaged). The training state is saved atomically every `save_interval` seconds and after each
-    epoch; resume=True continues from it. Under torchrun, `world` is this rank (`World`)."""
+    whose target tokens choose the draft vocabulary (default `train_sets`; the CLI passes both
+    domains' sets of the size, so every drafter of a size shares one vocabulary). The training
+    state is saved atomically every `save_interval` seconds and after each epoch; resume=True
+    continues from it. Under torchrun, `world` is this rank (`extras.distributed.World`)."""
+    from extras.distributed import SINGLE, Objective, check_split, wrap
     from extras.runtime import atomic_write, machine, writing
+    world = world or SINGLE
     out = Path(out)
     check_split(cfg.batch_size, world.size)
     if not (resume or overwrite):
@@ -544,39 +406,40 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     state_file, log_path = state_path(out), out.with_name(out.stem + ".jsonl")
     dev = target.embed_tokens.weight.device
     data = {"corpus": cfg.domain, "conversations": sum(fs.meta["conversations"] for fs in train_sets),
-            "tokens": sum(fs.meta["tokens"] for fs in train_sets), "max_len": cfg.max_len, "size": cfg.size,
-            "epochs": cfg.epochs, "lr": cfg.lr,
-            # bit-for-bit reproducible on the same CPU kind with the same torch thread count only
+            "tokens": sum(fs.meta["tokens"] for fs in train_sets), "max_len": cfg.max_len,
+            "size": cfg.size, "epochs": cfg.epochs, "lr": cfg.lr,
+            # bit-for-bit reproducible on the same CPU kind with the same thread count only
             "threads": torch.get_num_threads(), "cpu": machine(dev)["cpu"]}
     vocab, meta = None, {}
     if cfg.draft_vocab and not world.main:   # rank 0 reads (or computes) the target's tokens once
         vocab = world.broadcast(torch.empty(cfg.draft_vocab, dtype=torch.long, device=dev))
     elif cfg.draft_vocab:
-        vocab = draft_vocabulary([fs.target_tokens() for fs in vocab_sets or train_sets], cfg.draft_vocab,
-                                 target.args.vocab_size, stop_ids)
+        vocab = draft_vocabulary([fs.target_tokens() for fs in vocab_sets or train_sets],
+                                 cfg.draft_vocab, target.args.vocab_size, stop_ids)
         world.broadcast(vocab.to(dev))
-        meta["draft_vocab"] = {"size": cfg.draft_vocab,
-                               "coverage": {d: round(coverage(vocab, fs.target_tokens()), 4) for d, fs in heldout.items()}}
-        print(f"draft vocabulary: {cfg.draft_vocab} of {target.args.vocab_size} tokens; held-out coverage of the "
-              f"target's tokens " + ", ".join(f"{d} {c:.3f}" for d, c in meta["draft_vocab"]["coverage"].items()))
+        cover = {d: round(coverage(vocab, fs.target_tokens()), 4) for d, fs in heldout.items()}
+        meta["draft_vocab"] = {"size": cfg.draft_vocab, "coverage": cover}
+        print(f"draft vocabulary: {cfg.draft_vocab} of {target.args.vocab_size} tokens; held-out "
+              f"coverage of the target's tokens " + ", ".join(f"{d} {c:.3f}" for d, c in cover.items()))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        drafter = Drafter.for_target(target, vocab, backbone=cfg.backbone, domain=cfg.domain, data=data, **meta).float()
+        drafter = Drafter.for_target(target, vocab, backbone=cfg.backbone, domain=cfg.domain,
+                                     data=data, **meta).float()
     model = wrap(Objective(drafter, target, cfg, world))
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
     per_epoch = len(epoch_plan(train_sets, cfg, 0))
     total = cfg.epochs * per_epoch
     warm = max(1, round(cfg.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warm, total))
-    g = torch.Generator(device=dev)   # input noise: seeded per (step, rank), so a resumed run needs no state
+    g = torch.Generator(device=dev)   # input noise, seeded per (step, rank): resuming needs no state
     config = dataclasses.asdict(cfg)
     st = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "top1_sum": 0.0, "log": []}
     if resume and state_file.exists():
         try:
             saved = torch.load(state_file, map_location=dev, weights_only=True)
         except Exception as e:   # truncated or corrupt: torch's and pickle's own error types
-            raise TapsError(f"{state_file}: unreadable training state ({type(e).__name__}); it is truncated or "
-                            f"damaged: rerun with --overwrite to start over") from None
+            raise TapsError(f"{state_file}: unreadable training state ({type(e).__name__}); it is "
+                            f"truncated or damaged: rerun with --overwrite to start over") from None
         if saved["config"] != config or saved["target"] != target_identity(target):
             raise TapsError(f"{state_file}: saved by a run with another configuration or target; "
                             f"rerun without --resume to start over")
@@ -584,12 +447,14 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         st = saved["progress"]
-        say(f"resuming {out} at epoch {st['epoch'] + 1}, batch {st['batch']} of {per_epoch}" if st["epoch"] < cfg.epochs
-              else f"resuming {out}: all {cfg.epochs} epochs are done, nothing to train")
+        say(f"resuming {out} at epoch {st['epoch'] + 1}, batch {st['batch']} of {per_epoch}"
+            if st["epoch"] < cfg.epochs else
+            f"resuming {out}: all {cfg.epochs} epochs are done, nothing to train")
     elif resume:
         say(f"no training state at {state_file}: starting from scratch")
 
-    saving = lambda: writing(out.parent, "free space or fix permissions there, then rerun with --resume")
+    saving = lambda: writing(out.parent, "free space or fix permissions there, then rerun with "
+                                         "--resume")
 
     def save_state():
         s = {"config": config, "target": target_identity(target), "drafter": drafter.state_dict(),
@@ -597,20 +462,22 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
         with saving():
             atomic_write(state_file, lambda p: torch.save(s, p))
 
-    def save_drafter():   # after the state that holds it: a failed write here loses nothing --resume cannot redo
+    def save_drafter():   # after the state that holds it: a failed write here loses nothing
         drafter.meta["heldout_top1"] = st["log"][-1]["heldout_top1"]
+        log = "".join(json.dumps(r) + "\n" for r in st["log"])
         with saving():
             atomic_write(out, drafter.save)
-            atomic_write(log_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in st["log"])))
+            atomic_write(log_path, lambda p: p.write_text(log))
 
     from tqdm import tqdm
-    cols = (["epoch", "steps", "train loss", "train top-1"] + [f"held-out top-1 {d}" for d in heldout]
-            + ["loss positions/s", "time (s)"])
-    say(" | ".join(cols))
-    bar = tqdm(total=cfg.epochs * per_epoch, initial=st["epoch"] * per_epoch + st["batch"], unit="step",
-               desc=f"{cfg.backbone}-{cfg.domain}", file=sys.stderr, smoothing=0.05, disable=not world.main)
+    say(" | ".join(["epoch", "steps", "train loss", "train top-1"]
+                   + [f"held-out top-1 {d}" for d in heldout] + ["loss positions/s", "time (s)"]))
+    bar = tqdm(total=cfg.epochs * per_epoch, initial=st["epoch"] * per_epoch + st["batch"],
+               unit="step", desc=f"{cfg.backbone}-{cfg.domain}", file=sys.stderr, smoothing=0.05,
+               disable=not world.main)
     st.setdefault("positions", 0)    # this epoch's loss positions and seconds of training steps
     st.setdefault("train_s", 0.0)
+    next_epoch = dict(batch=0, loss_sum=0.0, top1_sum=0.0, positions=0, train_s=0.0)
     last_save = t0 = time.perf_counter()
     try:   # the bar is closed before any error line, so that line stands alone
         for epoch in range(st["epoch"], cfg.epochs):
@@ -624,8 +491,8 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
                 step = epoch * per_epoch + b
                 g.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + world.rank)
                 t_step = time.perf_counter()
-                with world.together(f" at step {step + 1}", f"{state_file} holds the last saved state: "
-                                                           f"rerun with --resume"):
+                with world.together(f" at step {step + 1}", f"{state_file} holds the last saved "
+                                                           f"state: rerun with --resume"):
                     loss, terms = train_step(model, opt, sched, batch, g)
                 if not math.isfinite(loss):
                     raise TapsError(f"step {step + 1}: loss is {loss} on a batch of "
@@ -641,27 +508,30 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
                     save_state()
                     last_save = time.perf_counter()
             drafter.eval()
-            if not world.main:   # rank 0 scores the held-out sets and writes; the others wait for it
-                st.update(epoch=epoch + 1, batch=0, loss_sum=0.0, top1_sum=0.0, positions=0, train_s=0.0)
+            if not world.main:   # rank 0 scores the held-out sets and writes; the others wait
+                st.update(epoch=epoch + 1, **next_epoch)
                 world.barrier()
                 continue
-            record = {"epoch": epoch + 1, "step": (epoch + 1) * per_epoch, "train_loss": st["loss_sum"] / per_epoch,
+            record = {"epoch": epoch + 1, "step": (epoch + 1) * per_epoch,
+                      "train_loss": st["loss_sum"] / per_epoch,
                       "train_top1": st["top1_sum"] / per_epoch,
-                      "heldout_top1": {d: heldout_agreement(drafter, target, fs, cfg) for d, fs in heldout.items()},
-                      "lr": sched.get_last_lr()[0], "positions_per_s": round(st["positions"] / max(st["train_s"], 1e-9)),
+                      "heldout_top1": {d: heldout_agreement(drafter, target, fs, cfg)
+                                       for d, fs in heldout.items()},
+                      "lr": sched.get_last_lr()[0],
+                      "positions_per_s": round(st["positions"] / max(st["train_s"], 1e-9)),
                       "elapsed_s": round(time.perf_counter() - t0, 1)}
             tqdm.write(" | ".join([f"{epoch + 1}", f"{record['step']}", f"{record['train_loss']:.4f}",
-                                   f"{record['train_top1']:.3f}"] + [f"{a:.3f}" for a in record["heldout_top1"].values()]
+                                   f"{record['train_top1']:.3f}"]
+                                  + [f"{a:.3f}" for a in record["heldout_top1"].values()]
                                   + [f"{record['positions_per_s']}", f"{record['elapsed_s']:.0f}"]))
-            st.update(epoch=epoch + 1, batch=0, loss_sum=0.0, top1_sum=0.0, positions=0, train_s=0.0,
-                      log=st["log"] + [record])
+            st.update(epoch=epoch + 1, log=st["log"] + [record], **next_epoch)
             save_state()
             save_drafter()
             last_save = time.perf_counter()
             world.barrier()
     finally:
         bar.close()
-    if world.main and st["log"] and not out.exists():   # a resumed run whose last drafter write failed
+    if world.main and st["log"] and not out.exists():   # a resumed run whose drafter write failed
         save_drafter()
     return drafter
 
@@ -670,98 +540,90 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
 
 def main(argv=None):
     from extras.runtime import DTYPES, check_flags, check_writable, default_device, one_line_errors
-    ap = argparse.ArgumentParser(description="Train a task-aware EAGLE or HASS drafter for the target.")
-    ap.add_argument("--domain", help=f"training corpus: {', '.join(TRAIN_DOMAINS)} (mixtures read the caches of "
-                                     f"both domains at the size)")
+    ap = argparse.ArgumentParser(description="Train a task-aware EAGLE or HASS drafter.")
+    ap.add_argument("--domain", help=f"training corpus: {', '.join(TRAIN_DOMAINS)} (mixtures read "
+                                     f"the caches of both domains at the size)")
     ap.add_argument("--backbone", default="eagle", help=f"objective: {', '.join(BACKBONES)}")
     ap.add_argument("--size", default="demo", help=f"configuration: {', '.join(SIZES)}")
-    ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default target)")
-    ap.add_argument("--out", help="drafter checkpoint (default: checkpoints/<backbone>-<domain>.safetensors)")
+    ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default)")
+    ap.add_argument("--out", help="drafter file (default checkpoints/<backbone>-<domain>.safetensors)")
     ap.add_argument("--features-only", action="store_true",
-                    help="build the size's feature caches (both domains, train and held-out) and stop")
+                    help="build the size's feature caches (both domains, train and held-out), stop")
     ap.add_argument("--features", choices=("cached", "online"), default="cached",
-                    help="cached (default): target features stored once under $TAPS_CACHE and reused; online: "
-                         "the target runs inside training, nothing stored (for caches too large for the disk)")
+                    help="cached (default): target features stored once under $TAPS_CACHE; "
+                         "online: the target runs inside training, nothing stored")
     ap.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
-    ap.add_argument("--overwrite", action="store_true", help="start over even where <out> or <out>.state.pt exists")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start over even where <out> or <out>.state.pt exists")
     ap.add_argument("--device", default=default_device())
     ap.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
-                    help="target dtype for feature extraction and the loss (default auto: bf16 on CUDA and on CPUs "
-                         "whose measured bf16 matmuls are faster, else fp32)")
+                    help="target dtype for features and the loss (default auto: bf16 on CUDA and on "
+                         "CPUs whose measured bf16 matmuls are faster, else fp32)")
     ap.add_argument("--data-dir", help="data directory (default: $TAPS_DATA or ../shared/data)")
-    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on)")
-    ap.add_argument("--extract-batch", type=int, default=None, help="conversations per target call (default 1 on CPU, 8 on CUDA)")
-    ap.add_argument("--save-interval", type=float, default=120.0, help="seconds between training-state saves")
+    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                    help="bf16 autocast (default on)")
+    ap.add_argument("--extract-batch", type=int, default=None,
+                    help="conversations per target call (default 1 on CPU, 8 on CUDA)")
+    ap.add_argument("--save-interval", type=float, default=120.0,
+                    help="seconds between training-state saves")
     ap.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB,
-                    help=f"draft vocabulary size: the most frequent target tokens in the training data (default "
-                         f"{DRAFT_VOCAB}; 0 = the whole vocabulary, as the study)")
-    for name, kind in (("epochs", int), ("lr", float), ("n-train", int), ("max-len", int), ("n-heldout", int),
-                       ("batch-size", int), ("seed", int)):
+                    help=f"draft vocabulary: the most frequent target tokens in the training data "
+                         f"(default {DRAFT_VOCAB}; 0 = every token, as the study)")
+    overridable = (("epochs", int), ("lr", float), ("n-train", int), ("max-len", int),
+                   ("n-heldout", int), ("batch-size", int), ("seed", int))
+    for name, kind in overridable:
         ap.add_argument(f"--{name}", type=kind, default=None, help="override the size's default")
     args = ap.parse_args(argv)
-    out = None
+    out, world = None, None
 
     def kept() -> str:   # what Ctrl-C leaves, said at that moment
         if out is not None and state_path(out).exists():
-            return f"finished feature shards and the training state {state_path(out)} are kept; rerun with --resume"
-        return "finished feature shards are kept (no training state was saved yet); rerun the same command"
+            return (f"finished feature shards and the training state {state_path(out)} are kept; "
+                    f"rerun with --resume")
+        return ("finished feature shards are kept (no training state was saved yet); rerun the "
+                "same command")
 
-    world = SINGLE
-    with one_line_errors(DataError, interrupted=kept, who=lambda: world.name):
+    with one_line_errors(DataError, interrupted=kept, who=lambda: world.name if world else ""):
         check_flags(args)
         if args.features == "online" and args.features_only:
-            raise TapsError("--features-only builds the feature caches, which --features online never reads; "
-                            "drop one of the two")
-        overrides = {k: getattr(args, k) for k in ("epochs", "lr", "n_train", "max_len", "n_heldout", "batch_size", "seed")
-                     if getattr(args, k) is not None}
+            raise TapsError("--features-only builds the feature caches, which --features online "
+                            "never reads; drop one of the two")
         if not (args.domain or args.features_only):
             raise TapsError("--domain is required (or --features-only)")
-        cfg = TrainConfig(domain=args.domain or "math", backbone=args.backbone, size=args.size, amp=args.amp,
-                          draft_vocab=args.draft_vocab, **overrides)
-        check_split(cfg.batch_size, int(os.environ.get("WORLD_SIZE", 1)))   # before joining the torchrun job
+        names = [n.replace("-", "_") for n, _ in overridable]
+        overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+        cfg = TrainConfig(domain=args.domain or "math", backbone=args.backbone, size=args.size,
+                          amp=args.amp, draft_vocab=args.draft_vocab, **overrides)
+        from extras.distributed import World, check_split
+        check_split(cfg.batch_size, int(os.environ.get("WORLD_SIZE", 1)))   # before joining
         out = Path(args.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
         if not args.features_only:   # the destination, before any extraction or training
             for path in (out, state_path(out)):
                 check_writable(path, "--out")
             if not (args.resume or args.overwrite):
                 refuse_to_replace(out, cfg.epochs)
-        from extras.features import prepare_features   # the target's features: cached, or computed online
         world, device = World.from_env(args.device)
-        cuda = device.startswith("cuda")
         t0 = time.perf_counter()
-        from extras.autotree import load_for   # --dtype auto: bf16 where this machine measures it faster
-        target, tokenizer = load_for(args.target, device, args.dtype)
-        if world.size > 1:   # each rank measured for --dtype auto: rank 0's choice holds, so all read one cache
-            kinds = [torch.float32, torch.bfloat16, torch.float16]
-            pick = torch.tensor([kinds.index(target.embed_tokens.weight.dtype)], device=device)
-            target = target.to(kinds[int(world.broadcast(pick))])
-        check_vocab_size(cfg.draft_vocab, target.args.vocab_size, tokenizer.stop_ids)   # before any extraction
-        batch = args.extract_batch or (8 if cuda else 1)
-        mixture = cfg.domain in MIXES and not args.features_only
-        prep = lambda d, split, n: prepare_features(target, tokenizer, d, split, n, cfg.max_len, args.data_dir, batch,
-                                                    extract=not mixture, online=args.features == "online", world=world)
-        heldout = {d: prep(d, "heldout", cfg.n_heldout) for d in HELDOUT_DOMAINS}
-        # one draft vocabulary per (target, size, n_train), from both domains' training sets: every
-        # drafter of a size proposes from the same tokens and can be averaged
-        need = HELDOUT_DOMAINS if cfg.draft_vocab or cfg.domain in MIXES or args.features_only else (cfg.domain,)
-        sets = {d: prep(d, "train", n) for d, n in cfg.corpus_sizes(need).items()}
+        from extras.autotree import load_for   # --dtype auto: bf16 where it measures faster
+        target, tokenizer = world.same_dtype(*load_for(args.target, device, args.dtype))
+        check_vocab_size(cfg.draft_vocab, target.args.vocab_size, tokenizer.stop_ids)
+        from extras.features import training_sets   # the target's features: cached, or online
+        heldout, train_sets, vocab_sets = training_sets(
+            target, tokenizer, cfg, args.data_dir, args.extract_batch, args.features == "online",
+            args.features_only, world)
         say = print if world.main else lambda *a: None
         if args.features_only:
-            say(f"[feature caches of size {cfg.size} ready in {time.perf_counter() - t0:.0f} s]")
-            return
-        train_sets = ([fs.first(round(MIXES[cfg.domain] * fs.meta["conversations"])) for fs in sets.values()]
-                      if mixture else [sets[cfg.domain]])
-        vocab_sets = list(sets.values()) if cfg.draft_vocab else None
+            return say(f"[feature caches of size {cfg.size} ready in {time.perf_counter() - t0:.0f} s]")
         t1 = time.perf_counter()
+        n = sum(fs.meta["conversations"] for fs in train_sets)
         say(f"[target + features ready in {t1 - t0:.0f} s; training {cfg.backbone} on {cfg.domain}: "
-              f"{sum(fs.meta['conversations'] for fs in train_sets)} conversations, {cfg.epochs} epochs, lr {cfg.lr}]")
-        train(cfg, target, train_sets, heldout, out, args.resume, args.save_interval, tokenizer.stop_ids, args.overwrite,
-              vocab_sets, world)
-        if world.size > 1:
-            dist.destroy_process_group()
-        say(f"[{out} (log {out.with_name(out.stem + '.jsonl')}): training {time.perf_counter() - t1:.0f} s, "
-              f"total {time.perf_counter() - t0:.0f} s]")
+            f"{n} conversations, {cfg.epochs} epochs, lr {cfg.lr}]")
+        train(cfg, target, train_sets, heldout, out, args.resume, args.save_interval,
+              tokenizer.stop_ids, args.overwrite, vocab_sets, world)
+        world.close()
+        say(f"[{out} (log {out.with_name(out.stem + '.jsonl')}): training "
+            f"{time.perf_counter() - t1:.0f} s, total {time.perf_counter() - t0:.0f} s]")
 
 
-if __name__ == "__main__":   # extras/ imports `train`: run the CLI from that module, one copy of its classes
+if __name__ == "__main__":   # extras/ imports `train`: run its CLI from that module, one TapsError
     __import__("train").main()

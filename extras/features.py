@@ -25,7 +25,8 @@ from data import load_corpus
 from model import TapsError, Transformer, target_identity
 from extras.runtime import cache_dir
 from extras.runtime import atomic_write, writing
-from train import SHARD_SIZE, SINGLE, World, logits
+from extras.distributed import SINGLE, World
+from train import HELDOUT_DOMAINS, MIXES, SHARD_SIZE, logits
 
 
 def cache_root() -> Path:
@@ -295,3 +296,26 @@ def prepare_features(target, tokenizer, domain, split, n, max_len, data_dir=None
         return OnlineSet(target, examples, meta, batch_size)
     return build_cache(target, examples, folder, corpus, batch_size=batch_size, desc=f"{domain} {split} features",
                        extract=extract, world=world)
+
+
+def training_sets(target, tokenizer, cfg, data_dir=None, extract_batch=None, online=False,
+                  features_only=False, world=None):
+    """train.py's data for a `TrainConfig`: (held-out sets per domain, the training sets, the sets
+    that choose the draft vocabulary). A mixture takes the first share of both domains' caches of
+    its size; with a draft vocabulary both domains' training sets are prepared, so every drafter
+    of a size shares one vocabulary; features_only prepares everything of the size."""
+    cuda = target.embed_tokens.weight.device.type == "cuda"
+    batch = extract_batch or (8 if cuda else 1)
+    mixture = cfg.domain in MIXES and not features_only
+    prep = lambda d, split, n: prepare_features(target, tokenizer, d, split, n, cfg.max_len,
+                                                data_dir, batch, extract=not mixture,
+                                                online=online, world=world)
+    heldout = {d: prep(d, "heldout", cfg.n_heldout) for d in HELDOUT_DOMAINS}
+    every = cfg.draft_vocab or cfg.domain in MIXES or features_only
+    need = HELDOUT_DOMAINS if every else (cfg.domain,)
+    sets = {d: prep(d, "train", n) for d, n in cfg.corpus_sizes(need).items()}
+    if mixture:
+        train = [fs.first(round(MIXES[cfg.domain] * fs.meta["conversations"])) for fs in sets.values()]
+    else:
+        train = [sets[cfg.domain]] if cfg.domain in sets else []
+    return heldout, train, list(sets.values()) if cfg.draft_vocab else None

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
+import extras.distributed as D  # noqa: E402
 import extras.features as xf  # noqa: E402
 import train as T  # noqa: E402
 from extras.runtime import one_line_errors  # noqa: E402
@@ -44,9 +45,9 @@ def main():
     ap.add_argument("--resume", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    world = T.SINGLE
+    world = D.SINGLE
     with one_line_errors(interrupted="stopped", who=lambda: world.name):
-        world, _ = T.World.from_env("cpu")
+        world, _ = D.World.from_env("cpu")
         cfg, target, sets, heldout = setup(a.out.parent / "cache", a.features, world)
         real_step, steps = T.train_step, []
 

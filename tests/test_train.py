@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import extras.distributed as D
 import extras.features as xf
 import train as T
 from conftest import DEVICES, tiny
@@ -206,7 +207,7 @@ def test_training_steps_lower_the_loss(tmp_path, backbone, device):
     drafter = Drafter.for_target(target)
     opt = torch.optim.AdamW(drafter.parameters(), lr=3e-3, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    model = T.wrap(T.Objective(drafter, target, cfg))
+    model = D.wrap(D.Objective(drafter, target, cfg))
     first, _ = T.train_step(model, opt, sched, batch, None)
     for _ in range(4):
         last, _ = T.train_step(model, opt, sched, batch, None)
