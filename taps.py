@@ -73,7 +73,7 @@ class TorchRandom:
         return int(torch.multinomial(probs.detach().float().cpu(), 1, generator=self.g))
 
 
-# ----------------------------------------------------------------------------- verification (eqs. 1-2, 5)
+# ----------------------------------------------------------------------- verification (eqs. 1-2, 5)
 
 def residual(r, x):
     """Remove a rejected proposal x from r and renormalise (r is the verifier's own copy).
@@ -478,7 +478,7 @@ def draft_chain(state: DraftState, target: Transformer, root_token: int, length:
     return tree, torch.stack(q)
 
 
-# ----------------------------------------------------------------------------- composing specialists (eqs. 11-13)
+# --------------------------------------------------------------- composing specialists (eqs. 11-13)
 # Several drafters, one verifier call. A tree composition is a function of the drafted trees
 # alone (tokens, parents, draft scores and entropies), so the tree the target sees is fixed
 # before the target is consulted and recursive rejection sampling stays exactly lossless
@@ -496,8 +496,9 @@ def average(drafters: Sequence[Drafter], lam: float) -> Drafter:
         raise TapsError(f"lambda must be in [0, 1], got {lam}")
     a, b = drafters
     if a.meta.get("target") != b.meta.get("target") or a.args != b.args:
-        raise TapsError(f"cannot average drafters trained for different targets "
-                        f"({a.meta.get('target')!r} and {b.meta.get('target')!r}) or configurations")
+        raise TapsError(f"cannot average drafters trained for different targets ("
+                        f"{a.meta.get('target')!r} and {b.meta.get('target')!r}) or with "
+                        f"different configurations")
     if (a.vocab is None) != (b.vocab is None) or (a.vocab is not None
                                                   and not torch.equal(a.vocab, b.vocab)):
         why = ("train both with the same --draft-vocab" if a.draft_vocab_size != b.draft_vocab_size
@@ -858,5 +859,5 @@ def main(argv=None):
           f"target {e['target_entropy']}]")
 
 
-if __name__ == "__main__":   # extras/ imports `taps`: run this module's CLI, one copy of its classes
+if __name__ == "__main__":   # extras/ imports `taps`: run its CLI from that module, one TapsError
     __import__("taps").main()

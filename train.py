@@ -127,7 +127,7 @@ class TrainConfig:
         return {d: n(d) for d in domains}
 
 
-# ----------------------------------------------------------------------------- losses (pure functions)
+# -------------------------------------------------------------------------- losses (pure functions)
 
 def feature_loss(f_hat, f, denom=None):
     """Smooth L1 regression of the drafter's features on the target's, (N, H) x 2 -> scalar
@@ -405,8 +405,9 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
         out.parent.mkdir(parents=True, exist_ok=True)
     state_file, log_path = state_path(out), out.with_name(out.stem + ".jsonl")
     dev = target.embed_tokens.weight.device
-    data = {"corpus": cfg.domain, "conversations": sum(fs.meta["conversations"] for fs in train_sets),
-            "tokens": sum(fs.meta["tokens"] for fs in train_sets), "max_len": cfg.max_len,
+    data = {"corpus": cfg.domain, "max_len": cfg.max_len,
+            "conversations": sum(fs.meta["conversations"] for fs in train_sets),
+            "tokens": sum(fs.meta["tokens"] for fs in train_sets),
             "size": cfg.size, "epochs": cfg.epochs, "lr": cfg.lr,
             # bit-for-bit reproducible on the same CPU kind with the same thread count only
             "threads": torch.get_num_threads(), "cpu": machine(dev)["cpu"]}
@@ -420,7 +421,8 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
         cover = {d: round(coverage(vocab, fs.target_tokens()), 4) for d, fs in heldout.items()}
         meta["draft_vocab"] = {"size": cfg.draft_vocab, "coverage": cover}
         print(f"draft vocabulary: {cfg.draft_vocab} of {target.args.vocab_size} tokens; held-out "
-              f"coverage of the target's tokens " + ", ".join(f"{d} {c:.3f}" for d, c in cover.items()))
+              f"coverage of the target's tokens " + ", ".join(f"{d} {c:.3f}"
+                                                              for d, c in cover.items()))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         drafter = Drafter.for_target(target, vocab, backbone=cfg.backbone, domain=cfg.domain,
@@ -431,7 +433,7 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     total = cfg.epochs * per_epoch
     warm = max(1, round(cfg.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warm, total))
-    g = torch.Generator(device=dev)   # input noise, seeded per (step, rank): resuming needs no state
+    g = torch.Generator(device=dev)   # input noise, seeded per (step, rank): no state to resume
     config = dataclasses.asdict(cfg)
     st = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "top1_sum": 0.0, "log": []}
     if resume and state_file.exists():
@@ -520,8 +522,8 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
                       "lr": sched.get_last_lr()[0],
                       "positions_per_s": round(st["positions"] / max(st["train_s"], 1e-9)),
                       "elapsed_s": round(time.perf_counter() - t0, 1)}
-            tqdm.write(" | ".join([f"{epoch + 1}", f"{record['step']}", f"{record['train_loss']:.4f}",
-                                   f"{record['train_top1']:.3f}"]
+            tqdm.write(" | ".join([f"{epoch + 1}", f"{record['step']}",
+                                   f"{record['train_loss']:.4f}", f"{record['train_top1']:.3f}"]
                                   + [f"{a:.3f}" for a in record["heldout_top1"].values()]
                                   + [f"{record['positions_per_s']}", f"{record['elapsed_s']:.0f}"]))
             st.update(epoch=epoch + 1, log=st["log"] + [record], **next_epoch)
@@ -546,7 +548,8 @@ def main(argv=None):
     ap.add_argument("--backbone", default="eagle", help=f"objective: {', '.join(BACKBONES)}")
     ap.add_argument("--size", default="demo", help=f"configuration: {', '.join(SIZES)}")
     ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default)")
-    ap.add_argument("--out", help="drafter file (default checkpoints/<backbone>-<domain>.safetensors)")
+    ap.add_argument("--out", help="the drafter's file (default: "
+                                  "checkpoints/<backbone>-<domain>.safetensors)")
     ap.add_argument("--features-only", action="store_true",
                     help="build the size's feature caches (both domains, train and held-out), stop")
     ap.add_argument("--features", choices=("cached", "online"), default="cached",
@@ -557,8 +560,8 @@ def main(argv=None):
                     help="start over even where <out> or <out>.state.pt exists")
     ap.add_argument("--device", default=default_device())
     ap.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
-                    help="target dtype for features and the loss (default auto: bf16 on CUDA and on "
-                         "CPUs whose measured bf16 matmuls are faster, else fp32)")
+                    help="target dtype for features and the loss (default auto: bf16 on CUDA and "
+                         "on CPUs whose measured bf16 matmuls are faster, else fp32)")
     ap.add_argument("--data-dir", help="data directory (default: $TAPS_DATA or ../shared/data)")
     ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                     help="bf16 autocast (default on)")
@@ -613,11 +616,12 @@ def main(argv=None):
             args.features_only, world)
         say = print if world.main else lambda *a: None
         if args.features_only:
-            return say(f"[feature caches of size {cfg.size} ready in {time.perf_counter() - t0:.0f} s]")
+            return say(f"[feature caches of size {cfg.size} ready in "
+                       f"{time.perf_counter() - t0:.0f} s]")
         t1 = time.perf_counter()
         n = sum(fs.meta["conversations"] for fs in train_sets)
-        say(f"[target + features ready in {t1 - t0:.0f} s; training {cfg.backbone} on {cfg.domain}: "
-            f"{n} conversations, {cfg.epochs} epochs, lr {cfg.lr}]")
+        say(f"[target + features ready in {t1 - t0:.0f} s; training {cfg.backbone} on "
+            f"{cfg.domain}: {n} conversations, {cfg.epochs} epochs, lr {cfg.lr}]")
         train(cfg, target, train_sets, heldout, out, args.resume, args.save_interval,
               tokenizer.stop_ids, args.overwrite, vocab_sets, world)
         world.close()

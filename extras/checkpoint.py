@@ -4,6 +4,7 @@ implement is refused by name. Module names equal the HF names minus `model.`: no
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -178,3 +179,17 @@ def ready(drafter, path, target: Transformer):
         raise TapsError(f"{path}: drafter weights hold non-finite values (NaN or inf); retrain it")
     p = target.embed_tokens.weight
     return drafter.to(device=p.device, dtype=p.dtype).eval()
+
+
+def drafter_identity(path, drafter) -> dict:
+    """Which drafter a result is of: its file, a fingerprint of the file (of the weights, for an
+    EAGLE checkpoint directory), and the metadata it was saved with."""
+    from extras.eagle import EAGLE_WEIGHTS
+    path = Path(path)
+    weights = path
+    if path.is_dir():
+        weights = next((path / n for n in EAGLE_WEIGHTS if (path / n).is_file()), None)
+    digest = None
+    if weights and weights.is_file():
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    return {"path": str(path), "sha256_16": digest, **drafter.meta}

@@ -141,7 +141,7 @@ def read_gguf(path):
     return meta, tensors
 
 
-# ----------------------------------------------------------------------------- GGUF -> Hugging Face LlamaForCausalLM (config.json, state dict, tokenizer files)
+# ----------------- GGUF -> Hugging Face LlamaForCausalLM (config.json, state dict, tokenizer files)
 
 GGUF_TO_HF_LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
                     "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

@@ -309,7 +309,7 @@ def load_runs(paths: list[Path]) -> list[dict]:
     return list(runs.values())
 
 
-# ----------------------------------------------------------------------------- figures (optional: matplotlib)
+# ------------------------------------------------------------------- figures (optional: matplotlib)
 
 def pyplot():
     try:

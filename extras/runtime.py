@@ -7,6 +7,7 @@ import hashlib
 import math
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -146,3 +147,17 @@ def cache_dir() -> Path:
     """$TAPS_CACHE (default ~/.cache/taps): the converted default target, feature caches,
     calibrations."""
     return Path(os.environ.get("TAPS_CACHE", Path.home() / ".cache" / "taps"))
+
+
+def versions() -> dict:
+    """What produced a result: Python, torch, and the git commit (dirty: uncommitted changes)."""
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,
+                                    timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD") or None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"python": platform.python_version(), "torch": torch.__version__, "git_commit": commit,
+            "git_dirty": dirty}

@@ -16,7 +16,7 @@ import tiktoken
 from model import TapsError
 
 
-# ----------------------------------------------------------------------------- Tokenizer on tiktoken
+# ---------------------------------------------------------------------------- Tokenizer on tiktoken
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
                   r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's pre-tokenizer split

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import eval as ev
+from extras.runtime import atomic_write
 import extras.report as report
 import extras.autotree
 import extras.speed
@@ -350,7 +351,7 @@ def test_a_failed_write_still_prints_the_tables_and_leaves_no_temporary_file(set
     def broken(p):
         p.write_text("half")
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(ev, "write_json", lambda path, r: ev.atomic_write(path, broken))
+    monkeypatch.setattr(ev, "write_json", lambda path, r: atomic_write(path, broken))
     with pytest.raises(SystemExit) as e:
         run(tmp_path, paths, "--compose", "route", "--limit", "1", "--bench", "svamp", "--json", str(tmp_path / "r.json"))
     out, err = capsys.readouterr()
