@@ -31,13 +31,12 @@ One run writes --json PATH; several write PATH's stem + "-<method>-T<temperature
 Each file is rewritten atomically after every benchmark: Ctrl-C loses at most the benchmark in
 progress; --report joins the files of one run.
 
-Sections: setup · measurement · results files · CLI.
+Sections: setup · measurement · CLI.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import re
 import sys
@@ -248,6 +247,7 @@ def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, dec: Decodin
     """Every benchmark, every item, every run side by side; results land in run.results and the
     JSON files. Returns the runs (slugs) whose JSON could not be written."""
     from tqdm import tqdm
+    from extras.report import json_path, write_json
     plain = PlainClock(target, dec.seed)
     warm = tokenizer.encode_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=True)[0]
     generate_plain(target, warm, 4)                      # first-call overheads out of the timings
@@ -271,37 +271,6 @@ def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, dec: Decodin
                       f"kept", file=sys.stderr)
                 failed.add(r.slug)
     return failed
-
-
-# ----------------------------------------------------------------------------- results files
-
-SCHEMA = 1   # the layout of a results file; --report reads this one only
-
-
-def finite(x):
-    """NaN (e.g. a mean over no rejected tokens) -> None, so the JSON is standard."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [finite(v) for v in x]
-    return x
-
-
-def as_dict(run: Run) -> dict:
-    return finite({"schema": SCHEMA, "config": run.config, "results": run.results})
-
-
-def json_path(base: Path, run: Run, several: bool) -> Path:
-    return base.with_name(f"{base.stem}-{run.slug}{base.suffix}") if several else base
-
-
-def write_json(path: Path, run: Run):
-    from extras.runtime import atomic_write
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(as_dict(run), indent=1, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda p: p.write_text(text))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -378,7 +347,7 @@ def check_args(args):
 
 
 def main(argv=None):
-    from extras.report import figures, load_runs, pyplot, tables   # the study's tables
+    from extras.report import as_dict, figures, json_path, load_runs, pyplot, tables
     from extras.runtime import check_flags, check_writable, machine, one_line_errors, versions
     args = parse_args(argv)
     dec = Decoding(args.max_new_tokens, args.top_p, args.top_k, args.depth, args.seed)

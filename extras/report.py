@@ -6,7 +6,15 @@ comparisons -- in-domain vs out-of-domain specialist, averaged / routed / merged
 single specialist of each benchmark, merged vs routed, confidence vs entropy routing, RQ2's mixed
 drafters -- get paired intervals on the same prompts. Tables 1, 3, 7-8, 9-11 and Figure 6 print as
 markdown (`tables`); Figures 6-8 as PNG (`figures`, needs matplotlib). `load_runs` reads and checks
-result files (schema 1) and joins the files of one run.
+result files (schema 1) and joins the files of one run; `write_json` writes them for eval.py:
+
+    {"schema": 1, "config": {method, compose, lambda, temperature, tree budget, drafters (path,
+                             sha256, metadata), target, benchmarks, limit, seed, machine,
+                             versions (python, torch, git commit), argv, ...},
+     "results": {"<bench>": {"tau", "speedup", "greedy_match", "alpha_by_depth", "entropy",
+                             "entropy_hist", "routing", "accepted_from", "mean_tree_size",
+                             times, counts, "turns": [...]},
+                 ..., "average": {"tau", "speedup"}}}
 
 Sections: uncertainty · tables · result files · figures.
 """
@@ -23,9 +31,9 @@ from typing import Optional
 import numpy as np
 
 from data import BENCHMARKS
-from eval import BENCH_NAMES, MERGED, METHODS, SCHEMA, averages
+from eval import BENCH_NAMES, MERGED, METHODS, averages
 from model import TapsError, mean
-from extras.runtime import writing
+from extras.runtime import atomic_write, writing
 
 
 # ----------------------------------------------------------------------------- uncertainty
@@ -248,6 +256,36 @@ def tables(runs: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- result files
+
+SCHEMA = 1   # the layout of a results file (the module docstring); --report reads this one only
+
+
+def finite(x):
+    """NaN (e.g. a mean over no rejected tokens) -> None, so the JSON is standard."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [finite(v) for v in x]
+    return x
+
+
+def as_dict(run) -> dict:
+    """An `eval.Run` as a results file holds it."""
+    return finite({"schema": SCHEMA, "config": run.config, "results": run.results})
+
+
+def json_path(base: Path, run, several: bool) -> Path:
+    """Where a run's file goes: `base` itself, or beside it when one evaluation has several runs."""
+    return base.with_name(f"{base.stem}-{run.slug}{base.suffix}") if several else base
+
+
+def write_json(path: Path, run):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(as_dict(run), indent=1, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda p: p.write_text(text))
+
 
 NUM, INT, STR = (int, float, type(None)), (int,), (str,)
 # What the tables read of a results file, by type (a key may be missing: a partial or older run).

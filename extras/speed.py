@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from data import load_bench
-from eval import BENCH_NAMES, Decoding, combine, finite
+from eval import BENCH_NAMES, Decoding, combine
+from extras.report import finite
 from extras.report import fmt, pct, table
 from extras.autotree import AutoTree, auto_dtype
 from model import clock, generate_plain, load_target

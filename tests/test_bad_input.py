@@ -327,7 +327,7 @@ def test_results_carry_a_schema_and_foreign_files_are_refused(setup, capsys):
     tmp_path, paths = setup
     eval_run(tmp_path, paths, "--compose", "route", "--limit", "2", "--bench", "svamp", "--json", str(tmp_path / "r.json"))
     obj = json.loads((tmp_path / "r.json").read_text())
-    assert obj["schema"] == ev.SCHEMA
+    assert obj["schema"] == report.SCHEMA
     capsys.readouterr()
     for name, change, message in [
             ("noschema", lambda o: o.pop("schema"), "schema None"),
@@ -367,7 +367,7 @@ def test_a_failed_write_is_not_reported_as_written(setup, monkeypatch, capsys):
 
     def broken(path, r):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(ev, "write_json", broken)
+    monkeypatch.setattr(report, "write_json", broken)
     with pytest.raises(SystemExit) as e:
         eval_run(tmp_path, paths, "--compose", "route", "--limit", "1", "--bench", "svamp", "--json", str(tmp_path / "r.json"))
     out = capsys.readouterr().out

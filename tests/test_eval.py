@@ -72,7 +72,7 @@ def test_one_composition_writes_the_documented_json(setup, capsys):
     tmp_path, paths = setup
     run(tmp_path, paths, "--compose", "merged", "--limit", "2", "--json", str(tmp_path / "out.json"))
     obj = json.loads((tmp_path / "out.json").read_text())
-    assert set(obj) == {"schema", "config", "results"} and obj["schema"] == ev.SCHEMA
+    assert set(obj) == {"schema", "config", "results"} and obj["schema"] == report.SCHEMA
     c = obj["config"]
     assert c["method"] == "merged" and c["temperature"] == 0 and c["target"] == "tiny-eval" and c["seed"] == 0
     assert [d["domain"] for d in c["drafters"]] == ["math", "chat"] and c["drafters"][0]["path"] == paths[0]
@@ -306,7 +306,7 @@ def test_table_1_rows_in_the_study_order():
 
 
 def test_nan_becomes_null():
-    assert ev.finite({"a": [math.nan, 1.0], "b": {"c": math.inf}}) == {"a": [None, 1.0], "b": {"c": None}}
+    assert report.finite({"a": [math.nan, 1.0], "b": {"c": math.inf}}) == {"a": [None, 1.0], "b": {"c": None}}
 
 
 def test_auto_trees_record_their_sizes_and_match_plain_greedy(setup, monkeypatch):
@@ -351,7 +351,7 @@ def test_a_failed_write_still_prints_the_tables_and_leaves_no_temporary_file(set
     def broken(p):
         p.write_text("half")
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(ev, "write_json", lambda path, r: atomic_write(path, broken))
+    monkeypatch.setattr(report, "write_json", lambda path, r: atomic_write(path, broken))
     with pytest.raises(SystemExit) as e:
         run(tmp_path, paths, "--compose", "route", "--limit", "1", "--bench", "svamp", "--json", str(tmp_path / "r.json"))
     out, err = capsys.readouterr()
