@@ -364,6 +364,23 @@ def state_path(out: Path) -> Path:
     return out.with_name(out.stem + ".state.pt")
 
 
+def restore(state_file: Path, config: dict, target, drafter, opt, sched) -> dict:
+    """Load a saved training state into the drafter, optimizer and schedule; its progress."""
+    dev = target.embed_tokens.weight.device
+    try:
+        saved = torch.load(state_file, map_location=dev, weights_only=True)
+    except Exception as e:   # truncated or corrupt: torch's and pickle's own error types
+        raise TapsError(f"{state_file}: unreadable training state ({type(e).__name__}); it is "
+                        f"truncated or damaged: rerun with --overwrite to start over") from None
+    if saved["config"] != config or saved["target"] != target_identity(target):
+        raise TapsError(f"{state_file}: saved by a run with another configuration or target; "
+                        f"rerun without --resume to start over")
+    drafter.load_state_dict(saved["drafter"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    return saved["progress"]
+
+
 def refuse_to_replace(out: Path, epochs: int):
     """A new run never silently replaces a user's drafter or an interrupted run's state."""
     state = state_path(out)
@@ -382,6 +399,53 @@ def refuse_to_replace(out: Path, epochs: int):
                         f"--out another path")
 
 
+def new_drafter(cfg: TrainConfig, target, train_sets, heldout, vocab_sets, stop_ids, world):
+    """The untrained drafter of a run (seeded), its metadata (the data it is trained on), and its
+    draft vocabulary, chosen from the target's tokens over `vocab_sets` by rank 0."""
+    from extras.runtime import machine
+    dev = target.embed_tokens.weight.device
+    data = {"corpus": cfg.domain, "max_len": cfg.max_len,
+            "conversations": sum(fs.meta["conversations"] for fs in train_sets),
+            "tokens": sum(fs.meta["tokens"] for fs in train_sets),
+            "size": cfg.size, "epochs": cfg.epochs, "lr": cfg.lr,
+            # bit-for-bit reproducible on the same CPU kind with the same thread count only
+            "threads": torch.get_num_threads(), "cpu": machine(dev)["cpu"]}
+    vocab, meta = None, {}
+    if cfg.draft_vocab and not world.main:   # rank 0 reads (or computes) the target's tokens once
+        vocab = world.broadcast(torch.empty(cfg.draft_vocab, dtype=torch.long, device=dev))
+    elif cfg.draft_vocab:
+        vocab = draft_vocabulary([fs.target_tokens() for fs in vocab_sets],
+                                 cfg.draft_vocab, target.args.vocab_size, stop_ids)
+        world.broadcast(vocab.to(dev))
+        cover = {d: round(coverage(vocab, fs.target_tokens()), 4) for d, fs in heldout.items()}
+        meta["draft_vocab"] = {"size": cfg.draft_vocab, "coverage": cover}
+        print(f"draft vocabulary: {cfg.draft_vocab} of {target.args.vocab_size} tokens; held-out "
+              f"coverage of the target's tokens " + ", ".join(f"{d} {c:.3f}"
+                                                              for d, c in cover.items()))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        drafter = Drafter.for_target(target, vocab, backbone=cfg.backbone, domain=cfg.domain,
+                                     data=data, **meta).float()
+    return drafter
+
+
+def epoch_record(epoch, per_epoch, st, drafter, target, heldout, cfg, lr, t0) -> dict:
+    """The log of a finished epoch, also printed as a row of the progress table: train loss and
+    top-1 agreement, held-out top-1 agreement per domain, loss positions per second."""
+    from tqdm import tqdm
+    record = {"epoch": epoch + 1, "step": (epoch + 1) * per_epoch,
+              "train_loss": st["loss_sum"] / per_epoch, "train_top1": st["top1_sum"] / per_epoch,
+              "heldout_top1": {d: heldout_agreement(drafter, target, fs, cfg)
+                               for d, fs in heldout.items()},
+              "lr": lr, "positions_per_s": round(st["positions"] / max(st["train_s"], 1e-9)),
+              "elapsed_s": round(time.perf_counter() - t0, 1)}
+    tqdm.write(" | ".join([f"{epoch + 1}", f"{record['step']}", f"{record['train_loss']:.4f}",
+                           f"{record['train_top1']:.3f}"]
+                          + [f"{a:.3f}" for a in record["heldout_top1"].values()]
+                          + [f"{record['positions_per_s']}", f"{record['elapsed_s']:.0f}"]))
+    return record
+
+
 def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out, resume=False,
           save_interval: float = 120.0, stop_ids=(), overwrite=False, vocab_sets=None,
           world=None) -> Drafter:
@@ -394,7 +458,7 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     state is saved atomically every `save_interval` seconds and after each epoch; resume=True
     continues from it. Under torchrun, `world` is this rank (`extras.distributed.World`)."""
     from extras.distributed import SINGLE, Objective, check_split, wrap
-    from extras.runtime import atomic_write, machine, writing
+    from extras.runtime import atomic_write, writing
     world = world or SINGLE
     out = Path(out)
     check_split(cfg.batch_size, world.size)
@@ -405,28 +469,8 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
         out.parent.mkdir(parents=True, exist_ok=True)
     state_file, log_path = state_path(out), out.with_name(out.stem + ".jsonl")
     dev = target.embed_tokens.weight.device
-    data = {"corpus": cfg.domain, "max_len": cfg.max_len,
-            "conversations": sum(fs.meta["conversations"] for fs in train_sets),
-            "tokens": sum(fs.meta["tokens"] for fs in train_sets),
-            "size": cfg.size, "epochs": cfg.epochs, "lr": cfg.lr,
-            # bit-for-bit reproducible on the same CPU kind with the same thread count only
-            "threads": torch.get_num_threads(), "cpu": machine(dev)["cpu"]}
-    vocab, meta = None, {}
-    if cfg.draft_vocab and not world.main:   # rank 0 reads (or computes) the target's tokens once
-        vocab = world.broadcast(torch.empty(cfg.draft_vocab, dtype=torch.long, device=dev))
-    elif cfg.draft_vocab:
-        vocab = draft_vocabulary([fs.target_tokens() for fs in vocab_sets or train_sets],
-                                 cfg.draft_vocab, target.args.vocab_size, stop_ids)
-        world.broadcast(vocab.to(dev))
-        cover = {d: round(coverage(vocab, fs.target_tokens()), 4) for d, fs in heldout.items()}
-        meta["draft_vocab"] = {"size": cfg.draft_vocab, "coverage": cover}
-        print(f"draft vocabulary: {cfg.draft_vocab} of {target.args.vocab_size} tokens; held-out "
-              f"coverage of the target's tokens " + ", ".join(f"{d} {c:.3f}"
-                                                              for d, c in cover.items()))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        drafter = Drafter.for_target(target, vocab, backbone=cfg.backbone, domain=cfg.domain,
-                                     data=data, **meta).float()
+    vocab_sets = vocab_sets or train_sets
+    drafter = new_drafter(cfg, target, train_sets, heldout, vocab_sets, stop_ids, world)
     model = wrap(Objective(drafter, target, cfg, world))
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
     per_epoch = len(epoch_plan(train_sets, cfg, 0))
@@ -437,18 +481,7 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     config = dataclasses.asdict(cfg)
     st = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "top1_sum": 0.0, "log": []}
     if resume and state_file.exists():
-        try:
-            saved = torch.load(state_file, map_location=dev, weights_only=True)
-        except Exception as e:   # truncated or corrupt: torch's and pickle's own error types
-            raise TapsError(f"{state_file}: unreadable training state ({type(e).__name__}); it is "
-                            f"truncated or damaged: rerun with --overwrite to start over") from None
-        if saved["config"] != config or saved["target"] != target_identity(target):
-            raise TapsError(f"{state_file}: saved by a run with another configuration or target; "
-                            f"rerun without --resume to start over")
-        drafter.load_state_dict(saved["drafter"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        st = saved["progress"]
+        st = restore(state_file, config, target, drafter, opt, sched)
         say(f"resuming {out} at epoch {st['epoch'] + 1}, batch {st['batch']} of {per_epoch}"
             if st["epoch"] < cfg.epochs else
             f"resuming {out}: all {cfg.epochs} epochs are done, nothing to train")
@@ -514,18 +547,8 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
                 st.update(epoch=epoch + 1, **next_epoch)
                 world.barrier()
                 continue
-            record = {"epoch": epoch + 1, "step": (epoch + 1) * per_epoch,
-                      "train_loss": st["loss_sum"] / per_epoch,
-                      "train_top1": st["top1_sum"] / per_epoch,
-                      "heldout_top1": {d: heldout_agreement(drafter, target, fs, cfg)
-                                       for d, fs in heldout.items()},
-                      "lr": sched.get_last_lr()[0],
-                      "positions_per_s": round(st["positions"] / max(st["train_s"], 1e-9)),
-                      "elapsed_s": round(time.perf_counter() - t0, 1)}
-            tqdm.write(" | ".join([f"{epoch + 1}", f"{record['step']}",
-                                   f"{record['train_loss']:.4f}", f"{record['train_top1']:.3f}"]
-                                  + [f"{a:.3f}" for a in record["heldout_top1"].values()]
-                                  + [f"{record['positions_per_s']}", f"{record['elapsed_s']:.0f}"]))
+            record = epoch_record(epoch, per_epoch, st, drafter, target, heldout, cfg,
+                                  sched.get_last_lr()[0], t0)
             st.update(epoch=epoch + 1, log=st["log"] + [record], **next_epoch)
             save_state()
             save_drafter()
