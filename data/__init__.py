@@ -34,18 +34,29 @@ SPLIT_SEED = 1234  # fixes which conversations are held out; independent of load
 
 # file inside the data directory -> public address to download it from
 SOURCES = {
-    "bench/mt_bench.jsonl": "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/mt_bench/question.jsonl",
-    "bench/gsm8k.jsonl": "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl (convert to question.jsonl format)",
-    "bench/math_500.jsonl": "https://huggingface.co/datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl (convert to question.jsonl format)",
-    "bench/svamp.jsonl": "https://raw.githubusercontent.com/arkilpatel/SVAMP/main/SVAMP.json (1000 items, the study uses 300; convert to question.jsonl format)",
-    "train/gsm8k_train.jsonl": "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/train.jsonl",
+    "bench/mt_bench.jsonl":
+        "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/mt_bench/"
+        "question.jsonl",
+    "bench/gsm8k.jsonl":
+        "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/"
+        "test.jsonl (convert to question.jsonl format)",
+    "bench/math_500.jsonl":
+        "https://huggingface.co/datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl "
+        "(convert to question.jsonl format)",
+    "bench/svamp.jsonl":
+        "https://raw.githubusercontent.com/arkilpatel/SVAMP/main/SVAMP.json "
+        "(1000 items, the study uses 300; convert to question.jsonl format)",
+    "train/gsm8k_train.jsonl":
+        "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/"
+        "train.jsonl",
 }
 
 # ShareGPT speaker names -> our roles. The few "chatgpt"/"bing"/"bard" turns are model
 # replies too. "system" turns are dropped: in this dump they are share-site banners
 # ("This chat conversation is shared from TypingMind.com"), not instructions.
 SHAREGPT_ROLES = {"human": "user", "user": "user",
-                  "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+                  "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
+                  "bard": "assistant"}
 
 
 class DataError(Exception):
@@ -77,7 +88,8 @@ def _read_jsonl(path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}); "
+                                f"save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -85,7 +97,8 @@ def _read_jsonl(path):
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(f"{path}:{lineno}: expected a JSON object, "
+                                f"got {type(row).__name__}")
             yield lineno, row
 
 
@@ -196,7 +209,8 @@ def _split(items, split):
 
 def load_corpus(domain, n=None, split="train", seed=0, data_dir=None):
     """Conversations of one domain: the first n of the split shuffled with `seed` (all if
-    n is None; fewer if fewer exist), so the first k of n are the first k of k. The same arguments always give the same list."""
+    n is None; fewer if fewer exist), so the first k of n are the first k of k. The same
+    arguments always give the same list."""
     if domain not in DOMAINS:
         raise DataError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
     if split not in SPLITS:
@@ -238,8 +252,9 @@ def load_bench(name, limit=None, data_dir=None):
             raise DataError(f"{path}:{lineno}: missing or empty {', '.join(missing) or 'turns'}")
         wrong = [key for key, ok in BENCH_FIELDS.items() if key in row and not ok(row[key])]
         if wrong:
-            raise DataError(f"{path}:{lineno}: {wrong[0]} has the wrong type ({type(row[wrong[0]]).__name__}); "
-                            f"expected question_id int or str, category str, turns and reference lists of str")
+            raise DataError(f"{path}:{lineno}: {wrong[0]} has the wrong type "
+                            f"({type(row[wrong[0]]).__name__}); expected question_id int or str, "
+                            f"category str, turns and reference lists of str")
         items.append({"question_id": row["question_id"], "category": row["category"],
                       "turns": list(row["turns"]), "reference": list(row.get("reference", []))})
     return items[:limit]

@@ -1,4 +1,4 @@
-"""Trees sized for the hardware (`--tree auto`) and the dtype that pays (`--dtype auto`): beyond the study.
+"""Hardware-sized trees (`--tree auto`) and the dtype that pays (`--dtype auto`): beyond the study.
 
 The study's tree (60 nodes, depth 5, top-k 10) is sized for a GPU, where scoring 60 tokens costs
 about what scoring one does. On a CPU it costs several plain steps, so the best tree is smaller
@@ -37,13 +37,16 @@ from taps import DraftState, Tree, TreeShape, draft_tree, prune, tag
 
 TREES = ("auto", "study")
 AUTO_MAX_NODES = 256
-EXPLORE, PROBE = 8, 2   # plain steps before drafting is probed again (at first), drafted calls per probe
+# plain steps before drafting is probed again (at first), drafted calls per probe
+EXPLORE, PROBE = 8, 2
 CALIBRATION_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 @torch.inference_mode()
-def measure_verify(target: Transformer, sizes=CALIBRATION_SIZES, prefix: int = 256, reps: int = 5) -> dict:
-    """Seconds the target takes to score n new tokens after `prefix` cached ones, {n: median of reps}."""
+def measure_verify(target: Transformer, sizes=CALIBRATION_SIZES, prefix: int = 256,
+                   reps: int = 5) -> dict:
+    """Seconds the target takes to score n new tokens after `prefix` cached ones,
+    {n: median of reps}."""
     dev = target.embed_tokens.weight.device
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(target.args.vocab_size, (1, prefix + max(sizes)), generator=g).to(dev)
@@ -62,10 +65,11 @@ def measure_verify(target: Transformer, sizes=CALIBRATION_SIZES, prefix: int = 2
 
 
 def calibration_key(target: Transformer) -> str:
-    """Calibrations are per (machine, target, dtype, threads): a file from elsewhere is never trusted."""
+    """Calibrations are per (machine, target, dtype, threads): none from elsewhere is trusted."""
     dev = target.embed_tokens.weight.device
-    return json.dumps({"machine": machine(dev), "device": dev.type, "target": target_identity(target),
-                       "dtype": str(target.embed_tokens.weight.dtype).removeprefix("torch.")}, sort_keys=True)
+    dtype = str(target.embed_tokens.weight.dtype).removeprefix("torch.")
+    return json.dumps({"machine": machine(dev), "device": dev.type,
+                       "target": target_identity(target), "dtype": dtype}, sort_keys=True)
 
 
 def read_curve(entry) -> dict:
@@ -79,11 +83,13 @@ def read_curve(entry) -> dict:
 
 def calibrate(target: Transformer, path: Optional[Path] = None) -> dict:
     """The target's {n: seconds to score n tokens} on this machine, measured once and cached in
-    $TAPS_CACHE/calibration.json under `calibration_key`. An unreadable entry is measured anew (other
-    machines' entries are kept); a cache that cannot be written costs a measurement next time, nothing else."""
+    $TAPS_CACHE/calibration.json under `calibration_key`. An unreadable entry is measured anew
+    (other machines' entries are kept); a cache that cannot be written costs a measurement next
+    time, nothing else."""
     path = Path(path or cache_dir() / "calibration.json")
     if path.is_dir():
-        raise TapsError(f"{path}: is a directory, not a calibration file; remove it or set TAPS_CACHE elsewhere")
+        raise TapsError(f"{path}: is a directory, not a calibration file; "
+                        "remove it or set TAPS_CACHE elsewhere")
     key, saved = calibration_key(target), {}
     if path.exists():
         try:
@@ -95,14 +101,17 @@ def calibrate(target: Transformer, path: Optional[Path] = None) -> dict:
             try:
                 return read_curve(saved[key])
             except (ValueError, KeyError, TypeError, AttributeError) as e:
-                print(f"[{path}: this machine's calibration is unusable ({e}); measuring again]", file=sys.stderr)
+                print(f"[{path}: this machine's calibration is unusable ({e}); measuring again]",
+                      file=sys.stderr)
     k = json.loads(key)
-    print(f"[calibrating tree sizes: {k['target']['name']} in {k['dtype']} on {k['machine']['cpu']}, "
-          f"{k['machine']['threads']} threads; cached in {path}]", file=sys.stderr)
+    print(f"[calibrating tree sizes: {k['target']['name']} in {k['dtype']} "
+          f"on {k['machine']['cpu']}, {k['machine']['threads']} threads; cached in {path}]",
+          file=sys.stderr)
     curve = measure_verify(target)
     saved[key] = {"verify_s": curve, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    advice = "it is measured again next time; set TAPS_CACHE to a writable directory"
     try:
-        with writing(path, "it is measured again next time; set TAPS_CACHE to a writable directory"):
+        with writing(path, advice):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda p: p.write_text(json.dumps(saved, indent=1)))
     except TapsError as e:
@@ -111,8 +120,9 @@ def calibrate(target: Transformer, path: Optional[Path] = None) -> dict:
 
 
 def verify_table(curve: dict, n_max: int) -> torch.Tensor:
-    """(n_max + 1,) seconds to score n = 0..n_max tokens: linear between measured sizes, extrapolated
-    from the last two beyond them; never decreasing in n (a noisy measurement cannot make more cheaper)."""
+    """(n_max + 1,) seconds to score n = 0..n_max tokens: linear between measured sizes,
+    extrapolated from the last two beyond them; never decreasing in n (a noisy measurement cannot
+    make more cheaper)."""
     n = sorted(curve)
     x = torch.tensor(n, dtype=torch.float64)
     y = torch.tensor([curve[i] for i in n], dtype=torch.float64).cummax(0).values
@@ -125,9 +135,10 @@ def verify_table(curve: dict, n_max: int) -> torch.Tensor:
 
 
 def auto_dtype(target: Transformer) -> torch.dtype:
-    """The dtype that pays for speculative decoding: bf16 on CUDA; on a CPU, bf16 when the calibration
-    measures scoring 16 tokens (a typical verified tree) faster in bf16 than in fp32 -- true on cores
-    with AMX or AVX512-BF16, false where bf16 is emulated. Decided by measuring, not by CPU flags."""
+    """The dtype that pays for speculative decoding: bf16 on CUDA; on a CPU, bf16 when the
+    calibration measures scoring 16 tokens (a typical verified tree) faster in bf16 than in fp32 --
+    true on cores with AMX or AVX512-BF16, false where bf16 is emulated. Decided by measuring, not
+    by CPU flags."""
     if target.embed_tokens.weight.device.type == "cuda":
         return torch.bfloat16
     fp32 = calibrate(target.float())
@@ -136,8 +147,8 @@ def auto_dtype(target: Transformer) -> torch.dtype:
 
 
 def load_for(path, device, dtype: Optional[str]):
-    """(target, tokenizer) in the --dtype named (None: the device's default); 'auto' is bf16 on CUDA,
-    and on a CPU loads fp32 and keeps `auto_dtype`'s choice."""
+    """(target, tokenizer) in the --dtype named (None: the device's default); 'auto' is bf16 on
+    CUDA, and on a CPU loads fp32 and keeps `auto_dtype`'s choice."""
     if dtype != "auto" or str(device).startswith("cuda"):
         return load_target(path, device, resolve_dtype(None if dtype == "auto" else dtype, device))
     target, tokenizer = load_target(path, device, torch.float32)
@@ -160,14 +171,15 @@ class AutoTree:
       * top_k: kept at the study's 10 (a drafting step costs about the same for 4 or 10 rows);
       * no tree at all: while drafted calls earn fewer tokens per second than plain steps, a call
         is a plain step (`speculate`), so a weak drafter cannot make decoding much slower.
-    Every input is a draft-side quantity or a past acceptance, so verification stays exactly lossless.
+    Every input is a draft-side quantity or a past acceptance: verification stays exactly lossless.
     """
     verify_s: torch.Tensor            # (n_max + 1,) seconds to score n tokens (`verify_table`)
     top_k: int = 10
     max_depth: int = 8
     accepted: float = 0.0             # accepted draft tokens so far (calibration numerator)
     predicted: float = 0.0            # sum of exp(logq) over the nodes verified so far
-    steps: dict = field(default_factory=weakref.WeakKeyDictionary)   # drafter -> seconds per drafting step
+    # drafter -> seconds per drafting step
+    steps: dict = field(default_factory=weakref.WeakKeyDictionary)
     spec_tokens: float = 0.0          # tokens and seconds of recent drafted calls (moving sums):
     spec_s: float = 0.0               # their ratio is the rate a drafted call earns
     skipped: int = 0                  # plain steps since the last drafted call
@@ -193,7 +205,8 @@ class AutoTree:
         return (self.accepted + 1) / (self.predicted + 1)
 
     def step_cost(self, state: "DraftState", target: Transformer, root_token: int) -> float:
-        """Seconds per drafting step of this drafter: trees of depth 3 and 1 timed (median of 3), halved."""
+        """Seconds per drafting step of this drafter: trees of depth 3 and 1 timed (median of 3),
+        their difference halved."""
         if state.drafter not in self.steps:
             dev = target.embed_tokens.weight.device
 
@@ -207,16 +220,18 @@ class AutoTree:
         return self.steps[state.drafter]
 
     def best(self, logq: torch.Tensor, elapsed: float) -> tuple[int, float, float]:
-        """(N, expected tokens, tokens/s) of the best tree keeping the root and the top N - 1 of `logq`."""
-        conf = logq.double().cpu().exp().sort(descending=True).values[:self.n_max - 1]   # beside verify_s
+        """(N, expected tokens, tokens/s) of the best tree: the root and the top N - 1 of `logq`."""
+        # on the CPU, beside verify_s
+        conf = logq.double().cpu().exp().sort(descending=True).values[:self.n_max - 1]
         expected = 1 + self.c * torch.cat([conf.new_zeros(1), conf.cumsum(0)])      # N = 1, 2, ...
         rate = expected / (elapsed + self.verify_s[1:len(expected) + 1])
         i = int(rate.argmax())
         return i + 1, expected[i].item(), rate[i].item()
 
-    def more(self, step_s: float, dev, t0: float, pool_logq: torch.Tensor, frontier_logq: torch.Tensor) -> bool:
-        """grow_tree's question before each level (the call began drafting at t0): can one more drafting
-        step pay for itself?"""
+    def more(self, step_s: float, dev, t0: float, pool_logq: torch.Tensor,
+             frontier_logq: torch.Tensor) -> bool:
+        """grow_tree's question before each level (the call began drafting at t0): can one more
+        drafting step pay for itself?"""
         elapsed = clock(dev) - t0
         n, expected, rate = self.best(pool_logq, elapsed)
         gain = self.c * frontier_logq.double().exp().sum().item()
@@ -232,18 +247,21 @@ class AutoTree:
         dev = target.embed_tokens.weight.device
         steps = [self.step_cost(s, target, root_token) for s in states]
         t0 = clock(dev)
-        trees = [tag(self.size(draft_tree(s, target, root_token, TreeShape(self.top_k, self.max_depth, None),
-                                          functools.partial(self.more, step, dev, t0)), dev, t0), i)
+        trees = [tag(self.size(draft_tree(s, target, root_token,
+                                          TreeShape(self.top_k, self.max_depth, None),
+                                          functools.partial(self.more, step, dev, t0)),
+                               dev, t0), i)
                  for i, (s, step) in enumerate(zip(states, steps))]
         tree = compose(trees)
         return self.size(tree, dev, t0) if len(trees) > 1 else tree
 
     def speculate(self) -> bool:
-        """Draft this call, or take a plain decoding step (a tree of the root alone, N = 1)? Plain, while
-        recent drafted calls earned fewer tokens per second than a plain step does (1 / verify_s[1]);
-        after `explore` plain steps, a probe of PROBE drafted calls measures afresh, and each probe
-        that still does not pay doubles the wait (up to 64 steps). So auto is never much slower than
-        plain decoding, whatever the drafter, and the choice uses past calls only: still lossless."""
+        """Draft this call, or take a plain decoding step (a tree of the root alone, N = 1)?
+        Plain, while recent drafted calls earned fewer tokens per second than a plain step does
+        (1 / verify_s[1]); after `explore` plain steps, a probe of PROBE drafted calls measures
+        afresh, and each probe that still does not pay doubles the wait (up to 64 steps). So auto
+        is never much slower than plain decoding, whatever the drafter, and the choice uses past
+        calls only: still lossless."""
         if not self.spec_s or self.probe:
             self.probe = max(self.probe - 1, 0)
             return True
@@ -258,7 +276,8 @@ class AutoTree:
         return False
 
     def record(self, tree: Tree, accepted: int, seconds: float):
-        """After a drafted call: calibrate confidence (c) and the drafted calls' rate (a probe starts afresh)."""
+        """After a drafted call: calibrate confidence (c) and the drafted calls' rate (a probe
+        starts afresh)."""
         self.predicted += sum(tree.confidence[1:])
         self.accepted += accepted
         keep = 0.0 if self.fresh else 0.9

@@ -13,9 +13,10 @@ from extras.runtime import check_device, describe, machine
 from model import ModelArgs, TapsError, Transformer, clock, generate_plain, load_target
 
 
-SHAPES = {   # named architectures for `--bench --shape`: random weights, so a speed needs no download
-    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
-                      rope_theta=500000.0, tie_embeddings=False),
+# named architectures for `--bench --shape`: random weights, so a speed needs no download
+SHAPES = {
+    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                      hidden_dim=14336, rope_theta=500000.0, tie_embeddings=False),
     "smollm2-135m": dict(),   # the embedded default's shape: ModelArgs' defaults
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=128),
 }
@@ -42,7 +43,7 @@ def random_target(shape: str, device, dtype) -> Transformer:
 
 
 def copy_bandwidth(device, nbytes: int, reps: int = 10) -> float:
-    """Bytes per second a device-to-device copy moves (read + write): the memory bound of decoding."""
+    """Bytes per second a device-to-device copy moves (read + write): decoding's memory bound."""
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -58,7 +59,8 @@ def bench(path, shape, device, dtype, n_new=128):
     print(describe(machine(device)) + "\n")
     if shape:
         model = random_target(shape, device, dtype)
-        prompt = torch.randint(model.args.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+        prompt = torch.randint(model.args.vocab_size, (40,),
+                               generator=torch.Generator().manual_seed(0))
         return measure(model, prompt.tolist(), device, n_new)
     model, tokenizer = load_target(path, device, dtype)
     prompt, _ = tokenizer.encode_chat([{"role": "user", "content": "Explain how a rainbow forms."}],
@@ -94,11 +96,11 @@ def measure(model, prompt: list, device, n_new=128):
             cache.truncate(512)
         score[n] = 1000 * (clock(device) - t0) / 5
     limit = bandwidth / weights
-    print(f"| target | device | dtype | weights (GB) | copy bandwidth (GB/s) | limit tok/s | decode tok/s "
-          f"(batch 1, {n_new} new) | of the limit | prefill tok/s (512) |")
+    print(f"| target | device | dtype | weights (GB) | copy bandwidth (GB/s) | limit tok/s | "
+          f"decode tok/s (batch 1, {n_new} new) | of the limit | prefill tok/s (512) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| {model.args.name} | {device} | {dtype} | {weights / 1e9:.2f} | {bandwidth / 1e9:.0f} | {limit:.0f} "
-          f"| {tok_s:.1f} | {tok_s / limit:.0%} | {prefill:.0f} |\n")
+    print(f"| {model.args.name} | {device} | {dtype} | {weights / 1e9:.2f} | {bandwidth / 1e9:.0f} "
+          f"| {limit:.0f} | {tok_s:.1f} | {tok_s / limit:.0%} | {prefill:.0f} |\n")
     print("| score N tokens after 512 | " + " | ".join(f"N = {n}" for n in score) + " |")
     print("|---|" + "---|" * len(score))
     print("| ms | " + " | ".join(f"{t:.1f}" for t in score.values()) + " |\n")
@@ -106,14 +108,14 @@ def measure(model, prompt: list, device, n_new=128):
     rows = []
     for name, vocab in (("full", None), ("32k", torch.arange(32000) if V > 32000 else None)):
         if name == "32k" and vocab is None:
-            continue                                                # the full vocabulary is <= 32k already
+            continue   # the full vocabulary is <= 32k already
         drafter = Drafter.random(model)
         drafter.vocab = None if vocab is None else vocab.to(device)
         generate(model, drafter, prompt, Sampling(max_new_tokens=8))         # warm-up
         _, s = generate(model, drafter, prompt, Sampling(max_new_tokens=24))
         draft, verify = 1000 * s.draft_time / s.calls, 1000 * s.verify_time / s.calls
-        rows.append(f"| {name} ({drafter.draft_vocab_size}) | {draft:.1f} | {verify:.1f} | {1000 / tok_s:.1f} "
-                    f"| {(draft + verify) * tok_s / 1000:.2f} |")
+        rows.append(f"| {name} ({drafter.draft_vocab_size}) | {draft:.1f} | {verify:.1f} "
+                    f"| {1000 / tok_s:.1f} | {(draft + verify) * tok_s / 1000:.2f} |")
     print("| study tree call (60/5/10), draft vocabulary | draft ms | verify ms | plain step ms | "
           "call / plain step |")
     print("|---|---|---|---|---|")

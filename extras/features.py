@@ -2,12 +2,13 @@
 
 The target reads each training conversation once (chat template applied, truncated at max_len).
 Token ids, the assistant-token mask, the target's final-norm features f_t (fp16) and its greedy
-next token go to safetensors shards under $TAPS_CACHE/features/<target>/<corpus>-<split>-n<N>-len<L>/
-(`build_cache`). Shards appear atomically, so an interrupted extraction resumes at the first missing
-one; meta.json records the target's identity and each shard's size and SHA-1, so another target is
-refused and a truncated or overwritten shard is rebuilt. `OnlineSet` (--features online) stores
-nothing: the target computes a batch's features when training asks, rounded as the cache rounds
-them, so the losses are bit-identical. Both serve train.py's loop through `FeatureSet.batch`.
+next token go to safetensors shards under
+$TAPS_CACHE/features/<target>/<corpus>-<split>-n<N>-len<L>/ (`build_cache`). Shards appear
+atomically, so an interrupted extraction resumes at the first missing one; meta.json records the
+target's identity and each shard's size and SHA-1, so another target is refused and a truncated or
+overwritten shard is rebuilt. `OnlineSet` (--features online) stores nothing: the target computes a
+batch's features when training asks, rounded as the cache rounds them, so the losses are
+bit-identical. Both serve train.py's loop through `FeatureSet.batch`.
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def target_features(target: Transformer, chunk: list, device) -> list:
     tokens = torch.tensor([ids + [0] * (T - len(ids)) for ids in chunk], device=dev)
     _, h = target(tokens, last_only=True)                                # (B, T, H)
     return [(h[k, :len(ids)].to(device, torch.float16),
-             logits(target, h[k, :len(ids)]).argmax(-1).to(device, torch.int32)) for k, ids in enumerate(chunk)]
+             logits(target, h[k, :len(ids)]).argmax(-1).to(device, torch.int32))
+            for k, ids in enumerate(chunk)]
 
 
 class FeatureSet:
@@ -66,7 +68,8 @@ class FeatureSet:
     def __init__(self, folder: Path, meta: dict, sizes=None):
         self.folder, self.meta = folder, meta
         self.sizes = meta["shard_sizes"] if sizes is None else sizes
-        self.last = (None, None)   # (i, conversations) of the shard read last: batches come shard by shard
+        # (i, conversations) of the shard read last: batches come shard by shard
+        self.last = (None, None)
 
     def __len__(self):
         return len(self.sizes)
@@ -75,7 +78,7 @@ class FeatureSet:
         return self.folder / f"{i:05d}.safetensors"
 
     def shard(self, i):
-        """The i-th shard as a list of conversations {ids (n,), mask (n,), feats (n, H), next (n,)}."""
+        """Shard i as a list of conversations {ids (n,), mask (n,), feats (n, H), next (n,)}."""
         t = read_shard(self.path(i))
         lengths = t.pop("lengths").tolist()
         parts = {k: v.split(lengths) for k, v in t.items()}
@@ -98,17 +101,20 @@ class FeatureSet:
             with safe_open(str(self.path(i)), framework="pt") as f:
                 tokens += int(f.get_tensor("lengths")[:take].sum())
             sizes.append(take)
-        return FeatureSet(self.folder, {**self.meta, "conversations": sum(sizes), "tokens": tokens}, sizes)
+        meta = {**self.meta, "conversations": sum(sizes), "tokens": tokens}
+        return FeatureSet(self.folder, meta, sizes)
 
     def target_tokens(self) -> torch.Tensor:
         """The target's greedy token x_{t+2} at every loss position (next token an assistant token),
-        all conversations: what a drafter trained on this set learns to propose. Reads no features."""
+        all conversations: what a drafter trained on it learns to propose. Reads no features."""
         from safetensors import safe_open
         out = []
         for i, size in enumerate(self.sizes):
             with safe_open(str(self.path(i)), framework="pt") as f:
-                nxt, mask, lengths = f.get_tensor("next"), f.get_tensor("mask"), f.get_tensor("lengths").tolist()
-            out += [n[1:-1][m[2:].bool()] for n, m in list(zip(nxt.split(lengths), mask.split(lengths)))[:size]]
+                nxt, mask = f.get_tensor("next"), f.get_tensor("mask")
+                lengths = f.get_tensor("lengths").tolist()
+            pairs = list(zip(nxt.split(lengths), mask.split(lengths)))[:size]
+            out += [n[1:-1][m[2:].bool()] for n, m in pairs]
         return torch.cat(out).long()
 
 
@@ -119,10 +125,11 @@ class OnlineSet(FeatureSet):
     features are rounded to fp16 as the cache's are, so both give bit-identical losses; the cost
     is a target forward per batch per epoch, and one pass more for a draft vocabulary."""
 
-    def __init__(self, target: Transformer, examples: list, meta: dict, batch_size=1, shard_size=SHARD_SIZE,
-                 sizes=None):
+    def __init__(self, target: Transformer, examples: list, meta: dict, batch_size=1,
+                 shard_size=SHARD_SIZE, sizes=None):
         super().__init__(Path(meta["name"]), meta, sizes)
-        self.target, self.examples, self.batch_size, self.shard_size = target, examples, batch_size, shard_size
+        self.target, self.examples = target, examples
+        self.batch_size, self.shard_size = batch_size, shard_size
 
     def path(self, i) -> str:
         return f"{self.meta['name']}, conversations {i * self.shard_size}.. (computed online)"
@@ -131,11 +138,14 @@ class OnlineSet(FeatureSet):
         dev = self.target.embed_tokens.weight.device
         convs = [self.examples[i * self.shard_size + c] for c in idx]
         out = []
-        for b in range(0, len(convs), self.batch_size):      # the cache's extraction batches, so its rounding
+        # the cache's extraction batches, so its rounding
+        for b in range(0, len(convs), self.batch_size):
             chunk = convs[b:b + self.batch_size]
-            for (ids, mask), (f, nxt) in zip(chunk, target_features(self.target, [ids for ids, _ in chunk], dev)):
+            feats = target_features(self.target, [ids for ids, _ in chunk], dev)
+            for (ids, mask), (f, nxt) in zip(chunk, feats):
                 out.append({"ids": torch.tensor(ids, dtype=torch.int32, device=dev),
-                            "mask": torch.tensor(mask, dtype=torch.uint8, device=dev), "feats": f, "next": nxt})
+                            "mask": torch.tensor(mask, dtype=torch.uint8, device=dev),
+                            "feats": f, "next": nxt})
         return out
 
     def shard(self, i):
@@ -143,8 +153,10 @@ class OnlineSet(FeatureSet):
 
     def first(self, n: int) -> "OnlineSet":
         examples = self.examples[:n]
-        meta = {**self.meta, "conversations": len(examples), "tokens": sum(len(ids) for ids, _ in examples)}
-        sizes = [len(examples[i:i + self.shard_size]) for i in range(0, len(examples), self.shard_size)]
+        meta = {**self.meta, "conversations": len(examples),
+                "tokens": sum(len(ids) for ids, _ in examples)}
+        sizes = [len(examples[i:i + self.shard_size])
+                 for i in range(0, len(examples), self.shard_size)]
         return OnlineSet(self.target, examples, meta, self.batch_size, self.shard_size, sizes)
 
     def target_tokens(self) -> torch.Tensor:
@@ -153,7 +165,7 @@ class OnlineSet(FeatureSet):
 
 
 def file_record(path: Path) -> dict:
-    """Size and SHA-1 of a file: what meta.json keeps of each shard, to find truncated or altered ones."""
+    """Size and SHA-1 of a file, kept per shard in meta.json to find truncated or altered ones."""
     digest = hashlib.sha1()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -167,9 +179,11 @@ def read_shard(path: Path) -> dict:
     try:
         t = load_file(str(path))
     except Exception as e:   # safetensors' own error types
-        raise TapsError(f"{path}: unreadable feature shard ({e}); delete it and rerun to rebuild it") from None
+        raise TapsError(f"{path}: unreadable feature shard ({e}); "
+                        "delete it and rerun to rebuild it") from None
     if not torch.isfinite(t["feats"]).all():
-        raise TapsError(f"{path}: feature shard holds non-finite values; delete it and rerun to rebuild it")
+        raise TapsError(f"{path}: feature shard holds non-finite values; "
+                        "delete it and rerun to rebuild it")
     return t
 
 
@@ -178,45 +192,50 @@ def features_meta(target: Transformer, examples, corpus: dict, shard_size: int) 
     digest = hashlib.sha1(json.dumps(examples).encode()).hexdigest()[:16]
     return {"target": target_identity(target), **corpus, "conversations": len(examples),
             "tokens": sum(len(ids) for ids, _ in examples), "examples_sha1": digest,
-            "shard_sizes": [len(examples[i:i + shard_size]) for i in range(0, len(examples), shard_size)]}
+            "shard_sizes": [len(examples[i:i + shard_size])
+                            for i in range(0, len(examples), shard_size)]}
 
 
-def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard_size=SHARD_SIZE, batch_size=1,
-                desc="features", extract=True, world: Optional["World"] = None) -> FeatureSet:
+def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard_size=SHARD_SIZE,
+                batch_size=1, desc="features", extract=True,
+                world: Optional["World"] = None) -> FeatureSet:
     """Run the target over `examples` [(ids, mask)] in batches of `batch_size` (`target_features`)
     and store shards in `folder` (resumable); extract=False only reads a finished cache. Under
-    torchrun rank r extracts shards r, r + size, ...; rank 0 checks old shards and writes meta.json."""
+    torchrun rank r extracts shards r, r + size, ...; rank 0 checks old shards, writes meta.json."""
     from safetensors.torch import save_file
     from tqdm import tqdm
     world = world or SINGLE
     n_shards = math.ceil(len(examples) / shard_size)
     meta = features_meta(target, examples, corpus, shard_size)
     meta_path = folder / "meta.json"
-    missing = lambda k: TapsError(f"{folder}: {k} of {n_shards} {desc} shards are missing; build the caches of this "
-                                  f"size first: python train.py --features-only --size <the same size>")
+    missing = lambda k: TapsError(f"{folder}: {k} of {n_shards} {desc} shards are missing; "
+                                  "build the caches of this size first: "
+                                  "python train.py --features-only --size <the same size>")
     if not (extract or meta_path.exists()):
         raise missing(n_shards)
     cache_advice = "free space or set TAPS_CACHE to a writable directory; finished shards are kept"
     with writing(folder, cache_advice):
         folder.mkdir(parents=True, exist_ok=True)
-    shards = {}                                   # file name -> {"bytes", "sha1"} of each finished shard
+    shards = {}                                   # finished shards: file name -> {"bytes", "sha1"}
     if meta_path.exists():
         try:
             old = json.loads(meta_path.read_text())
             shards = old.pop("shards", {})
-        except (ValueError, AttributeError):      # truncated: which target built the shards is unknown
-            raise TapsError(f"{meta_path}: unreadable (truncated?), so the shards beside it cannot be trusted; "
-                            f"delete {folder} to rebuild the cache") from None
+        except (ValueError, AttributeError):      # truncated: which target built them is unknown
+            raise TapsError(f"{meta_path}: unreadable (truncated?), so the shards beside it "
+                            f"cannot be trusted; delete {folder} to rebuild the cache") from None
         if old.get("target") != meta["target"]:
-            raise TapsError(f"{folder}: feature cache was built for target {old.get('target')}, not {meta['target']}; "
-                            f"delete the folder or point TAPS_CACHE elsewhere")
+            raise TapsError(f"{folder}: feature cache was built for target "
+                            f"{old.get('target')}, not {meta['target']}; "
+                            "delete the folder or point TAPS_CACHE elsewhere")
         if old != meta:
-            raise TapsError(f"{folder}: feature cache was built from other conversations (tokenizer or corpus "
-                            f"changed); delete the folder to rebuild it")
+            raise TapsError(f"{folder}: feature cache was built from other conversations "
+                            "(tokenizer or corpus changed); delete the folder to rebuild it")
 
     def save_meta():
         with writing(folder, cache_advice):
-            atomic_write(meta_path, lambda p: p.write_text(json.dumps({**meta, "shards": shards}, indent=1)))
+            atomic_write(meta_path,
+                         lambda p: p.write_text(json.dumps({**meta, "shards": shards}, indent=1)))
 
     paths = [folder / f"{i:05d}.safetensors" for i in range(n_shards)]
     for p in paths if world.main else []:         # a shard that is not what was written is rebuilt
@@ -230,21 +249,23 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
             except TapsError:
                 pass
         if shards.get(p.name) != record:
-            print(f"{p}: changed since it was written (truncated or overwritten?); rebuilding it", file=sys.stderr)
+            print(f"{p}: changed since it was written (truncated or overwritten?); rebuilding it",
+                  file=sys.stderr)
             p.unlink()
             shards.pop(p.name, None)
     if world.main:
         save_meta()
     world.barrier()
     lens = [len(ids) for ids, _ in examples]
-    done = sum(sum(lens[i * shard_size:(i + 1) * shard_size]) for i, p in enumerate(paths) if p.exists())
+    done = sum(sum(lens[i * shard_size:(i + 1) * shard_size])
+               for i, p in enumerate(paths) if p.exists())
     todo = [i for i, p in enumerate(paths) if not p.exists()]
     if todo and not extract:
         raise missing(len(todo))
     if todo:
         t0 = time.perf_counter()
-        bar = tqdm(total=meta["tokens"], initial=done, unit="tok", unit_scale=True, desc=desc, smoothing=0.1,
-                   disable=not world.main)
+        bar = tqdm(total=meta["tokens"], initial=done, unit="tok", unit_scale=True, desc=desc,
+                   smoothing=0.1, disable=not world.main)
         for i in todo[world.rank::world.size]:
             shard = examples[i * shard_size:(i + 1) * shard_size]
             feats, nexts = [], []
@@ -259,7 +280,8 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
                        "feats": torch.cat(feats), "next": torch.cat(nexts),
                        "lengths": torch.tensor([len(ids) for ids, _ in shard])}
             if not torch.isfinite(tensors["feats"]).all():
-                raise TapsError(f"{desc}: target features overflow fp16; this target is not supported by the cache")
+                raise TapsError(f"{desc}: target features overflow fp16; "
+                                "this target is not supported by the cache")
             with writing(folder, cache_advice):
                 atomic_write(paths[i], lambda p: save_file(tensors, str(p)))
             if world.main:
@@ -268,10 +290,12 @@ def build_cache(target: Transformer, examples, folder: Path, corpus: dict, shard
         bar.close()
         world.barrier()                           # every rank's shards are written
         if world.main:
-            shards.update({paths[i].name: file_record(paths[i]) for i in todo if paths[i].name not in shards})
+            shards.update({paths[i].name: file_record(paths[i])
+                           for i in todo if paths[i].name not in shards})
             save_meta()
             rate = (meta["tokens"] - done) / (time.perf_counter() - t0)
-            print(f"{desc}: {meta['tokens'] - done} tokens in {time.perf_counter() - t0:.0f} s ({rate:.0f} tokens/s)")
+            print(f"{desc}: {meta['tokens'] - done} tokens in {time.perf_counter() - t0:.0f} s "
+                  f"({rate:.0f} tokens/s)")
     return FeatureSet(folder, meta)
 
 
@@ -282,20 +306,22 @@ def prepare_features(target, tokenizer, domain, split, n, max_len, data_dir=None
     convs = load_corpus(domain, n, split, data_dir=data_dir)
     examples = encode_conversations(tokenizer, convs, max_len)
     if not examples:
-        raise TapsError(f"none of the {len(convs)} {domain} {split} conversations has an assistant token within "
-                        f"the first {max_len} tokens; raise --max-len")
+        raise TapsError(f"none of the {len(convs)} {domain} {split} conversations has an "
+                        f"assistant token within the first {max_len} tokens; raise --max-len")
     ident = target_identity(target)
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in ident["name"]) or "unnamed"
     # features of a bf16 (fp16) target are another cache than fp32's: they round differently
     dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(target.embed_tokens.weight.dtype)
+    count = "all" if n is None else n
     folder = (cache_root() / f"{slug}-V{ident['vocab_size']}-H{ident['dim']}"
-              / f"{domain}-{split}-n{'all' if n is None else n}-len{max_len}{'-' + dtype if dtype else ''}")
-    corpus = {"domain": domain, "split": split, "n": n, "max_len": max_len, **({"dtype": dtype} if dtype else {})}
+              / f"{domain}-{split}-n{count}-len{max_len}{'-' + dtype if dtype else ''}")
+    corpus = {"domain": domain, "split": split, "n": n, "max_len": max_len,
+              **({"dtype": dtype} if dtype else {})}
     if online:
         meta = {**features_meta(target, examples, corpus, SHARD_SIZE), "name": f"{domain} {split}"}
         return OnlineSet(target, examples, meta, batch_size)
-    return build_cache(target, examples, folder, corpus, batch_size=batch_size, desc=f"{domain} {split} features",
-                       extract=extract, world=world)
+    return build_cache(target, examples, folder, corpus, batch_size=batch_size,
+                       desc=f"{domain} {split} features", extract=extract, world=world)
 
 
 def training_sets(target, tokenizer, cfg, data_dir=None, extract_batch=None, online=False,
@@ -315,7 +341,8 @@ def training_sets(target, tokenizer, cfg, data_dir=None, extract_batch=None, onl
     need = HELDOUT_DOMAINS if every else (cfg.domain,)
     sets = {d: prep(d, "train", n) for d, n in cfg.corpus_sizes(need).items()}
     if mixture:
-        train = [fs.first(round(MIXES[cfg.domain] * fs.meta["conversations"])) for fs in sets.values()]
+        train = [fs.first(round(MIXES[cfg.domain] * fs.meta["conversations"]))
+                 for fs in sets.values()]
     else:
         train = [sets[cfg.domain]] if cfg.domain in sets else []
     return heldout, train, list(sets.values()) if cfg.draft_vocab else None

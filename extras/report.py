@@ -1,4 +1,4 @@
-"""The study's tables and figures from eval.py's result files: `python eval.py --report runs/*.json`.
+"""The study's tables and figures from eval.py's results: `python eval.py --report runs/*.json`.
 
 Uncertainty: every tau gets a 95% percentile bootstrap interval over prompts (an item's turns stay
 together; the average over benchmarks resamples each benchmark on its own), and the study's
@@ -42,7 +42,8 @@ BOOTSTRAP = 2000   # resamples of the prompts per interval
 
 
 def kind(run: dict) -> str:
-    """What a run is: "average" (a weight average at some lambda) or its composition, e.g. "single"."""
+    """What a run is: "average" (a weight average at some lambda) or its composition, e.g.
+    "single"."""
     c = run["config"]
     return "average" if c["lambda"] is not None else c["compose"]
 
@@ -57,12 +58,13 @@ def item_counts(run: dict, bench: str) -> dict:
     return out
 
 
-def bootstrap(a: list[dict], b: Optional[list[dict]] = None, n: int = BOOTSTRAP, seed: int = 0, level: float = 0.95):
+def bootstrap(a: list[dict], b: Optional[list[dict]] = None, n: int = BOOTSTRAP, seed: int = 0,
+              level: float = 0.95):
     """Percentile bootstrap interval over prompts of the mean over benchmarks (strata) of
-    tau = sum(new tokens) / sum(calls), each benchmark resampled on its own; with b, of tau_a - tau_b
-    on the prompts both runs measured, one resample serving both (paired). a, b: one `item_counts`
-    dict per benchmark. Returns (low, high), or None where a benchmark has fewer than 2 prompts (one
-    prompt resampled is always itself: no interval)."""
+    tau = sum(new tokens) / sum(calls), each benchmark resampled on its own; with b, of
+    tau_a - tau_b on the prompts both runs measured, one resample serving both (paired). a, b: one
+    `item_counts` dict per benchmark. Returns (low, high), or None where a benchmark has fewer than
+    2 prompts (one prompt resampled is always itself: no interval)."""
     g = np.random.default_rng(seed)
     stats = np.zeros(n)
     for k, sa in enumerate(a):
@@ -96,18 +98,25 @@ def comparisons(rs: list[dict], benches: list[str]) -> list[tuple[str, dict, dic
     out = []
     if "math" in singles and "chat" in singles:
         home = {b: ("chat", "math") if b == "mt_bench" else ("math", "chat") for b in benches}
-        out.append(("in-domain − out-of-domain specialist", {b: singles[home[b][0]] for b in benches},
+        out.append(("in-domain − out-of-domain specialist",
+                    {b: singles[home[b][0]] for b in benches},
                     {b: singles[home[b][1]] for b in benches}))
-        best = {b: max((singles["math"], singles["chat"]), key=lambda r: get(r, b, "tau") or 0) for b in benches}
-        candidates = [("averaged (λ = 0.5)", avg), ("routed", by.get("route")), ("merged", by.get("merged"))]
+        best = {b: max((singles["math"], singles["chat"]), key=lambda r: get(r, b, "tau") or 0)
+                for b in benches}
+        candidates = [("averaged (λ = 0.5)", avg), ("routed", by.get("route")),
+                      ("merged", by.get("merged"))]
         candidates += [(f"{d}", singles[d]) for d in singles if d not in ("math", "chat")]
-        out += [(f"{name} − best single", {b: r for b in benches}, best) for name, r in candidates if r]
-    pairs = (("merged − routed", "merged", "route"), ("confidence − entropy routing", "route", "route-entropy"))
-    out += [(name, {b: by[x] for b in benches}, {b: by[y] for b in benches}) for name, x, y in pairs if x in by and y in by]
+        out += [(f"{name} − best single", {b: r for b in benches}, best)
+                for name, r in candidates if r]
+    pairs = (("merged − routed", "merged", "route"),
+             ("confidence − entropy routing", "route", "route-entropy"))
+    out += [(name, {b: by[x] for b in benches}, {b: by[y] for b in benches})
+            for name, x, y in pairs if x in by and y in by]
     # RQ2: more mixed data, and composing two specialists vs one drafter trained on both corpora
     large = singles.get("mixed-large")
     if large and "mixed-small" in singles:
-        out.append(("mixed-large − mixed-small", {b: large for b in benches}, {b: singles["mixed-small"] for b in benches}))
+        out.append(("mixed-large − mixed-small", {b: large for b in benches},
+                    {b: singles["mixed-small"] for b in benches}))
     out += [(f"{name} − mixed-large", {b: by[k] for b in benches}, {b: large for b in benches})
             for name, k in (("routed", "route"), ("merged", "merged")) if large and k in by]
     return out
@@ -147,13 +156,15 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def row_order(run: dict, paths: list[str]):
-    """Rows in METHODS order: singles by drafter (the composed drafters in their order, then drafters
-    run alone, such as the mixed-data ones, by training conversations: small before large, as the
-    study's Table 1), averages by lambda, each merged kind before its equal budget."""
+    """Rows in METHODS order: singles by drafter (the composed drafters in their order, then
+    drafters run alone, such as the mixed-data ones, by training conversations: small before large,
+    as the study's Table 1), averages by lambda, each merged kind before its equal budget."""
     c, k = run["config"], kind(run)
     d = c["drafters"][0]
-    first = (paths.index(d["path"]), 0) if d["path"] in paths else (len(paths), (d.get("data") or {}).get("conversations", 0))
-    return METHODS.index(k) if k in METHODS else len(METHODS), first, c["lambda"] or 0, c["equal_budget"]
+    first = ((paths.index(d["path"]), 0) if d["path"] in paths
+             else (len(paths), (d.get("data") or {}).get("conversations", 0)))
+    order = METHODS.index(k) if k in METHODS else len(METHODS)
+    return order, first, c["lambda"] or 0, c["equal_budget"]
 
 
 def lambda_sweep(rs: list[dict], drafter_paths: list[str]) -> list[tuple[float, dict]]:
@@ -169,7 +180,8 @@ def lambda_sweep(rs: list[dict], drafter_paths: list[str]) -> list[tuple[float, 
 
 
 def by_temperature(runs: list[dict]):
-    """(T, its runs in row order, the benchmarks they measured, the composed drafters' paths) per temperature."""
+    """(T, its runs in row order, the benchmarks they measured, the composed drafters' paths) per
+    temperature."""
     for t in sorted({r["config"]["temperature"] for r in runs}):
         rs = [r for r in runs if r["config"]["temperature"] == t]
         drafter_paths = [d["path"] for d in max((r["config"]["drafters"] for r in rs), key=len)]
@@ -193,41 +205,52 @@ def tables(runs: list[dict]) -> str:
             turns = [x for b in benches for x in get(r, b, "turns") or []]
             matches = [x["match"] for x in turns if x["match"] is not None]
             margins = [x["margin"] for x in turns if x.get("margin") is not None]
-            parted = f" (parted where the target's top-2 logits were ≤ {max(margins):.3f} apart)" if margins else ""
+            parted = (f" (parted where the target's top-2 logits were ≤ {max(margins):.3f} apart)"
+                      if margins else "")
             sizes = [x for b in benches if (x := get(r, b, "mean_tree_size")) is not None]
             counts = [item_counts(r, b) for b in benches]
             rows.append([method(r)]
-                        + [f"{fmt(get(r, b, 'tau'))} {interval(bootstrap([c]))} ({fmt(get(r, b, 'speedup'))}×)"
+                        + [f"{fmt(get(r, b, 'tau'))} {interval(bootstrap([c]))} "
+                           f"({fmt(get(r, b, 'speedup'))}×)"
                            for b, c in zip(benches, counts)]
                         + [f"{fmt(get(r, 'average', 'tau'))} {interval(bootstrap(counts))} "
-                           f"({fmt(get(r, 'average', 'speedup'))}×)", fmt(mean(sizes, None), ".0f")]
+                           f"({fmt(get(r, 'average', 'speedup'))}×)",
+                           fmt(mean(sizes, None), ".0f")]
                         + ([f"{sum(matches)}/{len(matches)}{parted}"] if t == 0 else []))
-        out.append(f"### Table 1 (T = {t:g}): acceptance length τ [95% bootstrap interval over prompts] (speedup "
-                   f"over plain decoding)\n\n"
-                   + table(["method"] + names + ["average", "nodes/call"] + (["greedy = plain"] if t == 0 else []), rows))
+        out.append(f"### Table 1 (T = {t:g}): acceptance length τ [95% bootstrap interval over "
+                   f"prompts] (speedup over plain decoding)\n\n"
+                   + table(["method"] + names + ["average", "nodes/call"]
+                           + (["greedy = plain"] if t == 0 else []), rows))
 
         rows = []
         for name, a, b in comparisons(rs, benches):
-            ca, cb = [item_counts(a[x], x) for x in benches], [item_counts(b[x], x) for x in benches]
+            ca = [item_counts(a[x], x) for x in benches]
+            cb = [item_counts(b[x], x) for x in benches]
             taus = [(get(a[x], x, "tau"), get(b[x], x, "tau")) for x in benches]
             delta = [ta - tb if ta is not None and tb is not None else None for ta, tb in taus]
-            rows.append([name] + [f"{fmt(d, '+.2f')} {interval(bootstrap([p], [q]))}" for d, p, q in zip(delta, ca, cb)]
-                        + [f"{fmt(mean([d for d in delta if d is not None], None), '+.2f')} {interval(bootstrap(ca, cb))}"])
+            rows.append([name] + [f"{fmt(d, '+.2f')} {interval(bootstrap([p], [q]))}"
+                                  for d, p, q in zip(delta, ca, cb)]
+                        + [f"{fmt(mean([d for d in delta if d is not None], None), '+.2f')} "
+                           f"{interval(bootstrap(ca, cb))}"])
         if rows:
-            out.append(f"### The study's comparisons (T = {t:g}): Δτ [paired 95% bootstrap interval over the same prompts]; "
-                       f"an interval that excludes 0 decides\n\n" + table(["comparison"] + names + ["average"], rows))
+            out.append(f"### The study's comparisons (T = {t:g}): Δτ [paired 95% bootstrap "
+                       f"interval over the same prompts]; an interval that excludes 0 decides\n\n"
+                       + table(["comparison"] + names + ["average"], rows))
 
         routed = [r for r in rs if r["config"]["compose"] in ("route", "route-entropy")]
         if routed:
             rows = [[method(r), name] + [f"{pct(get(r, b, 'routing', 'per_prompt_majority', i))} / "
-                                         f"{pct(get(r, b, 'routing', 'per_call', i))}" for b in benches]
+                                         f"{pct(get(r, b, 'routing', 'per_call', i))}"
+                                         for b in benches]
                     for r in routed for i, name in enumerate(drafter_names)]
-            out.append(f"### Table 3 (T = {t:g}): routing decisions, share of prompts (majority of steps) / "
-                       f"share of verifier calls\n\n" + table(["method", "drafter"] + names, rows))
+            out.append(f"### Table 3 (T = {t:g}): routing decisions, share of prompts (majority of "
+                       f"steps) / share of verifier calls\n\n"
+                       + table(["method", "drafter"] + names, rows))
 
         merged = [r for r in rs if r["config"]["compose"] in MERGED]
         if merged:
-            rows = [[method(r)] + [" / ".join(pct(x) for x in get(r, b, "accepted_from") or []) for b in benches]
+            rows = [[method(r)] + [" / ".join(pct(x) for x in get(r, b, "accepted_from") or [])
+                                   for b in benches]
                     for r in merged]
             out.append(f"### Merged trees (T = {t:g}): the accepted path runs on a branch of "
                        f"{' / '.join(drafter_names)} / both (merged-dedup) / nothing accepted\n\n"
@@ -235,22 +258,26 @@ def tables(runs: list[dict]) -> str:
 
         for who, n in (("draft", 7), ("target", 8)):
             rows = [[method(r)] + [f"{fmt(get(r, b, 'entropy', who, 'accepted'))} / "
-                                   f"{fmt(get(r, b, 'entropy', who, 'rejected'))}" for b in benches] for r in rs]
-            out.append(f"### Table {n} (T = {t:g}): {who} entropy (nats, at T = 1) of accepted / rejected draft "
-                       f"tokens\n\n" + table(["method"] + names, rows))
+                                   f"{fmt(get(r, b, 'entropy', who, 'rejected'))}"
+                                   for b in benches]
+                    for r in rs]
+            out.append(f"### Table {n} (T = {t:g}): {who} entropy (nats, at T = 1) of accepted / "
+                       f"rejected draft tokens\n\n" + table(["method"] + names, rows))
 
         alphas = {(method(r), b): get(r, b, "alpha_by_depth") or [] for r in rs for b in benches}
         depth = max(map(len, alphas.values()), default=0)
-        rows = [[m, BENCH_NAMES[b]] + [fmt(x) for x in a] + ["–"] * (depth - len(a)) for (m, b), a in alphas.items()]
-        out.append(f"### Tables 9-11 (T = {t:g}): acceptance rate by depth (of the calls that reached depth d - 1, "
-                   f"the share that accepted a token at depth d)\n\n"
+        rows = [[m, BENCH_NAMES[b]] + [fmt(x) for x in a] + ["–"] * (depth - len(a))
+                for (m, b), a in alphas.items()]
+        out.append(f"### Tables 9-11 (T = {t:g}): acceptance rate by depth (of the calls that "
+                   f"reached depth d - 1, the share that accepted a token at depth d)\n\n"
                    + table(["method", "benchmark"] + [f"d={d + 1}" for d in range(depth)], rows))
 
         sweep = lambda_sweep(rs, drafter_paths)
         if len(sweep) > 1:
-            rows = [[fmt(lam, "g")] + [fmt(get(r, b, "tau")) for b in benches] + [fmt(get(r, "average", "tau"))]
-                    for lam, r in sweep]
-            out.append(f"### Figure 6 (T = {t:g}): τ vs λ (λ weights {drafter_names[0]}, 1 - λ {drafter_names[-1]})\n\n"
+            rows = [[fmt(lam, "g")] + [fmt(get(r, b, "tau")) for b in benches]
+                    + [fmt(get(r, "average", "tau"))] for lam, r in sweep]
+            out.append(f"### Figure 6 (T = {t:g}): τ vs λ (λ weights {drafter_names[0]}, "
+                       f"1 - λ {drafter_names[-1]})\n\n"
                        + table(["λ"] + names + ["average"], rows))
     return "\n\n".join(out)
 
@@ -289,27 +316,31 @@ def write_json(path: Path, run):
 
 NUM, INT, STR = (int, float, type(None)), (int,), (str,)
 # What the tables read of a results file, by type (a key may be missing: a partial or older run).
-CONFIG_SHAPE = {"method": STR, "compose": STR, "temperature": (int, float), "lambda": NUM, "equal_budget": (bool,),
-                "drafters": [{"path": STR}]}
-BENCH_SHAPE = {"tau": NUM, "speedup": NUM, "mean_tree_size": NUM, "alpha_by_depth": [NUM], "accepted_from": [NUM],
+CONFIG_SHAPE = {"method": STR, "compose": STR, "temperature": (int, float), "lambda": NUM,
+                "equal_budget": (bool,), "drafters": [{"path": STR}]}
+BENCH_SHAPE = {"tau": NUM, "speedup": NUM, "mean_tree_size": NUM, "alpha_by_depth": [NUM],
+               "accepted_from": [NUM],
                "routing": {"per_call": [NUM], "per_prompt_majority": [NUM]},
                "entropy": {w: {"accepted": NUM, "rejected": NUM} for w in ("draft", "target")},
-               "turns": [{"question_id": (int, str), "new_tokens": INT, "calls": INT, "match": (bool, type(None)),
-                          "margin": NUM}]}
+               "turns": [{"question_id": (int, str), "new_tokens": INT, "calls": INT,
+                          "match": (bool, type(None)), "margin": NUM}]}
 
 
 def misfit(x, shape, where: str) -> Optional[str]:
-    """Where x does not have `shape` (a tuple of types, [shape of each item], {key: shape}), else None."""
+    """Where x does not have `shape` (a tuple of types, [shape of each item], {key: shape}),
+    else None."""
     if isinstance(shape, tuple):
         ok = isinstance(x, shape) and not (isinstance(x, bool) and bool not in shape)
         return None if ok else f"{where} is {type(x).__name__}"
     if isinstance(shape, list):
         if not isinstance(x, list):
             return f"{where} is {type(x).__name__}, not a list"
-        return next((m for i, v in enumerate(x) if (m := misfit(v, shape[0], f"{where}[{i}]"))), None)
+        return next((m for i, v in enumerate(x)
+                     if (m := misfit(v, shape[0], f"{where}[{i}]"))), None)
     if not isinstance(x, dict):
         return f"{where} is {type(x).__name__}, not an object"
-    return next((m for k, s in shape.items() if k in x and (m := misfit(x[k], s, f"{where}.{k}"))), None)
+    return next((m for k, s in shape.items()
+                 if k in x and (m := misfit(x[k], s, f"{where}.{k}"))), None)
 
 
 def load_runs(paths: list[Path]) -> list[dict]:
@@ -322,11 +353,12 @@ def load_runs(paths: list[Path]) -> list[dict]:
         try:
             obj = json.loads(p.read_text())
             if not isinstance(obj, dict) or obj.get("schema") != SCHEMA:
-                raise ValueError(f"schema {obj.get('schema') if isinstance(obj, dict) else None!r}, "
-                                 f"this eval.py reads schema {SCHEMA}")
+                schema = obj.get("schema") if isinstance(obj, dict) else None
+                raise ValueError(f"schema {schema!r}, this eval.py reads schema {SCHEMA}")
             c, results = obj["config"], obj["results"]
-            problem = misfit(c, CONFIG_SHAPE, "config") or misfit(results, {}, "results") or next(
-                (m for b in BENCHMARKS if b in results and (m := misfit(results[b], BENCH_SHAPE, b))), None)
+            problem = (misfit(c, CONFIG_SHAPE, "config") or misfit(results, {}, "results")
+                       or next((m for b in BENCHMARKS if b in results
+                                and (m := misfit(results[b], BENCH_SHAPE, b))), None))
             if problem:
                 raise TypeError(problem)
             missing = [k for k in CONFIG_SHAPE if k not in c]
@@ -353,7 +385,8 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise TapsError("--figures needs matplotlib, an optional extra: pip install matplotlib") from None
+        raise TapsError("--figures needs matplotlib, an optional extra: "
+                        "pip install matplotlib") from None
     matplotlib.use("Agg")                     # files only, no display
     import matplotlib.pyplot as plt
     return plt
@@ -361,9 +394,9 @@ def pyplot():
 
 def figures(runs: list[dict], out: Path) -> list[Path]:
     """The study's Figures 6-8 as PNG files in `out`, per temperature: tau vs lambda, the draft
-    entropy of accepted vs rejected tokens (each single drafter, each benchmark), acceptance by depth.
-    All are drawn in a staging folder first and moved in together, so an interrupted run never leaves
-    a new figure beside a stale one."""
+    entropy of accepted vs rejected tokens (each single drafter, each benchmark), acceptance by
+    depth. All are drawn in a staging folder first and moved in together, so an interrupted run
+    never leaves a new figure beside a stale one."""
     plt = pyplot()
     with writing(out, "choose another --figures directory"):
         out.mkdir(parents=True, exist_ok=True)
@@ -381,14 +414,18 @@ def figures(runs: list[dict], out: Path) -> list[Path]:
             if len(sweep) > 1:
                 fig, ax = plt.subplots(figsize=(5, 3.5))
                 for b in benches + ["average"]:
-                    ax.plot([lam for lam, _ in sweep], [get(r, b, "tau") for _, r in sweep], marker="o",
-                            label=BENCH_NAMES.get(b, b), linestyle="--" if b == "average" else "-")
-                ax.set(xlabel=f"λ (weight of {Path(drafter_paths[0]).stem})", ylabel="τ", title=f"Figure 6: τ vs λ, T = {t:g}")
+                    ax.plot([lam for lam, _ in sweep], [get(r, b, "tau") for _, r in sweep],
+                            marker="o", label=BENCH_NAMES.get(b, b),
+                            linestyle="--" if b == "average" else "-")
+                ax.set(xlabel=f"λ (weight of {Path(drafter_paths[0]).stem})", ylabel="τ",
+                       title=f"Figure 6: τ vs λ, T = {t:g}")
                 ax.legend(fontsize=8)
                 save(fig, f"figure6-T{t:g}.png")
-            singles = [r for r in rs if kind(r) == "single" and any(get(r, b, "entropy_hist") for b in benches)]
+            singles = [r for r in rs
+                       if kind(r) == "single" and any(get(r, b, "entropy_hist") for b in benches)]
             if singles:
-                fig, axes = plt.subplots(len(singles), len(benches), figsize=(3 * len(benches), 2.2 * len(singles)),
+                fig, axes = plt.subplots(len(singles), len(benches),
+                                         figsize=(3 * len(benches), 2.2 * len(singles)),
                                          squeeze=False, sharex=True)
                 for row, r in zip(axes, singles):
                     for ax, b in zip(row, benches):
@@ -396,16 +433,18 @@ def figures(runs: list[dict], out: Path) -> list[Path]:
                         for judged in ("accepted", "rejected"):
                             counts = np.array(h["draft"][judged]) if h else np.zeros(0)
                             if counts.sum():
-                                ax.stairs(counts / counts.sum(), h["edges"], label=judged, fill=judged == "accepted", alpha=0.6)
+                                ax.stairs(counts / counts.sum(), h["edges"], label=judged,
+                                          fill=judged == "accepted", alpha=0.6)
                         ax.set_title(f"{method(r)} · {BENCH_NAMES[b]}", fontsize=8)
                         ax.tick_params(labelsize=7)
                 axes[0][0].legend(fontsize=7)
                 for ax in axes[-1]:
                     ax.set_xlabel("draft entropy (nats)", fontsize=8)
-                fig.suptitle(f"Figure 7: draft entropy of accepted vs rejected tokens (share per bin), T = {t:g}", fontsize=9,
-                             y=1.02)
+                fig.suptitle(f"Figure 7: draft entropy of accepted vs rejected tokens "
+                             f"(share per bin), T = {t:g}", fontsize=9, y=1.02)
                 save(fig, f"figure7-T{t:g}.png")
-            fig, axes = plt.subplots(1, len(benches), figsize=(3.2 * len(benches), 3), squeeze=False, sharey=True)
+            fig, axes = plt.subplots(1, len(benches), figsize=(3.2 * len(benches), 3),
+                                     squeeze=False, sharey=True)
             for ax, b in zip(axes[0], benches):
                 for r in rs:
                     alpha = get(r, b, "alpha_by_depth") or []

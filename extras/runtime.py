@@ -31,7 +31,8 @@ def one_line_errors(*kinds, interrupted=None, who=lambda: ""):
     except KeyboardInterrupt:
         if interrupted is None:
             raise
-        print(f"\ninterrupted: {interrupted() if callable(interrupted) else interrupted}", file=sys.stderr)
+        print(f"\ninterrupted: {interrupted() if callable(interrupted) else interrupted}",
+              file=sys.stderr)
         sys.exit(130)
 
 
@@ -42,19 +43,21 @@ def check_flags(args):
     for name, value in vars(args).items():
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, float) and not math.isfinite(v):
-                raise TapsError(f"--{name.replace('_', '-')} {v}: not a finite number; give a number such as 0.5")
+                raise TapsError(f"--{name.replace('_', '-')} {v}: not a finite number; "
+                                "give a number such as 0.5")
 
 
 def check_writable(path: Path, flag: str, replace: bool = True):
-    """Before any work: `path` (given by `flag`) can be written, and with replace=False an existing file
-    is not replaced unasked (a read-only one never)."""
+    """Before any work: `path` (given by `flag`) can be written, and with replace=False an existing
+    file is not replaced unasked (a read-only one never)."""
     if path.is_dir():
         raise TapsError(f"{flag} {path}: is a directory; give a file name")
     if path.exists():
         if not path.stat().st_mode & 0o222:
             raise TapsError(f"{flag} {path}: exists and is read-only; choose another path")
         if not replace:
-            raise TapsError(f"{flag} {path}: exists; pass --force to replace it, or choose another path")
+            raise TapsError(f"{flag} {path}: exists; pass --force to replace it, "
+                            "or choose another path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path.parent).close()
@@ -65,7 +68,8 @@ def check_writable(path: Path, flag: str, replace: bool = True):
 
 @contextlib.contextmanager
 def writing(where, advice: str):
-    """A failed write (read-only disk, full disk, a directory in the way) is one line: where, why, what to do."""
+    """A failed write (read-only disk, full disk, a directory in the way) is one line: where, why,
+    what to do."""
     try:
         yield
     except OSError as err:
@@ -74,13 +78,15 @@ def writing(where, advice: str):
 
 
 def atomic_write(path: Path, write):
-    """Write via a temporary file and rename, so an interrupted run never leaves a half-written file."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")   # per process: torchrun's ranks may write one file
+    """Write via a temporary file, then rename: an interrupted run leaves no half-written file."""
+    # per process: torchrun's ranks may write one file
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):   # on a read-only disk this fails too: the first error is the news
+        # on a read-only disk this fails too: the first error is the news
+        with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)      # never leave a half-written temporary file behind
         raise
 
@@ -95,7 +101,8 @@ def check_device(device) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise TapsError(f"--device {device}: taps runs on cpu and cuda only; use --device cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TapsError(f"--device {device}: this torch build has no CUDA support or no GPU is visible; use --device cpu")
+        raise TapsError(f"--device {device}: this torch build has no CUDA support "
+                        "or no GPU is visible; use --device cpu")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise TapsError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return dev
@@ -106,12 +113,14 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "avx_vnni")
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile",
+               "avx_vnni")
 
 
 def machine(device="cpu") -> dict:
-    """What a timing ran on: the CPU model, its matmul-relevant flags, torch threads, the GPU if used.
-    `flags_sha` fingerprints the whole flag list, so two VMs of one CPU model but different features differ."""
+    """What a timing ran on: the CPU model, its matmul-relevant flags, torch threads, the GPU if
+    used. `flags_sha` fingerprints the whole flag list, so two VMs of one CPU model but different
+    features differ."""
     cpu, flags = platform.processor() or platform.machine(), []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -131,8 +140,8 @@ def machine(device="cpu") -> dict:
 
 def describe(m: dict) -> str:
     """One line for the top of a speed table: what it was measured on."""
-    return (f"# {m['cpu']} ({', '.join(m['flags']) or 'no AVX2'}), {m['threads']} threads, torch {m['torch']}"
-            f"{', ' + m['gpu'] if m['gpu'] else ''}")
+    return (f"# {m['cpu']} ({', '.join(m['flags']) or 'no AVX2'}), {m['threads']} threads, "
+            f"torch {m['torch']}{', ' + m['gpu'] if m['gpu'] else ''}")
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

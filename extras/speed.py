@@ -22,19 +22,23 @@ from extras.runtime import atomic_write, describe, machine, writing
 from taps import Drafter, Sampling, TreeShape, generate
 
 
-SPEED_PAIRS = (("gsm8k", 0), ("mt_bench", 1))   # each specialist on its own domain: (benchmark, drafter index)
-PEER = (("HF transformers, greedy", {}), ("HF transformers, prompt lookup", {"prompt_lookup_num_tokens": 10}))
+# each specialist on its own domain: (benchmark, drafter index)
+SPEED_PAIRS = (("gsm8k", 0), ("mt_bench", 1))
+PEER = (("HF transformers, greedy", {}),
+        ("HF transformers, prompt lookup", {"prompt_lookup_num_tokens": 10}))
 
 
 def timed(target, fn, prompts, n) -> tuple[float, list]:
-    """Seconds for fn(ids, n) over all prompts (after an 8-token warm-up on the first), and the outputs."""
+    """Seconds for fn(ids, n) over all prompts (after an 8-token warm-up on the first), and the
+    outputs."""
     dev = target.embed_tokens.weight.device
     fn(prompts[0], 8)
     t0, outs = clock(dev), [fn(ids, n) for ids in prompts]
     return clock(dev) - t0, outs
 
 
-BUSY = 1.25   # plain decoding this much faster or slower after the speculative runs than before: a busy machine
+# plain decoding this much faster or slower after the speculative runs than before: a busy machine
+BUSY = 1.25
 
 
 def speed_rows(target, tokenizer, drafter, prompts, n, study: TreeShape) -> list[dict]:
@@ -46,7 +50,8 @@ def speed_rows(target, tokenizer, drafter, prompts, n, study: TreeShape) -> list
     before_s, plain = timed(target, plain_fn, prompts, n)
     runs = []
     for name, tree in (("study tree (60/5/10)", study), ("auto tree", AutoTree.for_target(target))):
-        spec = lambda ids, n: generate(target, drafter, ids, Sampling(max_new_tokens=n, stop_ids=stop), tree)
+        spec = lambda ids, n: generate(target, drafter, ids,
+                                       Sampling(max_new_tokens=n, stop_ids=stop), tree)
         spec_s, outs = timed(target, spec, prompts, n)
         runs.append((name, spec_s, outs))
     after_s, _ = timed(target, plain_fn, prompts, n)
@@ -57,10 +62,13 @@ def speed_rows(target, tokenizer, drafter, prompts, n, study: TreeShape) -> list
     for name, spec_s, outs in runs:
         s = combine([st for _, st in outs])
         tok_s = sum(len(out) for out, _ in outs) / spec_s
+        matches = sum(out == ref for (out, _), ref in zip(outs, plain))
         rows.append({"config": name, "tok_s": tok_s, "vs_plain": tok_s / plain_tok_s,
-                     "tau": s.tau, "draft_ms": 1000 * s.draft_time / s.calls, "verify_ms": 1000 * s.verify_time / s.calls,
-                     "nodes": sum(s.tree_size) / s.calls, "drafted_calls": sum(x > 1 for x in s.tree_size) / s.calls,
-                     "greedy_match": f"{sum(out == ref for (out, _), ref in zip(outs, plain))}/{len(plain)}"})
+                     "tau": s.tau, "draft_ms": 1000 * s.draft_time / s.calls,
+                     "verify_ms": 1000 * s.verify_time / s.calls,
+                     "nodes": sum(s.tree_size) / s.calls,
+                     "drafted_calls": sum(x > 1 for x in s.tree_size) / s.calls,
+                     "greedy_match": f"{matches}/{len(plain)}"})
     return rows
 
 
@@ -69,7 +77,8 @@ def peer_rows(path, dtype, device, tokenizer, prompts, n, plain_tok_s) -> list[d
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
-        print("[peer skipped: transformers is not installed; `make bench` installs it]", file=sys.stderr)
+        print("[peer skipped: transformers is not installed; `make bench` installs it]",
+              file=sys.stderr)
         return []
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
     rows = []
@@ -77,20 +86,23 @@ def peer_rows(path, dtype, device, tokenizer, prompts, n, plain_tok_s) -> list[d
         def run(ids, n):
             x = torch.tensor([ids], device=device)
             with torch.inference_mode():
-                y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                                   eos_token_id=sorted(tokenizer.stop_ids), pad_token_id=sorted(tokenizer.stop_ids)[0], **kw)
+                y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                                   do_sample=False, eos_token_id=sorted(tokenizer.stop_ids),
+                                   pad_token_id=sorted(tokenizer.stop_ids)[0], **kw)
             return y[0, len(ids):].tolist()
-        seconds, outs = timed(model.model, run, prompts, n)   # model.model: its embed_tokens tells the device
+        # model.model: its embed_tokens tells the device
+        seconds, outs = timed(model.model, run, prompts, n)
         tok_s = sum(map(len, outs)) / seconds
         rows.append({"config": name, "tok_s": tok_s, "vs_plain": tok_s / plain_tok_s})
     return rows
 
 
-def speed(drafter_paths: list, path: Path, dec: Decoding, total_tokens: int = 60, target_path=None, device="cpu",
-          limit: int = 3, data_dir=None):
-    """`make bench`: one table of tok/s per dtype and configuration, each ratio against plain decoding
-    in the same dtype and process; then HF transformers (the peer) on the same prompts. The JSON at
-    `path` grows by each finished table, so an interrupted benchmark keeps what it printed."""
+def speed(drafter_paths: list, path: Path, dec: Decoding, total_tokens: int = 60, target_path=None,
+          device="cpu", limit: int = 3, data_dir=None):
+    """`make bench`: one table of tok/s per dtype and configuration, each ratio against plain
+    decoding in the same dtype and process; then HF transformers (the peer) on the same prompts.
+    The JSON at `path` grows by each finished table, so an interrupted benchmark keeps what it
+    printed."""
     from extras.gguf import default_target_dir
     m = machine(device)
     print(f"{describe(m)}; T = 0, first {limit} prompts, up to {dec.max_new_tokens} new tokens\n")
@@ -105,32 +117,37 @@ def speed(drafter_paths: list, path: Path, dec: Decoding, total_tokens: int = 60
             target = target.to(dtype)
             drafters = [Drafter.load(p, target) for p in drafter_paths]
             items = load_bench(bench, limit, data_dir)
-            prompts = [tokenizer.encode_chat([{"role": "user", "content": it["turns"][0]}], add_generation_prompt=True)[0]
+            prompts = [tokenizer.encode_chat([{"role": "user", "content": it["turns"][0]}],
+                                             add_generation_prompt=True)[0]
                        for it in items]
-            k = min(k, len(drafters) - 1)             # one drafter given: it runs on both benchmarks
+            k = min(k, len(drafters) - 1)   # one drafter given: it runs on both benchmarks
             rows = speed_rows(target, tokenizer, drafters[k], prompts, dec.max_new_tokens, study)
-            rows += peer_rows(target_path or default_target_dir(), dtype, device, tokenizer, prompts, dec.max_new_tokens,
-                              rows[0]["tok_s"])
+            rows += peer_rows(target_path or default_target_dir(), dtype, device, tokenizer,
+                              prompts, dec.max_new_tokens, rows[0]["tok_s"])
             for r in rows:
                 r.update(dtype=str(dtype).removeprefix("torch."), benchmark=BENCH_NAMES[bench],
                          drafter=Path(drafter_paths[k]).stem)
-            print(table(["dtype", "benchmark", "drafter", "configuration", "tok/s", "vs plain", "τ", "draft ms/call",
-                         "verify ms/call", "nodes/call", "drafted calls", "greedy = plain"],
-                        [[r["dtype"], r["benchmark"], r["drafter"], r["config"], fmt(r["tok_s"], ".1f"),
-                          f"{fmt(r['vs_plain'])}×", fmt(r.get("tau")), fmt(r.get("draft_ms"), ".1f"),
-                          fmt(r.get("verify_ms"), ".1f"), fmt(r.get("nodes"), ".1f"), pct(r.get("drafted_calls")),
+            print(table(["dtype", "benchmark", "drafter", "configuration", "tok/s", "vs plain",
+                         "τ", "draft ms/call", "verify ms/call", "nodes/call", "drafted calls",
+                         "greedy = plain"],
+                        [[r["dtype"], r["benchmark"], r["drafter"], r["config"],
+                          fmt(r["tok_s"], ".1f"), f"{fmt(r['vs_plain'])}×", fmt(r.get("tau")),
+                          fmt(r.get("draft_ms"), ".1f"), fmt(r.get("verify_ms"), ".1f"),
+                          fmt(r.get("nodes"), ".1f"), pct(r.get("drafted_calls")),
                           r.get("greedy_match", "–")] for r in rows]) + "\n", flush=True)
             if rows[0]["busy"]:
                 before, after = rows[0]["plain_tok_s_before_after"]
-                print(f"warning: plain decoding ran at {before:.1f} tok/s before and {after:.1f} after the speculative "
-                      f"runs: the machine was busy, so these ratios are unreliable; rerun on an idle machine\n",
-                      file=sys.stderr)
+                print(f"warning: plain decoding ran at {before:.1f} tok/s before and {after:.1f} "
+                      f"after the speculative runs: the machine was busy, so these ratios are "
+                      f"unreliable; rerun on an idle machine\n", file=sys.stderr)
             results += rows
             with writing(path, "the tables above are all that is kept"):
                 atomic_write(path, lambda p: p.write_text(
-                    json.dumps({"machine": m, "argv": sys.argv[1:], "rows": finite(results)}, indent=1) + "\n"))
+                    json.dumps({"machine": m, "argv": sys.argv[1:], "rows": finite(results)},
+                               indent=1) + "\n"))
     except KeyboardInterrupt:
-        kept = f"the {len(results)} rows above are in {path}" if results else "nothing was measured yet"
+        kept = (f"the {len(results)} rows above are in {path}" if results
+                else "nothing was measured yet")
         print(f"\ninterrupted: {kept}", file=sys.stderr)
         sys.exit(130)
     print(f"[JSON: {path}]")

@@ -18,8 +18,9 @@ from model import TapsError
 
 # ---------------------------------------------------------------------------- Tokenizer on tiktoken
 
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
-                  r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's pre-tokenizer split
+# Llama 3's pre-tokenizer split
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # HF's Digits(individual_digits) then ByteLevel as one regex: every digit alone, and a
 # whitespace run before a digit stays whole (ByteLevel saw it at the end of a piece).
@@ -29,13 +30,15 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
                    "<|python_tag|>", "<|image|>"]
-LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 258 - len(LLAMA3_SPECIALS))]
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>"
+                    for i in range(2, 258 - len(LLAMA3_SPECIALS))]
 
 # Chat formats, recognised by their control tokens. bos is only set where the model expects it
 # in front of every sequence (SmolLM2 has add_bos_token false).
 CHAT_FORMATS = {
-    "llama3": {"marker": "<|start_header_id|>", "bos": "<|begin_of_text|>", "eos": "<|end_of_text|>",
-               "end_of_turn": "<|eot_id|>", "stop": ("<|end_of_text|>", "<|eot_id|>")},
+    "llama3": {"marker": "<|start_header_id|>", "bos": "<|begin_of_text|>",
+               "eos": "<|end_of_text|>", "end_of_turn": "<|eot_id|>",
+               "stop": ("<|end_of_text|>", "<|eot_id|>")},
     "chatml": {"marker": "<|im_start|>", "bos": None, "eos": "<|im_end|>",
                "end_of_turn": "<|im_end|>", "stop": ("<|im_end|>", "<|endoftext|>")},
 }
@@ -50,16 +53,20 @@ def _bytes_to_unicode():
 
 
 def _hf_split_pattern(tokenizer):
-    """The one regex doing what a tokenizer.json's normalizer + pre_tokenizer do, or None if unknown."""
+    """The one regex doing what a tokenizer.json's normalizer + pre_tokenizer do, or None if
+    unknown."""
     pre = tokenizer.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre])
     kinds = [step.get("type") for step in steps]
-    byte_level = steps[-1] if kinds[-1:] == ["ByteLevel"] and not steps[-1].get("add_prefix_space") else None
+    byte_level = (steps[-1]
+                  if kinds[-1:] == ["ByteLevel"] and not steps[-1].get("add_prefix_space")
+                  else None)
     if tokenizer.get("normalizer") is not None or byte_level is None:
         return None
     if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
         return GPT2_PATTERN
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level.get("use_regex", True):
+    if (kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
+            and byte_level.get("use_regex", True)):
         return DIGITS_PATTERN
     if (kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True)
             and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")):
@@ -85,7 +92,8 @@ class Tokenizer:
         self.enc = tiktoken.Encoding(os.path.basename(name), pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens=specials)
         self.specials = specials
-        self.chat_format = next((f for f, spec in CHAT_FORMATS.items() if spec["marker"] in specials), None)
+        self.chat_format = next(
+            (f for f, spec in CHAT_FORMATS.items() if spec["marker"] in specials), None)
         fmt = CHAT_FORMATS.get(self.chat_format, {})
         self.bos_id = specials.get(fmt.get("bos"))
         self.eos_id = specials.get(fmt.get("eos"))
@@ -101,7 +109,8 @@ class Tokenizer:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as e:
-            raise TapsError(f"{path}: cannot read tokenizer file ({e.strerror}); check the path") from None
+            raise TapsError(f"{path}: cannot read tokenizer file ({e.strerror}); "
+                            f"check the path") from None
         if data.lstrip()[:1] != b"{":
             return cls._from_tiktoken_bpe(data, path)
         try:
@@ -130,9 +139,11 @@ class Tokenizer:
                     ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
             ranks = {}
-        if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
-            raise TapsError(f"{path}: not a tiktoken BPE file (lines 'base64 rank' covering all bytes); "
-                            f"pass a Llama 3 tokenizer.model or an HF byte-level BPE tokenizer.json")
+        if (sorted(ranks.values()) != list(range(len(ranks)))
+                or any(bytes([b]) not in ranks for b in range(256))):
+            raise TapsError(f"{path}: not a tiktoken BPE file (lines 'base64 rank' covering all "
+                            f"bytes); pass a Llama 3 tokenizer.model "
+                            f"or an HF byte-level BPE tokenizer.json")
         specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
         return cls(path, ranks, LLAMA3_PATTERN, specials)
 
@@ -141,14 +152,17 @@ class Tokenizer:
         """From parsed HF tokenizer.json / tokenizer_config.json dicts of byte-level BPE kind."""
         model = tokenizer.get("model") or {}
         pattern = _hf_split_pattern(tokenizer)
-        if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict) or pattern is None:
-            raise TapsError(f"{name}: not a byte-level BPE tokenizer.json (model {model.get('type')!r}); "
-                            f"pass an HF byte-level BPE tokenizer.json or a Llama 3 tokenizer.model")
+        if (model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict)
+                or pattern is None):
+            raise TapsError(f"{name}: not a byte-level BPE tokenizer.json (model "
+                            f"{model.get('type')!r}); pass an HF byte-level BPE tokenizer.json "
+                            f"or a Llama 3 tokenizer.model")
         vocab = model["vocab"]
         specials = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}
         to_byte = {c: b for b, c in _bytes_to_unicode().items()}
         try:
-            ranks = {bytes(to_byte[c] for c in token): i for token, i in vocab.items() if token not in specials}
+            ranks = {bytes(to_byte[c] for c in token): i
+                     for token, i in vocab.items() if token not in specials}
         except KeyError:
             raise TapsError(f"{name}: vocabulary is not byte-level (GPT-2 byte characters); "
                             f"pass a byte-level BPE tokenizer.json") from None
@@ -157,8 +171,9 @@ class Tokenizer:
             left, right = merge.split(" ") if isinstance(merge, str) else merge
             merged = vocab.get(left + right, -1)
             if merged <= last:
-                raise TapsError(f"{name}: merge {left!r} + {right!r} is out of id order, so ids cannot "
-                                f"serve as tiktoken ranks; this BPE vocabulary is not supported")
+                raise TapsError(f"{name}: merge {left!r} + {right!r} is out of id order, so ids "
+                                f"cannot serve as tiktoken ranks; "
+                                f"this BPE vocabulary is not supported")
             last = merged
         template = config.get("chat_template")
         # A hard-coded system turn in a ChatML template is the default system message that
@@ -183,13 +198,14 @@ class Tokenizer:
         one by one so the mask follows the ids; this equals encoding the rendered template except
         where a content starts with whitespace that would merge with the header's newline."""
         if self.chat_format is None:
-            raise TapsError(f"{self.name}: no known chat format (Llama 3 or ChatML control tokens); "
-                            f"use a chat model's tokenizer")
+            raise TapsError(f"{self.name}: no known chat format "
+                            f"(Llama 3 or ChatML control tokens); use a chat model's tokenizer")
         tok = self.specials
         end_of_turn = tok[CHAT_FORMATS[self.chat_format]["end_of_turn"]]
         if self.chat_format == "llama3":
             def header(role):
-                return [tok["<|start_header_id|>"], *self.encode(role), tok["<|end_header_id|>"], *self.encode("\n\n")]
+                return [tok["<|start_header_id|>"], *self.encode(role), tok["<|end_header_id|>"],
+                        *self.encode("\n\n")]
             ids, after_turn = [self.bos_id], []
         else:
             def header(role):
@@ -201,8 +217,9 @@ class Tokenizer:
         for i, message in enumerate(messages):
             role, content = message.get("role"), message.get("content")
             if role not in ROLES or not isinstance(content, str):
-                raise TapsError(f"{self.name}: chat message {i} has role {role!r} and content of type "
-                                f"{type(content).__name__}; use role system, user or assistant with str content")
+                raise TapsError(f"{self.name}: chat message {i} has role {role!r} and content of "
+                                f"type {type(content).__name__}; "
+                                f"use role system, user or assistant with str content")
             head, body = header(role), self.encode(content) + [end_of_turn]
             ids += head + body + after_turn
             mask += [0] * len(head) + [int(role == "assistant")] * len(body) + [0] * len(after_turn)
@@ -213,7 +230,8 @@ class Tokenizer:
 
 
 def load_tokenizer(path) -> Tokenizer:
-    """The tokenizer next to a checkpoint: tokenizer.model (Llama 3's tiktoken file) or tokenizer.json."""
+    """The tokenizer next to a checkpoint: tokenizer.model (Llama 3's tiktoken file) or
+    tokenizer.json."""
     path = Path(path)
     for name in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json"):
         if (path / name).exists():
