@@ -139,8 +139,6 @@ def load_hf(path, device="cpu", dtype=torch.float32, redo: str = DOWNLOAD_AGAIN)
     return model.eval()
 
 
-
-
 def save_hf(model: Transformer, path, extra_files: Optional[dict] = None):
     """Write `model` as a standard HF directory: config.json + model.safetensors (+ extra JSON
     files)."""

@@ -36,7 +36,6 @@ def one_line_errors(*kinds, interrupted=None, who=lambda: ""):
         sys.exit(130)
 
 
-
 def check_flags(args):
     """Every float on a parsed command line is finite: NaN or inf (`--temperature inf` would sample
     uniformly) is refused before any model loads."""
@@ -76,7 +75,6 @@ def writing(where, advice: str):
         raise TapsError(f"{where}: cannot write ({err.strerror or err}); {advice}") from None
 
 
-
 def atomic_write(path: Path, write):
     """Write via a temporary file, then rename: an interrupted run leaves no half-written file."""
     # per process: torchrun's ranks may write one file
@@ -89,7 +87,6 @@ def atomic_write(path: Path, write):
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)      # never leave a half-written temporary file behind
         raise
-
 
 
 def check_device(device) -> torch.device:
@@ -106,7 +103,6 @@ def check_device(device) -> torch.device:
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise TapsError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return dev
-
 
 
 def default_device() -> str:
