@@ -210,6 +210,13 @@ class TreeShape:
     total_tokens: Optional[int] = 60
     chain: bool = False
 
+    @property
+    def nodes(self) -> int:
+        """The most non-root nodes a tree of this shape holds: total_tokens, or the whole pool."""
+        if self.total_tokens is not None:
+            return self.total_tokens
+        return self.top_k * (1 + self.depth * self.top_k)
+
     def __post_init__(self):
         if self.top_k < 1 or self.depth < 1:
             raise TapsError(f"top_k and depth must be >= 1, got top_k={self.top_k}, "
@@ -749,7 +756,7 @@ def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sam
     n_new = context_budget(target, len(prompt), sampling.max_new_tokens)
     sampling = dataclasses.replace(sampling, max_new_tokens=n_new)
     # a whole tree (composed: up to one per drafter) is appended before `keep`
-    max_len = len(prompt) + n_new + len(drafters) * shape.total_tokens + shape.depth + 2
+    max_len = len(prompt) + n_new + len(drafters) * shape.nodes + shape.depth + 2
     cache, stats = target.new_cache(1, max_len), Stats()
 
     t0 = clock(dev)

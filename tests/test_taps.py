@@ -302,7 +302,8 @@ def test_statistics_are_consistent():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("setup", ["random-2-layer", "near-oracle-1-layer"])
-@pytest.mark.parametrize("chain, top_k, depth, total_tokens", [(False, 10, 5, 60), (False, 3, 4, 10), (True, 10, 4, 10)])
+@pytest.mark.parametrize("chain, top_k, depth, total_tokens",
+                         [(False, 10, 5, 60), (False, 3, 4, 10), (False, 3, 3, None), (True, 10, 4, 10)])
 def test_greedy_is_exactly_the_target(device, setup, chain, top_k, depth, total_tokens):
     V = 64
     if setup == "random-2-layer":
