@@ -1,10 +1,10 @@
 """The embedded default target's file format: a GGUF v2/v3 reader and its conversion to a standard
-Hugging Face directory (config.json, model.safetensors, tokenizer files), which `model.load_hf`
-then reads like any checkpoint. Plumbing, not the study's algorithm: model.py imports it only when
-the default target is converted (once per $TAPS_CACHE).
+Hugging Face directory (config.json, model.safetensors, tokenizer files), which
+`extras.checkpoint.load_hf` then reads like any checkpoint. Plumbing, not the study's algorithm:
+`model.load_target` imports it to find the default target, converted once per $TAPS_CACHE.
 
 Sections: GGUF reader (`read_gguf`) · GGUF -> HF (`gguf_to_hf`, `gguf_tokenizer_files`) · the
-embedded default (`default_gguf_path`, `export_default`).
+embedded default (`default_gguf_path`, `export_default`, `default_target_dir`).
 """
 import importlib.util
 import os
