@@ -6,7 +6,8 @@ and its size depends on the hardware: the target's cost of scoring N tokens is m
 machine (`calibrate`), and each call keeps the nodes, and grows the depth, that maximise expected
 tokens per second (`AutoTree`); where drafting does not pay, a call is a plain decoding step.
 Every input is a draft-side quantity or a past acceptance, so verification stays exactly lossless:
-`taps.generate(..., auto=AutoTree.for_target(target))` runs the same verifier on these trees.
+`taps.generate(target, drafters, prompt, tree=AutoTree.for_target(target))` runs the same
+verifier on these trees.
 """
 from __future__ import annotations
 
