@@ -99,7 +99,9 @@ def verify_tree(tree: "Tree", p_at: Callable[[int], object], rng: RandomSource):
     by `logits_to_probs`) after that node; any type with indexing, item assignment, .sum() and
     division works (torch tensors, numpy arrays of Fractions). The walk runs on the tree's trie
     (`Tree.trie`): a merged tree's repeated token paths are one node, as in the study's
-    candidate-by-candidate verification.
+    candidate-by-candidate verification. Nothing is lost: a second copy of a rejected token has
+    r(s) = 0 and could only be rejected again, so a plain merged tree is verified exactly as its
+    de-duplicated trie (`merge(dedup=True)`) and draws no extra random numbers.
     Returns (path, x, rejected): accepted node ids from the root (path[0] == 0, each node the
     parent of the next), the token drawn after them (correction, or bonus at a leaf), and the
     children tried and rejected.
