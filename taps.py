@@ -63,9 +63,11 @@ class TorchRandom:
 
     def __init__(self, seed: int = 0):
         self.g = torch.Generator().manual_seed(seed)
+        self.u: Optional[float] = None   # the last uniform drawn: a trace shows each test's draw
 
     def bernoulli(self, prob) -> bool:
-        return torch.rand((), generator=self.g).item() < float(prob)  # 1 always, 0 never
+        self.u = torch.rand((), generator=self.g).item()
+        return self.u < float(prob)  # 1 always, 0 never
 
     def categorical(self, probs) -> int:
         if probs.max() == probs.sum():   # a point mass (greedy decoding): its token, no draw
@@ -74,6 +76,17 @@ class TorchRandom:
 
 
 # ----------------------------------------------------------------------- verification (eqs. 1-2, 5)
+
+class VerifyTrace(Protocol):
+    """What a verifier tells a trace (extras/trace.py's `Trace`, for `--show`), as it happens: each
+    acceptance test with the probability it used, and the final draw with the vector it drew from
+    (a correction from the residual, or a bonus from p). Values are handed over as used, to be
+    read at once: the verifier goes on to modify r in place."""
+
+    def test(self, node: int, child: int, token: int, r, accepted: bool, p=None): ...
+
+    def draw(self, node: int, token: int, r, residual_mass=None): ...
+
 
 def residual(r, x):
     """Remove a rejected proposal x from r and renormalise (r is the verifier's own copy).
@@ -90,7 +103,8 @@ def residual(r, x):
     return r
 
 
-def verify_tree(tree: "Tree", p_at: Callable[[int], object], rng: RandomSource):
+def verify_tree(tree: "Tree", p_at: Callable[[int], object], rng: RandomSource,
+                trace: Optional[VerifyTrace] = None):
     """Recursive rejection sampling down a draft tree (eq. 5); exact for any draft-side tree.
 
     Each child s is a proposal with probability 1 (a point-mass q), so it is accepted with
@@ -104,39 +118,59 @@ def verify_tree(tree: "Tree", p_at: Callable[[int], object], rng: RandomSource):
     de-duplicated trie (`merge(dedup=True)`) and draws no extra random numbers.
     Returns (path, x, rejected): accepted node ids from the root (path[0] == 0, each node the
     parent of the next), the token drawn after them (correction, or bonus at a leaf), and the
-    children tried and rejected.
+    children tried and rejected. A trace, if given, is told every test and the draw as made.
     """
     _, kids = tree.trie()
     node, rejected = 0, []
     while True:
         r = p_at(node)
         for s in kids[node]:
-            if rng.bernoulli(r[tree.tokens[s]]):
+            x = tree.tokens[s]
+            accepted = rng.bernoulli(r[x])
+            if trace is not None:
+                trace.test(node, s, x, r[x], accepted)
+            if accepted:
                 node = s
                 break
             rejected.append(s)
-            r = residual(r, tree.tokens[s])
+            r = residual(r, x)
         else:  # no child accepted (or a leaf, where r is still p): draw from r
-            return tree.path_to(node), rng.categorical(r), rejected
+            x = rng.categorical(r)
+            if trace is not None:
+                trace.draw(node, x, r)
+            return tree.path_to(node), x, rejected
 
 
 def verify_chain(tokens: Sequence[int], q: Sequence, p_at: Callable[[int], object],
-                 rng: RandomSource):
+                 rng: RandomSource, trace: Optional[VerifyTrace] = None):
     """Classic speculative sampling (eqs. 1-2) of a chain tokens[1:], tokens[i] ~ q[i-1].
 
     q[i] and p_at(i) are the draft and target distributions of the token after position i of
     the chain (position 0 is the root). Accept tokens[i+1] with probability min(1, p/q); on the
     first rejection resample from norm(max(0, p - q)); after a whole chain draw a bonus from p.
-    Returns (path, x, rejected) as `verify_tree` does, for the chain's node ids 0..len-1.
+    Returns (path, x, rejected) as `verify_tree` does, for the chain's node ids 0..len-1, and
+    tells a trace what it tested and drew as `verify_tree` does.
     """
     for i, x in enumerate(tokens[1:]):
         p, qi = p_at(i), q[i]
-        if not rng.bernoulli(min(1, p[x] / qi[x])):
+        a = min(1, p[x] / qi[x])          # eq. 1's acceptance probability
+        accepted = rng.bernoulli(a)
+        if trace is not None:
+            trace.test(i, i + 1, x, a, accepted, p[x])
+        if not accepted:
             r = p - qi
             r = r * (r > 0)
             total = r.sum()   # 0 only if p <= q everywhere in floats (p = q is never rejected)
-            return list(range(i + 1)), rng.categorical(r / total if total > 0 else p), [i + 1]
-    return list(range(len(tokens))), rng.categorical(p_at(len(tokens) - 1)), []
+            r = r / total if total > 0 else p
+            x = rng.categorical(r)
+            if trace is not None:
+                trace.draw(i, x, r, total)
+            return list(range(i + 1)), x, [i + 1]
+    p = p_at(len(tokens) - 1)
+    x = rng.categorical(p)
+    if trace is not None:
+        trace.draw(len(tokens) - 1, x, p)
+    return list(range(len(tokens))), x, []
 
 
 # ----------------------------------------------------------------------------- draft trees (eq. 6)
@@ -192,6 +226,17 @@ class Tree:
         while path[-1] != 0:
             path.append(self.parents[path[-1]])
         return path[::-1]
+
+    def path_logq(self) -> list[float]:
+        """Each node's score as a rank: the lowest logq on its path from the root. A node is
+        accepted only after every node above it, so it is worth no more than the weakest of them.
+        An EAGLE-2 tree's scores already fall along every path (log q <= 0), so these are its
+        own; a de-duplicated merged tree's united node keeps the first tree's score, and a child
+        from another tree can outscore it."""
+        score = list(self.logq)
+        for i in range(1, len(self)):                     # parents precede children
+            score[i] = min(score[i], score[self.parents[i]])
+        return score
 
     def mask(self, device=None) -> torch.Tensor:
         """(N, N) bool: a node attends to itself and its ancestors (and the cached prefix)."""
@@ -273,12 +318,17 @@ def grow_tree(root_token: int, logp0: torch.Tensor, expand, shape: TreeShape,
 def prune(tree: Tree, n: int) -> Tree:
     """The root and the n - 1 best nodes by score (eq. 6's final rerank), in their order.
 
-    A child never outscores its parent (log q <= 0) and ties go to the earlier node, which is
-    the parent, so the kept set is a connected tree. Merged trees: their union is ranked.
+    Nodes rank by `Tree.path_logq`, which never rises from parent to child, and ties go to the
+    earlier node, a parent before its children: so the kept set is a tree (every kept node's
+    parent kept) whatever it is given. On EAGLE-2's trees that is the study's rerank by logq.
+    Fixed here, not in `merge`, because this is where a tree must come out, whatever composed
+    the input: a de-duplicated merged tree (`AutoTree` prunes it again) can hold a child that
+    outscores its parent, and ranking by raw logq kept such a child without its parent.
     """
     if n >= len(tree):
         return tree
-    order = sorted(range(1, len(tree)), key=lambda i: -tree.logq[i])   # stable: ties by node order
+    score = tree.path_logq()
+    order = sorted(range(1, len(tree)), key=lambda i: -score[i])   # stable: ties by node order
     keep = [0] + sorted(order[:n - 1])
     new_id = {old: new for new, old in enumerate(keep)}
     pick = lambda xs: [xs[i] for i in keep] if xs else []
@@ -540,13 +590,16 @@ def tag(tree: Tree, origin: int) -> Tree:
 
 def route(trees: list[Tree]) -> Tree:
     """Confidence routing (eqs. 12-13): the tree whose nodes have the highest mean draft
-    confidence exp(logq) (EAGLE-2's path probability, root excluded); ties go to the first."""
-    return max(trees, key=lambda t: mean(t.confidence[1:]))
+    confidence exp(logq) (EAGLE-2's path probability, root excluded); ties go to the first.
+    An empty tree (the root alone: `AutoTree` found no node worth verifying) loses to any
+    other: its mean is -inf, not NaN, which no comparison would let lose."""
+    return max(trees, key=lambda t: mean(t.confidence[1:], -math.inf))
 
 
 def route_entropy(trees: list[Tree]) -> Tree:
-    """The study's comparison: the tree whose nodes came from the lowest mean draft entropy."""
-    return min(trees, key=lambda t: mean(t.entropy[1:]))
+    """The study's comparison: the tree whose nodes came from the lowest mean draft entropy; an
+    empty tree (mean +inf) loses to any other, as in `route`."""
+    return min(trees, key=lambda t: mean(t.entropy[1:], math.inf))
 
 
 def merge(trees: list[Tree], dedup: bool = False) -> Tree:
@@ -618,9 +671,15 @@ class Stats:
     Entropies (nats, at T = 1) are the study's Tables 7-8: the draft's at each judged token, the
     target's at its parent."""
     accepted: list[int] = _calls()       # draft tokens accepted
+    # tokens emitted: accepted + 1, fewer where a stop token or the budget ended the call early
+    emitted: list[int] = _calls()
     tree_size: list[int] = _calls()      # nodes verified, root included
-    routed: list[int] = _calls()         # drafter whose tree was verified (-1: several)
-    accepted_from: list[int] = _calls()  # origin of the first accepted node (-1: none)
+    # the drafter whose tree was verified; -2: several drafters' nodes (a merged tree); -1: none,
+    # the root alone (a plain step, or every drafter's tree cut to its root by `AutoTree`)
+    routed: list[int] = _calls()
+    # origin (`Tree.origin`) of the first accepted node's first copy: a drafter; -2: several, a
+    # united node of merged-dedup; -1: nothing accepted
+    accepted_from: list[int] = _calls()
     leaf: list[bool] = _calls()          # the accepted path ended at a leaf (a bonus token)
     new_tokens: int = 0                  # generated tokens minus the prefill token
     draft_entropy_accepted: list[float] = _calls()    # per token
@@ -639,18 +698,23 @@ class Stats:
                draft_s: float, verify_s: float):
         """One verifier call: accepted path (node ids from the root), rejected children, the
         target logits computed at visited nodes, and how many of the call's tokens were emitted
-        (a stop token or the budget may end it early)."""
+        (a stop token or the budget may end it early). A merged tree's copies of a token path
+        are one node of its trie, as `verify_tree` walks it: each accepted node counts as its
+        first copy, where its acceptance was decided, whichever copy `path` runs through (so
+        `accepted_from` and the entropies of merged and merged-dedup trees agree)."""
+        first, kids = tree.trie()
+        path = [first[i] for i in path]
         self.accepted.append(len(path) - 1)
+        self.emitted.append(emitted)
         self.tree_size.append(len(tree))
-        origins = set(tree.origin[1:])   # one drafter's tree, else -1 (merged)
-        self.routed.append(origins.pop() if len(origins) == 1 and min(origins) >= 0 else -1)
+        origins = set(tree.origin[1:])
+        self.routed.append(-1 if not origins else origins.pop() if len(origins) == 1 else -2)
         self.accepted_from.append(tree.origin[path[1]] if len(path) > 1 and tree.origin else -1)
-        first, kids = tree.trie()        # a merged tree's copies of a token path are one node
-        self.leaf.append(not kids[first[path[-1]]])
+        self.leaf.append(not kids[path[-1]])
         self.draft_time += draft_s
         self.verify_time += verify_s
         # the entropies of judgements whose token was emitted: children of path[j], j < emitted
-        parents = {first[i] for i in path[:emitted]}
+        parents = set(path[:emitted])
         path = path[:1 + emitted]
         rejected = [s for s in rejected if first[tree.parents[s]] in parents]
         judged = path[1:] + rejected
@@ -665,18 +729,24 @@ class Stats:
 
     @property
     def tau(self) -> float:
-        """Acceptance length: new tokens per verifier call (each call emits accepted + 1)."""
+        """Acceptance length: new tokens per verifier call (each call emits accepted + 1, the
+        last one fewer where a stop token or the budget ends it)."""
         return self.new_tokens / self.calls if self.calls else math.nan
 
     def acceptance_by_depth(self) -> list[float]:
         """alpha[d-1]: of the calls that accepted a token at depth d-1 (the root is depth 0) *and
         had a child there to accept*, the share that accepted one at depth d. A path that ended at
-        a leaf had nothing below it to accept (its last token was a bonus): not counted."""
+        a leaf had nothing below it to accept (its last token was a bonus): not counted. Only
+        emitted tokens count, as in tau: where a stop token or the budget ended a call inside its
+        accepted path, the acceptances below the cut and the judgement after them are left out."""
         leaf = self.leaf or [False] * self.calls
+        emitted = self.emitted or [n + 1 for n in self.accepted]
+        ok = [min(n, e) for n, e in zip(self.accepted, emitted)]     # accepted tokens emitted
+        # the call's last judgement (every child rejected) was emitted, as its correction token
+        failed = [e > n and not end for n, e, end in zip(self.accepted, emitted, leaf)]
         alpha, d = [], 1
-        while reached := sum(n >= d or (n == d - 1 and not end)
-                             for n, end in zip(self.accepted, leaf)):
-            alpha.append(sum(n >= d for n in self.accepted) / reached)
+        while reached := sum(n >= d or (n == d - 1 and f) for n, f in zip(ok, failed)):
+            alpha.append(sum(n >= d for n in ok) / reached)
             d += 1
         return alpha
 
@@ -725,32 +795,41 @@ def _emit(out: list[int], new: list[int], sampling: Sampling) -> tuple[int, bool
     return len(new), False
 
 
+def check_compose(compose, k: int, chain=False):
+    """A composition by name takes one drafter (single) or several (the others); a chain, one."""
+    if isinstance(compose, str):
+        if compose not in COMPOSE:
+            raise TapsError(f"unknown compose {compose!r} (choose from {', '.join(COMPOSE)})")
+        if (compose == "single") != (k == 1):
+            need = "exactly one drafter" if compose == "single" else "two or more drafters"
+            raise TapsError(f"compose {compose!r} takes {need}, got {k}")
+    if chain and k != 1:
+        raise TapsError("chain speculative sampling takes exactly one drafter")
+
+
 @torch.inference_mode()
 def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sampling(),
-             tree=TreeShape(), compose="single", rng: Optional[RandomSource] = None):
+             tree=TreeShape(), compose="single", rng: Optional[RandomSource] = None, trace=None):
     """Speculative decoding: draft -> verify until `sampling.max_new_tokens` or a stop token.
 
     drafters: a Drafter or a list; each keeps its own KV cache and drafts its own tree every
     call, and `compose` (a name in COMPOSE or a function of the list of trees) makes the one
     tree to verify. tree: a fixed `TreeShape` (the study's by default; chain=True: a sampled
     chain, eqs. 1-2), or an `extras.autotree.AutoTree` that sizes every call's trees for the
-    hardware (each drafter's tree, then the composed one under one budget).
+    hardware (each drafter's tree, then the composed one under one budget). trace: None (off),
+    or an `extras.trace.Trace`, which records every call: the trees composed, the tree verified,
+    each test and draw as the verifier made it (`VerifyTrace`), the path and the tokens emitted.
     Returns the generated tokens (prompt excluded; the first from prefill) and `Stats`.
     """
     shape, auto = (tree, None) if isinstance(tree, TreeShape) else (tree.shape, tree)
     drafters = [drafters] if isinstance(drafters, Drafter) else list(drafters)
     for d in drafters:
         check_drafter(d, target)
-    if isinstance(compose, str):
-        if compose not in COMPOSE:
-            raise TapsError(f"unknown compose {compose!r} (choose from {', '.join(COMPOSE)})")
-        if (compose == "single") != (len(drafters) == 1):
-            need = "exactly one drafter" if compose == "single" else "two or more drafters"
-            raise TapsError(f"compose {compose!r} takes {need}, got {len(drafters)}")
-        compose = COMPOSE[compose]
-    if shape.chain and len(drafters) != 1:
-        raise TapsError("chain speculative sampling takes exactly one drafter")
+    check_compose(compose, len(drafters), shape.chain)
+    compose = COMPOSE[compose] if isinstance(compose, str) else compose
     rng = rng or TorchRandom(0)
+    if trace is not None:   # it sees the trees each call composes, and the uniforms drawn
+        compose = trace.watch(compose, rng)
     dev = target.embed_tokens.weight.device
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).flatten()
     if len(prompt) == 0:
@@ -795,9 +874,9 @@ def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sam
         _, h = target(tokens, pos, mask, cache, head=False)     # (1, N, H)
         p_at = TargetHead(target, tree, h[0], sampling)
         if shape.chain:
-            path, x, rejected = verify_chain(tree.tokens, q, p_at, rng)
+            path, x, rejected = verify_chain(tree.tokens, q, p_at, rng, trace)
         else:
-            path, x, rejected = verify_tree(tree, p_at, rng)
+            path, x, rejected = verify_tree(tree, p_at, rng, trace)
         # keep: the accepted path's keys and values stay in the cache, the rest are dropped
         cache.keep(L, path)
         t2 = clock(dev)
@@ -807,6 +886,8 @@ def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sam
         new = [tree.tokens[i] for i in path[1:]] + [x]
         emitted, done = _emit(out, new, sampling)
         stats.record(tree, path, rejected, p_at.logits, emitted, t1 - t0, t2 - t1)
+        if trace is not None:
+            trace.call(tree, path, new[:emitted], t1 - t0, t2 - t1)
         for s in states:   # the accepted tokens, with the target's features at their parents
             s.extend(torch.tensor(new, device=dev), h[0, path])
     stats.new_tokens = len(out) - 1
@@ -817,9 +898,11 @@ def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sam
 
 def main(argv=None):
     from extras.autotree import TREES, AutoTree, load_for   # --tree auto, --dtype auto
-    from extras.runtime import DTYPES, check_flags, default_device, one_line_errors
-    ap = argparse.ArgumentParser(description="Speculative decoding with EAGLE drafters (lossless: "
-                                 "the reply is distributed exactly as the target's own).")
+    from extras.runtime import (DTYPES, Parser, check_flags, check_tree_flags, default_device,
+                                given, one_line_errors, refuse_unused, target_args)
+    from extras.trace import Trace, check_destinations, save, show   # --show, --trace(-html)
+    ap = Parser(description="Speculative decoding with EAGLE drafters (lossless: the reply is "
+                            "distributed exactly as the target's own).")
     ap.add_argument("--prompt", required=True, help="user message to answer")
     ap.add_argument("--drafter", action="append", required=True, metavar="CKPT",
                     help="drafter checkpoint, or 'random' for an untrained one; repeat to compose")
@@ -839,20 +922,50 @@ def main(argv=None):
     ap.add_argument("--device", default=default_device())
     ap.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
                     help="auto (default): bf16 where this machine's calibration says it pays")
+    ap.add_argument("--show", action="store_true",
+                    help="print every verifier call: its tree, each acceptance test, the draw")
+    ap.add_argument("--trace", metavar="FILE.jsonl", help="every verifier call as a JSON line")
+    ap.add_argument("--trace-html", metavar="FILE.html",
+                    help="every verifier call's tree drawn, in one self-contained HTML page")
     args = ap.parse_args(argv)
     with one_line_errors():
         check_flags(args)
+        check_compose(args.compose, len(args.drafter), args.chain)
+        # the study tree's flags do nothing with an auto tree; a chain reads --depth alone
+        idle = ({"--total-tokens", "--top-k", "--tree"} if args.chain else
+                {"--total-tokens", "--depth", "--top-k"} if args.tree == "auto" else set())
+        refuse_unused(ap, args, given(ap, args) - idle, *(
+            ("with --chain (it drafts --depth + 1 tokens)",) if args.chain else
+            ("with --tree auto (the default)", "add --tree study to use the fixed tree")))
+        if args.temperature == 0:
+            refuse_unused(ap, args, given(ap, args) - {"--top-p"}, "at --temperature 0 (greedy)")
+        # a chain verifies depth + 1 tokens: its depth is its node budget
+        shape = TreeShape(args.top_k, args.depth, args.depth if args.chain else args.total_tokens,
+                          args.chain)
+        if args.tree == "study" or args.chain:    # before any model work (--dtype auto's)
+            check_tree_flags(shape, target_args(args.target))
+        check_destinations(args.trace, args.trace_html)
         target, tokenizer = load_for(args.target, args.device, args.dtype)
-        drafters = [Drafter.random(target, args.seed) if d == "random" else Drafter.load(d, target)
-                    for d in args.drafter]
+        drafters = [Drafter.random(target, args.seed + i) if d == "random"   # each its own
+                    else Drafter.load(d, target) for i, d in enumerate(args.drafter)]
+        if args.tree == "study" or args.chain:
+            check_tree_flags(shape, target.args, drafters)   # each drafter's vocabulary
         auto = AutoTree.for_target(target) if args.tree == "auto" and not args.chain else None
         chat = [{"role": "user", "content": args.prompt}]
         ids, _ = tokenizer.encode_chat(chat, add_generation_prompt=True)
         n = context_budget(target, len(ids), args.max_new_tokens, say=True)
         sampling = Sampling(args.temperature, args.top_p, n, frozenset(tokenizer.stop_ids))
-        tree = auto or TreeShape(args.top_k, args.depth, args.total_tokens, args.chain)
+        tree = auto or shape
+        trace = None
+        if args.show or args.trace or args.trace_html:
+            trace = Trace(lambda t: tokenizer.decode([t]))
+            trace.meta = {k: vars(args)[k] for k in ("prompt", "drafter", "compose", "temperature")}
         out, stats = generate(target, drafters, ids, sampling, tree, args.compose,
-                              TorchRandom(args.seed))
+                              TorchRandom(args.seed), trace)
+        if trace is not None:
+            save(trace, args.trace, args.trace_html, f"taps --prompt {args.prompt!r}")
+    if args.show:
+        show(trace)
     print(tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]))
     s = stats.summary()
     wall = s["prefill_s"] + s["draft_s"] + s["verify_s"]

@@ -18,10 +18,11 @@ only where x_{t+2} is an assistant token:
     HArmonizedSS/HASS's train/main.py runs them (its forward_num_total = 3 counts the plain pass).
 
 Optimisation (EAGLE/HASS defaults): AdamW, betas (0.9, 0.95), gradients clipped by value at 0.5,
-linear warmup then linear decay, bf16 autocast (--no-amp where bf16 is slow). Each epoch writes the
-drafter (atomically), the held-out top-1 agreement on math and chat (printed, and logged to
-<out>.jsonl) and the training state <out>.state.pt (also every --save-interval seconds); --resume
-reproduces an uninterrupted run exactly (each step's input noise is seeded by step and rank).
+linear warmup then linear decay, bf16 autocast where a step measures faster so (`auto_amp`;
+--amp / --no-amp force it). Each epoch writes the drafter (atomically), the held-out top-1
+agreement on math and chat (printed, and logged to <out>.jsonl) and the training state
+<out>.state.pt (also every --save-interval seconds); --resume reproduces an uninterrupted run
+exactly (each step's input noise is seeded by step and rank).
 torchrun: extras/distributed.py. A draft vocabulary (--draft-vocab; 0 = every token, the study's)
 is the most frequent target tokens over both domains' training sets of the size
 (`draft_vocabulary`), so every drafter of a size shares it and can be averaged.
@@ -97,7 +98,7 @@ class TrainConfig:
     grad_clip: float = 0.5           # clip each gradient value to [-0.5, 0.5], as EAGLE does
     head_chunk: int = 2048           # loss positions per full-vocabulary logit block
     draft_vocab: int = 0             # draft vocabulary size (Drafter.vocab); 0 = every token
-    amp: bool = True                 # bf16 autocast
+    amp: bool = True                 # bf16 autocast (the CLI measures which is faster: auto_amp)
     seed: int = 0
 
     def __post_init__(self):
@@ -244,7 +245,10 @@ def aligned_passes(drafter, target, tokens, f_in, steps):
 
     Step 0 reads the target's features; step j reads, at position t, the drafter's own step-(j-1)
     prediction of f_t (detached, as in HASS), so with `align_mask` its output at t is what a
-    depth-j draft node after the prefix ending at t - j would get at inference."""
+    depth-j draft node after the prefix ending at t - j would get at inference. A position t < j
+    has no such prefix: every step keeps the target's f_0 at position 0, so it sees f_0 and draft
+    features at 1..t and its output is step t's at t, a depth-t node after the prefix ending at 0
+    (HArmonizedSS/HASS's cnets_hass.py masks the same way)."""
     kv, (B, T) = KeyValueStack(), tokens.shape
     pos = torch.arange(T, device=tokens.device).expand(B, T)   # every step re-reads 0..T-1
     for j in range(steps):
@@ -276,6 +280,11 @@ def drafter_loss(drafter, target, batch, cfg: TrainConfig, g: Optional[torch.Gen
     n_keep = n_pos if keep is None else count(keep.sum())
     head = draft_head(target, drafter)
     total, first = 0.0, None
+    # Every step scores the same positions `sel`, weight 1 each, as HArmonizedSS/HASS's
+    # train/main_hass.py does (one loss_mask for all forward_num_total = 3 passes, the first j
+    # positions of step j unmasked): a selected t < j counts again with step t's loss at t. In a
+    # chat none is selected: the first assistant token follows the user's turn and the assistant
+    # header, well past t = 2.
     for h in aligned_passes(drafter, target, tokens, f_in, cfg.steps):
         v = feature_loss(h[sel], f_tgt, n_pos)
         ce, topk, top1 = head_terms(head, h[sel], f_tgt, cfg.topk, cfg.head_chunk, keep, n_keep)
@@ -353,6 +362,82 @@ def train_step(model: nn.Module, opt, sched, batch, g):
     n = float(batch["mask"][:, 2:].sum())
     loss, top1, positions = world.mean([loss.item(), terms["top1"], n])
     return loss, {**terms, "top1": top1, "positions": round(positions * world.size)}
+
+
+AMP_STEP = (2, 130)   # the timed step: 2 random conversations of 130 tokens (128 loss positions)
+
+
+def measure_amp(target: Transformer, reps: int = 3) -> dict:
+    """Seconds of one `train_step` (forward, backward, optimizer) of a fresh EAGLE drafter with
+    the default draft vocabulary, in fp32 and under bf16 autocast: {"fp32": s, "bf16": s}, each the
+    median of `reps` after a warm-up, the two interleaved so that a drifting machine slows both
+    alike. Torch's random state is left as it was (a run stays reproducible)."""
+    from extras.distributed import Objective
+    from model import clock
+    dev = target.embed_tokens.weight.device
+    (B, n), V = AMP_STEP, target.args.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(V, (B, n), generator=g)
+    batch = {"ids": ids, "mask": torch.ones_like(ids), "next": ids.roll(-1, 1),
+             "feats": torch.randn(B, n, target.args.dim, generator=g),
+             "lengths": torch.full((B,), n)}
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    cfg = TrainConfig(draft_vocab=min(DRAFT_VOCAB, V))
+    with torch.random.fork_rng(devices=[]):
+        drafter = Drafter.for_target(target, torch.arange(cfg.draft_vocab, device=dev)).float()
+    model = Objective(drafter, target, cfg)
+    opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    noise = torch.Generator(device=dev).manual_seed(0)
+    times = {False: [], True: []}
+    for _ in range(reps + 1):                        # the first of each is a warm-up
+        for amp in times:
+            cfg.amp = amp
+            t0 = clock(dev)
+            train_step(model, opt, sched, batch, noise)
+            times[amp].append(clock(dev) - t0)
+    return {name: sorted(times[amp][1:])[reps // 2] for name, amp in (("fp32", False),
+                                                                       ("bf16", True))}
+
+
+def read_step_times(entry) -> dict:
+    """A saved entry's {"fp32": s, "bf16": s}; ValueError unless both are finite and > 0."""
+    s = {k: float(entry["train_step_s"][k]) for k in ("fp32", "bf16")}
+    if not all(0 < t < math.inf for t in s.values()):
+        raise ValueError("times must be finite and > 0")
+    return s
+
+
+def auto_amp(target: Transformer, path=None) -> tuple[bool, str]:
+    """Training's precision where --amp is not given, and why: bf16 autocast on CUDA; on a CPU,
+    whichever of a training step in fp32 and one under bf16 autocast (`measure_amp`) is faster --
+    autocast is about twice as fast on cores with AMX and about twice as slow where bf16 is
+    emulated (results/REPORT.md). Measured once per (machine, target, dtype, threads) and cached
+    beside the tree-size calibration (`extras.autotree.cached`). Decided by measuring, not by
+    CPU flags, as `--dtype auto` is."""
+    if target.embed_tokens.weight.device.type == "cuda":
+        return True, "CUDA"
+    from extras.autotree import cached, calibration_key
+    key = calibration_key(target, measured="training step, fp32 vs bf16 autocast")
+    s = cached(key, lambda: {"train_step_s": measure_amp(target)}, read_step_times,
+               "timing a training step in fp32 and under bf16 autocast", path)
+    return s["bf16"] < s["fp32"], (f"a step measured {1000 * s['bf16']:.0f} ms under autocast, "
+                                   f"{1000 * s['fp32']:.0f} ms in fp32 on this machine")
+
+
+def decide_amp(flag: str, target: Transformer, state_file: Path, resume: bool) -> tuple[bool, str]:
+    """--amp on | off | auto -> (autocast?, why): forced, the resumed run's own (a resumed run
+    must train as it began), or `auto_amp`'s measurement."""
+    if flag != "auto":
+        return flag == "on", "--amp" if flag == "on" else "--no-amp"
+    if resume and state_file.exists():
+        try:   # mmap: the config only, not the tensors
+            saved = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
+            return bool(saved["config"]["amp"]), f"as the run resumed from {state_file}"
+        except Exception:   # unreadable: `restore` says so in one line
+            pass
+    amp, why = auto_amp(target)
+    return amp, f"{why}; --amp / --no-amp force it"
 
 
 def lr_factor(step, warm, total):
@@ -586,8 +671,11 @@ def main(argv=None):
                     help="target dtype for features and the loss (default auto: bf16 on CUDA and "
                          "on CPUs whose measured bf16 matmuls are faster, else fp32)")
     ap.add_argument("--data-dir", help="data directory (default: $TAPS_DATA or ../shared/data)")
-    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                    help="bf16 autocast (default on)")
+    ap.add_argument("--amp", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                    help="bf16 autocast: auto (default) times a training step each way once per "
+                         "machine (cached) and takes the faster; --amp alone forces it on")
+    ap.add_argument("--no-amp", dest="amp", action="store_const", const="off",
+                    help="train in fp32, no autocast")
     ap.add_argument("--extract-batch", type=int, default=None,
                     help="conversations per target call (default 1 on CPU, 8 on CUDA)")
     ap.add_argument("--save-interval", type=float, default=120.0,
@@ -619,7 +707,7 @@ def main(argv=None):
         names = [n.replace("-", "_") for n, _ in overridable]
         overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
         cfg = TrainConfig(domain=args.domain or "math", backbone=args.backbone, size=args.size,
-                          amp=args.amp, draft_vocab=args.draft_vocab, **overrides)
+                          draft_vocab=args.draft_vocab, **overrides)
         from extras.distributed import World, check_split
         check_split(cfg.batch_size, int(os.environ.get("WORLD_SIZE", 1)))   # before joining
         out = Path(args.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
@@ -641,6 +729,11 @@ def main(argv=None):
         if args.features_only:
             return say(f"[feature caches of size {cfg.size} ready in "
                        f"{time.perf_counter() - t0:.0f} s]")
+        def choose() -> bool:   # rank 0 decides (measuring at most once), every rank follows
+            amp, why = decide_amp(args.amp, target, state_path(out), args.resume)
+            print(f"[training precision: {'bf16 autocast' if amp else 'fp32'} ({why})]")
+            return amp
+        cfg = dataclasses.replace(cfg, amp=bool(world.pick(choose, device)))
         t1 = time.perf_counter()
         n = sum(fs.meta["conversations"] for fs in train_sets)
         say(f"[target + features ready in {t1 - t0:.0f} s; training {cfg.backbone} on "

@@ -65,12 +65,13 @@ def measure_verify(target: Transformer, sizes=CALIBRATION_SIZES, prefix: int = 2
     return out
 
 
-def calibration_key(target: Transformer) -> str:
-    """Calibrations are per (machine, target, dtype, threads): none from elsewhere is trusted."""
+def calibration_key(target: Transformer, **what) -> str:
+    """Calibrations are per (machine, target, dtype, threads): none from elsewhere is trusted.
+    `what` names a measurement other than the verify curve (training's step, `train.auto_amp`)."""
     dev = target.embed_tokens.weight.device
     dtype = str(target.embed_tokens.weight.dtype).removeprefix("torch.")
     return json.dumps({"machine": machine(dev), "device": dev.type,
-                       "target": target_identity(target), "dtype": dtype}, sort_keys=True)
+                       "target": target_identity(target), "dtype": dtype, **what}, sort_keys=True)
 
 
 def read_curve(entry) -> dict:
@@ -82,16 +83,17 @@ def read_curve(entry) -> dict:
     return curve
 
 
-def calibrate(target: Transformer, path: Optional[Path] = None) -> dict:
-    """The target's {n: seconds to score n tokens} on this machine, measured once and cached in
-    $TAPS_CACHE/calibration.json under `calibration_key`. An unreadable entry is measured anew
-    (other machines' entries are kept); a cache that cannot be written costs a measurement next
-    time, nothing else."""
+def cached(key: str, measure, read, doing: str, path: Optional[Path] = None):
+    """read(entry) of this machine's entry under `key` in $TAPS_CACHE/calibration.json, measuring it
+    (entry = measure(), a dict) once when absent and saying `doing` then. An unreadable entry is
+    measured anew (other machines' entries are kept); a cache that cannot be written costs a
+    measurement next time, nothing else. read raises ValueError, KeyError, TypeError or
+    AttributeError on an entry it cannot use."""
     path = Path(path or cache_dir() / "calibration.json")
     if path.is_dir():
         raise TapsError(f"{path}: is a directory, not a calibration file; "
                         "remove it or set TAPS_CACHE elsewhere")
-    key, saved = calibration_key(target), {}
+    saved = {}
     if path.exists():
         try:
             saved = json.loads(path.read_text())
@@ -100,16 +102,14 @@ def calibrate(target: Transformer, path: Optional[Path] = None) -> dict:
         saved = saved if isinstance(saved, dict) else {}
         if key in saved:
             try:
-                return read_curve(saved[key])
+                return read(saved[key])
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 print(f"[{path}: this machine's calibration is unusable ({e}); measuring again]",
                       file=sys.stderr)
     k = json.loads(key)
-    print(f"[calibrating tree sizes: {k['target']['name']} in {k['dtype']} "
-          f"on {k['machine']['cpu']}, {k['machine']['threads']} threads; cached in {path}]",
-          file=sys.stderr)
-    curve = measure_verify(target)
-    saved[key] = {"verify_s": curve, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(f"[{doing} on {k['machine']['cpu']}, {k['machine']['threads']} threads; cached in "
+          f"{path}]", file=sys.stderr)
+    saved[key] = {**measure(), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
     advice = "it is measured again next time; set TAPS_CACHE to a writable directory"
     try:
         with writing(path, advice):
@@ -117,7 +117,16 @@ def calibrate(target: Transformer, path: Optional[Path] = None) -> dict:
             atomic_write(path, lambda p: p.write_text(json.dumps(saved, indent=1)))
     except TapsError as e:
         print(f"[{e}]", file=sys.stderr)
-    return curve
+    return read(saved[key])
+
+
+def calibrate(target: Transformer, path: Optional[Path] = None) -> dict:
+    """The target's {n: seconds to score n tokens} on this machine, measured once and cached in
+    $TAPS_CACHE/calibration.json under `calibration_key` (`cached`)."""
+    key = calibration_key(target)
+    k = json.loads(key)
+    return cached(key, lambda: {"verify_s": measure_verify(target)}, read_curve,
+                  f"calibrating tree sizes: {k['target']['name']} in {k['dtype']}", path)
 
 
 def verify_table(curve: dict, n_max: int) -> torch.Tensor:
@@ -239,8 +248,10 @@ class AutoTree:
         return (expected + gain) / (elapsed + step_s + self.verify_s[n].item()) > rate
 
     def size(self, tree: Tree, dev, t0: float) -> Tree:
-        """The tree pruned to the best size for the time drafting has taken since t0."""
-        n, _, _ = self.best(torch.tensor(tree.logq[1:]), clock(dev) - t0)
+        """The tree pruned to the best size for the time drafting has taken since t0. Nodes are
+        valued by the scores `prune` ranks them by (`Tree.path_logq`), so the best N is counted
+        over the very nodes prune keeps, a composed tree's included."""
+        n, _, _ = self.best(torch.tensor(tree.path_logq()[1:]), clock(dev) - t0)
         return prune(tree, n)
 
     def draft(self, states: list, target: Transformer, root_token: int, compose) -> Tree:
@@ -279,7 +290,7 @@ class AutoTree:
     def record(self, tree: Tree, accepted: int, seconds: float):
         """After a drafted call: calibrate confidence (c) and the drafted calls' rate (a probe
         starts afresh)."""
-        self.predicted += sum(tree.confidence[1:])
+        self.predicted += sum(math.exp(s) for s in tree.path_logq()[1:])   # as `size` valued them
         self.accepted += accepted
         keep = 0.0 if self.fresh else 0.9
         self.spec_tokens = keep * self.spec_tokens + accepted + 1

@@ -4,13 +4,16 @@ Plain decoding at batch 1 reads every weight once per token, so tok/s <= copy ba
 bytes; the bench prints both, the cost of scoring N tokens, and one call of the study's tree
 (draft + verify) against a plain step with the full and a 32k draft vocabulary. `--shape` builds a
 named architecture with random weights (`random_target`), so a GPU's figures need no download.
+`--compile` compares instead today's eager path with the static one, eager and compiled
+(`compare`); `gpu_check` (make gpu-check) is the GPU's whole check.
 """
 from __future__ import annotations
 
 import torch
 
-from extras.runtime import check_device, describe, machine
-from model import ModelArgs, TapsError, Transformer, clock, generate_plain, load_target
+from extras.runtime import check_device, check_memory, describe, machine
+from model import (ModelArgs, StaticSteps, TapsError, Transformer, bucket, clock, generate_plain,
+                   load_target, pad_tree)
 
 
 # named architectures for `--bench --shape`: random weights, so a speed needs no download
@@ -34,6 +37,9 @@ def random_target(shape: str, device, dtype) -> Transformer:
             model = Transformer(ModelArgs(**SHAPES[shape], name=f"{shape} (random weights)"))
     finally:
         torch.set_default_dtype(default)
+    nbytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    check_memory(nbytes, f"--shape {shape} in {str(dtype).removeprefix('torch.')}", device,
+                 "give a smaller --shape or --dtype, or another --device")
     model = model.to_empty(device=device)
     g = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
@@ -53,19 +59,29 @@ def copy_bandwidth(device, nbytes: int, reps: int = 10) -> float:
     return 2 * nbytes * reps / (clock(device) - t0)
 
 
-def bench(path, shape, device, dtype, n_new=128):
-    """The bench of `path` (None: the embedded default), or of random weights of a named `shape`."""
+def bench(path, shape, device, dtype, n_new=128, compile=False):
+    """The bench of `path` (None: the embedded default), or of random weights of a named `shape`;
+    compile: eager against the compiled static path instead (`compare`)."""
     check_device(device)
     print(describe(machine(device)) + "\n")
+    model, prompt = bench_target(path, shape, device, dtype)
+    if compile:
+        return print_comparison(compare(model, prompt, device, n_new))
+    return measure(model, prompt, device, n_new)
+
+
+def bench_target(path, shape, device, dtype) -> tuple[Transformer, list]:
+    """The target and prompt a bench runs: random weights of `shape` with 40 random tokens, or a
+    checkpoint with a chat prompt."""
     if shape:
         model = random_target(shape, device, dtype)
         prompt = torch.randint(model.args.vocab_size, (40,),
                                generator=torch.Generator().manual_seed(0))
-        return measure(model, prompt.tolist(), device, n_new)
+        return model, prompt.tolist()
     model, tokenizer = load_target(path, device, dtype)
     prompt, _ = tokenizer.encode_chat([{"role": "user", "content": "Explain how a rainbow forms."}],
                                       add_generation_prompt=True)
-    return measure(model, prompt, device, n_new)
+    return model, prompt
 
 
 @torch.inference_mode()
@@ -120,3 +136,133 @@ def measure(model, prompt: list, device, n_new=128):
           "call / plain step |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
+
+
+# ----------------------------------------------------------------------------- eager vs compiled
+# `model.py --bench --compile`: one process, one dtype, back to back, so the ratios are fair on a
+# noisy machine. Rows: today's sliced cache, the static path eager (its reference), and compiled.
+
+SCORE_SIZES = (16, 61)   # an auto-sized CPU tree, and the study's 60 nodes + root (bucket 64)
+
+
+def random_tree(n: int, device):
+    """n tokens' ancestor mask (N, N) and depths (N,) of a random tree (each node's parent drawn
+    from the nodes before it): what a verifier call scores."""
+    g = torch.Generator().manual_seed(n)
+    mask, depths = torch.eye(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
+    for i in range(1, n):
+        parent = int(torch.randint(i, (), generator=g))
+        mask[i] |= mask[parent]
+        depths[i] = depths[parent] + 1
+    return mask.to(device), depths.to(device)
+
+
+def timed(device, fn, reps: int) -> float:
+    """Seconds per call of fn, the best of `reps` (a shared machine only ever adds time)."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = clock(device)
+        fn()
+        best = min(best, clock(device) - t0)
+    return best
+
+
+@torch.inference_mode()
+def compare(model: Transformer, prompt: list, device, n_new=128, sizes=SCORE_SIZES,
+            backend="inductor", reps: int = 3) -> list[dict]:
+    """Plain decoding (tok/s over n_new - 1 steps, prefill excluded) and scoring a tree of each of
+    `sizes` nodes after the prompt (ms per call), for today's sliced cache, the static path eager,
+    and the static path compiled by `backend`, whose first calls (they compile) are timed apart.
+    Each time is the best of `reps`. One row per path."""
+    V = model.args.vocab_size
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth(device, 1 << (30 if torch.device(device).type == "cuda" else 28))
+    trees = {n: (torch.randint(V, (n,), generator=torch.Generator().manual_seed(n)).to(device),
+                 *random_tree(n, device)) for n in sizes}
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    graphs = backend == "inductor" and torch.device(device).type == "cuda"
+    paths = {"eager, sliced cache (today)": None, "static cache, eager": StaticSteps(model),
+             f"static cache, compiled ({backend}{' + CUDA graphs' if graphs else ''})":
+             StaticSteps(model, backend=backend)}
+    rows = []
+    for name, steps in paths.items():
+        decode = lambda n: generate_plain(model, prompt, n, steps=steps)   # no stop ids: n tokens
+        t0 = clock(device)
+        decode(2)                   # first calls: the decode step, and prefill's chunk
+        score = scorer(model, steps, prompt, trees)
+        for n in sizes:
+            score(n)                # and each tree's bucket
+        first = clock(device) - t0
+        per_token = (timed(device, lambda: decode(n_new), reps)
+                     - timed(device, lambda: decode(1), reps)) / (n_new - 1)
+        rows.append({"target": model.args.name, "dtype": dtype, "path": name,
+                     "tok_s": 1 / per_token, "limit": bandwidth / weights,
+                     "score_ms": {n: 1000 * timed(device, lambda: score(n), reps) for n in sizes},
+                     "first_s": first if "compiled" in name else None})
+    return rows
+
+
+def scorer(model: Transformer, steps, prompt: list, trees: dict):
+    """n -> one verifier call's target pass over trees[n] (tokens, mask, depths) after the prompt,
+    whose cache is filled here, outside any timing; the tree is then dropped (not kept)."""
+    ids = torch.tensor([prompt], device=model.embed_tokens.weight.device)
+    P = len(prompt)
+    if steps is None:
+        cache = model.new_cache(1, P + max(trees))
+        model(ids, cache=cache)
+
+        def sliced(n):
+            tokens, mask, depths = trees[n]
+            model(tokens[None], P + depths[None], mask[None], cache, head=False)
+            cache.truncate(P)
+        return sliced
+    steps.fit(P + bucket(max(trees)))
+    steps.prefill(ids)
+    padded = {n: pad_tree(*tree) for n, tree in trees.items()}
+    return lambda n: steps.score(*padded[n])
+
+
+def print_comparison(rows: list[dict]):
+    """One markdown table of `compare`'s rows (several targets and dtypes may share it)."""
+    sizes = list(rows[0]["score_ms"])
+    print("| target | dtype | path | decode tok/s | of the limit | vs today | "
+          + " | ".join(f"score N = {n} (ms)" for n in sizes)
+          + f" | N = {sizes[-1]} / plain step | first calls (compile) s |")
+    print("|---" * (8 + len(sizes)) + "|")
+    today = {}
+    for r in rows:
+        base = today.setdefault((r["target"], r["dtype"]), r["tok_s"])
+        ms = r["score_ms"]
+        first = "–" if r["first_s"] is None else f"{r['first_s']:.1f}"
+        print(f"| {r['target']} | {r['dtype']} | {r['path']} | {r['tok_s']:.1f} "
+              f"| {r['tok_s'] / r['limit']:.0%} | {r['tok_s'] / base:.2f}x | "
+              + " | ".join(f"{ms[n]:.1f}" for n in sizes)
+              + f" | {ms[sizes[-1]] * r['tok_s'] / 1000:.2f} | {first} |")
+
+
+# (shape, dtype) of `make gpu-check`: the issue's Llama-3-8B figure, and bf16 against fp32 on the
+# embedded default's shape; the study's tree only (each size is one more compile per target)
+GPU_CHECK = (("llama3-8b", torch.bfloat16), ("smollm2-135m", torch.bfloat16),
+             ("smollm2-135m", torch.float32))
+
+
+def gpu_check(n_new: int = 64, device="cuda"):
+    """`make gpu-check`, after the CUDA-parametrised tests: eager vs the compiled static path (CUDA
+    graphs) on random weights of each GPU_CHECK target, one table (each target's rows are also
+    printed as they come, so a run cut short still shows what it measured)."""
+    from extras.runtime import one_line_errors
+    with one_line_errors():
+        check_device(device)
+        print(describe(machine(device)) + "\n", flush=True)
+        rows = []
+        for shape, dtype in GPU_CHECK:
+            model = random_target(shape, device, dtype)
+            prompt = torch.randint(model.args.vocab_size, (40,),
+                                   generator=torch.Generator().manual_seed(0)).tolist()
+            rows += compare(model, prompt, device, n_new, sizes=(61,), reps=2)
+            print_comparison(rows[-3:])
+            print(flush=True)
+            del model
+            torch._dynamo.reset()      # compiled graphs hold the target: let its memory go
+            torch.cuda.empty_cache()
+        print_comparison(rows)

@@ -96,14 +96,23 @@ class World:
             dist.broadcast(t, 0)
         return t
 
+    def pick(self, choose, device) -> int:
+        """Rank 0's choose() (an int) on every rank; the other ranks never call it, so a choice
+        that measures the machine measures it once (train.py --amp auto)."""
+        if self.size == 1:
+            return choose()
+        mine = torch.tensor([choose() if self.main else 0], device=device)
+        with self.together(" before training", "nothing was trained yet"):
+            return int(self.broadcast(mine))
+
     def same_dtype(self, target, tokenizer):
         """Rank 0's --dtype auto choice on every rank (each measured its own), so all ranks read
         one feature cache."""
         if self.size > 1:
             kinds = [torch.float32, torch.bfloat16, torch.float16]
-            dev = target.embed_tokens.weight.device
-            pick = torch.tensor([kinds.index(target.embed_tokens.weight.dtype)], device=dev)
-            target = target.to(kinds[int(self.broadcast(pick))])
+            dtype = target.embed_tokens.weight.dtype
+            target = target.to(kinds[self.pick(lambda: kinds.index(dtype),
+                                               target.embed_tokens.weight.device)])
         return target, tokenizer
 
     def close(self):

@@ -7,6 +7,7 @@ Sections: GGUF reader (`read_gguf`) · GGUF -> HF (`gguf_to_hf`, `gguf_tokenizer
 embedded default (`default_gguf_path`, `export_default`, `default_target_dir`).
 """
 import importlib.util
+import json
 import os
 import re
 import struct
@@ -286,10 +287,39 @@ def default_gguf_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def export_default(out):
+EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def check_export_dir(out: Path, overwrite: bool):
+    """Before any work: `out` is new, empty, or a previous export (nothing but EXPORT_FILES, its
+    config naming the default target), replaced only with `overwrite`. A directory holding anything
+    else is refused: an export never removes a user's files."""
+    if out.exists() and not out.is_dir():
+        raise TapsError(f"{out}: is a file; give a directory to export to")
+    try:
+        names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        config = json.loads((out / "config.json").read_text()) if "config.json" in names else {}
+    except (OSError, ValueError) as err:
+        raise TapsError(f"{out}: cannot read it as a previous export ({err}); give a new or "
+                        f"empty directory") from None
+    foreign = [n for n in names if n not in EXPORT_FILES]
+    if names and (foreign or not isinstance(config, dict)
+                  or config.get("_name_or_path") != DEFAULT_TARGET):
+        raise TapsError(f"{out}: holds files that are not an export of {DEFAULT_TARGET} "
+                        f"({', '.join((foreign or names)[:3])}{', ...' if len(names) > 3 else ''})"
+                        f"; give a new or empty directory (nothing was written)")
+    if names and not overwrite:
+        raise TapsError(f"{out}: holds a previous export of {DEFAULT_TARGET}; pass --overwrite "
+                        f"to replace it, or give a new directory")
+
+
+def export_default(out, overwrite=False,
+                   advice="set TAPS_CACHE to a writable directory with 1 GB free"):
     """Convert the GGUF file of the embedded default into a standard HF directory at `out`
-    (atomically)."""
+    (atomically): a new or empty directory, or with `overwrite` a previous export
+    (`check_export_dir`); `advice`: what to do when the write fails."""
     out = Path(out)
+    check_export_dir(out, overwrite)
     meta, tensors = read_gguf(default_gguf_path())
     config, state_dict = gguf_to_hf(meta, tensors)
     config["_name_or_path"] = DEFAULT_TARGET
@@ -299,11 +329,11 @@ def export_default(out):
     model.load_state_dict({k.removeprefix("model."): v for k, v in state_dict.items()}, assign=True)
     import shutil
     try:
-        with writing(out.parent, "set TAPS_CACHE to a writable directory with 1 GB free"):
+        with writing(out.parent, advice):
             save_hf(model, tmp, extra_files=gguf_tokenizer_files(meta))
-            if out.exists():  # a stale or partial export: replace it whole
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            for name in EXPORT_FILES if out.is_dir() else ():   # a previous export, file by file
+                (out / name).unlink(missing_ok=True)
+            os.replace(tmp, out)   # onto the emptied directory: it fails if a file appeared there
     finally:
         shutil.rmtree(tmp, ignore_errors=True)   # a failed export leaves no half-written folder
     return out
@@ -313,5 +343,5 @@ def default_target_dir() -> Path:
     """The embedded default target as an HF directory under $TAPS_CACHE, converted on first use."""
     out = cache_dir() / DEFAULT_TARGET
     if not (out / "model.safetensors").exists():
-        export_default(out)
+        export_default(out, overwrite=True)   # a partial export, or none
     return out

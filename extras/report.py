@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 
 from data import BENCHMARKS
-from eval import BENCH_NAMES, MERGED, METHODS, averages
+from eval import BENCH_NAMES, MERGED, METHODS, TIE_ULPS, averages
 from model import TapsError, mean
 from extras.runtime import atomic_write, writing
 
@@ -193,34 +193,64 @@ def method(r: dict) -> str:
     return r["config"]["method"]
 
 
+# where a parting note points: the fp32 figures that show the verifier exact
+EXACT = ("in fp32 greedy output equals plain decoding on every turn (make demo's Table 1; "
+         "tests/test_taps_default.py), which is what shows the verifier exact")
+
+
+def parting_notes(name: str, turns: list[dict], exact: str = EXACT) -> list[str]:
+    """What a "greedy = plain" count below all cannot say by itself (`eval.parting` records each
+    parting): one note when the partings are near-ties (rounding; `exact` points at the figures
+    that prove exactness), and an ERROR line for each parting that is not a near-tie."""
+    parted = [x for x in turns if x.get("match") is False]
+    ties = [x for x in parted if x.get("near_tie")]
+    lines = []
+    if ties:
+        gap = max(abs(x["logit_gap"]) for x in ties)
+        lines.append(f"note: {name}: greedy = plain on {len(turns) - len(parted)}/{len(turns)} "
+                     f"turns; {len(ties)} parted at a near-tie (the target's logits of the two "
+                     f"tokens at most {gap:.3g} apart, within {TIE_ULPS} units in the last place "
+                     f"of the dtype): a rounding parting, not the verifier; {exact}")
+    lines += [f"ERROR: {name}: turn {x['turn']} of prompt {x['question_id']} parted from plain "
+              f"decoding at new token {x['first_diff']}, where the target prefers plain's token "
+              f"by {fmt(x.get('logit_gap'), '.3g')} logits, beyond rounding "
+              f"({fmt(x.get('tie_tolerance'), '.3g')}): a verification bug"
+              for x in parted if not x.get("near_tie")]
+    return lines
+
+
+def table1(t: float, rs: list[dict], benches: list[str]) -> str:
+    """Table 1 at temperature t: tau with its interval and speedup per benchmark, tree size and, at
+    T = 0, greedy = plain, with the notes on any greedy parting under it."""
+    rows, notes = [], []
+    for r in rs:
+        turns = [x for b in benches for x in get(r, b, "turns") or []]
+        matched = [x for x in turns if x["match"] is not None]
+        notes += parting_notes(method(r), matched)
+        sizes = [x for b in benches if (x := get(r, b, "mean_tree_size")) is not None]
+        counts = [item_counts(r, b) for b in benches]
+        rows.append([method(r)]
+                    + [f"{fmt(get(r, b, 'tau'))} {interval(bootstrap([c]))} "
+                       f"({fmt(get(r, b, 'speedup'))}×)"
+                       for b, c in zip(benches, counts)]
+                    + [f"{fmt(get(r, 'average', 'tau'))} {interval(bootstrap(counts))} "
+                       f"({fmt(get(r, 'average', 'speedup'))}×)",
+                       fmt(mean(sizes, None), ".0f")]
+                    + ([f"{sum(x['match'] for x in matched)}/{len(matched)}"] if t == 0 else []))
+    return (f"### Table 1 (T = {t:g}): acceptance length τ [95% bootstrap interval over prompts] "
+            f"(speedup over plain decoding)\n\n"
+            + table(["method"] + [BENCH_NAMES[b] for b in benches] + ["average", "nodes/call"]
+                    + (["greedy = plain"] if t == 0 else []), rows)
+            + "".join(f"\n\n{n}" for n in notes))
+
+
 def tables(runs: list[dict]) -> str:
     """The study's tables from run dicts {"config", "results"} (one per method and temperature)."""
     out = []
     for t, rs, benches, drafter_paths in by_temperature(runs):
         names = [BENCH_NAMES[b] for b in benches]
         drafter_names = [Path(p).stem for p in drafter_paths]
-
-        rows = []
-        for r in rs:
-            turns = [x for b in benches for x in get(r, b, "turns") or []]
-            matches = [x["match"] for x in turns if x["match"] is not None]
-            margins = [x["margin"] for x in turns if x.get("margin") is not None]
-            parted = (f" (parted where the target's top-2 logits were ≤ {max(margins):.3f} apart)"
-                      if margins else "")
-            sizes = [x for b in benches if (x := get(r, b, "mean_tree_size")) is not None]
-            counts = [item_counts(r, b) for b in benches]
-            rows.append([method(r)]
-                        + [f"{fmt(get(r, b, 'tau'))} {interval(bootstrap([c]))} "
-                           f"({fmt(get(r, b, 'speedup'))}×)"
-                           for b, c in zip(benches, counts)]
-                        + [f"{fmt(get(r, 'average', 'tau'))} {interval(bootstrap(counts))} "
-                           f"({fmt(get(r, 'average', 'speedup'))}×)",
-                           fmt(mean(sizes, None), ".0f")]
-                        + ([f"{sum(matches)}/{len(matches)}{parted}"] if t == 0 else []))
-        out.append(f"### Table 1 (T = {t:g}): acceptance length τ [95% bootstrap interval over "
-                   f"prompts] (speedup over plain decoding)\n\n"
-                   + table(["method"] + names + ["average", "nodes/call"]
-                           + (["greedy = plain"] if t == 0 else []), rows))
+        out.append(table1(t, rs, benches))
 
         rows = []
         for name, a, b in comparisons(rs, benches):
@@ -243,8 +273,11 @@ def tables(runs: list[dict]) -> str:
                                          f"{pct(get(r, b, 'routing', 'per_call', i))}"
                                          for b in benches]
                     for r in routed for i, name in enumerate(drafter_names)]
+            rows += [[method(r), "no tree (plain step)"]
+                     + [f"– / {pct(get(r, b, 'routing', 'plain_calls'))}" for b in benches]
+                     for r in routed if any(get(r, b, "routing", "plain_calls") for b in benches)]
             out.append(f"### Table 3 (T = {t:g}): routing decisions, share of prompts (majority of "
-                       f"steps) / share of verifier calls\n\n"
+                       f"the calls that verified one drafter's tree) / share of verifier calls\n\n"
                        + table(["method", "drafter"] + names, rows))
 
         merged = [r for r in rs if r["config"]["compose"] in MERGED]
@@ -320,10 +353,12 @@ CONFIG_SHAPE = {"method": STR, "compose": STR, "temperature": (int, float), "lam
                 "equal_budget": (bool,), "drafters": [{"path": STR}]}
 BENCH_SHAPE = {"tau": NUM, "speedup": NUM, "mean_tree_size": NUM, "alpha_by_depth": [NUM],
                "accepted_from": [NUM],
-               "routing": {"per_call": [NUM], "per_prompt_majority": [NUM]},
+               "routing": {"per_call": [NUM], "per_prompt_majority": [NUM], "merged_calls": NUM,
+                           "plain_calls": NUM},
                "entropy": {w: {"accepted": NUM, "rejected": NUM} for w in ("draft", "target")},
                "turns": [{"question_id": (int, str), "new_tokens": INT, "calls": INT,
-                          "match": (bool, type(None)), "margin": NUM}]}
+                          "match": (bool, type(None)), "logit_gap": NUM,
+                          "near_tie": (bool,)}]}
 
 
 def misfit(x, shape, where: str) -> Optional[str]:

@@ -2,6 +2,7 @@
 and destinations before any work, atomic writes, and the machine a timing ran on."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import math
@@ -15,19 +16,25 @@ from typing import Optional
 
 import torch
 
-from model import TapsError
+from model import TapsError, logits_to_probs
+
+
+def say_error(line: str) -> int:
+    """Print an error line; the exit status to leave with."""
+    print(line, file=sys.stderr)
+    return 2
 
 
 @contextlib.contextmanager
-def one_line_errors(*kinds, interrupted=None, who=lambda: ""):
+def one_line_errors(*kinds, interrupted=None, who=lambda: "", say=say_error):
     """Every CLI's body: a TapsError (or one of `kinds`) is one line `error: ...` on stderr and exit
     status 2, never a traceback; Ctrl-C prints `interrupted` (what is kept: a string, or a function
-    asked at that moment) and exits 130 when given. who() names the process (a torchrun rank)."""
+    asked at that moment) and exits 130 when given. who() names the process (a torchrun rank);
+    say(line) prints the line and returns the exit status (torchrun: `extras.distributed.say`)."""
     try:
         yield
     except (TapsError, *kinds) as e:
-        print(f"error: {who()}{e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(say(f"error: {who()}{e}"))
     except KeyboardInterrupt:
         if interrupted is None:
             raise
@@ -36,14 +43,133 @@ def one_line_errors(*kinds, interrupted=None, who=lambda: ""):
         sys.exit(130)
 
 
-def check_flags(args):
-    """Every float on a parsed command line is finite: NaN or inf (`--temperature inf` would sample
-    uniformly) is refused before any model loads."""
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line like every other error, not the usage text."""
+
+    def error(self, message):
+        sys.exit(say_error(f"error: {message}; python {self.prog} --help lists the flags"))
+
+
+def given(ap: argparse.ArgumentParser, args) -> set:
+    """The flags whose value is not their default (a string default converted by its type, as
+    argparse does), as --names."""
+    default = {a.dest: a.type(a.default) if isinstance(a.default, str) and a.type else a.default
+               for a in ap._actions}
+    return {f"--{k.replace('_', '-')}" for k, v in vars(args).items() if v != default.get(k)}
+
+
+def refuse_unused(ap, args, used: set, where: str, advice: str = ""):
+    """A flag that does nothing `where` (a mode, a tree) is refused, not silently ignored: the
+    user believes it applied. used: the --names that do something there."""
+    idle = sorted(given(ap, args) - used)
+    if idle:
+        one = len(idle) == 1
+        raise TapsError(f"{', '.join(idle)} {'does' if one else 'do'} nothing {where}; "
+                        f"{advice or ('drop it' if one else 'drop them')}")
+
+
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+SEED_MAX = 2 ** 32 - 1      # a seed * 1_000_003 + i (eval, train) stays within torch's 64 bits
+POOL_MAX = 1 << 20          # study-tree pool nodes: grow_tree keeps each in Python lists (memory)
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+# What every numeric flag may be, by its name (one meaning in every script): a test and the range
+# in words. `check_flags` applies it to a parsed command line before any model loads.
+RANGES = {
+    "max_new_tokens": AT_LEAST_1, "limit": AT_LEAST_1, "top_k": AT_LEAST_1, "depth": AT_LEAST_1,
+    "total_tokens": AT_LEAST_1, "epochs": AT_LEAST_1, "n_train": AT_LEAST_1,
+    "n_heldout": AT_LEAST_1,
+    "seed": (lambda v: 0 <= v <= SEED_MAX, f"between 0 and {SEED_MAX}"),
+    "lam": (lambda v: 0 <= v <= 1, "in [0, 1] (theta = lam * theta_0 + (1 - lam) * theta_1)"),
+    "lam_sweep": (lambda v: 0 <= v <= 1, "in [0, 1] (theta = lam * theta_0 + (1 - lam) * "
+                                         "theta_1)"),
+    "threads": (lambda v: 1 <= v <= CORES, f"between 1 and {CORES} (the CPU cores this process "
+                                           f"may use; more only make the threads wait)"),
+    "lr": (lambda v: 0 < v <= 1, "in (0, 1] (each AdamW step moves a weight by about lr)"),
+    "max_len": (lambda v: v >= 3, ">= 3 (a drafter learns from position 2 on)"),
+    "save_interval": (lambda v: v >= 0, ">= 0 seconds"),
+    "draft_vocab": (lambda v: v >= 0, ">= 0 (0: every token)"),
+}
+
+
+def check_flags(args, **ranges):
+    """Every number on a parsed command line is finite (`--temperature inf` would sample
+    uniformly) and in its range (RANGES, a script's own `ranges`, and sampling's: temperature and
+    top_p as `logits_to_probs` takes them), before any model loads; the message names the flag,
+    the range and why."""
+    ranges = {**RANGES, **ranges}
     for name, value in vars(args).items():
+        flag = f"--{name.replace('_', '-')}"
         for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
             if isinstance(v, float) and not math.isfinite(v):
-                raise TapsError(f"--{name.replace('_', '-')} {v}: not a finite number; "
-                                "give a number such as 0.5")
+                raise TapsError(f"{flag} {v}: not a finite number; give a number such as 0.5")
+            if name in ranges and not ranges[name][0](v):
+                raise TapsError(f"{flag} must be {ranges[name][1]}, got {v}")
+    t = getattr(args, "temperature", None)
+    for t in t if isinstance(t, list) else [] if t is None else [t]:
+        logits_to_probs(torch.zeros(1), t, getattr(args, "top_p", 1.0))   # sampling's own check
+
+
+def target_args(path):
+    """The target's architecture (vocabulary, context) from its config.json, no weights read, so
+    that flags are checked against it before any model work. path None: the embedded default."""
+    from extras.checkpoint import args_from_hf_config, read_json
+    from extras.gguf import default_target_dir
+    path = Path(path) if path else default_target_dir()
+    if not path.is_dir():
+        raise TapsError(f"{path}: target checkpoint directory not found")
+    return args_from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
+
+
+def check_tree_flags(shape, args=None, drafters=()):
+    """A study tree's flags (a `taps.TreeShape`) against what they allocate: the draft pool (top_k
+    children of each of top_k frontier nodes, depth times); with the target's ModelArgs, top_k
+    within its vocabulary (and each loaded drafter's) and the tree (or chain: depth + 1 tokens)
+    within its context, since one target call verifies it."""
+    k, depth = shape.top_k, shape.depth
+    if args is not None and not shape.chain:
+        for V, whose in [(args.vocab_size, "the target's")] + [
+                (len(d.vocab), "the drafter's") for d in drafters if d.vocab is not None]:
+            if k > V:
+                raise TapsError(f"--top-k {k}: more than {whose} vocabulary of {V} tokens; give "
+                                f"at most {V}")
+    pool = k * (1 + depth * k)
+    if not shape.chain and pool > POOL_MAX:
+        raise TapsError(f"--top-k {k} --depth {depth}: the study tree's draft pool would hold "
+                        f"{pool:,} nodes, more than {POOL_MAX:,} (memory: each is kept in Python "
+                        f"lists); lower --top-k or --depth")
+    if args is None:
+        return
+    n_ctx = args.max_seq_len
+    if shape.chain and depth >= n_ctx:
+        raise TapsError(f"--depth {depth}: a chain of depth + 1 tokens is verified in one call of "
+                        f"the target, whose context is {n_ctx} tokens; give at most {n_ctx - 1}")
+    if not shape.chain and shape.nodes > n_ctx:
+        raise TapsError(f"--total-tokens {shape.nodes}: a tree is verified in one call of the "
+                        f"target, whose context is {n_ctx} tokens; give at most {n_ctx}")
+
+
+def available_memory(device) -> Optional[int]:
+    """Bytes free for new tensors on `device` (None: unknown)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(nbytes: int, what: str, device, advice: str):
+    """Refuse an allocation a flag drives before making it, when it cannot fit: one line, not an
+    out-of-memory kill minutes later."""
+    free = available_memory(device)
+    if free is not None and nbytes > free:
+        raise TapsError(f"{what} needs {nbytes / 2 ** 30:.1f} GiB and {device} has "
+                        f"{free / 2 ** 30:.1f} GiB free; {advice}")
 
 
 def check_writable(path: Path, flag: str, replace: bool = True):

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from data import load_bench
-from eval import BENCH_NAMES, Decoding, combine
+from eval import BENCH_NAMES, Decoding, combine, parting
 from extras.report import finite
-from extras.report import fmt, pct, table
+from extras.report import fmt, parting_notes, pct, table
 from extras.autotree import AutoTree, auto_dtype
 from model import clock, generate_plain, load_target
 from extras.runtime import resolve_dtype
@@ -62,14 +62,78 @@ def speed_rows(target, tokenizer, drafter, prompts, n, study: TreeShape) -> list
     for name, spec_s, outs in runs:
         s = combine([st for _, st in outs])
         tok_s = sum(len(out) for out, _ in outs) / spec_s
-        matches = sum(out == ref for (out, _), ref in zip(outs, plain))
+        turns = [{"question_id": i, "turn": 1, "match": out == ref,
+                  **({} if out == ref else parting(target, ids, out, ref))}
+                 for i, ((out, _), ref, ids) in enumerate(zip(outs, plain, prompts))]
+        matches = sum(x["match"] for x in turns)
         rows.append({"config": name, "tok_s": tok_s, "vs_plain": tok_s / plain_tok_s,
                      "tau": s.tau, "draft_ms": 1000 * s.draft_time / s.calls,
                      "verify_ms": 1000 * s.verify_time / s.calls,
                      "nodes": sum(s.tree_size) / s.calls,
                      "drafted_calls": sum(x > 1 for x in s.tree_size) / s.calls,
-                     "greedy_match": f"{matches}/{len(plain)}"})
+                     "greedy_match": f"{matches}/{len(plain)}", "turns": turns})
     return rows
+
+
+COLUMNS = ["dtype", "benchmark", "drafter", "configuration", "tok/s", "vs plain", "τ",
+           "draft ms/call", "verify ms/call", "nodes/call", "drafted calls", "greedy = plain"]
+
+
+def speed_table(rows: list[dict], earlier: list[dict] = ()) -> str:
+    """The rows of one dtype and benchmark as a markdown table, and under it a line for each row
+    whose greedy output parted from plain decoding (`parting_notes`), pointing at the row of the
+    same configuration in float32 among `earlier` rows (the proof of exactness)."""
+    out = table(COLUMNS, [[r["dtype"], r["benchmark"], r["drafter"], r["config"],
+                           fmt(r["tok_s"], ".1f"), f"{fmt(r['vs_plain'])}×", fmt(r.get("tau")),
+                           fmt(r.get("draft_ms"), ".1f"), fmt(r.get("verify_ms"), ".1f"),
+                           fmt(r.get("nodes"), ".1f"), pct(r.get("drafted_calls")),
+                           r.get("greedy_match", "–")] for r in rows])
+    for r in (r for r in rows if "turns" in r):
+        fp32 = next((e for e in earlier if e["dtype"] == "float32" and e["config"] == r["config"]
+                     and e["benchmark"] == r["benchmark"]), None)
+        exact = {} if fp32 is None else {"exact": f"the float32 row of this configuration above "
+                                                  f"shows greedy = plain {fp32['greedy_match']}"}
+        for line in parting_notes(f"{r['dtype']} {r['benchmark']} {r['config']}", r["turns"],
+                                  **exact):
+            out += f"\n\n{line}"
+    return out
+
+
+def vs_plain(rows: list[dict], config: str, dtype: str) -> str:
+    """The speed-ups of one configuration (its name's start) in one dtype over the benchmarks,
+    as a range: "0.48-0.84" (empty when not measured)."""
+    xs = sorted(r["vs_plain"] for r in rows if r["config"].startswith(config)
+                and r["dtype"] == dtype and r["vs_plain"] is not None)
+    return "" if not xs else fmt(xs[0]) if len(xs) == 1 or fmt(xs[0]) == fmt(xs[-1]) \
+        else f"{fmt(xs[0])}-{fmt(xs[-1])}"
+
+
+def study_tree_line(rows: list[dict]) -> str:
+    """One line for beside Table 1, read from a speed run's rows: the study's tree against plain
+    decoding in the dtype of the study's tables (the first measured: fp32 on a CPU), and the auto
+    tree on the same drafters, in that dtype and in the one that pays."""
+    base, paying = rows[0]["dtype"], rows[-1]["dtype"]
+    study = [r["vs_plain"] for r in rows if r["config"].startswith("study tree")
+             and r["dtype"] == base]
+    auto = [r["vs_plain"] for r in rows if r["config"] == "auto tree"]
+    also = f" and {vs_plain(rows, 'auto tree', paying)}× in {paying}" if paying != base else ""
+    return (f"Table 1's speed-ups are the study's 60-node tree, sized for a GPU: on this CPU in "
+            f"{base} it {'loses to' if max(study) < 1 else 'runs at'} plain decoding "
+            f"({vs_plain(rows, 'study tree', base)}× in the speed table), "
+            f"{'while' if max(auto) > 1 else 'and'} the auto tree, sized for this machine, "
+            f"{'reaches' if max(auto) > 1 else 'runs at'} {vs_plain(rows, 'auto tree', base)}× "
+            f"in {base}{also}. τ, not the speed-up, is the study's hardware-independent measure.")
+
+
+def verdict_line(rows: list[dict]) -> str:
+    """The speed line that matters on this machine: plain decoding vs the auto tree, per
+    benchmark, in the dtype that pays (the last one measured: bf16 where it pays, else fp32)."""
+    paying = rows[-1]["dtype"]
+    mine = [r for r in rows if r["dtype"] == paying]
+    plain = {r["benchmark"]: r["tok_s"] for r in mine if r["config"] == "plain decoding"}
+    parts = [f"{r['benchmark']} ({r['drafter']}) {r['tok_s']:.1f} vs {plain[r['benchmark']]:.1f} "
+             f"tok/s ({fmt(r['vs_plain'])}×)" for r in mine if r["config"] == "auto tree"]
+    return f"Speed on this machine, {paying}, auto tree vs plain decoding: {'; '.join(parts)}"
 
 
 def peer_rows(path, dtype, device, tokenizer, prompts, n, plain_tok_s) -> list[dict]:
@@ -127,14 +191,7 @@ def speed(drafter_paths: list, path: Path, dec: Decoding, total_tokens: int = 60
             for r in rows:
                 r.update(dtype=str(dtype).removeprefix("torch."), benchmark=BENCH_NAMES[bench],
                          drafter=Path(drafter_paths[k]).stem)
-            print(table(["dtype", "benchmark", "drafter", "configuration", "tok/s", "vs plain",
-                         "τ", "draft ms/call", "verify ms/call", "nodes/call", "drafted calls",
-                         "greedy = plain"],
-                        [[r["dtype"], r["benchmark"], r["drafter"], r["config"],
-                          fmt(r["tok_s"], ".1f"), f"{fmt(r['vs_plain'])}×", fmt(r.get("tau")),
-                          fmt(r.get("draft_ms"), ".1f"), fmt(r.get("verify_ms"), ".1f"),
-                          fmt(r.get("nodes"), ".1f"), pct(r.get("drafted_calls")),
-                          r.get("greedy_match", "–")] for r in rows]) + "\n", flush=True)
+            print(speed_table(rows, results) + "\n", flush=True)
             if rows[0]["busy"]:
                 before, after = rows[0]["plain_tok_s_before_after"]
                 print(f"warning: plain decoding ran at {before:.1f} tok/s before and {after:.1f} "

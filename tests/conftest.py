@@ -3,6 +3,7 @@ two tools every losslessness test uses -- exact enumeration with Fractions (`out
 `spec_dist`: the real verifiers fed rational tables and a random source that branches over every
 outcome) and the Monte Carlo check of the real torch path (`exact_first_tokens`, `chi_square_p`,
 `broken_sampling` for the negative controls)."""
+import copy
 import random
 from collections import Counter, defaultdict
 from fractions import Fraction
@@ -58,6 +59,14 @@ def near_oracle(target: Transformer) -> Drafter:
     d.layers[0].load_state_dict({k: v for k, v in target.layers[0].state_dict().items()
                                  if not k.startswith("input_layernorm")})
     return d
+
+
+def sharper(drafter: Drafter, factor: float) -> Drafter:
+    """A copy of drafter whose draft logits are multiplied by factor: the same ranking of tokens, more
+    confident for factor > 1, flatter for factor < 1 (0: uniform)."""
+    out = copy.deepcopy(drafter)
+    out.head = lambda target, h: factor * Drafter.head(out, target, h)
+    return out
 
 
 def prompts(V, n=4, length=7):
@@ -240,8 +249,8 @@ def count_second_copies(monkeypatch) -> list[bool]:
     ran through a second copy of a token path (a merged tree's trie walk, not a first-copy walk)."""
     seen, verify = [], taps.verify_tree
 
-    def counting(tree, p_at, rng):
-        path, x, rejected = verify(tree, p_at, rng)
+    def counting(tree, p_at, rng, trace=None):
+        path, x, rejected = verify(tree, p_at, rng, trace)
         first, _ = tree.trie()
         seen.append(any(first[i] != i for i in path))
         return path, x, rejected

@@ -2,10 +2,13 @@
 the test itself with the same environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT).
 
     torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT cached|online [--stop-at K] [--die-at K]
+    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT - --amp-check
 
 Trains the tiny target's drafter on synthetic conversations (`setup`), the same data and config a
 single process uses in the test. --stop-at K: Ctrl-C on every rank at step K (the state is saved after
-every step); --die-at K: rank 1 exits at step K without a word, as a killed process would."""
+every step); --die-at K: rank 1 exits at step K without a word, as a killed process would.
+--amp-check: no training; each rank's stubbed step timing prefers another precision, and each prints
+the --amp auto choice it ends up with."""
 import argparse
 import os
 import sys
@@ -43,11 +46,19 @@ def main():
     ap.add_argument("--stop-at", type=int)
     ap.add_argument("--die-at", type=int)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--amp-check", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(1)
     world = D.SINGLE
     with one_line_errors(interrupted="stopped", who=lambda: world.name):
         world, _ = D.World.from_env("cpu")
+        if a.amp_check:   # rank 0 measures autocast faster, rank 1 would measure it slower
+            def measure(target):
+                print(f"rank {world.rank} measured")
+                return {"fp32": 1.0, "bf16": 0.5 if world.main else 2.0}
+            T.measure_amp = measure
+            choose = lambda: T.decide_amp("auto", tiny_target(), T.state_path(a.out), False)[0]
+            return print(f"rank {world.rank}: amp {bool(world.pick(choose, 'cpu'))}")
         cfg, target, sets, heldout = setup(a.out.parent / "cache", a.features, world)
         real_step, steps = T.train_step, []
 

@@ -1,6 +1,7 @@
 """Composing specialist drafters (taps.py's composition section): merged-tree packing against
 hand-built trees, the de-duplicated trie, weight averaging at the endpoints, routing by draft-side
 quantities, exact losslessness of the real composition functions, greedy equivalence, bad input."""
+import json
 import math
 import random
 
@@ -8,10 +9,14 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import eval as ev
+import extras.autotree
+from extras.autotree import AutoTree, verify_table
 from model import TapsError, generate_plain
-from taps import (COMPOSE, Drafter, Sampling, Stats, TorchRandom, Tree, TreeShape, average, generate, merge, route,
-                  route_entropy, tag, verify_tree)
-from conftest import Target, drafts, node_tokens, outcomes, prompts, spec_dist, tiny, tree_call
+from taps import (COMPOSE, Drafter, Sampling, Stats, TorchRandom, Tree, TreeShape, average, generate, merge, prune,
+                  route, route_entropy, tag, verify_tree)
+from conftest import Target, drafts, near_oracle, node_tokens, outcomes, prompts, sharper, spec_dist, tiny, tree_call
+from test_eval import run, setup  # noqa: F401 -- eval.py's tiny setup (a fixture) and its command line
 
 
 def small_trees():
@@ -147,11 +152,13 @@ def test_merged_follows_the_second_copy_of_an_accepted_token():
         return p
     path, x, rejected = verify_tree(m, p_at, Script())
     assert path == [0, 4, 6] and x == 0 and [m.tokens[i] for i in rejected] == [6]
-    # the statistics see one trie: 7 is a leaf, a's 6 (under the other copy of 5) was judged and rejected
+    # the statistics see one trie: 7 is a leaf, a's 6 (under the other copy of 5) was judged and rejected;
+    # 5 was accepted at its first copy, a's (node 1), though the path runs through b's copy (node 4): a
+    # is credited, and the draft entropy is a's 1.0 at 5, as the trie merged-dedup builds holds them
     s = Stats()
     s.record(m, path, rejected, logits, 3, 0.0, 0.0)
-    assert s.leaf == [True] and s.accepted_from == [1]
-    assert s.draft_entropy_accepted == [2.0, 0.1] and s.draft_entropy_rejected == [0.5]
+    assert s.leaf == [True] and s.accepted_from == [0]
+    assert s.draft_entropy_accepted == [1.0, 0.1] and s.draft_entropy_rejected == [0.5]
     assert len(s.target_entropy_accepted) == 2 and len(s.target_entropy_rejected) == 1
 
 
@@ -198,7 +205,70 @@ def test_dedup_of_identical_trees_is_a_merged_call():
     s = Stats()
     s.record(merge([a, tag(Tree(list(a.tokens), list(a.parents), list(a.logq), list(a.entropy)), 1)], dedup=True),
              [0], [], {}, 1, 0.0, 0.0)
-    assert s.routed == [-1]
+    assert s.routed == [-2]
+
+
+def test_routed_names_the_drafter_several_or_none():
+    """Stats.routed per call: the drafter whose tree was verified; -2, several drafters' nodes (a merged
+    tree); -1, none: the root alone (a plain step, or every tree cut to its root). Before issue 30 the root
+    alone was -1 too, then read as 'several drafters'."""
+    a, b = small_trees()
+    s = Stats()
+    for tree in (a, b, merge([a, b]), merge([a, b], dedup=True), merge([prune(a, 1), b]),
+                 Tree([4], [-1], [0.0], [math.nan], [-1]), merge([prune(a, 1), prune(b, 1)])):
+        s.record(tree, [0], [], {}, 1, 0.0, 0.0)
+    assert s.routed == [0, 1, -2, -2, 1, -1, -1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 10**9), k=st.integers(2, 3), V=st.integers(2, 4))
+def test_a_merged_call_is_credited_where_its_acceptance_was_decided(seed, k, V):
+    """Outcome by outcome: the statistics of a merged call are those of its trie's first copies, where
+    verify_tree decided each acceptance -- accepted_from credits the first drafter holding the first
+    accepted token (not the copy the final path runs through), and the draft entropies are the first
+    copy's. So a plain merged tree and its de-duplicated trie record the same call, except that a united
+    node of several drafters is credited to them all (-2)."""
+    target, ctx = Target(V, seed), (seed % V,)
+    rnd = random.Random(seed)
+    trees = [tag(t, i) for i, t in enumerate(drafts(seed, V, ctx, k))]
+    for t in trees:
+        t.entropy = [math.nan] + [rnd.random() for _ in t.tokens[1:]]
+
+    def run(tree):
+        def call(rng):
+            logits = {}
+
+            def p_at(node):
+                p = target.p(ctx + node_tokens(tree, node))
+                logits[node] = torch.tensor([float(x) for x in p]).log()   # as TargetHead keeps them
+                return p
+            path, x, rejected = verify_tree(tree, p_at, rng)
+            s = Stats()
+            s.record(tree, path, rejected, logits, len(path), 0.0, 0.0)
+            holders = tuple(i for i, t in enumerate(trees) if len(path) > 1
+                            and tree.tokens[path[1]] in [t.tokens[c] for c in t.children()[0]])
+            return (s.accepted_from[0], holders, s.accepted[0], s.leaf[0], tuple(s.draft_entropy_accepted),
+                    tuple(s.draft_entropy_rejected), tuple(s.target_entropy_accepted + s.target_entropy_rejected))
+        return outcomes(call)
+    plain, trie = run(merge(trees)), run(merge(trees, dedup=True))
+    assert all(got == (holders[0] if holders else -1) for got, holders, *_ in plain)
+    assert all(got == (-2 if len(holders) > 1 else holders[0] if holders else -1) for got, holders, *_ in trie)
+    assert {o[2:]: w for o, w in plain.items()} == {o[2:]: w for o, w in trie.items()}
+
+
+def test_eval_routing_shares_add_up_to_one():
+    """eval's routing figures: per call, each drafter's share, the merged calls' (-2) and the plain ones' (-1)
+    add up to 1; by prompt, the majority of the calls that verified one drafter's tree. Before issue 30
+    plain calls were counted as merged, and a prompt of plain calls had a 'majority' of neither drafter."""
+
+    def item(*routed):
+        n = len(routed)
+        return [({"spec_s": 1.0, "plain_s": 1.0, "match": None},
+                 Stats(accepted=[0] * n, emitted=[1] * n, routed=list(routed), accepted_from=[-1] * n, new_tokens=n))]
+    r = ev.bench_results([item(0, 0, 1, -1), item(-1, -1, -2), item(1, -2, -2, 0, 1)], 2)["routing"]
+    assert r["per_call"] == [3 / 12, 3 / 12] and r["merged_calls"] == 3 / 12 and r["plain_calls"] == 3 / 12
+    assert sum(r["per_call"]) + r["merged_calls"] + r["plain_calls"] == 1
+    assert r["per_prompt_majority"] == [1 / 2, 1 / 2]                  # the second prompt made no decision
 
 
 def test_merge_needs_a_shared_root():
@@ -219,6 +289,18 @@ def test_route_by_mean_confidence_and_by_entropy():
     assert route([a, a]) is a and route([a, Tree(**{**a.__dict__})]) is a   # ties go to the first
 
 
+def test_an_empty_tree_loses_every_route():
+    """The root alone (AutoTree cut a weak drafter's tree) has no mean confidence or entropy: before issue 30
+    it was NaN, every comparison with it false, and the first tree kept even when empty."""
+    a, b = small_trees()
+    empty = tag(Tree([4], [-1], [0.0], [math.nan]), 0)
+    weak = Tree(a.tokens[:2], a.parents[:2], [0.0, -30.0], [math.nan, 50.0], [-1, 1])  # confidence e^-30
+    for fn in (route, route_entropy):
+        assert fn([empty, a]) is a and fn([a, empty]) is a and fn([empty, weak]) is weak
+        assert fn([empty, empty, b]) is b and fn([empty, weak, b]) is fn([weak, b])
+        assert fn([empty, Tree(**{**empty.__dict__})]) is empty        # nothing else to pick: the first
+
+
 def test_routing_reads_nothing_but_the_trees():
     """Same draft-side quantities -> same choice, whatever else the trees carry (none of it target-side)."""
     a, b = small_trees()
@@ -236,8 +318,10 @@ def compose_scheme(fn, target, seed):
     def step(ctx, rng):
         rnd = random.Random(f"n {seed} {ctx}")
         trees = [tag(t, i) for i, t in enumerate(drafts(seed, target.V, ctx, rnd.randint(2, 3)))]
-        for t in trees:
+        for i, t in enumerate(trees):
             t.entropy = [math.nan] + [rnd.random() for _ in t.tokens[1:]]
+            if rnd.random() < 0.3:                 # cut to its root, as AutoTree cuts a weak drafter's tree
+                trees[i] = prune(t, 1)
         return tree_call(target, fn(trees), ctx, rng)
     return step
 
@@ -313,7 +397,7 @@ def test_greedy_of_every_composition_is_the_target(name):
         assert out == ref
         assert len(s.routed) == len(s.accepted_from) == s.calls
         if name in ("merged", "merged-dedup"):
-            assert set(s.routed) == {-1} and max(s.tree_size) <= 1 + 3 * 10
+            assert set(s.routed) == {-2} and max(s.tree_size) <= 1 + 3 * 10
         else:
             assert set(s.routed) <= set(range(len(drafters)))
         assert all(o == -1 if a == 0 else o in range(len(drafters)) for o, a in zip(s.accepted_from, s.accepted))
@@ -329,3 +413,56 @@ def test_single_drafter_stats_name_drafter_0():
                     TreeShape(top_k=1, depth=2, total_tokens=3))
     assert s.routed == [0, 0] and s.accepted_from == [0, 0]
     assert Stats().routed == []
+
+
+# ----------------------------------------------------------------------------- every composition, every tree policy
+
+COMPOSITIONS = ["single", "average", "route", "route-entropy", "merged", "merged-dedup", "chain"]
+
+
+@pytest.mark.parametrize("policy", ["study", "auto"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_every_composition_runs_with_every_tree_policy(policy, temperature):
+    """What `taps.py --compose C [--chain] --tree P --temperature T` runs, on tiny models: a near oracle, a
+    sharper copy of it (merged-dedup then holds children that outscore their parents: prune's old crash)
+    and a uniform drafter (AutoTree cuts its trees to the root: the empty trees route once kept). The
+    study's 60/5/10 tree, or an AutoTree on a synthetic cost table (no calibration); chain is the CLI's
+    --chain, which takes no tree policy. T = 0 must be the target's greedy output."""
+    V = 64
+    target = tiny(V=V, n_layers=1)
+    oracle = near_oracle(target)
+    drafters = [oracle, sharper(oracle, 6.0), sharper(Drafter.random(target, 5), 0.0)]
+    prompt = prompts(V, n=1)[0]
+    ref = generate_plain(target, prompt, 16)
+    for name in COMPOSITIONS:
+        if name == "chain":
+            tree = TreeShape(depth=4, chain=True)
+        else:
+            tree = TreeShape() if policy == "study" else AutoTree(verify_table({1: 1.0, 64: 1.0 + 63 * 0.05}, 64))
+        ds = {"single": drafters[:1], "chain": drafters[:1], "average": [average(drafters[:2], 0.5)]}.get(name, drafters)
+        compose = "single" if name in ("average", "chain") else name
+        out, s = generate(target, ds, prompt, Sampling(temperature, max_new_tokens=16), tree, compose, TorchRandom(1))
+        assert len(out) == 16 and s.new_tokens == sum(s.emitted) == 15 and s.calls == len(s.routed)
+        assert out == ref or temperature > 0, name
+        assert set(s.routed) <= {-2, -1, *range(len(ds))} and set(s.accepted_from) <= {-2, -1, *range(len(ds))}
+        if name in ("merged", "merged-dedup") and policy == "study":
+            assert set(s.routed) == {-2}
+
+
+def test_eval_runs_every_composition_on_auto_trees(setup, capsys, monkeypatch):
+    """eval.py --tree auto, every method, T = 0 and 1, on the tiny eval setup (test_eval's); a synthetic
+    calibration, so none is measured. Routing shares of every run add up to 1 with the merged and plain calls."""
+    tmp_path, paths = setup
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(extras.autotree, "measure_verify", lambda target: {1: 1.0, 256: 1.0 + 255 * 0.05})
+    run(tmp_path, paths, "--compose", ",".join(ev.METHODS), "--tree", "auto", "--limit", "1", "--bench", "gsm8k",
+        "--temperature", "0,1", "--json", str(tmp_path / "r" / "auto.json"))
+    files = sorted((tmp_path / "r").glob("auto-*.json"))
+    assert len(files) == 2 * (len(ev.METHODS) + 1)        # two singles, one run per other method, per temperature
+    for f in files:
+        obj = json.loads(f.read_text())
+        r = obj["results"]["gsm8k"]
+        assert obj["config"]["tree"] == "auto" and r["calls"] > 0
+        assert r["greedy_match"] == (1.0 if obj["config"]["temperature"] == 0 else None)
+        shares = r["routing"]["per_call"] + [r["routing"]["merged_calls"], r["routing"]["plain_calls"]]
+        assert sum(shares) == pytest.approx(1) and sum(r["accepted_from"]) == pytest.approx(1)

@@ -64,6 +64,15 @@ def test_resume_under_torchrun_reproduces_the_uninterrupted_job(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@needs_torchrun
+def test_ranks_train_in_rank_0s_measured_precision(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
+    run = torchrun(tmp_path / "d.safetensors", "-", "--amp-check")
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = sorted(run.stdout.split("\n"))
+    assert [x for x in lines if x.startswith("rank")] == ["rank 0 measured", "rank 0: amp True", "rank 1: amp True"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -124,5 +133,6 @@ def test_train_py_under_torchrun(tmp_path):
     target, _ = load_target(tmp_path / "tiny")
     assert T.Drafter.load(tmp_path / "d.safetensors", target).meta["data"]["conversations"] == 6
     assert run.stdout.count("epoch | steps") == 1          # rank 0 alone prints the table
+    assert run.stdout.count("[training precision: ") == 1   # and its --amp auto choice
     again = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and "all 1 epochs are done" in again.stdout, again.stderr[-3000:]

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import eval as ev
 from extras.runtime import atomic_write
@@ -309,6 +310,62 @@ def test_nan_becomes_null():
     assert report.finite({"a": [math.nan, 1.0], "b": {"c": math.inf}}) == {"a": [None, 1.0], "b": {"c": None}}
 
 
+class FixedLogits(torch.nn.Module):
+    """A target whose next-token logits are `row` after any prefix, in `dtype` (its rounding)."""
+
+    def __init__(self, row, dtype):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(len(row), 2).to(dtype)
+        self.row, self.prefixes = torch.tensor(row), []
+
+    def forward(self, ids, last_only=False):
+        self.prefixes.append(ids[0].tolist())
+        return self.row.view(1, 1, -1).float(), None
+
+
+def test_a_parting_records_the_two_tokens_logit_gap_and_tells_a_near_tie_from_an_error():
+    row = [0.0, 31.875, 32.0, 20.0]                 # plain's token 2; token 1 an eighth below, 3 far below
+    bf16 = FixedLogits(row, torch.bfloat16)
+    tie = ev.parting(bf16, [9, 9], [0, 0, 1], [0, 0, 2])
+    assert bf16.prefixes == [[9, 9, 0, 0]]          # the target's logits where the outputs part
+    assert tie["first_diff"] == 2 and (tie["plain_token"], tie["spec_token"]) == (2, 1)
+    assert tie["logit_gap"] == 0.125 and tie["near_tie"]   # bf16 at 32: ulp 0.25, tolerance 4 ulps
+    assert tie["tie_tolerance"] == ev.TIE_ULPS * 0.25
+    far = ev.parting(bf16, [9, 9], [0, 0, 3], [0, 0, 2])
+    assert far["logit_gap"] == 12.0 and not far["near_tie"]
+    fp32 = ev.parting(FixedLogits(row, torch.float32), [9, 9], [0, 0, 1], [0, 0, 2])
+    assert fp32["logit_gap"] == 0.125 and not fp32["near_tie"]   # in fp32 an eighth is no rounding
+    short = ev.parting(bf16, [9, 9], [0, 0], [0, 0, 2])           # an output cut short: never a tie
+    assert short["first_diff"] == 2 and not short["near_tie"] and short["logit_gap"] is None
+
+    turn = lambda q, parted: {"question_id": q, "turn": 1, "match": not parted, **parted}
+    note = report.parting_notes("eagle-math", [turn("a", tie), turn("b", {})])
+    assert len(note) == 1 and note[0].startswith("note: eagle-math: greedy = plain on 1/2 turns")
+    assert "near-tie" in note[0] and "rounding parting" in note[0] and "in fp32" in note[0]
+    lines = report.parting_notes("eagle-math", [turn("a", tie), turn("b", far), turn("c", fp32)])
+    assert lines[0].startswith("note:") and [x[:len("ERROR: eagle-math: turn 1 of prompt b")] for x in lines[1:]] == [
+        "ERROR: eagle-math: turn 1 of prompt b", "ERROR: eagle-math: turn 1 of prompt c"]
+    assert "by 12 logits" in lines[1] and "a verification bug" in lines[1]
+    assert report.parting_notes("eagle-math", [turn("b", {})]) == []
+
+
+def test_a_verifier_that_keeps_a_wrong_token_is_an_error_in_the_tables(setup, monkeypatch, capsys):
+    """Negative control: speculative output with one token the target does not pick (greedy) must
+    surface as an ERROR line, not hide as a near-tie note."""
+    tmp_path, paths = setup
+    real = ev.generate
+
+    def wrong_last_token(*args, **kw):
+        out, stats = real(*args, **kw)
+        return out[:-1] + [(out[-1] + 1) % V or 1], stats
+    monkeypatch.setattr(ev, "generate", wrong_last_token)
+    run(tmp_path, paths, "--compose", "merged", "--limit", "1", "--bench", "gsm8k", "--json", str(tmp_path / "w.json"))
+    out = capsys.readouterr().out
+    assert "ERROR: merged: turn 1 of prompt 0 parted from plain decoding at new token 11" in out and "note:" not in out
+    turn = json.loads((tmp_path / "w.json").read_text())["results"]["gsm8k"]["turns"][0]
+    assert turn["match"] is False and turn["first_diff"] == 11 and not turn["near_tie"] and turn["logit_gap"] > 0
+
+
 def test_auto_trees_record_their_sizes_and_match_plain_greedy(setup, monkeypatch):
     tmp_path, paths = setup
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
@@ -333,6 +390,48 @@ def test_speed_table_compares_plain_study_and_auto_in_one_process(setup, monkeyp
     for r in rows:
         assert r["tok_s"] > 0 and r["vs_plain"] > 0
         assert r["config"] == "plain decoding" or (r["tau"] >= 1 and r["greedy_match"] == "1/1")
+
+
+def test_demo_steps_say_what_they_do_and_estimate_from_this_machines_calibration(tmp_path, monkeypatch, capsys):
+    import extras.demo as demo
+    xeon = demo.Machine({d: dict(c) for d, c in demo.XEON_VERIFY.items()}, "bf16", True)
+    monkeypatch.setattr(demo.Machine, "measure", classmethod(lambda cls: xeon))
+    monkeypatch.chdir(tmp_path)
+    demo.main(["--dry-run"])                    # the development Xeon itself: its own times
+    out = capsys.readouterr().out
+    assert "[make demo: 5 steps, about 24 min on this machine]" in out
+    assert "[1/5] training the math drafter (the target's features first) (about 11 min; about 24 min left" in out
+    assert "[2/5] training the chat drafter (about 1 min; about 12 min left in all)" in out
+    assert "[5/5] the speed table: plain decoding vs the study's tree vs the auto tree, fp32 and bf16 (about 2 min" in out
+    fp32_only = demo.Machine({"fp32": {n: 2 * t for n, t in demo.XEON_VERIFY["fp32"].items()},
+                              "bf16": {n: 9 * t for n, t in demo.XEON_VERIFY["bf16"].items()}}, "fp32", False)
+    steps = demo.plan(fp32_only, 10, 1)         # bf16 emulated, fp32 at half the Xeon's speed
+    ratio = 2 * demo.XEON_VERIFY["fp32"][256] / demo.XEON_VERIFY["bf16"][256]
+    assert steps[0].seconds == pytest.approx((351 + 328) * ratio) and steps[1].seconds == pytest.approx(65 * ratio)
+    assert steps[2].seconds == pytest.approx(433 * 2 * 10 / 5) and steps[4].seconds == pytest.approx(63 * 2)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / demo.DRAFTERS[0]).write_text("")
+    assert [bool(s.skip) for s in demo.plan(xeon, 5, 1)] == [True, False, False, False, False]
+
+
+def test_demo_ends_with_what_was_shown_and_where(setup, monkeypatch):
+    import extras.demo as demo
+    tmp_path, paths = setup
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(extras.speed, "peer_rows", lambda *args: [])
+    monkeypatch.chdir(tmp_path)
+    for t in ("0", "1"):
+        run(tmp_path, paths, "--compose", "single,merged", "--limit", "1", "--bench", "gsm8k,mt_bench",
+            "--temperature", t, "--json", str(demo.JSON))
+    run(tmp_path, paths, "--speed", "--limit", "1", "--json", str(demo.SPEED_JSON))
+    text = demo.summary(90.0)
+    rows = json.loads(demo.SPEED_JSON.read_text())["rows"]
+    study = extras.speed.study_tree_line(rows)
+    assert "Table 1 (T = 0)" in text and f"\n\n{study}\n" in text and "Table 1 (T = 1)" not in text
+    assert "RQ1 specialization" in text and "runs/demo-*-T*.json" in text and str(demo.SPEED_JSON) in text
+    assert text.rstrip().endswith(extras.speed.verdict_line(rows))
+    md = demo.TABLES.read_text()
+    assert md.index(study) < md.index("The study's comparisons") and "Table 1 (T = 1)" in md and "### Speed" in md
 
 
 def test_an_unwritable_destination_is_refused_before_any_model_loads(setup, monkeypatch, capsys):

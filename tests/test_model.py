@@ -306,6 +306,21 @@ def test_bench_of_a_named_shape_reports_the_memory_bound(device, capsys, monkeyp
     assert m.embed_tokens.weight.dtype == torch.bfloat16 and m.inv_freq.dtype == torch.float32
 
 
+def test_bench_compile_compares_eager_and_compiled_in_one_table(capsys, monkeypatch):
+    """model.py --bench --compile: today's path, the static path eager and compiled, one row each
+    (traced by backend "eager" here: inductor's compile is tests/test_static.py's one slow test)."""
+    monkeypatch.setattr(extras.bench, "compare",
+                        functools.partial(extras.bench.compare, backend="eager", reps=1))
+    model_module.main(["--bench", "--shape", "tiny", "--device", "cpu", "--compile",
+                       "--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| tiny (random weights) |")]
+    assert [r.split(" | ")[2] for r in rows] == ["eager, sliced cache (today)", "static cache, eager",
+                                               "static cache, compiled (eager)"]
+    assert "score N = 61 (ms)" in out and "N = 61 / plain step" in out and "1.00x" in rows[0]
+    assert rows[0].endswith("| – |") and not rows[2].endswith("| – |")   # compile time: compiled
+
+
 def test_the_core_does_not_import_extras():
     """extras/ holds plumbing (the GGUF reader); importing the four core files loads none of it."""
     code = "import sys, model, taps, train, eval; print(sorted(m for m in sys.modules if m.startswith('extras')))"

@@ -13,12 +13,13 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import taps
-from model import TapsError, generate_plain
+from model import TapsError, generate_plain, mean
 import extras.autotree
 from extras.autotree import AutoTree, calibrate, verify_table
-from taps import Drafter, Sampling, TorchRandom, Tree, average, generate, merge, prune, verify_chain, verify_tree
-from conftest import (DEVICES, Target, chi_square_p, exact_first_tokens, frac_vector, near_oracle, prompts, random_tree,
-                      spec_dist, tiny, tree_call)
+from taps import (COMPOSE, Drafter, Sampling, TorchRandom, Tree, average, generate, merge, prune, tag, verify_chain,
+                  verify_tree)
+from conftest import (DEVICES, Target, broken_sampling, chi_square_p, exact_first_tokens, frac_vector, near_oracle,
+                      prompts, random_tree, sharper, spec_dist, tiny, tree_call)
 from train import coverage, draft_vocabulary
 
 
@@ -112,7 +113,8 @@ def sized_scheme(name, target, seed):
         trees = [random_tree(rnd, V, ctx[-1], max_nodes=10) for _ in range(2)]
         for t in trees:
             t.tokens[1:] = [subset[x % len(subset)] for x in t.tokens[1:]]
-        tree = merge(trees) if name == "merged-auto" else trees[0]
+        # merged-dedup: a united node keeps the first tree's score, so a child can outscore it (prune's old crash)
+        tree = merge(trees, dedup=name == "merged-dedup-auto") if name.startswith("merged") else trees[0]
         n = auto.best(torch.tensor(tree.logq[1:]), rnd.random())[0]
         emitted = tree_call(target, prune(tree, n), ctx, rng)
         if name == "resize" and len(emitted) == 1:   # WRONG: nothing accepted, so retry with the whole tree
@@ -122,8 +124,8 @@ def sized_scheme(name, target, seed):
 
 
 @settings(max_examples=150, deadline=None)
-@given(name=st.sampled_from(["subset-chain", "auto", "merged-auto"]), V=st.integers(2, 4), seed=st.integers(0, 10**9),
-       n=st.integers(1, 3), half_temperature=st.booleans())
+@given(name=st.sampled_from(["subset-chain", "auto", "merged-auto", "merged-dedup-auto"]), V=st.integers(2, 4),
+       seed=st.integers(0, 10**9), n=st.integers(1, 3), half_temperature=st.booleans())
 def test_draft_vocabularies_and_sized_trees_are_exactly_lossless(name, V, seed, n, half_temperature):
     target = Target(V, seed, half_temperature)
     ctx = (seed % V,)
@@ -144,6 +146,61 @@ def test_prune_keeps_a_connected_tree_of_the_best_nodes():
     p = prune(t, 4)   # root + the 3 best: -0.5 (node 2), -1 (node 1), -1 (node 3, a tie: after its parent)
     assert p.tokens == [9, 1, 2, 3] and p.parents == [-1, 0, 0, 1] and p.origin == [-1, 0, 0, 1]
     assert prune(t, 100) is t and prune(t, 1).tokens == [9]
+
+
+def raw_rank_breaks(tree: Tree, n: int) -> bool:
+    """Would ranking by raw logq (prune before issue 30) keep a node without its parent?"""
+    order = sorted(range(1, len(tree)), key=lambda i: -tree.logq[i])
+    keep = {0, *order[:n - 1]}
+    return n < len(tree) and any(tree.parents[i] not in keep for i in keep if i)
+
+
+def test_prune_keeps_the_parent_of_a_child_that_outscores_it():
+    """A de-duplicated merged tree: 5 is a's node (score -2), its child 7 only b's (-0.5, b being surer of 5).
+    Ranked by raw logq, the best node was 7 without its parent (a KeyError); ranked by the lowest score on
+    its path, 7 ranks at -2, after its parent."""
+    a = tag(Tree([0, 5], [-1, 0], [0.0, -2.0], [math.nan, 1.0]), 0)
+    b = tag(Tree([0, 5, 7], [-1, 0, 1], [0.0, -0.1, -0.5], [math.nan, 1.0, 1.0]), 1)
+    m = merge([a, b], dedup=True)
+    assert m.tokens == [0, 5, 7] and m.logq == [0.0, -2.0, -0.5] and raw_rank_breaks(m, 2)
+    assert m.path_logq() == [0.0, -2.0, -2.0]
+    assert prune(m, 2).tokens == [0, 5] and prune(m, 3).tokens == [0, 5, 7]
+
+
+def prune_input(kind: str, rnd: random.Random, V: int) -> Tree:
+    """A tree of one kind: EAGLE-2's (scores fall along every path), merged, merged-dedup (a united node
+    keeps the first tree's score, so a child may outscore it), or scores in any order. Scores are halves,
+    so that ties (parent and child included) are common."""
+    trees = [tag(random_tree(rnd, V, 0, max_nodes=12), i) for i in range(rnd.randint(2, 3))]
+    tree = merge(trees, dedup=kind == "merged-dedup") if kind.startswith("merged") else trees[0]
+    if kind == "any":
+        tree.logq = [0.0] + [-rnd.random() * 4 for _ in tree.tokens[1:]]
+    tree.logq = [round(2 * x) / 2 for x in tree.logq]    # rounding keeps scores that fall still falling
+    tree.origin = list(range(len(tree)))                 # node ids: where each kept node came from
+    return tree
+
+
+@settings(max_examples=400, deadline=None)
+@given(kind=st.sampled_from(["eagle", "merged", "merged-dedup", "any"]), seed=st.integers(0, 10**9),
+       V=st.integers(2, 4), n=st.integers(1, 40))
+def test_prune_returns_a_tree_of_the_best_nodes_whatever_it_is_given(kind, seed, V, n):
+    tree = prune_input(kind, random.Random(seed), V)
+    out = prune(tree, n)
+    kept = out.origin
+    # the root and n - 1 other nodes (or all of them), in their order
+    assert len(out) == min(n, len(tree)) and kept[0] == 0 and kept == sorted(set(kept))
+    assert out.tokens == [tree.tokens[i] for i in kept] and out.logq == [tree.logq[i] for i in kept]
+    # ancestor-closed: each kept node's parent is kept and is its parent in the pruned tree
+    assert all(out.parents[j] < j and kept[out.parents[j]] == tree.parents[i] for j, i in enumerate(kept) if j)
+    # the best: a node's rank is the lowest score on its path, and no node left out outranks a kept one
+    score = tree.path_logq()
+    assert score == [min(tree.logq[j] for j in tree.path_to(i)) for i in range(len(tree))]
+    left = [score[i] for i in range(len(tree)) if i not in set(kept)]
+    assert max(left, default=-math.inf) <= min((score[i] for i in kept[1:]), default=math.inf)
+    if all(tree.logq[i] <= tree.logq[tree.parents[i]] for i in range(1, len(tree))):
+        # EAGLE-2's own trees (and plain merged ones): the study's rerank by logq, ties to the earlier node
+        order = sorted(range(1, len(tree)), key=lambda i: -tree.logq[i])
+        assert kept == [0] + sorted(order[:n - 1])
 
 
 # ----------------------------------------------------------------------------- AutoTree
@@ -223,6 +280,73 @@ def test_auto_trees_are_exactly_greedy(compose, device):
     assert deep > 0 or compose == "route"   # routing may prefer the random drafter's flatter tree
 
 
+def watch_prune(monkeypatch) -> list[bool]:
+    """Wrap AutoTree's prune: per call, whether ranking by raw logq would have kept a node without its parent."""
+    seen, real = [], extras.autotree.prune
+    monkeypatch.setattr(extras.autotree, "prune", lambda tree, n: seen.append(raw_rank_breaks(tree, n)) or real(tree, n))
+    return seen
+
+
+def test_auto_trees_of_a_drafter_and_a_sharper_copy_merged_dedup(monkeypatch):
+    """Issue 30's crash (a KeyError in prune before the fix): AutoTree prunes the de-duplicated merged tree
+    again, and the sharper copy's children of united nodes outscore them. A stopped clock makes the sizes
+    depend on the cost table alone, so the case recurs; T = 0 and 1, a few seeds."""
+    monkeypatch.setattr(extras.autotree, "clock", lambda dev: 0.0)
+    breaks = watch_prune(monkeypatch)
+    V = 64
+    target = tiny(V=V, n_layers=1)
+    drafter = near_oracle(target)
+    drafters = [drafter, sharper(drafter, 6.0)]
+    for temperature in (0.0, 1.0):
+        for seed in range(3):
+            for prompt in prompts(V, n=2):
+                auto = AutoTree(verify_table({1: 1.0, 64: 1.0 + 63 * 0.05}, 64), max_depth=3)
+                out, s = generate(target, drafters, prompt, Sampling(temperature, max_new_tokens=12), auto,
+                                  "merged-dedup", TorchRandom(seed))
+                if temperature == 0:
+                    assert out == generate_plain(target, prompt, 12)
+                assert s.new_tokens == sum(s.emitted) == 11
+    assert any(breaks)      # the inputs that crashed were there
+
+
+# ----------------------------------------------------------------------------- the speed table's lines
+
+def speed_row(dtype, bench, config, tok_s, plain_tok_s, parted=()):
+    turns = [{"question_id": i, "turn": 1, "match": i not in parted,
+              **({"first_diff": 5, "logit_gap": 0.125, "tie_tolerance": 1.0, "near_tie": True} if i in parted else {})}
+             for i in range(3)]
+    return {"dtype": dtype, "benchmark": bench, "drafter": "eagle-math" if bench == "GSM8K" else "eagle-chat",
+            "config": config, "tok_s": tok_s, "vs_plain": tok_s / plain_tok_s,
+            **({} if config == "plain decoding" else {"greedy_match": f"{3 - len(parted)}/3", "turns": turns})}
+
+
+def speed_rows_of(dtype, plain, study, auto, parted=()):
+    return [speed_row(dtype, b, c, t, plain[i], parted if c == "auto tree" else ())
+            for i, b in enumerate(("GSM8K", "MT-Bench"))
+            for c, t in (("plain decoding", plain[i]), ("study tree (60/5/10)", study[i]), ("auto tree", auto[i]))]
+
+
+def test_the_speed_lines_read_the_run_and_explain_bf16_partings():
+    import extras.speed as xs
+    fp32 = speed_rows_of("float32", (30.0, 32.0), (15.0, 22.4), (33.0, 32.64))
+    bf16 = speed_rows_of("bfloat16", (28.0, 28.0), (40.0, 28.0), (44.8, 36.4), parted=(0, 2))
+    line = xs.study_tree_line(fp32 + bf16)
+    assert "in float32 it loses to plain decoding (0.50-0.70× in the speed table)" in line
+    assert "auto tree, sized for this machine, reaches 1.02-1.10× in float32 and 1.30-1.60× in bfloat16" in line
+    assert xs.verdict_line(fp32 + bf16) == ("Speed on this machine, bfloat16, auto tree vs plain decoding: GSM8K "
+                                            "(eagle-math) 44.8 vs 28.0 tok/s (1.60×); MT-Bench (eagle-chat) 36.4 vs "
+                                            "28.0 tok/s (1.30×)")
+    slow = speed_rows_of("float32", (30.0, 32.0), (31.5, 22.4), (33.0, 32.64))   # no bf16 that pays, study wins once
+    assert "it runs at plain decoding (0.70-1.05×" in xs.study_tree_line(slow) and "bfloat16" not in xs.study_tree_line(slow)
+    assert xs.verdict_line(slow).startswith("Speed on this machine, float32, auto tree vs plain decoding: GSM8K")
+
+    table = xs.speed_table(bf16[:3], fp32)
+    notes = [x for x in table.split("\n") if x.startswith(("note", "ERROR"))]
+    assert len(notes) == 1 and notes[0].startswith("note: bfloat16 GSM8K auto tree: greedy = plain on 1/3 turns")
+    assert notes[0].endswith("the float32 row of this configuration above shows greedy = plain 3/3")
+    assert [x for x in xs.speed_table(fp32[:3]).split("\n") if x.startswith("note")] == []
+
+
 # ----------------------------------------------------------------------------- a residual that rounds to nothing
 
 class Reject:
@@ -288,3 +412,53 @@ def test_the_same_monte_carlo_rejects_sampling_at_the_wrong_temperature(device, 
     p, *_ = monte_carlo(device)
     print(f"wrong temperature: chi-square p = {p:.3g}")
     assert p < 1e-6
+
+
+def monte_carlo_composed(monkeypatch, n=600):
+    """First 3 tokens of `generate` at T = 0.6, top-p 0.8 on auto trees (a stopped clock: sizes from the cost
+    tables alone), round robin over route and route-entropy -- a uniform drafter first, whose trees AutoTree
+    cuts to the root, beside a near oracle -- and merged-dedup of the near oracle and a sharper copy, whose
+    composed trees prune must keep closed. Every run's tokens follow the target's distribution. Returns the
+    chi-square p-value, the share of routed calls that had an empty tree beside a non-empty one, and the
+    share of merged-dedup calls that raw-logq ranking would have broken."""
+    monkeypatch.setattr(extras.autotree, "clock", lambda dev: 0.0)
+    breaks = watch_prune(monkeypatch)
+    target = tiny(V=4, n_layers=1, seed=3)
+    oracle = near_oracle(target)
+    pairs = {"route": [sharper(Drafter.random(target, 5), 0.0), oracle], "merged-dedup": [oracle, sharper(oracle, 6.0)]}
+    pairs["route-entropy"] = pairs["route"]
+    slope = {"route": 0.3, "route-entropy": 0.3, "merged-dedup": 0.1}   # where a weak tree / no tree pays
+    autos = {k: AutoTree(verify_table({1: 1.0, 16: 1.0 + 15 * slope[k]}, 16), max_depth=3) for k in slope}
+    routed = []
+
+    def route_watched(name):
+        def compose(trees):
+            routed.append(min(map(len, trees)) == 1 < max(map(len, trees)))
+            return COMPOSE[name](trees)
+        return compose
+    rng, samples, dedup_calls = TorchRandom(11), [], 0
+    for i in range(n):
+        name = ("route", "route-entropy", "merged-dedup")[i % 3]
+        compose = route_watched(name) if name.startswith("route") else name
+        out, s = generate(target, pairs[name], [0, 3], Sampling(temperature=0.6, top_p=0.8, max_new_tokens=3),
+                          autos[name], compose, rng)
+        samples.append(tuple(out[:3]))
+        dedup_calls += s.calls if name == "merged-dedup" else 0
+    expected = exact_first_tokens(target, [0, 3], 3, 0.6, 0.8)
+    return chi_square_p(Counter(samples), expected, n), mean(routed), sum(breaks) / dedup_calls
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_monte_carlo_of_routing_past_empty_trees_and_pruning_merged_dedup_trees(wrong, monkeypatch):
+    """Issue 30's two paths in the real generate: the route over an empty tree, the fixed prune; with a
+    negative control (a verifier whose p ignores the temperature)."""
+    if wrong:
+        broken_sampling(monkeypatch, temperature=1.0)
+    p, empty, broken = monte_carlo_composed(monkeypatch)
+    print(f"chi-square p = {p:.3g}; routed calls with an empty tree beside a non-empty one {empty:.2f}, "
+          f"merged-dedup calls raw ranking broke {broken:.2f}")
+    if wrong:
+        assert p < 1e-6
+    else:
+        assert empty > 0.2 and broken > 0.05      # the paths under test were exercised
+        assert p > 1e-6

@@ -271,6 +271,44 @@ def test_entropies_count_only_judgements_whose_token_was_emitted():
         assert s.target_entropy_accepted[0] == pytest.approx(math.log(3))
 
 
+def test_alpha_by_depth_counts_only_emitted_tokens():
+    """Like tau, alpha counts what was emitted: where a stop token or the budget ended the last call inside its
+    accepted path, the acceptances below the cut and the rejections after them produced no token. Before
+    issue 30 they counted (here alpha would read [1, 1, 0] for a call that emitted one token)."""
+    #  0 -> 1 (x=5) -> 2 (x=6) -> {3 (x=7), 4 (x=8)}: 5 and 6 accepted, 7 and 8 rejected
+    tree = Tree([4, 5, 6, 7, 8], [-1, 0, 1, 2, 2], [0, -1, -2, -3, -4], [math.nan, 0.1, 0.2, 0.3, 0.4])
+    logits = {i: torch.zeros(3) for i in range(3)}
+    whole, cut = Stats(), Stats()
+    whole.record(tree, [0, 1, 2], [3, 4], logits, 3, 0.0, 0.0)   # 5, 6 and the correction emitted
+    cut.record(tree, [0, 1, 2], [3, 4], logits, 1, 0.0, 0.0)     # the budget ended the call after 5
+    assert whole.acceptance_by_depth() == [1, 1, 0] and cut.acceptance_by_depth() == [1]
+    assert whole.emitted == [3] and cut.emitted == [1] and cut.accepted == [2]   # accepted: what verification did
+    # a second call accepting 2: cut after them (no judgement at depth 3), its correction emitted (a
+    # rejection at depth 3), or its path ended at a leaf (nothing to judge at depth 3)
+    assert Stats(accepted=[3, 2], emitted=[4, 2], leaf=[False, False]).acceptance_by_depth() == [1, 1, 1, 0]
+    assert Stats(accepted=[3, 2], emitted=[4, 3], leaf=[False, False]).acceptance_by_depth() == [1, 1, 1 / 2, 0]
+    assert Stats(accepted=[3, 2], emitted=[4, 3], leaf=[False, True]).acceptance_by_depth() == [1, 1, 1, 0]
+
+
+def test_tau_and_alpha_count_the_same_tokens():
+    """generate with budgets that end the last call inside its path or not: tau's tokens are the calls'
+    emitted ones, and alpha reads a cut call as the path of the tokens it emitted."""
+    target = tiny(V=16, n_layers=1)
+    d = near_oracle(target)
+    cuts = 0
+    for n in range(6, 16):
+        _, s = generate(target, d, prompts(16)[0], Sampling(max_new_tokens=n), TreeShape(top_k=2, depth=4, total_tokens=8))
+        assert s.new_tokens == sum(s.emitted) == n - 1 and len(s.emitted) == s.calls
+        assert all(e == a + 1 for a, e in zip(s.accepted[:-1], s.emitted[:-1])) and s.emitted[-1] <= s.accepted[-1] + 1
+        if s.emitted[-1] <= s.accepted[-1]:   # cut inside its path: alpha sees a path of the tokens emitted,
+            cuts += 1                          # with nothing judged below it
+            emitted = Stats(accepted=s.accepted[:-1] + s.emitted[-1:], leaf=s.leaf[:-1] + [True])
+            assert s.acceptance_by_depth() == emitted.acceptance_by_depth()
+        else:
+            assert s.acceptance_by_depth() == Stats(accepted=s.accepted, leaf=s.leaf).acceptance_by_depth()
+    assert cuts > 0                                   # some budgets ended a call inside its accepted path
+
+
 def test_tau_on_a_one_token_vocabulary():
     """V = 1: every draft is right. top_k 1, depth 2 -> a 3-node chain, all accepted + 1 bonus per call."""
     target = tiny(V=1)

