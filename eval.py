@@ -51,8 +51,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import BENCHMARKS, DataError, load_bench
-from model import TapsError, clock, context_budget, generate_plain, logits_to_probs, mean
+from data import BENCHMARKS, DataError, data_dir, load_bench
+from model import TapsError, clock, context_budget, generate_plain, mean
 from taps import COMPOSE, Drafter, Sampling, Stats, TorchRandom, TreeShape, average, generate
 
 METHODS = ("single", "average", *(m for m in COMPOSE if m != "single"))
@@ -406,33 +406,60 @@ def parse_args(argv=None):
     return ap, args
 
 
-def check_args(args):
-    """Everything that can be refused before a model loads."""
-    if args.threads is not None and args.threads < 1:
-        raise TapsError(f"--threads must be >= 1, got {args.threads} (leave it out for torch's "
-                        f"default)")
-    if args.limit is not None and args.limit < 1:
-        raise TapsError(f"--limit must be >= 1, got {args.limit}")
+def check_args(ap, args):
+    """Everything that can be refused before any model work, beyond each number's range
+    (`check_flags`): flags that do nothing in the mode asked for, drafters given twice or too few
+    for a composition, and the study tree against what it allocates and the target's vocabulary
+    and context."""
+    from extras.runtime import check_tree_flags, given, refuse_unused, target_args
+    on = given(ap, args)
+    idle = lambda flags, where, advice="": refuse_unused(ap, args, on - set(flags), where, advice)
+    if args.report:
+        return refuse_unused(ap, args, {"--report", "--figures"}, "with --report (it prints the "
+                             "tables of saved runs)")
+    if args.speed:
+        refuse_unused(ap, args, {"--speed", "--drafters", "--json", "--force", "--max-new-tokens",
+                                 "--top-k", "--depth", "--total-tokens", "--target", "--device",
+                                 "--limit", "--data-dir", "--threads"},
+                      "with --speed (greedy, on its own benchmarks, trees and dtypes)")
+    else:
+        if args.tree == "auto":
+            idle(["--total-tokens", "--depth", "--top-k", "--equal-budget"], "with --tree auto",
+                 "leave out --tree auto for the study tree")
+        if "average" not in args.compose:
+            idle(["--lam", "--lam-sweep"], "without --compose average")
+        elif args.lam_sweep:
+            idle(["--lam"], "with --lam-sweep (it gives the weights)")
+        if not set(args.compose) & set(MERGED):
+            idle(["--equal-budget"], "without --compose merged or merged-dedup")
+        if not any(args.temperature):
+            idle(["--top-p"], "at --temperature 0 (greedy)")
+    drafter_names(args.drafters)                 # none given twice
     k = len(args.drafters)
+    lone = [m for m in args.compose if m != "single" and k < 2 and not args.speed]
+    if lone:
+        raise TapsError(f"compose {lone[0]!r} takes two or more drafters, got {k}")
     if args.equal_budget and k > 1 and args.total_tokens // k < args.depth:
         raise TapsError(f"--equal-budget splits --total-tokens {args.total_tokens} into {k} trees "
                         f"of {args.total_tokens // k} nodes, fewer than --depth {args.depth}; "
                         f"give --total-tokens {k * args.depth} or more")
-    for t in args.temperature:   # as taps.generate checks them, before any work
-        logits_to_probs(torch.zeros(1), t, args.top_p)
+    if args.speed or args.tree == "study":
+        check_tree_flags(TreeShape(args.top_k, args.depth, args.total_tokens),
+                         target_args(args.target))
 
 
 def main(argv=None):
     from extras.report import as_dict, figures, json_path, load_runs, pyplot, tables
     from extras.runtime import check_flags, check_writable, machine, one_line_errors, versions
     from extras.trace import streamed   # --trace
-    args = parse_args(argv)
+    ap, args = parse_args(argv)
     dec = Decoding(args.max_new_tokens, args.top_p, args.top_k, args.depth, args.seed)
     with one_line_errors(DataError, interrupted="nothing was evaluated yet"):
         check_flags(args)
         if args.trace and (args.report or args.speed):
             raise TapsError("--trace records an evaluation's verifier calls: leave it out with "
                             "--report and --speed")
+        check_args(ap, args)
         if args.figures:
             pyplot()                                             # installed? say so before any work
         if args.report:
@@ -441,10 +468,13 @@ def main(argv=None):
             if args.figures:
                 print(f"[figures: {', '.join(map(str, figures(runs, args.figures)))}]")
             return
-        check_args(args)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         bench_items = {b: load_bench(b, args.limit, args.data_dir) for b in args.bench}
+        empty = [b for b, items in bench_items.items() if not items]
+        if empty:
+            raise TapsError(f"{data_dir(args.data_dir) / 'bench' / empty[0]}.jsonl holds no "
+                            f"items; restore the file, or leave {empty[0]} out of --bench")
         stamp = ("bench" if args.speed else "eval") + "-%Y%m%d-%H%M%S.json"
         json_base = args.json or Path("runs") / time.strftime(stamp)
         check_writable(json_base, "--json", args.force)              # before any model loads
@@ -465,9 +495,13 @@ def main(argv=None):
                   "machine": machine(args.device), "benchmarks": args.bench, "limit": args.limit,
                   **dataclasses.asdict(dec), "total_tokens": args.total_tokens,
                   "versions": versions(), "argv": sys.argv[1:] if argv is None else list(argv)}
-        runs = plan(args.compose, args.temperature, drafters, [Path(p).stem for p in args.drafters],
+        runs = plan(args.compose, args.temperature, drafters, drafter_names(args.drafters),
                     idents, shared, args.total_tokens, args.lam_sweep or [args.lam],
                     args.equal_budget)
+        paths = [json_path(json_base, r, len(runs) > 1) for r in runs]
+        if len(set(paths)) < len(paths):   # never one results file written twice in one run
+            twice = next(p for i, p in enumerate(paths) if p in paths[:i])
+            raise TapsError(f"two runs would write {twice}; name the drafters' files apart")
         if args.tree == "auto":   # each run calibrates its drafters' confidence on its own calls
             for r in runs:
                 r.auto = AutoTree.for_target(target)

@@ -9,19 +9,22 @@ study: install
 	@test -n "$(TARGET)" || { echo "usage: make study TARGET=<HF checkpoint directory> [NGPU=4]"; exit 2; }
 	for b in eagle hass; do for d in math chat mixed-small mixed-large; do torchrun --standalone \
 	  --nproc_per_node $(NGPU) train.py --domain $$d --backbone $$b --size full --features online \
-	  --target $(TARGET) --device cuda --out checkpoints/full/$$b-$$d.safetensors --resume || exit 1; done; done
+	  --target $(TARGET) --device cuda --out checkpoints/full/$$b-$$d.safetensors \
+	  $$(test -e checkpoints/full/$$b-$$d.state.pt && echo --resume) || exit 1; done; done
 	for b in eagle hass; do $(PY) eval.py --target $(TARGET) --device cuda \
 	  --compose single,average,route,route-entropy,merged,merged-dedup --equal-budget --lam-sweep 0,0.25,0.5,0.75,1 \
 	  --temperature 0,1 --drafters checkpoints/full/$$b-math.safetensors checkpoints/full/$$b-chat.safetensors \
 	  --json runs/study-$$b.json || exit 1; done
 
 # The study at the CPU size on the embedded default (train.py's docstring): the shared feature caches,
-# then the drafters, one after another (hours on 2 cores; every step resumes: rerun to continue).
+# then the drafters, one after another (hours on 2 cores; every step resumes where it has a training
+# state: rerun to continue).
 CPU_DRAFTERS = eagle-math eagle-chat eagle-mixed-small eagle-mixed-large hass-math hass-chat
 cpu-drafters: install
 	$(PY) train.py --features-only --size cpu
 	for v in $(CPU_DRAFTERS); do $(PY) train.py --backbone $${v%%-*} --domain $${v#*-} --size cpu \
-	  --out checkpoints/cpu/$$v.safetensors --resume || exit 1; done
+	  --out checkpoints/cpu/$$v.safetensors $$(test -e checkpoints/cpu/$$v.state.pt && echo --resume) \
+	  || exit 1; done
 
 # The study's evaluation of them at the study's tree in fp32 (greedy output checked bit for bit), 64 new
 # tokens, 20 items per benchmark at T = 0 and 10 at T = 1 (MT-Bench with both turns): one eval per

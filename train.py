@@ -466,6 +466,16 @@ def restore(state_file: Path, config: dict, target, drafter, opt, sched) -> dict
     return saved["progress"]
 
 
+def check_resume(out: Path):
+    """--resume with no training state to continue is refused: a fresh start would replace the
+    drafter at `out` unasked, or train for hours where a user meant another --out."""
+    if not state_path(out).exists():
+        raise TapsError(f"--resume: no training state {state_path(out)} to continue; "
+                        + (f"{out} holds a drafter: pass --overwrite to train a new one over it, "
+                           f"or --out another path" if out.exists() else
+                           "leave out --resume to start a new run"))
+
+
 def refuse_to_replace(out: Path, epochs: int):
     """A new run never silently replaces a user's drafter or an interrupted run's state."""
     state = state_path(out)
@@ -549,6 +559,8 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     check_split(cfg.batch_size, world.size)
     if not (resume or overwrite):
         refuse_to_replace(out, cfg.epochs)
+    if resume:
+        check_resume(out)
     say = print if world.main else lambda *args, **kw: None
     if world.main:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -565,13 +577,11 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     g = torch.Generator(device=dev)   # input noise, seeded per (step, rank): no state to resume
     config = dataclasses.asdict(cfg)
     st = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "top1_sum": 0.0, "log": []}
-    if resume and state_file.exists():
+    if resume:
         st = restore(state_file, config, target, drafter, opt, sched)
         say(f"resuming {out} at epoch {st['epoch'] + 1}, batch {st['batch']} of {per_epoch}"
             if st["epoch"] < cfg.epochs else
             f"resuming {out}: all {cfg.epochs} epochs are done, nothing to train")
-    elif resume:
-        say(f"no training state at {state_file}: starting from scratch")
 
     saving = lambda: writing(out.parent, "free space or fix permissions there, then rerun with "
                                          "--resume")
@@ -649,8 +659,10 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    from extras.runtime import DTYPES, check_flags, check_writable, default_device, one_line_errors
-    ap = argparse.ArgumentParser(description="Train a task-aware EAGLE or HASS drafter.")
+    from extras.distributed import say
+    from extras.runtime import (DTYPES, Parser, check_device, check_flags, check_writable,
+                                default_device, one_line_errors, refuse_unused, target_args)
+    ap = Parser(description="Train a task-aware EAGLE or HASS drafter.")
     ap.add_argument("--domain", help=f"training corpus: {', '.join(TRAIN_DOMAINS)} (mixtures read "
                                      f"the caches of both domains at the size)")
     ap.add_argument("--backbone", default="eagle", help=f"objective: {', '.join(BACKBONES)}")
@@ -674,7 +686,7 @@ def main(argv=None):
     ap.add_argument("--amp", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
                     help="bf16 autocast: auto (default) times a training step each way once per "
                          "machine (cached) and takes the faster; --amp alone forces it on")
-    ap.add_argument("--no-amp", dest="amp", action="store_const", const="off",
+    ap.add_argument("--no-amp", dest="amp", action="store_const", const="off", default="auto",
                     help="train in fp32, no autocast")
     ap.add_argument("--extract-batch", type=int, default=None,
                     help="conversations per target call (default 1 on CPU, 8 on CUDA)")
@@ -697,13 +709,26 @@ def main(argv=None):
         return ("finished feature shards are kept (no training state was saved yet); rerun the "
                 "same command")
 
-    with one_line_errors(DataError, interrupted=kept, who=lambda: world.name if world else ""):
-        check_flags(args)
+    with one_line_errors(DataError, interrupted=kept, who=lambda: world.name if world else "",
+                         say=lambda line: say(line, joined=world is not None)):
+        shard = (lambda v: 1 <= v <= SHARD_SIZE,
+                 f"between 1 and {SHARD_SIZE} (the conversations of a feature shard, which "
+                 f"batches are drawn from)")
+        check_flags(args, batch_size=shard, extract_batch=shard)
         if args.features == "online" and args.features_only:
             raise TapsError("--features-only builds the feature caches, which --features online "
                             "never reads; drop one of the two")
+        if args.features_only:
+            refuse_unused(ap, args, {"--features-only", "--size", "--target", "--device", "--dtype",
+                                     "--data-dir", "--extract-batch", "--n-train", "--max-len",
+                                     "--n-heldout"}, "with --features-only (it trains nothing)")
         if not (args.domain or args.features_only):
             raise TapsError("--domain is required (or --features-only)")
+        if args.resume and args.overwrite:
+            raise TapsError("--resume continues a run and --overwrite starts over; give one")
+        if check_device(args.device).type == "cpu" and args.dtype == "fp16":
+            raise TapsError("--dtype fp16 on a CPU: CPU autocast and kernels take fp32 or bf16; "
+                            "use --dtype bf16 or fp32, or fp16 on --device cuda")
         names = [n.replace("-", "_") for n, _ in overridable]
         overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
         cfg = TrainConfig(domain=args.domain or "math", backbone=args.backbone, size=args.size,
@@ -716,6 +741,16 @@ def main(argv=None):
                 check_writable(path, "--out")
             if not (args.resume or args.overwrite):
                 refuse_to_replace(out, cfg.epochs)
+            if args.resume:
+                check_resume(out)
+        limits = target_args(args.target)          # its context and vocabulary, no weights read
+        if cfg.max_len > limits.max_seq_len:
+            raise TapsError(f"--max-len {cfg.max_len}: the target reads at most "
+                            f"{limits.max_seq_len} tokens; give at most {limits.max_seq_len}")
+        if cfg.draft_vocab > limits.vocab_size:
+            raise TapsError(f"--draft-vocab {cfg.draft_vocab}: more than the target's vocabulary "
+                            f"of {limits.vocab_size} tokens; give at most {limits.vocab_size}, "
+                            f"or 0 for every token")
         world, device = World.from_env(args.device)
         t0 = time.perf_counter()
         from extras.autotree import load_for   # --dtype auto: bf16 where it measures faster

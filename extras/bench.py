@@ -157,14 +157,11 @@ def random_tree(n: int, device):
     return mask.to(device), depths.to(device)
 
 
-def timed(device, fn, reps: int) -> float:
-    """Seconds per call of fn, the best of `reps` (a shared machine only ever adds time)."""
-    best = float("inf")
-    for _ in range(reps):
-        t0 = clock(device)
-        fn()
-        best = min(best, clock(device) - t0)
-    return best
+def timed_call(device, fn) -> tuple[float, object]:
+    """(seconds one call of fn takes, its device work included; what it returned)."""
+    t0 = clock(device)
+    out = fn()
+    return clock(device) - t0, out
 
 
 @torch.inference_mode()
@@ -173,33 +170,46 @@ def compare(model: Transformer, prompt: list, device, n_new=128, sizes=SCORE_SIZ
     """Plain decoding (tok/s over n_new - 1 steps, prefill excluded) and scoring a tree of each of
     `sizes` nodes after the prompt (ms per call), for today's sliced cache, the static path eager,
     and the static path compiled by `backend`, whose first calls (they compile) are timed apart.
-    Each time is the best of `reps`. One row per path."""
+    Each time is the best of `reps` rounds, each round timing every path in turn (a shared
+    machine's load then weighs on all alike). One row per path, with whether its greedy tokens
+    are today's (in fp32 they should be; in bf16 near-ties may part)."""
+    if n_new < 2:
+        raise TapsError(f"--max-new-tokens {n_new}: the compiled bench times at least 2 tokens")
     V = model.args.vocab_size
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(device, 1 << (30 if torch.device(device).type == "cuda" else 28))
     trees = {n: (torch.randint(V, (n,), generator=torch.Generator().manual_seed(n)).to(device),
                  *random_tree(n, device)) for n in sizes}
-    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     graphs = backend == "inductor" and torch.device(device).type == "cuda"
     paths = {"eager, sliced cache (today)": None, "static cache, eager": StaticSteps(model),
              f"static cache, compiled ({backend}{' + CUDA graphs' if graphs else ''})":
              StaticSteps(model, backend=backend)}
-    rows = []
-    for name, steps in paths.items():
-        decode = lambda n: generate_plain(model, prompt, n, steps=steps)   # no stop ids: n tokens
+    for steps in list(paths.values())[1:]:   # one cache length for every call: no recompile
+        steps.fit(len(prompt) + max(n_new + 1, bucket(max(sizes))))
+    decode = lambda steps, n: generate_plain(model, prompt, n, steps=steps)   # n tokens: no stops
+    first, best, tokens = {}, {name: {} for name in paths}, {}
+    for name, steps in paths.items():     # first calls: decode, prefill's chunk, each tree bucket
         t0 = clock(device)
-        decode(2)                   # first calls: the decode step, and prefill's chunk
+        decode(steps, 2)
         score = scorer(model, steps, prompt, trees)
         for n in sizes:
-            score(n)                # and each tree's bucket
-        first = clock(device) - t0
-        per_token = (timed(device, lambda: decode(n_new), reps)
-                     - timed(device, lambda: decode(1), reps)) / (n_new - 1)
-        rows.append({"target": model.args.name, "dtype": dtype, "path": name,
-                     "tok_s": 1 / per_token, "limit": bandwidth / weights,
-                     "score_ms": {n: 1000 * timed(device, lambda: score(n), reps) for n in sizes},
-                     "first_s": first if "compiled" in name else None})
-    return rows
+            score(n)
+        first[name] = clock(device) - t0
+    for _ in range(reps):
+        for name, steps in paths.items():
+            t_new, tokens[name] = timed_call(device, lambda: decode(steps, n_new))
+            t_one = timed_call(device, lambda: decode(steps, 1))[0]
+            score = scorer(model, steps, prompt, trees)
+            times = {"n_new": t_new, "one": t_one,
+                     **{n: timed_call(device, lambda: score(n))[0] for n in sizes}}
+            best[name] = {k: min(t, best[name].get(k, t)) for k, t in times.items()}
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    return [{"target": model.args.name, "dtype": dtype, "path": name,
+             "tok_s": (n_new - 1) / (b["n_new"] - b["one"]), "limit": bandwidth / weights,
+             "score_ms": {n: 1000 * b[n] for n in sizes},
+             "first_s": first[name] if "compiled" in name else None,
+             "same_tokens": tokens[name] == tokens["eager, sliced cache (today)"]}
+            for name, b in best.items()]
 
 
 def scorer(model: Transformer, steps, prompt: list, trees: dict):
@@ -227,8 +237,8 @@ def print_comparison(rows: list[dict]):
     sizes = list(rows[0]["score_ms"])
     print("| target | dtype | path | decode tok/s | of the limit | vs today | "
           + " | ".join(f"score N = {n} (ms)" for n in sizes)
-          + f" | N = {sizes[-1]} / plain step | first calls (compile) s |")
-    print("|---" * (8 + len(sizes)) + "|")
+          + f" | N = {sizes[-1]} / plain step | first calls (compile) s | greedy = today |")
+    print("|---" * (9 + len(sizes)) + "|")
     today = {}
     for r in rows:
         base = today.setdefault((r["target"], r["dtype"]), r["tok_s"])
@@ -237,7 +247,8 @@ def print_comparison(rows: list[dict]):
         print(f"| {r['target']} | {r['dtype']} | {r['path']} | {r['tok_s']:.1f} "
               f"| {r['tok_s'] / r['limit']:.0%} | {r['tok_s'] / base:.2f}x | "
               + " | ".join(f"{ms[n]:.1f}" for n in sizes)
-              + f" | {ms[sizes[-1]] * r['tok_s'] / 1000:.2f} | {first} |")
+              + f" | {ms[sizes[-1]] * r['tok_s'] / 1000:.2f} | {first} "
+              f"| {'yes' if r['same_tokens'] else 'NO'} |")
 
 
 # (shape, dtype) of `make gpu-check`: the issue's Llama-3-8B figure, and bf16 against fp32 on the

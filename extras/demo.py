@@ -35,16 +35,17 @@ EVAL = ["eval.py", "--compose", "single,average,route,merged", "--max-new-tokens
         "--drafters", *DRAFTERS, "--json", str(JSON), "--force"]
 
 # `make demo` on the development Xeon (2 cores, AMX-BF16, idle, a fresh clone; results/REPORT.md):
-# seconds per part, the dtype its matmuls ran in there, and the tokens per target call that
-# dominate it (features and training: whole conversations; decoding: trees and single tokens).
-# The speed table's ~2 min are split evenly between its fp32 and bf16 halves.
-XEON = {"features": (351, "bf16", 256), "train math": (328, "bf16", 256),
-        "train chat": (65, "bf16", 256), "eval T=0": (433, "fp32", 64),
-        "eval T=1": (113, "fp32", 64), "speed fp32": (63, "fp32", 64),
-        "speed bf16": (63, "bf16", 64)}
+# seconds per part and the dtype its matmuls ran in there. The speed table's ~2 min are split
+# evenly between its fp32 and bf16 halves.
+XEON = {"features": (351, "bf16"), "train math": (328, "bf16"), "train chat": (65, "bf16"),
+        "eval T=0": (433, "fp32"), "eval T=1": (113, "fp32"), "speed fp32": (63, "fp32"),
+        "speed bf16": (63, "bf16")}
 XEON_LIMITS = {"eval T=0": 5, "eval T=1": 1}   # items per benchmark those evaluations ran
-# the same Xeon's calibration (results/speed.md): seconds to score N tokens after 256 cached ones
-XEON_VERIFY = {"fp32": {64: 0.0895, 256: 0.2534}, "bf16": {64: 0.0489, 256: 0.0994}}
+# What a part costs elsewhere scales with the cost of scoring N = 64 tokens in its dtype there:
+# the same Xeon's calibration (results/speed.md) took 1.83x as long in fp32 as in bf16, and so did
+# features (1,600 vs 840 tokens/s: 1.9x) and training (issue 28: 63 vs 34 s, 1.85x) on it.
+N = 64
+XEON_VERIFY = {"fp32": 0.0895, "bf16": 0.0489}
 
 
 @dataclass
@@ -71,8 +72,8 @@ class Machine:
     def seconds(self, part: str, dtype: str, items: int = 0) -> float:
         """`part`'s Xeon time scaled by the cost of its target calls here in `dtype` (and by the
         items evaluated)."""
-        xeon_s, xeon_dtype, n = XEON[part]
-        scale = self.verify_s[dtype][n] / XEON_VERIFY[xeon_dtype][n]
+        xeon_s, xeon_dtype = XEON[part]
+        scale = self.verify_s[dtype][N] / XEON_VERIFY[xeon_dtype]
         return xeon_s * scale * (items / XEON_LIMITS[part] if part in XEON_LIMITS else 1)
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from extras.runtime import say_error
 from model import TapsError
 
 
@@ -121,6 +123,20 @@ class World:
 
 
 SINGLE = World()
+
+
+def say(line: str, joined: bool) -> int:
+    """How a process ends on an error line (`extras.runtime.one_line_errors`); its exit status.
+    Under torchrun (which sets TORCHELASTIC_RUN_ID), a refusal before this rank joined the job --
+    a check of the flags, which every rank makes alike, with nothing run or written -- is printed
+    by rank 0 alone and ends with status 0: torchrun answers any other status with its own report
+    of some 45 lines and a traceback after the line, burying what to do. After joining (a rank
+    that fails mid-run must fail the job), or without torchrun: the line and status 2."""
+    if joined or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return say_error(line)
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+    return 0
 
 
 def check_split(batch_size: int, ranks: int):

@@ -303,11 +303,12 @@ def check_export_dir(out: Path, overwrite: bool):
         raise TapsError(f"{out}: cannot read it as a previous export ({err}); give a new or "
                         f"empty directory") from None
     foreign = [n for n in names if n not in EXPORT_FILES]
-    if names and (foreign or not isinstance(config, dict)
-                  or config.get("_name_or_path") != DEFAULT_TARGET):
+    ours = isinstance(config, dict) and config.get("_name_or_path") == DEFAULT_TARGET
+    if names and (foreign or not ours):
+        shown = foreign or names
         raise TapsError(f"{out}: holds files that are not an export of {DEFAULT_TARGET} "
-                        f"({', '.join((foreign or names)[:3])}{', ...' if len(names) > 3 else ''})"
-                        f"; give a new or empty directory (nothing was written)")
+                        f"({', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}); give a "
+                        f"new or empty directory (nothing was written)")
     if names and not overwrite:
         raise TapsError(f"{out}: holds a previous export of {DEFAULT_TARGET}; pass --overwrite "
                         f"to replace it, or give a new directory")

@@ -161,8 +161,9 @@ def row_order(run: dict, paths: list[str]):
     as the study's Table 1), averages by lambda, each merged kind before its equal budget."""
     c, k = run["config"], kind(run)
     d = c["drafters"][0]
+    data = d.get("data") if isinstance(d.get("data"), dict) else {}   # external: a description
     first = ((paths.index(d["path"]), 0) if d["path"] in paths
-             else (len(paths), (d.get("data") or {}).get("conversations", 0)))
+             else (len(paths), data.get("conversations", 0)))
     order = METHODS.index(k) if k in METHODS else len(METHODS)
     return order, first, c["lambda"] or 0, c["equal_budget"]
 

@@ -11,12 +11,13 @@ from hypothesis import given, settings, strategies as st
 
 import eval as ev
 import extras.autotree
+import extras.report as report
 from extras.autotree import AutoTree, verify_table
 from model import TapsError, generate_plain
 from taps import (COMPOSE, Drafter, Sampling, Stats, TorchRandom, Tree, TreeShape, average, generate, merge, prune,
                   route, route_entropy, tag, verify_tree)
 from conftest import Target, drafts, near_oracle, node_tokens, outcomes, prompts, sharper, spec_dist, tiny, tree_call
-from test_eval import run, setup  # noqa: F401 -- eval.py's tiny setup (a fixture) and its command line
+from test_eval import setup  # noqa: F401 -- eval.py's tiny setup (a fixture)
 
 
 def small_trees():
@@ -439,7 +440,8 @@ def test_every_composition_runs_with_every_tree_policy(policy, temperature):
             tree = TreeShape(depth=4, chain=True)
         else:
             tree = TreeShape() if policy == "study" else AutoTree(verify_table({1: 1.0, 64: 1.0 + 63 * 0.05}, 64))
-        ds = {"single": drafters[:1], "chain": drafters[:1], "average": [average(drafters[:2], 0.5)]}.get(name, drafters)
+        ds = {"single": drafters[:1], "chain": drafters[:1],
+              "average": [average(drafters[:2], 0.5)]}.get(name, drafters)
         compose = "single" if name in ("average", "chain") else name
         out, s = generate(target, ds, prompt, Sampling(temperature, max_new_tokens=16), tree, compose, TorchRandom(1))
         assert len(out) == 16 and s.new_tokens == sum(s.emitted) == 15 and s.calls == len(s.routed)
@@ -455,8 +457,9 @@ def test_eval_runs_every_composition_on_auto_trees(setup, capsys, monkeypatch):
     tmp_path, paths = setup
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(extras.autotree, "measure_verify", lambda target: {1: 1.0, 256: 1.0 + 255 * 0.05})
-    run(tmp_path, paths, "--compose", ",".join(ev.METHODS), "--tree", "auto", "--limit", "1", "--bench", "gsm8k",
-        "--temperature", "0,1", "--json", str(tmp_path / "r" / "auto.json"))
+    ev.main(["--drafters", *paths, "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--max-new-tokens", "12",
+             "--compose", ",".join(ev.METHODS), "--tree", "auto", "--limit", "1", "--bench", "gsm8k",
+             "--temperature", "0,1", "--json", str(tmp_path / "r" / "auto.json")])
     files = sorted((tmp_path / "r").glob("auto-*.json"))
     assert len(files) == 2 * (len(ev.METHODS) + 1)        # two singles, one run per other method, per temperature
     for f in files:
@@ -466,3 +469,7 @@ def test_eval_runs_every_composition_on_auto_trees(setup, capsys, monkeypatch):
         assert r["greedy_match"] == (1.0 if obj["config"]["temperature"] == 0 else None)
         shares = r["routing"]["per_call"] + [r["routing"]["merged_calls"], r["routing"]["plain_calls"]]
         assert sum(shares) == pytest.approx(1) and sum(r["accepted_from"]) == pytest.approx(1)
+    # Table 3 shows a routed run's plain calls (no tree to route) beside its drafters' shares
+    route = json.loads((tmp_path / "r" / "auto-route-T0.json").read_text())
+    route["results"]["gsm8k"]["routing"].update(per_call=[0.5, 0.25], plain_calls=0.25)
+    assert "| route | no tree (plain step) | – / 25% |" in report.tables([route])

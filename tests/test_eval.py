@@ -394,7 +394,7 @@ def test_speed_table_compares_plain_study_and_auto_in_one_process(setup, monkeyp
 
 def test_demo_steps_say_what_they_do_and_estimate_from_this_machines_calibration(tmp_path, monkeypatch, capsys):
     import extras.demo as demo
-    xeon = demo.Machine({d: dict(c) for d, c in demo.XEON_VERIFY.items()}, "bf16", True)
+    xeon = demo.Machine({d: {demo.N: t} for d, t in demo.XEON_VERIFY.items()}, "bf16", True)
     monkeypatch.setattr(demo.Machine, "measure", classmethod(lambda cls: xeon))
     monkeypatch.chdir(tmp_path)
     demo.main(["--dry-run"])                    # the development Xeon itself: its own times
@@ -403,10 +403,10 @@ def test_demo_steps_say_what_they_do_and_estimate_from_this_machines_calibration
     assert "[1/5] training the math drafter (the target's features first) (about 11 min; about 24 min left" in out
     assert "[2/5] training the chat drafter (about 1 min; about 12 min left in all)" in out
     assert "[5/5] the speed table: plain decoding vs the study's tree vs the auto tree, fp32 and bf16 (about 2 min" in out
-    fp32_only = demo.Machine({"fp32": {n: 2 * t for n, t in demo.XEON_VERIFY["fp32"].items()},
-                              "bf16": {n: 9 * t for n, t in demo.XEON_VERIFY["bf16"].items()}}, "fp32", False)
+    fp32_only = demo.Machine({"fp32": {demo.N: 2 * demo.XEON_VERIFY["fp32"]},
+                              "bf16": {demo.N: 9 * demo.XEON_VERIFY["bf16"]}}, "fp32", False)
     steps = demo.plan(fp32_only, 10, 1)         # bf16 emulated, fp32 at half the Xeon's speed
-    ratio = 2 * demo.XEON_VERIFY["fp32"][256] / demo.XEON_VERIFY["bf16"][256]
+    ratio = 2 * demo.XEON_VERIFY["fp32"] / demo.XEON_VERIFY["bf16"]
     assert steps[0].seconds == pytest.approx((351 + 328) * ratio) and steps[1].seconds == pytest.approx(65 * ratio)
     assert steps[2].seconds == pytest.approx(433 * 2 * 10 / 5) and steps[4].seconds == pytest.approx(63 * 2)
     (tmp_path / "checkpoints").mkdir()

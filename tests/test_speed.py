@@ -283,7 +283,8 @@ def test_auto_trees_are_exactly_greedy(compose, device):
 def watch_prune(monkeypatch) -> list[bool]:
     """Wrap AutoTree's prune: per call, whether ranking by raw logq would have kept a node without its parent."""
     seen, real = [], extras.autotree.prune
-    monkeypatch.setattr(extras.autotree, "prune", lambda tree, n: seen.append(raw_rank_breaks(tree, n)) or real(tree, n))
+    monkeypatch.setattr(extras.autotree, "prune",
+                        lambda tree, n: seen.append(raw_rank_breaks(tree, n)) or real(tree, n))
     return seen
 
 

@@ -297,7 +297,8 @@ def test_tau_and_alpha_count_the_same_tokens():
     d = near_oracle(target)
     cuts = 0
     for n in range(6, 16):
-        _, s = generate(target, d, prompts(16)[0], Sampling(max_new_tokens=n), TreeShape(top_k=2, depth=4, total_tokens=8))
+        _, s = generate(target, d, prompts(16)[0], Sampling(max_new_tokens=n),
+                        TreeShape(top_k=2, depth=4, total_tokens=8))
         assert s.new_tokens == sum(s.emitted) == n - 1 and len(s.emitted) == s.calls
         assert all(e == a + 1 for a, e in zip(s.accepted[:-1], s.emitted[:-1])) and s.emitted[-1] <= s.accepted[-1] + 1
         if s.emitted[-1] <= s.accepted[-1]:   # cut inside its path: alpha sees a path of the tokens emitted,
