@@ -735,14 +735,6 @@ def main(argv=None):
                           draft_vocab=args.draft_vocab, **overrides)
         from extras.distributed import World, check_split
         check_split(cfg.batch_size, int(os.environ.get("WORLD_SIZE", 1)))   # before joining
-        out = Path(args.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
-        if not args.features_only:   # the destination, before any extraction or training
-            for path in (out, state_path(out)):
-                check_writable(path, "--out")
-            if not (args.resume or args.overwrite):
-                refuse_to_replace(out, cfg.epochs)
-            if args.resume:
-                check_resume(out)
         limits = target_args(args.target)          # its context and vocabulary, no weights read
         if cfg.max_len > limits.max_seq_len:
             raise TapsError(f"--max-len {cfg.max_len}: the target reads at most "
@@ -751,6 +743,14 @@ def main(argv=None):
             raise TapsError(f"--draft-vocab {cfg.draft_vocab}: more than the target's vocabulary "
                             f"of {limits.vocab_size} tokens; give at most {limits.vocab_size}, "
                             f"or 0 for every token")
+        out = Path(args.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
+        if not args.features_only:   # the destination, before any extraction or training
+            for path in (out, state_path(out)):
+                check_writable(path, "--out")
+            if not (args.resume or args.overwrite):
+                refuse_to_replace(out, cfg.epochs)
+            if args.resume:
+                check_resume(out)
         world, device = World.from_env(args.device)
         t0 = time.perf_counter()
         from extras.autotree import load_for   # --dtype auto: bf16 where it measures faster
