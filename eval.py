@@ -450,7 +450,8 @@ def check_args(ap, args):
 
 def main(argv=None):
     from extras.report import as_dict, figures, json_path, load_runs, pyplot, tables
-    from extras.runtime import check_flags, check_writable, machine, one_line_errors, versions
+    from extras.runtime import (check_flags, check_tree_flags, check_writable, machine,
+                                one_line_errors, versions)
     from extras.trace import streamed   # --trace
     ap, args = parse_args(argv)
     dec = Decoding(args.max_new_tokens, args.top_p, args.top_k, args.depth, args.seed)
@@ -489,6 +490,9 @@ def main(argv=None):
         target, tokenizer = load_for(args.target, args.device, args.dtype)
         dec.max_new_tokens = context_budget(target, 1, dec.max_new_tokens, say=True)
         drafters = [Drafter.load(p, target) for p in args.drafters]
+        if args.tree == "study":   # each drafter's vocabulary, and the target's if not yet checked
+            check_tree_flags(TreeShape(args.top_k, args.depth, args.total_tokens), target.args,
+                             drafters)
         idents = [drafter_identity(p, d) for p, d in zip(args.drafters, drafters)]
         shared = {"target": target.args.name, "target_path": args.target, "device": args.device,
                   "dtype": str(target.embed_tokens.weight.dtype), "tree": args.tree,

@@ -675,6 +675,7 @@ def main(argv=None):
                          "eager vs compiled, back to back")
     a = ap.parse_args(argv)
     with one_line_errors():
+        check_flags(a)
         if a.export:
             refuse_unused(ap, a, {"--export", "--overwrite"}, "with --export")
             from extras.gguf import export_default
@@ -692,7 +693,6 @@ def main(argv=None):
                           "without --bench or --export")
             if a.temperature == 0:
                 refuse_unused(ap, a, chat, "at --temperature 0 (greedy)")
-        check_flags(a)
         dtype = resolve_dtype(a.dtype, a.device)
         if a.bench:
             from extras.bench import bench

@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -39,8 +40,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (Block, KVCache, ModelArgs, TapsError, Transformer, build_mask, clock,
-                   context_budget, logits_to_probs, mean, target_identity)
+from model import (PREFILL_CHUNK, STATIC_UNIT, Block, KVCache, ModelArgs, StaticCache,
+                   StaticSteps, TREE_BUCKETS, TapsError, Transformer, bucket, build_mask, clock, compile_step,
+                   context_budget, logits_to_probs, mean, pad_path, pad_tree, static_mask,
+                   target_identity)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -264,12 +267,45 @@ class TreeShape:
             return self.total_tokens
         return self.top_k * (1 + self.depth * self.top_k)
 
+    @property
+    def shape(self) -> "TreeShape":
+        return self
+
+    def start(self, states: list, target: Transformer, root_token: int):
+        pass
+
+    def draft(self, states: list, target: Transformer, root_token: int, compose) -> "Tree":
+        """Every drafter's EAGLE-2 tree of this shape, composed into the one to verify."""
+        return compose([tag(draft_tree(s, target, root_token, self), i)
+                        for i, s in enumerate(states)])
+
+    def record(self, tree: "Tree", accepted: int, seconds: float):
+        pass
+
     def __post_init__(self):
         if self.top_k < 1 or self.depth < 1:
             raise TapsError(f"top_k and depth must be >= 1, got top_k={self.top_k}, "
                             f"depth={self.depth}")
         if self.total_tokens is not None and self.total_tokens < self.depth:
             raise TapsError(f"total_tokens ({self.total_tokens}) must be >= depth ({self.depth})")
+
+
+class TreePolicy(Protocol):
+    """What drafts each verifier call's tree: the study's fixed `TreeShape`, or a policy that sizes
+    trees as it goes (extras/autotree.py's `AutoTree`). Whatever it does, it reads draft-side
+    quantities and past calls only, so verification stays exactly lossless."""
+
+    @property
+    def shape(self) -> TreeShape: ...   # the largest tree it drafts: caches are sized for it
+
+    def start(self, states: list, target: Transformer, root_token: int):
+        """Once per generate, after the prompt is fed (timed as prefill)."""
+
+    def draft(self, states: list, target: Transformer, root_token: int, compose) -> Tree:
+        """The call's tree from the drafters' states (the root alone: a plain step)."""
+
+    def record(self, tree: Tree, accepted: int, seconds: float):
+        """After the call: draft tokens accepted and the call's seconds."""
 
 
 def grow_tree(root_token: int, logp0: torch.Tensor, expand, shape: TreeShape,
@@ -416,6 +452,16 @@ class Drafter(nn.Module):
             return None, h
         return self.head(target, h[:, -1:] if last_only else h).float(), h
 
+    def forward_static(self, target: Transformer, tokens, feats, input_pos, slots, mask,
+                       cache: StaticCache):
+        """The fixed-shape forward (as `Transformer.forward_static`): T tokens (B, T) and features
+        (B, T, H) at rotary positions input_pos (B, T), written at cache slots `slots` (T,),
+        attending through mask (1, 1, T, S) (`static_mask`). Returns the drafter's features
+        (B, T, H); the head and `cache.length` are the caller's."""
+        x = self.fc(torch.cat([target.embed_tokens(tokens), feats], dim=-1))  # (B, T, H)
+        cos, sin = target.rope(input_pos, x.dtype)
+        return self.layers[0](x, cos, sin, mask, cache, 0, slots)
+
     def new_cache(self, max_len: int) -> KVCache:
         p = self.fc.weight
         return KVCache(1, 1, self.args.n_kv_heads, max_len, self.args.head_dim, p.dtype, p.device)
@@ -458,12 +504,14 @@ def check_vocab(vocab, vocab_size: int):
 
 @dataclass
 class DraftState:
-    """One drafter's view of the sequence: its KV cache over the accepted prefix, its output."""
+    """One drafter's view of the sequence: its KV cache over the accepted prefix, its output at the
+    root, and the nodes of the tree being drafted, fed on top of the prefix until `rewind`."""
     drafter: Drafter
     cache: KVCache
     logits: Optional[torch.Tensor] = None   # (V_draft,) draft logits of the token after the root
     h: Optional[torch.Tensor] = None        # (H,) drafter feature at the root, read at depth 1
     pending: list = field(default_factory=list)   # accepted (tokens, features) not yet fed
+    fed: int = 0                            # drafted positions fed after the accepted prefix
 
     def extend(self, tokens: torch.Tensor, feats: torch.Tensor):
         """Pairs (x_{t+1}, f_t) of newly accepted positions: tokens (T,), target features (T, H).
@@ -475,39 +523,132 @@ class DraftState:
         if self.pending:
             tokens, feats = (torch.cat(x) for x in zip(*self.pending))
             self.pending = []
-            logits, h = self.drafter(target, tokens[None], feats[None], self.cache, last_only=True)
-            self.logits, self.h = logits[0, -1], h[0, -1]
+            self.logits, self.h = self.feed(target, tokens, feats)
         return self
+
+    def feed(self, target: Transformer, tokens, feats):
+        """Accepted pairs (T,), (T, H) into the cache: the draft logits (V_draft,) and the
+        drafter's feature (H,) at the last."""
+        logits, h = self.drafter(target, tokens[None], feats[None], self.cache, last_only=True)
+        return logits[0, -1], h[0, -1]
+
+    def draft(self, target: Transformer, tokens, feats, depth: int, rows):
+        """T drafted nodes at `depth` (position prefix + depth - 1): tokens (T,), features (T, H),
+        rows (T, W) what each sees of the W drafted slots after the prefix (its ancestors and
+        itself, written at slots fed .. fed + T - 1). Returns draft logits (T, V_draft) and the
+        drafter's features (T, H)."""
+        T, L, dev = len(tokens), self.cache.length - self.fed, tokens.device
+        mask = torch.cat([torch.ones(T, L, dtype=torch.bool, device=dev),
+                          rows[:, :self.fed + T]], dim=1)[None]     # (1, T, L + fed + T)
+        pos = torch.full((1, T), L + depth - 1, device=dev)
+        logits, h = self.drafter(target, tokens[None], feats[None], self.cache, pos, mask)
+        self.fed += T
+        return logits[0], h[0]
+
+    def rewind(self):
+        """Drop the drafted nodes: the cache is back to the accepted prefix."""
+        self.cache.truncate(self.cache.length - self.fed)
+        self.fed = 0
+
+
+class DraftSteps:
+    """A drafter's fixed-shape step over a one-layer `StaticCache` of its own, eager or compiled:
+    the drafter's twin of model.py's `StaticSteps`. step(tokens, feats, pos, slots, rows, n) writes
+    T tokens (1, T) with features (1, T, H) at `slots` (T,) and returns the drafter's features
+    (1, T, H); rows (T, W) and n (0-dim) make the mask (`static_mask`). All device tensors of fixed
+    shapes, so it compiles once per (T, W, cache length)."""
+
+    def __init__(self, drafter: Drafter, target: Transformer, backend: Optional[str] = None):
+        self.drafter, self.target = drafter, target
+        self.cache = self.new_cache(STATIC_UNIT)
+        dev = drafter.fc.weight.device
+        self.step = self._step if backend is None else compile_step(self._step, dev, backend)
+
+    def new_cache(self, size: int) -> StaticCache:
+        a, p = self.drafter.args, self.drafter.fc.weight
+        return StaticCache(1, a.n_kv_heads, a.head_dim, size, p.dtype, p.device)
+
+    def fit(self, n: int):
+        """Room for n slots (what the cache held is dropped)."""
+        if n > self.cache.size:
+            self.cache = self.new_cache(n)
+
+    def _step(self, tokens, feats, pos, slots, rows, n):
+        c = self.cache
+        mask = static_mask(rows, n, slots, c.length, c.size)                  # (1, 1, T, S)
+        return self.drafter.forward_static(self.target, tokens, feats, pos, slots, mask, c)
+
+
+@dataclass
+class StaticDraftState(DraftState):
+    """`DraftState` on the static path: the cache is `steps.cache`, the drafted nodes are written
+    in a window of `window` slots after the prefix (never seen once `rewind` forgets them), and
+    accepted tokens are fed in chunks of `chunk` (a prompt: of PREFILL_CHUNK), so the drafter runs
+    at a few fixed shapes: a feed chunk, the frontier of top_k nodes, a chain's one node."""
+    steps: Optional[DraftSteps] = None
+    window: int = 0
+    chunk: int = 8
+
+    def feed(self, target: Transformer, tokens, feats):
+        c, dev, total = self.cache, tokens.device, len(tokens)
+        size = self.chunk if total <= self.chunk else PREFILL_CHUNK
+        at = torch.arange(size, device=dev)
+        rows = torch.ones(size, size, dtype=torch.bool, device=dev).tril()    # causal
+        for start in range(0, total, size):
+            n = min(size, total - start)
+            x = tokens.new_zeros(1, size)                  # fresh tensors: strides are guarded
+            x[0, :n] = tokens[start:start + n]
+            f = feats.new_zeros(1, size, feats.shape[-1])
+            f[0, :n] = feats[start:start + n]
+            h = self.steps.step(x, f, (c.length + at)[None], c.length + at, rows,
+                                torch.full((), n, device=dev))                 # (1, size, H)
+            c.length.add_(n)
+        return self.drafter.head(target, h[:, n - 1:n]).float()[0, -1], h[0, n - 1]
+
+    def draft(self, target: Transformer, tokens, feats, depth: int, rows):
+        c, dev, T = self.cache, tokens.device, len(tokens)
+        window = rows.new_zeros(T, self.window)
+        window[:, :rows.shape[1]] = rows                   # one width for every tree and chain
+        slots = c.length + self.fed + torch.arange(T, device=dev)                # (T,)
+        pos = c.length + torch.full((1, T), depth - 1, device=dev)
+        h = self.steps.step(tokens[None].clone(), feats[None].contiguous(), pos, slots, window,
+                            torch.full((), T, device=dev))[0]                  # (T, H)
+        self.fed += T
+        return self.drafter.head(target, h).float(), h
+
+    def rewind(self):
+        self.fed = 0              # the drafted slots lie past `length`: masked until overwritten
 
 
 def draft_tree(state: DraftState, target: Transformer, root_token: int, shape: TreeShape,
                more=None) -> Tree:
     """Run the drafter up to `shape.depth` times over the growing tree (`grow_tree`; `more` may
-    stop early); its cache is back to the prefix after."""
-    cache, L = state.ready(target).cache, state.cache.length
+    stop early); its cache is back to the prefix after. Depth d's frontier of k nodes is fed at
+    drafted slots (d - 1) k .. d k - 1, each seeing its ancestors' slots and its own."""
+    state.ready(target)
     dev = state.h.device
-    rows = h = None          # the frontier's mask rows over the nodes fed so far; its features
-    step = 0                 # depth of the frontier being expanded
+    k = min(shape.top_k, state.drafter.draft_vocab_size)
+    W = shape.depth * k                     # drafted slots: every frontier this shape feeds
+    eye = torch.eye(k, dtype=torch.bool, device=dev)
+    rows = h = None          # the frontier's mask rows (k, W) over the drafted slots; its features
+    depth = 0                # depth of the frontier being expanded
 
     def expand(tokens, slots):                                        # tokens, slots: (k,)
-        nonlocal rows, h, step
-        k, step = len(tokens), step + 1
+        nonlocal rows, h, depth
+        depth += 1
         if slots is None:    # the root's children read the drafter's feature at the root
-            feats, anc = state.h.expand(k, -1), torch.zeros(k, 0, dtype=torch.bool, device=dev)
+            feats, rows = state.h.expand(k, -1), torch.zeros(k, W, dtype=torch.bool, device=dev)
         else:                # deeper nodes read their parent's feature and see its ancestors
-            feats, anc = h[slots], rows[slots]
-        rows = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev)], dim=1)  # (k, fed + k)
-        mask = torch.cat([torch.ones(k, L, dtype=torch.bool, device=dev), rows], dim=1)[None]
-        pos = torch.full((1, k), L + step - 1, device=dev)            # depth d sits at L + d - 1
-        logits, out = state.drafter(target, tokens[None], feats[None], cache, pos, mask)
-        h = out[0]
-        return torch.log_softmax(logits[0], dim=-1)
+            feats, rows = h[slots], rows[slots]
+        rows[:, (depth - 1) * k:depth * k] |= eye                      # and themselves
+        logits, h = state.draft(target, tokens, feats, depth, rows)   # (k, V_draft), (k, H)
+        return torch.log_softmax(logits, dim=-1)
 
     try:
         logp0 = torch.log_softmax(state.logits, -1)
         return grow_tree(root_token, logp0, expand, shape, state.drafter.vocab, more)
     finally:
-        cache.truncate(L)
+        state.rewind()
 
 
 def draft_chain(state: DraftState, target: Transformer, root_token: int, length: int,
@@ -515,10 +656,11 @@ def draft_chain(state: DraftState, target: Transformer, root_token: int, length:
     """Sample a chain x_1..x_length, x_i ~ q_i, for `verify_chain`: a one-child-per-node Tree and
     the draft distributions q (length, V), processed like p (temperature, top-p). A draft
     vocabulary's q is zero outside it: still a valid proposal for eqs. 1-2."""
-    cache, L = state.ready(target).cache, state.cache.length
+    state.ready(target)
     logits, h = state.logits, state.h
     vocab, V = state.drafter.vocab, target.args.vocab_size
     tree, q = Tree([root_token], [-1], [0.0], [math.nan]), []
+    rows = torch.zeros(1, length - 1, dtype=torch.bool, device=h.device)  # x_i sees x_1..x_i
     try:
         for i in range(length):
             qi = logits_to_probs(logits, temperature, top_p)                  # (V_draft,)
@@ -529,11 +671,12 @@ def draft_chain(state: DraftState, target: Transformer, root_token: int, length:
             tree.logq.append(tree.logq[-1] + math.log(q[-1][x]))
             tree.entropy.append(entropy(torch.log_softmax(logits, -1)).item())
             if i + 1 < length:
-                x_in = torch.tensor([[x]], device=h.device)
-                out, hs = state.drafter(target, x_in, h[None, None], cache)
-                logits, h = out[0, -1], hs[0, -1]
+                rows[0, i] = True
+                out, hs = state.draft(target, torch.tensor([x], device=h.device), h[None],
+                                      i + 1, rows)
+                logits, h = out[0], hs[0]
     finally:
-        cache.truncate(L)
+        state.rewind()
     return tree, torch.stack(q)
 
 
@@ -786,6 +929,79 @@ class TargetHead:
         return logits_to_probs(self.logits[i], self.sampling.temperature, self.sampling.top_p)
 
 
+class KVTarget:
+    """The target's side of a decode over today's sliced `KVCache`: the eager path, the reference
+    every static path is tested against. prefill(prompt (P,)) -> (logits (V,), features (P, H));
+    score(tree) -> features (N, H) of its nodes (provisional); keep(path) keeps the accepted path."""
+
+    def __init__(self, target: Transformer, max_len: int):
+        self.target, self.cache, self.start = target, target.new_cache(1, max_len), 0
+        self.device = target.embed_tokens.weight.device
+
+    def prefill(self, prompt):
+        logits, f = self.target(prompt[None], cache=self.cache, last_only=True)
+        return logits[0, -1], f[0]
+
+    def score(self, tree: Tree):
+        dev, self.start = self.device, self.cache.length
+        tokens = torch.tensor([tree.tokens], device=dev)
+        pos = self.start + torch.tensor([tree.depths()], device=dev)  # prefix length + depth
+        mask = tree.mask(dev)[None] if len(tree) > 1 else None          # a lone root: the prefix
+        return self.target(tokens, pos, mask, self.cache, head=False)[1][0]
+
+    def keep(self, path: list[int]):
+        self.cache.keep(self.start, path)
+
+
+class StaticTarget:
+    """`KVTarget`'s steps on model.py's `StaticSteps`: each tree padded to its bucket
+    (`pad_tree`), each accepted path to `keep_size` (`pad_path`), so every step runs at a fixed
+    shape, compiled once."""
+
+    def __init__(self, steps: StaticSteps, size: int, keep_size: int):
+        self.steps, self.keep_size, self.target = steps, keep_size, steps.model
+        self.device = steps.model.embed_tokens.weight.device
+        steps.fit(size)
+
+    def prefill(self, prompt):
+        logits, f = self.steps.prefill(prompt[None])
+        return logits[0], f[0]
+
+    def score(self, tree: Tree):
+        h = self.steps.score(*pad_tree(tree.tokens, tree.mask(self.device), tree.depths()))
+        return h[0, :len(tree)]                                   # pad rows dropped
+
+    def keep(self, path: list[int]):
+        self.steps.keep(*pad_path(path, self.keep_size, self.device))
+
+
+# generate(compile=...): None, today's eager path; "static", the static path run eagerly; else a
+# torch.compile backend for it ("inductor": the fast one, CUDA graphs on CUDA; "eager" and
+# "aot_eager" only trace, the tests' quick check)
+COMPILE = ("static", "eager", "aot_eager", "inductor")
+_STATIC: OrderedDict = OrderedDict()   # the last few models' static steps, compiled once, reused
+STATIC_KEPT = 16
+
+
+def static_steps(model: nn.Module, key: tuple, build):
+    """The static steps of `model` under `key` (backend, ...), built once and reused by every
+    later `generate` (eval.py's many prompts): compiled graphs and caches live there. Keyed by the
+    model's id, dtype and device (the entry holds the model, so the id stays its own)."""
+    p = next(model.parameters())
+    key = (id(model), p.dtype, p.device, *key)
+    if key not in _STATIC:
+        _STATIC[key] = (model, build())
+        while len(_STATIC) > STATIC_KEPT:
+            _STATIC.popitem(last=False)
+    _STATIC.move_to_end(key)
+    return _STATIC[key][1]
+
+
+def check_compile(compile: Optional[str]):
+    if compile is not None and compile not in COMPILE:
+        raise TapsError(f"unknown compile backend {compile!r} (choose from {', '.join(COMPILE)})")
+
+
 def _emit(out: list[int], new: list[int], sampling: Sampling) -> tuple[int, bool]:
     """Append tokens until a stop token (kept) or the budget: (tokens appended, generation over)."""
     for n, x in enumerate(new, 1):
@@ -807,89 +1023,128 @@ def check_compose(compose, k: int, chain=False):
         raise TapsError("chain speculative sampling takes exactly one drafter")
 
 
-@torch.inference_mode()
-def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sampling(),
-             tree=TreeShape(), compose="single", rng: Optional[RandomSource] = None, trace=None):
-    """Speculative decoding: draft -> verify until `sampling.max_new_tokens` or a stop token.
+def engines(target: Transformer, drafters: list, shape: TreeShape, max_len: int,
+            compile: Optional[str]):
+    """The target's verifier (`KVTarget`, or `StaticTarget` with compile) and each drafter's
+    `DraftState`, with room for a prompt and reply of max_len tokens plus one tree."""
+    window = shape.depth * shape.top_k                                  # a tree's drafted slots
+    if compile is None:
+        return KVTarget(target, max_len), [DraftState(d, d.new_cache(max_len + window))
+                                           for d in drafters]
+    backend = None if compile == "static" else compile
+    keep = bucket(shape.depth + 2)              # the deepest accepted path: root, depth + 1 nodes
+    # the largest bucket a tree may need (a larger tree is refused when scored, by `bucket`)
+    size = max_len + max(bucket(min(len(drafters) * shape.nodes + 1, TREE_BUCKETS[-1])), keep)
+    verifier = StaticTarget(static_steps(target, (backend,), lambda: StaticSteps(
+        target, backend=backend)), size, keep)
+    states = []
+    for i, d in enumerate(drafters):            # the i: one drafter twice needs two caches
+        steps = static_steps(d, (backend, id(target), i), lambda: DraftSteps(d, target, backend))
+        steps.fit(max_len + window + PREFILL_CHUNK)
+        steps.cache.reset()
+        states.append(StaticDraftState(d, steps.cache, steps=steps, window=window, chunk=keep))
+    return verifier, states
 
-    drafters: a Drafter or a list; each keeps its own KV cache and drafts its own tree every
-    call, and `compose` (a name in COMPOSE or a function of the list of trees) makes the one
-    tree to verify. tree: a fixed `TreeShape` (the study's by default; chain=True: a sampled
-    chain, eqs. 1-2), or an `extras.autotree.AutoTree` that sizes every call's trees for the
-    hardware (each drafter's tree, then the composed one under one budget). trace: None (off),
-    or an `extras.trace.Trace`, which records every call: the trees composed, the tree verified,
-    each test and draw as the verifier made it (`VerifyTrace`), the path and the tokens emitted.
-    Returns the generated tokens (prompt excluded; the first from prefill) and `Stats`.
-    """
-    shape, auto = (tree, None) if isinstance(tree, TreeShape) else (tree.shape, tree)
+
+def speculative_tree(policy: "TreePolicy", states: list, verifier, root_token: int, compose,
+                     sampling: Sampling, rng: RandomSource, trace=None):
+    """One verifier call on a drafted tree: the policy drafts (draft-side quantities only), the
+    target scores every node in one call, recursive rejection sampling walks it (eq. 5).
+    Returns (tree, features (N, H), p_at, path, x, rejected, seconds drafting)."""
+    t0 = clock(verifier.device)
+    tree = policy.draft(states, verifier.target, root_token, compose)
+    t1 = clock(verifier.device)
+    h = verifier.score(tree)                                                  # (N, H)
+    p_at = TargetHead(verifier.target, tree, h, sampling)
+    return (tree, h, p_at, *verify_tree(tree, p_at, rng, trace), t1 - t0)
+
+
+def speculative_chain(state: DraftState, verifier, root_token: int, length: int,
+                      sampling: Sampling, rng: RandomSource, trace=None):
+    """One call of classic speculative sampling (eqs. 1-2, gpt-fast's `speculative_decode`): a
+    chain of `length` tokens sampled from q, scored by the target in one call, accepted while
+    u < p / q. Returns what `speculative_tree` does."""
+    t0 = clock(verifier.device)
+    tree, q = draft_chain(state, verifier.target, root_token, length, sampling.temperature,
+                          sampling.top_p, rng)
+    t1 = clock(verifier.device)
+    h = verifier.score(tag(tree, 0))                                          # (N, H)
+    p_at = TargetHead(verifier.target, tree, h, sampling)
+    return (tree, h, p_at, *verify_chain(tree.tokens, q, p_at, rng, trace), t1 - t0)
+
+
+def prepare(target: Transformer, drafters, prompt_ids, sampling: Sampling, shape: TreeShape,
+            compose, compile: Optional[str]):
+    """generate's arguments checked (one-line errors before any work) and normalised: (drafters
+    as a list, compose as a function, prompt (P,) on the target's device, sampling with the
+    budget capped to the context)."""
     drafters = [drafters] if isinstance(drafters, Drafter) else list(drafters)
     for d in drafters:
         check_drafter(d, target)
     check_compose(compose, len(drafters), shape.chain)
+    check_compile(compile)
     compose = COMPOSE[compose] if isinstance(compose, str) else compose
-    rng = rng or TorchRandom(0)
-    if trace is not None:   # it sees the trees each call composes, and the uniforms drawn
-        compose = trace.watch(compose, rng)
-    dev = target.embed_tokens.weight.device
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).flatten()
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long,
+                             device=target.embed_tokens.weight.device).flatten()
     if len(prompt) == 0:
         raise TapsError("the prompt is empty")
     n_new = context_budget(target, len(prompt), sampling.max_new_tokens)
-    sampling = dataclasses.replace(sampling, max_new_tokens=n_new)
-    # a whole tree (composed: up to one per drafter) is appended before `keep`
-    max_len = len(prompt) + n_new + len(drafters) * shape.nodes + shape.depth + 2
-    cache, stats = target.new_cache(1, max_len), Stats()
+    return drafters, compose, prompt, dataclasses.replace(sampling, max_new_tokens=n_new)
 
-    t0 = clock(dev)
-    logits, f = target(prompt[None], cache=cache, last_only=True)      # (1, 1, V), (1, n, H)
-    x = rng.categorical(logits_to_probs(logits[0, -1], sampling.temperature, sampling.top_p))
-    out: list[int] = []
+
+@torch.inference_mode()
+def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sampling(),
+             tree: "TreePolicy" = TreeShape(), compose="single",
+             rng: Optional[RandomSource] = None, trace=None, compile: Optional[str] = None):
+    """Speculative decoding: draft -> verify -> keep -> emit, until `sampling.max_new_tokens` or
+    a stop token.
+
+    drafters: a Drafter or a list; each keeps its own KV cache and drafts its own tree every
+    call, and `compose` (a name in COMPOSE or a function of the list of trees) makes the one
+    tree to verify. tree: the `TreePolicy` that drafts each call's tree: a fixed `TreeShape`
+    (the study's by default; chain=True: a sampled chain, eqs. 1-2), or an
+    `extras.autotree.AutoTree` that sizes every call's trees for the hardware. trace: None (off),
+    or an `extras.trace.Trace`, which records every call: the trees composed, the tree verified,
+    each test and draw as the verifier made it (`VerifyTrace`), the path and the tokens emitted.
+    compile: None (today's eager path, the reference) or one of COMPILE: the static path, whose
+    steps (the target's and each drafter's) are built once per model and backend and reused.
+    Returns the generated tokens (prompt excluded; the first from prefill) and `Stats`.
+    """
+    shape, rng = tree.shape, rng or TorchRandom(0)
+    drafters, compose, prompt, sampling = prepare(target, drafters, prompt_ids, sampling, shape,
+                                                  compose, compile)
+    if trace is not None:   # it sees the trees each call composes, and the uniforms drawn
+        compose = trace.watch(compose, rng)
+    # room for the prompt, the reply and one whole tree (composed: up to one per drafter)
+    max_len = len(prompt) + sampling.max_new_tokens + len(drafters) * shape.nodes + shape.depth + 2
+    verifier, states = engines(target, drafters, shape, max_len, compile)
+    stats, out = Stats(), []
+    t0 = clock(verifier.device)
+    logits, f = verifier.prefill(prompt)                                # (V,), (P, H)
+    x = rng.categorical(logits_to_probs(logits, sampling.temperature, sampling.top_p))
     _, done = _emit(out, [x], sampling)
-    states = [DraftState(d, d.new_cache(max_len + shape.depth * shape.top_k)) for d in drafters]
     for s in states:   # pairs (x_{t+1}, f_t) over the prompt, ending with the token just sampled
-        s.extend(torch.cat([prompt[1:], prompt.new_tensor([x])]), f[0])
-        if auto is not None:
-            auto.step_cost(s, target, x)   # timed once per drafter, here: no call's rate carries it
-    stats.prefill_time = clock(dev) - t0
-
+        s.extend(torch.cat([prompt[1:], prompt.new_tensor([x])]), f)
+    tree.start(states, target, x)
+    stats.prefill_time = clock(verifier.device) - t0
     while not done:
-        # draft: one tree from draft-side quantities only (or the root alone: a plain step)
-        t0 = clock(dev)
+        t0 = clock(verifier.device)
         if shape.chain:
-            tree, q = draft_chain(states[0], target, x, shape.depth + 1, sampling.temperature,
-                                  sampling.top_p, rng)
-            tag(tree, 0)
-        elif auto is None:
-            tree = compose([tag(draft_tree(s, target, x, shape), i) for i, s in enumerate(states)])
-        elif auto.speculate():
-            tree = auto.draft(states, target, x, compose)
+            call = speculative_chain(states[0], verifier, x, shape.depth + 1, sampling, rng, trace)
         else:
-            tree = Tree([x], [-1], [0.0], [math.nan], [-1])
-        t1 = clock(dev)
-        # verify: one target call over the whole tree, then rejection sampling down it (eq. 5)
-        L = cache.length
-        tokens = torch.tensor([tree.tokens], device=dev)
-        pos = L + torch.tensor([tree.depths()], device=dev)    # position = prefix length + depth
-        mask = tree.mask(dev)[None] if len(tree) > 1 else None  # a lone root sees the prefix
-        _, h = target(tokens, pos, mask, cache, head=False)     # (1, N, H)
-        p_at = TargetHead(target, tree, h[0], sampling)
-        if shape.chain:
-            path, x, rejected = verify_chain(tree.tokens, q, p_at, rng, trace)
-        else:
-            path, x, rejected = verify_tree(tree, p_at, rng, trace)
-        # keep: the accepted path's keys and values stay in the cache, the rest are dropped
-        cache.keep(L, path)
-        t2 = clock(dev)
-        if auto is not None and len(tree) > 1:
-            auto.record(tree, len(path) - 1, t2 - t0)
+            call = speculative_tree(tree, states, verifier, x, compose, sampling, rng, trace)
+        drafted, h, p_at, path, x, rejected, draft_s = call
+        verifier.keep(path)   # the accepted path's keys and values stay, the rest are dropped
+        seconds = clock(verifier.device) - t0
+        tree.record(drafted, len(path) - 1, seconds)
         # emit the accepted tokens and the verifier's own; extend the drafters with them
-        new = [tree.tokens[i] for i in path[1:]] + [x]
+        new = [drafted.tokens[i] for i in path[1:]] + [x]
         emitted, done = _emit(out, new, sampling)
-        stats.record(tree, path, rejected, p_at.logits, emitted, t1 - t0, t2 - t1)
+        stats.record(drafted, path, rejected, p_at.logits, emitted, draft_s, seconds - draft_s)
         if trace is not None:
-            trace.call(tree, path, new[:emitted], t1 - t0, t2 - t1)
+            trace.call(drafted, path, new[:emitted], draft_s, seconds - draft_s)
         for s in states:   # the accepted tokens, with the target's features at their parents
-            s.extend(torch.tensor(new, device=dev), h[0, path])
+            s.extend(torch.tensor(new, device=verifier.device), h[path])
     stats.new_tokens = len(out) - 1
     return out, stats
 
@@ -925,6 +1180,9 @@ def main(argv=None):
     ap.add_argument("--show", action="store_true",
                     help="print every verifier call: its tree, each acceptance test, the draw")
     ap.add_argument("--trace", metavar="FILE.jsonl", help="every verifier call as a JSON line")
+    ap.add_argument("--compile", nargs="?", const="inductor", choices=COMPILE,
+                    help="decode on the static path (fixed shapes), compiled with this backend "
+                         "(default inductor: CUDA graphs on CUDA); 'static' runs it uncompiled")
     ap.add_argument("--trace-html", metavar="FILE.html",
                     help="every verifier call's tree drawn, in one self-contained HTML page")
     args = ap.parse_args(argv)
@@ -961,7 +1219,7 @@ def main(argv=None):
             trace = Trace(lambda t: tokenizer.decode([t]))
             trace.meta = {k: vars(args)[k] for k in ("prompt", "drafter", "compose", "temperature")}
         out, stats = generate(target, drafters, ids, sampling, tree, args.compose,
-                              TorchRandom(args.seed), trace)
+                              TorchRandom(args.seed), trace, args.compile)
         if trace is not None:
             save(trace, args.trace, args.trace_html, f"taps --prompt {args.prompt!r}")
     if args.show:

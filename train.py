@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data import DataError
-from model import TapsError, Transformer, target_identity
+from model import ModelArgs, TapsError, Transformer, target_identity
 from taps import Drafter
 
 BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + context alignment (eqs. 8-9)
@@ -466,13 +466,24 @@ def restore(state_file: Path, config: dict, target, drafter, opt, sched) -> dict
     return saved["progress"]
 
 
+def check_target_limits(cfg: TrainConfig, limits: ModelArgs):
+    """--max-len within the target's context, --draft-vocab within its vocabulary."""
+    if cfg.max_len > limits.max_seq_len:
+        raise TapsError(f"--max-len {cfg.max_len}: the target reads at most {limits.max_seq_len} "
+                        f"tokens; give at most {limits.max_seq_len}")
+    if cfg.draft_vocab > limits.vocab_size:
+        raise TapsError(f"--draft-vocab {cfg.draft_vocab}: more than the target's vocabulary of "
+                        f"{limits.vocab_size} tokens; give at most {limits.vocab_size}, or 0 for "
+                        f"every token")
+
+
 def check_resume(out: Path):
     """--resume with no training state to continue is refused: a fresh start would replace the
     drafter at `out` unasked, or train for hours where a user meant another --out."""
     if not state_path(out).exists():
         raise TapsError(f"--resume: no training state {state_path(out)} to continue; "
                         + (f"{out} holds a drafter: pass --overwrite to train a new one over it, "
-                           f"or --out another path" if out.exists() else
+                           f"or --out another path" if out.is_file() else
                            "leave out --resume to start a new run"))
 
 
@@ -735,26 +746,22 @@ def main(argv=None):
                           draft_vocab=args.draft_vocab, **overrides)
         from extras.distributed import World, check_split
         check_split(cfg.batch_size, int(os.environ.get("WORLD_SIZE", 1)))   # before joining
-        limits = target_args(args.target)          # its context and vocabulary, no weights read
-        if cfg.max_len > limits.max_seq_len:
-            raise TapsError(f"--max-len {cfg.max_len}: the target reads at most "
-                            f"{limits.max_seq_len} tokens; give at most {limits.max_seq_len}")
-        if cfg.draft_vocab > limits.vocab_size:
-            raise TapsError(f"--draft-vocab {cfg.draft_vocab}: more than the target's vocabulary "
-                            f"of {limits.vocab_size} tokens; give at most {limits.vocab_size}, "
-                            f"or 0 for every token")
         out = Path(args.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
         if not args.features_only:   # the destination, before any extraction or training
+            if args.resume:
+                check_resume(out)
             for path in (out, state_path(out)):
                 check_writable(path, "--out")
             if not (args.resume or args.overwrite):
                 refuse_to_replace(out, cfg.epochs)
-            if args.resume:
-                check_resume(out)
+        limits = target_args(args.target)           # its config alone, no weights read
+        if limits:
+            check_target_limits(cfg, limits)
         world, device = World.from_env(args.device)
         t0 = time.perf_counter()
         from extras.autotree import load_for   # --dtype auto: bf16 where it measures faster
         target, tokenizer = world.same_dtype(*load_for(args.target, device, args.dtype))
+        check_target_limits(cfg, target.args)
         check_vocab_size(cfg.draft_vocab, target.args.vocab_size, tokenizer.stop_ids)
         from extras.features import training_sets   # the target's features: cached, or online
         heldout, train_sets, vocab_sets = training_sets(

@@ -6,8 +6,8 @@ and its size depends on the hardware: the target's cost of scoring N tokens is m
 machine (`calibrate`), and each call keeps the nodes, and grows the depth, that maximise expected
 tokens per second (`AutoTree`); where drafting does not pay, a call is a plain decoding step.
 Every input is a draft-side quantity or a past acceptance, so verification stays exactly lossless:
-`taps.generate(target, drafters, prompt, tree=AutoTree.for_target(target))` runs the same
-verifier on these trees.
+`AutoTree` is a `taps.TreePolicy`, and `taps.generate(target, drafters, prompt,
+tree=AutoTree.for_target(target))` runs the same verifier on its trees.
 """
 from __future__ import annotations
 
@@ -254,8 +254,16 @@ class AutoTree:
         n, _, _ = self.best(torch.tensor(tree.path_logq()[1:]), clock(dev) - t0)
         return prune(tree, n)
 
+    def start(self, states: list, target: Transformer, root_token: int):
+        """Time each drafter's step once, here (as prefill): no call's rate carries it."""
+        for s in states:
+            self.step_cost(s, target, root_token)
+
     def draft(self, states: list, target: Transformer, root_token: int, compose) -> Tree:
-        """Each drafter's tree grown and sized, then composed (and a composed tree sized again)."""
+        """Each drafter's tree grown and sized, then composed (and a composed tree sized again);
+        the root alone (a plain step) while drafting does not pay (`speculate`)."""
+        if not self.speculate():
+            return Tree([root_token], [-1], [0.0], [math.nan], [-1])
         dev = target.embed_tokens.weight.device
         steps = [self.step_cost(s, target, root_token) for s in states]
         t0 = clock(dev)
@@ -289,7 +297,9 @@ class AutoTree:
 
     def record(self, tree: Tree, accepted: int, seconds: float):
         """After a drafted call: calibrate confidence (c) and the drafted calls' rate (a probe
-        starts afresh)."""
+        starts afresh). A plain step (the root alone) measures neither."""
+        if len(tree) == 1:
+            return
         self.predicted += sum(math.exp(s) for s in tree.path_logq()[1:])   # as `size` valued them
         self.accepted += accepted
         keep = 0.0 if self.fresh else 0.9

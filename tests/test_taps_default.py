@@ -65,7 +65,7 @@ def test_cli_random_drafter_prints_the_target_greedy_reply(default, capsys):
     ids, _ = tok.encode_chat([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True)
     ref = generate_plain(target, ids, 8, stop_ids=tok.stop_ids)
     main(["--prompt", PROMPTS[0], "--drafter", "random", "--max-new-tokens", "8", "--device", "cpu",
-          "--total-tokens", "8", "--depth", "3", "--top-k", "4"])
+          "--tree", "study", "--total-tokens", "8", "--depth", "3", "--top-k", "4"])
     out = capsys.readouterr().out
     reply = tok.decode([t for t in ref if t not in tok.stop_ids])
     assert out.startswith(reply + "\n")
