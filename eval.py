@@ -411,7 +411,7 @@ def check_args(ap, args):
     (`check_flags`): flags that do nothing in the mode asked for, drafters given twice or too few
     for a composition, and the study tree against what it allocates and the target's vocabulary
     and context."""
-    from extras.runtime import check_tree_flags, given, refuse_unused, target_args
+    from extras.runtime import check_device, check_tree_flags, given, refuse_unused, target_args
     on = given(ap, args)
     idle = lambda flags, where, advice="": refuse_unused(ap, args, on - set(flags), where, advice)
     if args.report:
@@ -434,6 +434,7 @@ def check_args(ap, args):
             idle(["--equal-budget"], "without --compose merged or merged-dedup")
         if not any(args.temperature):
             idle(["--top-p"], "at --temperature 0 (greedy)")
+    check_device(args.device)
     drafter_names(args.drafters)                 # none given twice
     k = len(args.drafters)
     lone = [m for m in args.compose if m != "single" and k < 2 and not args.speed]
@@ -450,8 +451,8 @@ def check_args(ap, args):
 
 def main(argv=None):
     from extras.report import as_dict, figures, json_path, load_runs, pyplot, tables
-    from extras.runtime import (check_flags, check_tree_flags, check_writable, machine,
-                                one_line_errors, versions)
+    from extras.runtime import (check_files, check_flags, check_tree_flags, check_writable,
+                                machine, one_line_errors, versions)
     from extras.trace import streamed   # --trace
     ap, args = parse_args(argv)
     dec = Decoding(args.max_new_tokens, args.top_p, args.top_k, args.depth, args.seed)
@@ -481,6 +482,7 @@ def main(argv=None):
         check_writable(json_base, "--json", args.force)              # before any model loads
         if args.trace:
             check_writable(args.trace, "--trace")
+        check_files(args.drafters, "drafter checkpoint")          # before any model work
         if args.speed:
             from extras.speed import speed
             return speed(args.drafters, json_base, dec, args.total_tokens, args.target,

@@ -40,10 +40,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (PREFILL_CHUNK, STATIC_UNIT, Block, KVCache, ModelArgs, StaticCache,
-                   StaticSteps, TREE_BUCKETS, TapsError, Transformer, bucket, build_mask, clock, compile_step,
-                   context_budget, logits_to_probs, mean, pad_path, pad_tree, static_mask,
-                   target_identity)
+from model import (PREFILL_CHUNK, STATIC_UNIT, TREE_BUCKETS, Block, KVCache, ModelArgs,
+                   StaticCache, StaticSteps, TapsError, Transformer, bucket, build_mask, clock,
+                   compile_step, context_budget, logits_to_probs, mean, pad_path, pad_tree,
+                   static_mask, target_identity)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -932,7 +932,8 @@ class TargetHead:
 class KVTarget:
     """The target's side of a decode over today's sliced `KVCache`: the eager path, the reference
     every static path is tested against. prefill(prompt (P,)) -> (logits (V,), features (P, H));
-    score(tree) -> features (N, H) of its nodes (provisional); keep(path) keeps the accepted path."""
+    score(tree) -> features (N, H) of its nodes (provisional); keep(path) keeps the accepted
+    path."""
 
     def __init__(self, target: Transformer, max_len: int):
         self.target, self.cache, self.start = target, target.new_cache(1, max_len), 0
@@ -1002,6 +1003,33 @@ def check_compile(compile: Optional[str]):
         raise TapsError(f"unknown compile backend {compile!r} (choose from {', '.join(COMPILE)})")
 
 
+class HostHead:
+    """`TargetHead`'s p_at on a GPU, with one host synchronisation per verifier call: the LM head
+    on every first copy of the trie (each node the walk may stand on, leaves included: a bonus is
+    drawn there) in one batched pass -- on a GPU N rows cost about what one does -- p for all of
+    them, and one copy of logits and p to the host, where the walk (`verify_tree`, unchanged)
+    runs on plain vectors."""
+
+    def __init__(self, target: Transformer, tree: Tree, h: torch.Tensor, sampling: Sampling):
+        first, _ = tree.trie()
+        nodes = [i for i in range(len(tree)) if first[i] == i]
+        logits = target.head(h[nodes]).float()                              # (F, V)
+        p = logits_to_probs(logits, sampling.temperature, sampling.top_p)
+        logits, p = torch.stack([logits, p]).cpu()                          # the one copy
+        self.row = {i: r for r, i in enumerate(nodes)}
+        self.p = p
+        self.logits = {i: logits[r] for i, r in self.row.items()}          # node -> (V,)
+
+    def __call__(self, i: int):
+        return self.p[self.row[i]].clone()
+
+
+def lazy_head(device) -> bool:
+    """The LM head per visited node (`TargetHead`: on a CPU, N rows cost N times one) or on
+    every node at once with one host copy (`HostHead`: on a GPU)."""
+    return torch.device(device).type != "cuda"
+
+
 def _emit(out: list[int], new: list[int], sampling: Sampling) -> tuple[int, bool]:
     """Append tokens until a stop token (kept) or the budget: (tokens appended, generation over)."""
     for n, x in enumerate(new, 1):
@@ -1055,7 +1083,8 @@ def speculative_tree(policy: "TreePolicy", states: list, verifier, root_token: i
     tree = policy.draft(states, verifier.target, root_token, compose)
     t1 = clock(verifier.device)
     h = verifier.score(tree)                                                  # (N, H)
-    p_at = TargetHead(verifier.target, tree, h, sampling)
+    head = TargetHead if lazy_head(verifier.device) else HostHead
+    p_at = head(verifier.target, tree, h, sampling)
     return (tree, h, p_at, *verify_tree(tree, p_at, rng, trace), t1 - t0)
 
 
@@ -1069,7 +1098,9 @@ def speculative_chain(state: DraftState, verifier, root_token: int, length: int,
                           sampling.top_p, rng)
     t1 = clock(verifier.device)
     h = verifier.score(tag(tree, 0))                                          # (N, H)
-    p_at = TargetHead(verifier.target, tree, h, sampling)
+    p_at = (TargetHead if lazy_head(verifier.device) else HostHead)(verifier.target, tree, h,
+                                                                   sampling)
+    q = q if lazy_head(verifier.device) else q.cpu()                       # beside p
     return (tree, h, p_at, *verify_chain(tree.tokens, q, p_at, rng, trace), t1 - t0)
 
 
@@ -1153,8 +1184,9 @@ def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sam
 
 def main(argv=None):
     from extras.autotree import TREES, AutoTree, load_for   # --tree auto, --dtype auto
-    from extras.runtime import (DTYPES, Parser, check_flags, check_tree_flags, default_device,
-                                given, one_line_errors, refuse_unused, target_args)
+    from extras.runtime import (DTYPES, Parser, check_device, check_files, check_flags,
+                                check_tree_flags, default_device, given, one_line_errors,
+                                refuse_unused, target_args)
     from extras.trace import Trace, check_destinations, save, show   # --show, --trace(-html)
     ap = Parser(description="Speculative decoding with EAGLE drafters (lossless: the reply is "
                             "distributed exactly as the target's own).")
@@ -1202,6 +1234,8 @@ def main(argv=None):
                           args.chain)
         if args.tree == "study" or args.chain:    # before any model work (--dtype auto's)
             check_tree_flags(shape, target_args(args.target))
+        check_device(args.device)
+        check_files([d for d in args.drafter if d != "random"], "drafter checkpoint")
         check_destinations(args.trace, args.trace_html)
         target, tokenizer = load_for(args.target, args.device, args.dtype)
         drafters = [Drafter.random(target, args.seed + i) if d == "random"   # each its own

@@ -111,6 +111,13 @@ def check_flags(args, **ranges):
         logits_to_probs(torch.zeros(1), t, getattr(args, "top_p", 1.0))   # sampling's own check
 
 
+def check_files(paths, what: str):
+    """The files a flag names exist, before any model work (a calibration, a conversion)."""
+    for path in paths:
+        if not Path(path).exists():
+            raise TapsError(f"{path}: no such {what}")
+
+
 def target_args(path):
     """The target's architecture (vocabulary, context) from its config.json, no weights read, so
     that flags are checked against it before any model work; None where that would take work (the

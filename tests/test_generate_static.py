@@ -2,14 +2,16 @@
 traced whole by torch.compile) against today's eager path and plain decoding: greedy equality for
 single, merged, chain and AutoTree trees, the same calls and acceptances as the eager path, no
 recompile once warm. The Monte Carlo tests of tests/test_taps.py run this path too."""
+from collections import Counter
+
 import pytest
 import torch
 
 import taps
-from conftest import near_oracle, prompts, tiny
+from conftest import broken_sampling, chi_square_p, exact_first_tokens, near_oracle, prompts, tiny
 from extras.autotree import AutoTree, verify_table
 from model import TapsError, generate_plain
-from taps import Drafter, Sampling, TreeShape, generate
+from taps import Drafter, Sampling, TorchRandom, TreeShape, generate
 
 V = 64
 
@@ -87,3 +89,35 @@ def test_bad_compile_backend_and_too_large_a_tree():
         generate(target, d, [1, 2], compile="fast")
     with pytest.raises(TapsError, match="exceeds the largest static size"):
         generate(target, d, [1, 2], tree=TreeShape(10, 3, None), compile="static")
+
+
+@pytest.fixture
+def host_head(monkeypatch):
+    """The GPU's verifier head on this CPU: every first copy's p in one pass and one host copy."""
+    monkeypatch.setattr(taps, "lazy_head", lambda device: False)
+
+
+@pytest.mark.parametrize("mode", ["merged", "chain", "auto"])
+def test_greedy_with_the_batched_host_head(mode, host_head):
+    target, drafters, tree, compose = setup(mode)
+    for prompt in prompts(V, n=2):
+        out, s = generate(target, drafters, prompt, Sampling(max_new_tokens=32), tree, compose,
+                          compile="static")
+        assert out == generate_plain(target, prompt, 32) and sum(s.accepted) > 10
+
+
+@pytest.mark.parametrize("mode", ["tree", "chain"])
+@pytest.mark.parametrize("wrong", [False, True])
+def test_monte_carlo_with_the_batched_host_head(mode, wrong, host_head, monkeypatch):
+    """As tests/test_taps.py's Monte Carlo: T = 1, V = 4, the first two tokens are the target's;
+    a verifier sampling at temperature 0.5 is rejected."""
+    if wrong:
+        broken_sampling(monkeypatch, temperature=0.5)
+    target = tiny(V=4, n_layers=1)
+    drafter = near_oracle(target)
+    prompt, n, rng = [1, 2, 3], 1500, TorchRandom(7)
+    shape = TreeShape(top_k=2, depth=2, total_tokens=5, chain=mode == "chain")
+    samples = [tuple(generate(target, drafter, prompt, Sampling(1.0, max_new_tokens=2), shape,
+                              rng=rng, compile="static")[0]) for _ in range(n)]
+    p = chi_square_p(Counter(samples), exact_first_tokens(target, prompt, 2), n)
+    assert (p < 1e-6) if wrong else (p > 1e-6)

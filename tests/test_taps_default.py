@@ -116,3 +116,14 @@ def test_default_greedy_of_merged_trees_through_second_copies(default, monkeypat
     assert out == full[len(ids):]
     print(f"second copies {sum(second_copies)} of {stats.calls} calls, tau {stats.tau:.2f}")
     assert sum(second_copies) >= stats.calls - 1 and stats.tau > 3
+
+
+def test_cli_compiled_static_path_prints_the_same_reply(default, capsys):
+    """`--compile` (here aot_eager: inductor's cold compile is too slow for the suite) decodes on the
+    static path and prints the reply the eager path prints."""
+    args = ["--prompt", PROMPTS[0], "--drafter", "random", "--max-new-tokens", "16", "--device", "cpu"]
+    replies = []
+    for extra in ([], ["--compile", "aot_eager"]):
+        main(args + extra)
+        replies.append(capsys.readouterr().out.split("\n[")[0])
+    assert replies[0] == replies[1] and len(replies[0]) > 10
