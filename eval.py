@@ -23,10 +23,10 @@ exactly as many tokens is timed in the same process (reused for an identical pro
 Per benchmark: tau = new tokens / verifier calls over all its turns (`taps.Stats`), speedup =
 plain time / speculative time, greedy_match (T = 0) = share of turns equal to plain greedy
 decoding: 1 in fp32; in bf16 a turn may part at a near-tie that two passes round differently, and
-each parting records where and the target's logit gap (`parting`), so the tables tell rounding
-(a note) from a verification error (an ERROR line). Tables shaped like the study's (1, 3, 7-11,
-Figure 6), bootstrap intervals and Figures 6-8 are extras/report.py's, from the results files;
---speed is extras/speed.py's.
+each parting records where and the target's logit gap (extras/report.py's `parting`), so the
+tables tell rounding (a note) from a verification error (an ERROR line). Tables shaped like the
+study's (1, 3, 7-11, Figure 6), bootstrap intervals and Figures 6-8 are extras/report.py's, from
+the results files, as are the method and benchmark names; --speed is extras/speed.py's.
 
 Results: one JSON file per (method, temperature) run, {"schema": 1, "config": {...}, "results":
 {bench: {"tau", "speedup", ...}, "average": {...}}} (extras/report.py's docstring has the rest).
@@ -52,23 +52,9 @@ import numpy as np
 import torch
 
 from data import BENCHMARKS, DataError, data_dir, load_bench
+from extras.report import MERGED, METHODS, Decoding, averages, combine, parting
 from model import TapsError, clock, context_budget, generate_plain, mean
-from taps import COMPOSE, Drafter, Sampling, Stats, TorchRandom, TreeShape, average, generate
-
-METHODS = ("single", "average", *(m for m in COMPOSE if m != "single"))
-MERGED = ("merged", "merged-dedup")
-BENCH_NAMES = {"mt_bench": "MT-Bench", "gsm8k": "GSM8K", "math_500": "MATH-500", "svamp": "SVAMP"}
-
-
-@dataclass
-class Decoding:
-    """What every run of an evaluation shares: the budget, sampling and the study tree's shape."""
-    max_new_tokens: int = 128
-    top_p: float = 1.0
-    top_k: int = 10                    # study tree: children per node and frontier width
-    depth: int = 5                     # study tree: drafting steps
-    seed: int = 0
-
+from taps import Sampling, Stats, TorchRandom, TreeShape, average, generate
 
 @dataclass
 class Run:
@@ -217,57 +203,14 @@ def run_item(target, tokenizer, run: Run, item: dict, dec: Decoding, seed: int,
     return turns
 
 
-# Greedy speculative and plain decoding part only where the target's two best logits are a near-tie
-# that two passes round differently: a tree call scores N rows and a one-token call one, their
-# matmuls sum in other orders, so a logit can differ by a few units in the last place (ulp) of the
-# dtype at its magnitude. Measured in bf16 (results/speed.md): 21 partings, all at most 0.375 apart
-# at logits of 16-64 (ulp 0.125-0.25), i.e. within 3 ulps. A parting within TIE_ULPS ulps is such
-# rounding; a wrong verifier keeps tokens whole logits behind, far outside it (in fp32 4 ulps at a
-# logit of 30 are 8e-6).
-TIE_ULPS = 4
-
-
-def tie_tolerance(logits: torch.Tensor, dtype: torch.dtype) -> float:
-    """TIE_ULPS units in the last place of `dtype` at the magnitude of the largest of `logits`."""
-    finfo = torch.finfo(dtype)
-    m = max(float(logits.abs().max()), finfo.tiny)
-    return TIE_ULPS * finfo.eps * 2.0 ** math.floor(math.log2(m))
-
-
-@torch.inference_mode()
-def parting(target, ids, out, ref) -> dict:
-    """Where greedy speculative output `out` left plain greedy output `ref`: the first differing
-    new token, both tokens there, the target's logit gap between them (plain's minus speculative's,
-    one pass over the prefix both share) and whether that gap is a near-tie rounding explains
-    (`tie_tolerance`); otherwise the verifier kept a token the target does not pick: an error."""
-    i = next(j for j, (x, y) in enumerate(zip(out + [None], ref + [None])) if x != y)
-    record = {"first_diff": i, "plain_token": None, "spec_token": None, "logit_gap": None,
-              "tie_tolerance": None, "near_tie": False}
-    if i >= min(len(out), len(ref)):   # one output is a prefix of the other: no tie explains it
-        return record
-    prefix = torch.tensor([ids + ref[:i]], device=target.embed_tokens.weight.device)
-    logits, _ = target(prefix, last_only=True)
-    pair = logits[0, -1, [ref[i], out[i]]]                      # (2,) plain's, speculative's
-    gap = (pair[0] - pair[1]).item()
-    tol = tie_tolerance(pair, target.embed_tokens.weight.dtype)
-    return {**record, "plain_token": ref[i], "spec_token": out[i], "logit_gap": gap,
-            "tie_tolerance": tol, "near_tie": abs(gap) <= tol}
-
-
-def combine(stats: list[Stats]) -> Stats:
-    """One Stats for many generations: lists concatenated, counts and times summed."""
-    out = Stats()
-    for s in stats:
-        for f in dataclasses.fields(Stats):
-            setattr(out, f.name, getattr(out, f.name) + getattr(s, f.name))
-    return out
-
-
 ENTROPY_EDGES = np.linspace(0.0, 12.0, 49)   # nats, 0.25 wide: up to ln(128,256) = 11.76
 
 
-def shares(values: list[int], k: int) -> list[float]:
-    return [values.count(i) / len(values) if values else math.nan for i in range(k)]
+def shares(drafters: list[frozenset], k: int) -> list[float]:
+    """Of all entries (`Stats.routed` or `accepted_from`: who drafted), the share naming each
+    drafter 0 .. k - 1 alone."""
+    return [drafters.count(frozenset({i})) / len(drafters) if drafters else math.nan
+            for i in range(k)]
 
 
 def bench_results(items: list[list[tuple[dict, Stats]]], k: int) -> dict:
@@ -276,10 +219,12 @@ def bench_results(items: list[list[tuple[dict, Stats]]], k: int) -> dict:
     s = combine([st for turns in items for _, st in turns])
     summary = s.summary()
     # each prompt's routing decisions: calls that verified one drafter's tree (`Stats.routed`)
-    votes = [Counter(x for _, st in turns for x in st.routed if x >= 0) for turns in items]
+    votes = [Counter(d for _, st in turns for d in st.routed if len(d) == 1) for turns in items]
     majority = [v.most_common(1)[0][0] for v in votes if v]   # ties: the drafter chosen first
     spec_s, plain_s = sum(r["spec_s"] for r in records), sum(r["plain_s"] for r in records)
     hist = lambda xs: np.histogram(np.clip(xs, 0, ENTROPY_EDGES[-1]), ENTROPY_EDGES)[0].tolist()
+    several = lambda ds: sum(len(d) > 1 for d in ds) / max(s.calls, 1)
+    none = lambda ds: ds.count(frozenset()) / max(s.calls, 1)
     return {
         "tau": summary["tau"], "speedup": plain_s / spec_s,
         "greedy_match": mean([r["match"] for r in records if r["match"] is not None], None),
@@ -293,23 +238,16 @@ def bench_results(items: list[list[tuple[dict, Stats]]], k: int) -> dict:
         # drafters' nodes) and the plain ones (the root alone), shares of all calls adding up to
         # 1 -- and by majority, over the prompts with a routing decision
         "routing": {"per_call": shares(s.routed, k), "per_prompt_majority": shares(majority, k),
-                    "merged_calls": s.routed.count(-2) / max(s.calls, 1),
-                    "plain_calls": s.routed.count(-1) / max(s.calls, 1)},
+                    "merged_calls": several(s.routed), "plain_calls": none(s.routed)},
         # whose node the accepted path started with: each drafter's, then several drafters' (a
         # united node of merged-dedup), then none (nothing accepted)
-        "accepted_from": shares(s.accepted_from, k)
-                         + [s.accepted_from.count(x) / max(s.calls, 1) for x in (-2, -1)],
+        "accepted_from": shares(s.accepted_from, k) + [several(s.accepted_from),
+                                                        none(s.accepted_from)],
         "mean_tree_size": summary["mean_tree_size"],
         "prompts": len(items), "new_tokens": s.new_tokens, "calls": s.calls,
         "spec_s": spec_s, "plain_s": plain_s, "draft_s": s.draft_time, "verify_s": s.verify_time,
         "prefill_s": s.prefill_time, "turns": records,
     }
-
-
-def averages(results: dict) -> dict:
-    benches = [b for b in results if b != "average"]
-    over = lambda key: mean([results[b][key] for b in benches if results[b][key] is not None], None)
-    return {"tau": over("tau"), "speedup": over("speedup")}
 
 
 def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, dec: Decoding,
@@ -411,7 +349,8 @@ def check_args(ap, args):
     (`check_flags`): flags that do nothing in the mode asked for, drafters given twice or too few
     for a composition, and the study tree against what it allocates and the target's vocabulary
     and context."""
-    from extras.runtime import check_device, check_tree_flags, given, refuse_unused, target_args
+    from extras.checkpoint import target_args
+    from extras.runtime import check_device, check_tree_flags, given, refuse_unused
     on = given(ap, args)
     idle = lambda flags, where, advice="": refuse_unused(ap, args, on - set(flags), where, advice)
     if args.report:
@@ -488,10 +427,10 @@ def main(argv=None):
             return speed(args.drafters, json_base, dec, args.total_tokens, args.target,
                          args.device, args.limit or 3, args.data_dir)
         from extras.autotree import AutoTree, load_for   # --dtype auto, --tree auto
-        from extras.checkpoint import drafter_identity
+        from extras.checkpoint import drafter_identity, load_drafter
         target, tokenizer = load_for(args.target, args.device, args.dtype)
         dec.max_new_tokens = context_budget(target, 1, dec.max_new_tokens, say=True)
-        drafters = [Drafter.load(p, target) for p in args.drafters]
+        drafters = [load_drafter(p, target) for p in args.drafters]
         if args.tree == "study":   # each drafter's vocabulary, and the target's if not yet checked
             check_tree_flags(TreeShape(args.top_k, args.depth, args.total_tokens), target.args,
                              drafters)
@@ -539,5 +478,5 @@ def main(argv=None):
         sys.exit(2)
 
 
-if __name__ == "__main__":   # extras/ imports `eval`: run its CLI from that module, one TapsError
-    __import__("eval").main()
+if __name__ == "__main__":
+    main()

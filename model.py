@@ -11,8 +11,8 @@ compile once (`compile_step`: torch.compile, CUDA graphs on a GPU); the eager pa
 reference it is tested against.
 
 Sections: config · layers · KV cache (sliced; static) · model · static steps · sampling
-(`logits_to_probs`, `generate_plain`) · loading the target (file formats: extras/checkpoint.py,
-extras/gguf.py) · CLI.
+(`logits_to_probs`, `generate_plain`) · identity, budgets, timing · CLI. Loading a target
+from its files is extras/checkpoint.py's `load_target`.
 """
 from __future__ import annotations
 
@@ -587,24 +587,7 @@ def generate_plain(model: Transformer, prompt_ids, max_new_tokens: int, temperat
     return out
 
 
-# ----------------------------------------------------------------------------- loading the target
-
-def load_target(path=None, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) from a Hugging Face checkpoint directory, or the embedded default when
-    `path` is None (its GGUF file converted once to such a directory under $TAPS_CACHE). File
-    formats and the tokenizer are plumbing, not the study: extras/checkpoint.py, extras/gguf.py,
-    extras/tokenizer.py."""
-    from extras.checkpoint import load_hf
-    from extras.gguf import default_target_dir
-    from extras.runtime import check_device
-    from extras.tokenizer import load_tokenizer
-    check_device(device)
-    if path:
-        return load_hf(path, device, dtype), load_tokenizer(path)
-    path = default_target_dir()
-    redo = f"delete {path} and rerun to convert it again"
-    return load_hf(path, device, dtype, redo), load_tokenizer(path)
-
+# ------------------------------------------------------------------------ identity, budgets, timing
 
 def target_identity(target: Transformer) -> dict:
     """Name, vocabulary, hidden size and a weight fingerprint (rounded to bf16, so one target in
@@ -697,6 +680,7 @@ def main(argv=None):
         if a.bench:
             from extras.bench import bench
             return bench(a.target, a.shape, a.device, dtype, a.max_new_tokens, a.compile)
+        from extras.checkpoint import load_target
         model, tokenizer = load_target(a.target, a.device, dtype)
         messages = [{"role": "system", "content": a.system}] if a.system else []
         messages.append({"role": "user", "content": a.prompt})

@@ -32,8 +32,10 @@ import argparse
 import dataclasses
 import json
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
@@ -123,11 +125,10 @@ def verify_tree(tree: "Tree", p_at: Callable[[int], object], rng: RandomSource,
     parent of the next), the token drawn after them (correction, or bonus at a leaf), and the
     children tried and rejected. A trace, if given, is told every test and the draw as made.
     """
-    _, kids = tree.trie()
     node, rejected = 0, []
     while True:
         r = p_at(node)
-        for s in kids[node]:
+        for s in tree.trie[node]:
             x = tree.tokens[s]
             accepted = rng.bernoulli(r[x])
             if trace is not None:
@@ -178,18 +179,34 @@ def verify_chain(tokens: Sequence[int], q: Sequence, p_at: Callable[[int], objec
 
 # ----------------------------------------------------------------------------- draft trees (eq. 6)
 
-@dataclass
+@dataclass(frozen=True)
 class Tree:
-    """A draft tree, node 0 the root (the last accepted token, not yet seen by the target).
+    """A draft tree, built once and never changed; node 0 is the root (the last accepted token,
+    not yet seen by the target). One entry per node in each field, the root's included.
 
-    Parents precede children (parents[i] < i), so trees merge by concatenating lists and
-    offsetting parent indices.
+    Parents precede children (parents[i] < i), so trees merge by concatenating and offsetting
+    parent indices. What is computed from the tree (`depths`, `children`, `first`, `trie`,
+    `mask`) is computed once, when first asked: a pool that `prune` cuts never builds its mask.
     """
-    tokens: list[int]
-    parents: list[int]        # parents[0] == -1
-    logq: list[float]         # cumulative draft log-prob of the node's path, its EAGLE-2 score
-    entropy: list[float]      # entropy of the draft distribution the node was drawn from
-    origin: list[int] = field(default_factory=list)   # drafter of each node (root -1, several -2)
+    tokens: tuple[int, ...]
+    parents: tuple[Optional[int], ...]      # the root has none
+    logq: tuple[float, ...]   # cumulative draft log-prob of the node's path (its EAGLE-2 score);
+    #                           the root's is log 1 = 0: it is given, not drafted
+    entropy: tuple[Optional[float], ...]    # of the draft distribution the node was drawn from;
+    #                                         the root's is None: it was not drawn
+    # the drafters that drafted each node: one, or several for a node that merge(dedup=True)
+    # united; the root's is empty. None (the default): drafter 0 drafted every node (see `tag`)
+    origin: Optional[tuple[frozenset[int], ...]] = None
+
+    def __post_init__(self):       # lists given are stored as tuples: the tree cannot change
+        n, origin = len(self.tokens), self.origin
+        if origin is None:
+            origin = (frozenset(),) + (frozenset({0}),) * (n - 1)
+        for name, value in (("tokens", self.tokens), ("parents", self.parents),
+                            ("logq", self.logq), ("entropy", self.entropy), ("origin", origin)):
+            if len(value) != n:
+                raise ValueError(f"Tree.{name} has {len(value)} entries for {n} nodes")
+            object.__setattr__(self, name, tuple(value))
 
     def __len__(self):
         return len(self.tokens)
@@ -199,29 +216,49 @@ class Tree:
         """Path probability under the drafter, exp(logq)."""
         return [math.exp(s) for s in self.logq]
 
-    def depths(self) -> list[int]:
-        d = [0] * len(self)
-        for i in range(1, len(self)):
-            d[i] = d[self.parents[i]] + 1
-        return d
+    @cached_property
+    def depths(self) -> tuple[int, ...]:
+        """Each node's depth (the root 0): its position is the prefix length plus its depth."""
+        d = [0]
+        for p in self.parents[1:]:
+            d.append(d[p] + 1)
+        return tuple(d)
 
-    def children(self) -> list[list[int]]:
+    @cached_property
+    def children(self) -> tuple[tuple[int, ...], ...]:
         c = [[] for _ in self.tokens]
         for i in range(1, len(self)):
             c[self.parents[i]].append(i)
-        return c
+        return tuple(map(tuple, c))
 
-    def trie(self) -> tuple[list[int], list[list[int]]]:
-        """The trie of the tree's token paths, built in one pass, as (first, kids): first[i] is
-        the lowest node id with node i's token path (i itself unless merged trees repeat a path);
-        kids[f] of a first copy f are the first copies of its children in the trie, one per
-        distinct token, gathered from every copy of f, in node order."""
-        first, seen, kids = [0], {}, [[] for _ in self.tokens]
+    @cached_property
+    def first(self) -> tuple[int, ...]:
+        """first[i]: the lowest node id with node i's token path (i itself unless merged trees
+        repeat a path), the node of the trie that verifies it."""
+        first, seen = [0], {}
         for i in range(1, len(self)):
             first.append(seen.setdefault((first[self.parents[i]], self.tokens[i]), i))
-            if first[i] == i:
-                kids[first[self.parents[i]]].append(i)
-        return first, kids
+        return tuple(first)
+
+    @cached_property
+    def trie(self) -> tuple[tuple[int, ...], ...]:
+        """The trie of the tree's token paths: trie[f] of a first copy f (`first`) holds the first
+        copies of its children, one per distinct token, gathered from every copy of f, in node
+        order (a leaf's and a second copy's are empty)."""
+        kids = [[] for _ in self.tokens]
+        for i in range(1, len(self)):
+            if self.first[i] == i:
+                kids[self.first[self.parents[i]]].append(i)
+        return tuple(map(tuple, kids))
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """(N, N) bool on the CPU, read-only by convention: a node attends to itself and its
+        ancestors (and the cached prefix)."""
+        m = torch.eye(len(self), dtype=torch.bool)    # built row by row on the CPU
+        for i in range(1, len(self)):
+            m[i] |= m[self.parents[i]]
+        return m
 
     def path_to(self, node: int) -> list[int]:
         """Node ids from the root to node."""
@@ -240,13 +277,6 @@ class Tree:
         for i in range(1, len(self)):                     # parents precede children
             score[i] = min(score[i], score[self.parents[i]])
         return score
-
-    def mask(self, device=None) -> torch.Tensor:
-        """(N, N) bool: a node attends to itself and its ancestors (and the cached prefix)."""
-        m = torch.eye(len(self), dtype=torch.bool)    # built row by row on the CPU, moved once
-        for i in range(1, len(self)):
-            m[i] |= m[self.parents[i]]
-        return m.to(device)
 
 
 @dataclass(frozen=True)
@@ -310,44 +340,47 @@ class TreePolicy(Protocol):
 
 def grow_tree(root_token: int, logp0: torch.Tensor, expand, shape: TreeShape,
               vocab: Optional[torch.Tensor] = None, more=None) -> Tree:
-    """The EAGLE-2 dynamic tree (eq. 6) from draft log-probs.
+    """The EAGLE-2 dynamic tree (eq. 6) from draft log-probs, grown top-down over a frontier.
 
-    logp0: (V,) draft log-probs of the root's children. expand(tokens, slots) runs the drafter
-    on the frontier, tokens (k,), whose parents are `slots` (k,) into the previous frontier (None
-    for the root's children), and returns the children's log-probs (k, V). Each of the `depth`
-    steps adds the top_k children of every frontier node to the pool, scored by cumulative
-    log-prob, and makes the top_k of those the next frontier; then `prune` keeps the
-    `total_tokens` best. Nodes stay in pool order.
+    The frontier is the nodes whose children are drafted next, the root alone at first. At each
+    level every frontier node's top_k children join the pool, scored by cumulative log q, and the
+    top_k of them (all, while there are no more) are the next frontier, which the drafter expands:
+    `depth` expansions, then `prune` keeps the `total_tokens` best. Nodes stay in pool order.
+    logp0: (V,) draft log-probs of the root's children. expand(tokens, slots) runs the drafter on
+    a new frontier, tokens (k,), whose parents are `slots` (k,), indices into the previous frontier
+    (zeros for the root's children: the root is a frontier of one), and returns their children's
+    log-probs (k, V).
     vocab: (V,) the token id of each log-prob column (None: column i is token i).
-    more(pool_scores, frontier_scores), if given, is asked before each step whether to take it
-    (`AutoTree`); its answer may depend on draft-side quantities only.
+    more(pool_scores, frontier_scores), if given, is asked before each expansion whether to make
+    it (`AutoTree`); its answer may depend on draft-side quantities only.
     """
     ids = (lambda i: i) if vocab is None else (lambda i: vocab[i])
     k = min(shape.top_k, logp0.shape[-1])
-    score, col = logp0.topk(k)                                        # (k,)
-    tok = ids(col)
-    pool_tok, pool_score = [tok], [score]
-    pool_parent = [torch.full((k,), -1, device=tok.device)]
-    pool_ent = [entropy(logp0).expand(k)]
-    frontier, slots, n = torch.arange(k, device=tok.device), None, k  # pool ids of the frontier
-    for _ in range(shape.depth):
+    # the frontier: node ids (F,), cumulative log q (F,), its children's log q (F, V); the root
+    node = torch.zeros(1, dtype=torch.long, device=logp0.device)
+    score, logp = logp0.new_zeros(1), logp0[None]
+    pool_tok, pool_parent, pool_score, pool_ent = [], [], [], []   # per level, each (F k,)
+    n = 1                                                           # nodes so far: the root
+    for level in range(shape.depth + 1):
+        child_lp, child_col = logp.topk(k, dim=-1)                     # (F, k)
+        cand = (score[:, None] + child_lp).flatten()                   # (F k,) cumulative log q
+        child_tok = ids(child_col).flatten()                           # (F k,)
+        pool_tok.append(child_tok)
+        pool_parent.append(node.repeat_interleave(k))
+        pool_score.append(cand)
+        pool_ent.append(entropy(logp).repeat_interleave(k))
+        if level == shape.depth:
+            break
+        best = cand.topk(k).indices if len(cand) > k else torch.arange(len(cand),
+                                                                        device=cand.device)
+        score, slots, tok, node = cand[best], best // k, child_tok[best], n + best   # (k,)
+        n += len(cand)
         if more is not None and not more(torch.cat(pool_score), score):
             break
-        logp = expand(tok, slots)                                     # (k, V)
-        child_lp, child_col = logp.topk(k, dim=-1)                    # (k, k)
-        cand = (score[:, None] + child_lp).flatten()                  # (k*k,) cumulative log q
-        child_tok = ids(child_col).flatten()
-        pool_tok.append(child_tok)
-        pool_score.append(cand)
-        pool_parent.append(frontier.repeat_interleave(k))
-        pool_ent.append(entropy(logp).repeat_interleave(k))
-        score, best = cand.topk(k)
-        slots, tok, frontier = best // k, child_tok[best], n + best
-        n += k * k
-    parent = torch.cat(pool_parent) + 1                              # pool ids -> node ids
-    pool = Tree(tokens=[root_token] + torch.cat(pool_tok).tolist(), parents=[-1] + parent.tolist(),
-                logq=[0.0] + torch.cat(pool_score).tolist(),
-                entropy=[math.nan] + torch.cat(pool_ent).tolist())
+        logp = expand(tok, slots)                                      # (k, V)
+    pool = Tree((root_token, *torch.cat(pool_tok).tolist()),
+                (None, *torch.cat(pool_parent).tolist()),
+                (0.0, *torch.cat(pool_score).tolist()), (None, *torch.cat(pool_ent).tolist()))
     return pool if shape.total_tokens is None else prune(pool, shape.total_tokens + 1)
 
 
@@ -367,8 +400,8 @@ def prune(tree: Tree, n: int) -> Tree:
     order = sorted(range(1, len(tree)), key=lambda i: -score[i])   # stable: ties by node order
     keep = [0] + sorted(order[:n - 1])
     new_id = {old: new for new, old in enumerate(keep)}
-    pick = lambda xs: [xs[i] for i in keep] if xs else []
-    return Tree(pick(tree.tokens), [-1] + [new_id[tree.parents[i]] for i in keep[1:]],
+    pick = lambda xs: [xs[i] for i in keep]
+    return Tree(pick(tree.tokens), [None] + [new_id[tree.parents[i]] for i in keep[1:]],
                 pick(tree.logq), pick(tree.entropy), pick(tree.origin))
 
 
@@ -473,13 +506,6 @@ class Drafter(nn.Module):
         meta = {**self.meta, "config": dataclasses.asdict(self.args)}
         state = {k: v.contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(path), metadata={"taps": json.dumps(meta)})
-
-    @classmethod
-    def load(cls, path, target: Transformer) -> "Drafter":
-        """A drafter `save` wrote for this target, or a public EAGLE-1/2 checkpoint directory (the
-        file's checks against the target: extras/checkpoint.py's `load_drafter`)."""
-        from extras.checkpoint import load_drafter
-        return load_drafter(path, target)
 
 
 def check_drafter(drafter: Drafter, target: Transformer):
@@ -630,17 +656,16 @@ def draft_tree(state: DraftState, target: Transformer, root_token: int, shape: T
     k = min(shape.top_k, state.drafter.draft_vocab_size)
     W = shape.depth * k                     # drafted slots: every frontier this shape feeds
     eye = torch.eye(k, dtype=torch.bool, device=dev)
-    rows = h = None          # the frontier's mask rows (k, W) over the drafted slots; its features
+    # the frontier's mask rows (F, W) over the drafted slots and its drafter features (F, H): the
+    # root's at first, which sees no drafted slot and whose feature the drafter gave at the root
+    rows, h = torch.zeros(1, W, dtype=torch.bool, device=dev), state.h[None]
     depth = 0                # depth of the frontier being expanded
 
     def expand(tokens, slots):                                        # tokens, slots: (k,)
         nonlocal rows, h, depth
         depth += 1
-        if slots is None:    # the root's children read the drafter's feature at the root
-            feats, rows = state.h.expand(k, -1), torch.zeros(k, W, dtype=torch.bool, device=dev)
-        else:                # deeper nodes read their parent's feature and see its ancestors
-            feats, rows = h[slots], rows[slots]
-        rows[:, (depth - 1) * k:depth * k] |= eye                      # and themselves
+        feats, rows = h[slots], rows[slots]   # each reads its parent's feature, sees its ancestors
+        rows[:, (depth - 1) * k:depth * k] |= eye                      # and itself
         logits, h = state.draft(target, tokens, feats, depth, rows)   # (k, V_draft), (k, H)
         return torch.log_softmax(logits, dim=-1)
 
@@ -659,17 +684,16 @@ def draft_chain(state: DraftState, target: Transformer, root_token: int, length:
     state.ready(target)
     logits, h = state.logits, state.h
     vocab, V = state.drafter.vocab, target.args.vocab_size
-    tree, q = Tree([root_token], [-1], [0.0], [math.nan]), []
+    tokens, logq, ent, q = [root_token], [0.0], [None], []
     rows = torch.zeros(1, length - 1, dtype=torch.bool, device=h.device)  # x_i sees x_1..x_i
     try:
         for i in range(length):
             qi = logits_to_probs(logits, temperature, top_p)                  # (V_draft,)
             q.append(qi if vocab is None else qi.new_zeros(V).index_copy(0, vocab, qi))
             x = rng.categorical(q[-1])
-            tree.tokens.append(x)
-            tree.parents.append(i)
-            tree.logq.append(tree.logq[-1] + math.log(q[-1][x]))
-            tree.entropy.append(entropy(torch.log_softmax(logits, -1)).item())
+            tokens.append(x)
+            logq.append(logq[-1] + math.log(q[-1][x]))
+            ent.append(entropy(torch.log_softmax(logits, -1)).item())
             if i + 1 < length:
                 rows[0, i] = True
                 out, hs = state.draft(target, torch.tensor([x], device=h.device), h[None],
@@ -677,7 +701,7 @@ def draft_chain(state: DraftState, target: Transformer, root_token: int, length:
                 logits, h = out[0], hs[0]
     finally:
         state.rewind()
-    return tree, torch.stack(q)
+    return Tree(tokens, [None, *range(length)], logq, ent), torch.stack(q)
 
 
 # --------------------------------------------------------------- composing specialists (eqs. 11-13)
@@ -725,10 +749,10 @@ def average(drafters: Sequence[Drafter], lam: float) -> Drafter:
     return out.to(device=a.fc.weight.device, dtype=a.fc.weight.dtype).eval()
 
 
-def tag(tree: Tree, origin: int) -> Tree:
-    """Mark every non-root node as drafted by drafter `origin` (the root is -1)."""
-    tree.origin = [-1] + [origin] * (len(tree) - 1)
-    return tree
+def tag(tree: Tree, drafter: int) -> Tree:
+    """The tree with every non-root node drafted by `drafter` (a new tree: trees never change)."""
+    return dataclasses.replace(tree, origin=(frozenset(),) + (frozenset({drafter}),)
+                               * (len(tree) - 1))
 
 
 def route(trees: list[Tree]) -> Tree:
@@ -752,30 +776,30 @@ def merge(trees: list[Tree], dedup: bool = False) -> Tree:
     ancestors only, never another subtree) and depth-based positions (`Tree.depths`). With
     dedup, a node whose (parent, token) is already present is united with it: the result is the
     trie of all input paths (every path kept, fewer nodes). A united node keeps the score and
-    entropy of the first tree holding it; its origin becomes -2 when trees of different
-    drafters hold it.
+    entropy of the first tree holding it, and is drafted by every drafter whose tree holds it.
     """
     if len({t.tokens[0] for t in trees}) != 1:
         raise TapsError("trees to merge must share their root (the same prefix)")
-    out = Tree(trees[0].tokens[:1], [-1], [0.0], [math.nan], [-1])
+    root = trees[0]
+    tokens, parents, logq, ent, origin = ([x[0]] for x in (root.tokens, root.parents, root.logq,
+                                                            root.entropy, root.origin))
     index = {}                                     # (merged parent, token) -> merged node
     for t in trees:
         new_id = [0]                               # this tree's node -> merged node
         for i in range(1, len(t)):
-            key, origin = (new_id[t.parents[i]], t.tokens[i]), t.origin[i] if t.origin else -1
+            key = (new_id[t.parents[i]], t.tokens[i])
             if dedup and key in index:
                 new_id.append(index[key])
-                if out.origin[index[key]] != origin:
-                    out.origin[index[key]] = -2            # drafted by several drafters
+                origin[index[key]] |= t.origin[i]
                 continue
-            new_id.append(len(out))
-            index.setdefault(key, len(out))
-            out.tokens.append(t.tokens[i])
-            out.parents.append(key[0])
-            out.logq.append(t.logq[i])
-            out.entropy.append(t.entropy[i])
-            out.origin.append(origin)
-    return out
+            new_id.append(len(tokens))
+            index.setdefault(key, len(tokens))
+            tokens.append(t.tokens[i])
+            parents.append(key[0])
+            logq.append(t.logq[i])
+            ent.append(t.entropy[i])
+            origin.append(t.origin[i])
+    return Tree(tokens, parents, logq, ent, origin)
 
 
 # How the trees of several drafters become the one tree the target verifies. Any function of
@@ -817,12 +841,12 @@ class Stats:
     # tokens emitted: accepted + 1, fewer where a stop token or the budget ended the call early
     emitted: list[int] = _calls()
     tree_size: list[int] = _calls()      # nodes verified, root included
-    # the drafter whose tree was verified; -2: several drafters' nodes (a merged tree); -1: none,
-    # the root alone (a plain step, or every drafter's tree cut to its root by `AutoTree`)
-    routed: list[int] = _calls()
-    # origin (`Tree.origin`) of the first accepted node's first copy: a drafter; -2: several, a
-    # united node of merged-dedup; -1: nothing accepted
-    accepted_from: list[int] = _calls()
+    # the drafters whose nodes the verified tree holds: one (its tree was verified), several (a
+    # merged tree), none (the root alone: a plain step, or every tree cut to its root by AutoTree)
+    routed: list[frozenset[int]] = _calls()
+    # the drafters (`Tree.origin`) of the first accepted node's first copy: one, several (a node
+    # merge(dedup=True) united), none (nothing accepted)
+    accepted_from: list[frozenset[int]] = _calls()
     leaf: list[bool] = _calls()          # the accepted path ended at a leaf (a bonus token)
     new_tokens: int = 0                  # generated tokens minus the prefill token
     draft_entropy_accepted: list[float] = _calls()    # per token
@@ -830,6 +854,8 @@ class Stats:
     target_entropy_accepted: list[float] = _calls()
     target_entropy_rejected: list[float] = _calls()
     prefill_time: float = 0.0
+    # seconds, with one synchronising clock per call on CUDA: drafting ends when its tree reaches
+    # the host, the call when the accepted path is kept
     draft_time: float = 0.0              # drafter: cache extension + tree drafting
     verify_time: float = 0.0             # target call + rejection sampling + cache keep
 
@@ -837,23 +863,24 @@ class Stats:
     def calls(self) -> int:
         return len(self.accepted)
 
-    def record(self, tree: Tree, path: list[int], rejected: list[int], logits: dict, emitted: int,
-               draft_s: float, verify_s: float):
+    def record(self, tree: Tree, path: list[int], rejected: list[int],
+               target_entropy: Callable[[list[int]], list[float]], emitted: int, draft_s: float,
+               verify_s: float):
         """One verifier call: accepted path (node ids from the root), rejected children, the
-        target logits computed at visited nodes, and how many of the call's tokens were emitted
-        (a stop token or the budget may end it early). A merged tree's copies of a token path
+        target's entropies (T = 1) after given nodes the verifier visited (the heads' `entropy`),
+        and how many of the call's tokens were emitted (a stop token or the budget may end it
+        early). A merged tree's copies of a token path
         are one node of its trie, as `verify_tree` walks it: each accepted node counts as its
         first copy, where its acceptance was decided, whichever copy `path` runs through (so
         `accepted_from` and the entropies of merged and merged-dedup trees agree)."""
-        first, kids = tree.trie()
+        first = tree.first
         path = [first[i] for i in path]
         self.accepted.append(len(path) - 1)
         self.emitted.append(emitted)
         self.tree_size.append(len(tree))
-        origins = set(tree.origin[1:])
-        self.routed.append(-1 if not origins else origins.pop() if len(origins) == 1 else -2)
-        self.accepted_from.append(tree.origin[path[1]] if len(path) > 1 and tree.origin else -1)
-        self.leaf.append(not kids[path[-1]])
+        self.routed.append(frozenset().union(*tree.origin))         # the root's is empty
+        self.accepted_from.append(tree.origin[path[1]] if len(path) > 1 else frozenset())
+        self.leaf.append(not tree.trie[path[-1]])
         self.draft_time += draft_s
         self.verify_time += verify_s
         # the entropies of judgements whose token was emitted: children of path[j], j < emitted
@@ -862,8 +889,7 @@ class Stats:
         rejected = [s for s in rejected if first[tree.parents[s]] in parents]
         judged = path[1:] + rejected
         if judged:   # p was computed at first copies only (`verify_tree`)
-            p_logits = torch.stack([logits[first[tree.parents[i]]] for i in judged])
-            h_target = entropy(torch.log_softmax(p_logits, -1)).tolist()
+            h_target = target_entropy([first[tree.parents[i]] for i in judged])
             m = len(path) - 1
             self.draft_entropy_accepted += [tree.entropy[i] for i in path[1:]]
             self.draft_entropy_rejected += [tree.entropy[i] for i in rejected]
@@ -916,7 +942,7 @@ class TargetHead:
 
     def __init__(self, target: Transformer, tree: Tree, h: torch.Tensor, sampling: Sampling):
         self.target, self.h, self.sampling = target, h, sampling
-        self.first = [c[0] if c else None for c in tree.children()]
+        self.first = [c[0] if c else None for c in tree.children]
         self.logits: dict[int, torch.Tensor] = {}   # node -> (V,) fp32 target logits
 
     def __call__(self, i: int):
@@ -927,6 +953,11 @@ class TargetHead:
             for j, row in zip(rows, self.target.head(self.h[rows]).float()):   # (len(rows), V)
                 self.logits[j] = row
         return logits_to_probs(self.logits[i], self.sampling.temperature, self.sampling.top_p)
+
+    def entropies(self, nodes: list[int]) -> list[float]:
+        """The target's entropies (nats, at T = 1) after nodes p was computed at (`Stats`)."""
+        logits = torch.stack([self.logits[i] for i in nodes])                 # (len(nodes), V)
+        return entropy(torch.log_softmax(logits, -1)).tolist()
 
 
 class KVTarget:
@@ -946,8 +977,8 @@ class KVTarget:
     def score(self, tree: Tree):
         dev, self.start = self.device, self.cache.length
         tokens = torch.tensor([tree.tokens], device=dev)
-        pos = self.start + torch.tensor([tree.depths()], device=dev)  # prefix length + depth
-        mask = tree.mask(dev)[None] if len(tree) > 1 else None          # a lone root: the prefix
+        pos = self.start + torch.tensor([tree.depths], device=dev)    # prefix length + depth
+        mask = tree.mask.to(dev)[None] if len(tree) > 1 else None       # a lone root: the prefix
         return self.target(tokens, pos, mask, self.cache, head=False)[1][0]
 
     def keep(self, path: list[int]):
@@ -969,7 +1000,7 @@ class StaticTarget:
         return logits[0], f[0]
 
     def score(self, tree: Tree):
-        h = self.steps.score(*pad_tree(tree.tokens, tree.mask(self.device), tree.depths()))
+        h = self.steps.score(*pad_tree(tree.tokens, tree.mask.to(self.device), tree.depths))
         return h[0, :len(tree)]                                   # pad rows dropped
 
     def keep(self, path: list[int]):
@@ -1004,24 +1035,34 @@ def check_compile(compile: Optional[str]):
 
 
 class HostHead:
-    """`TargetHead`'s p_at on a GPU, with one host synchronisation per verifier call: the LM head
-    on every first copy of the trie (each node the walk may stand on, leaves included: a bonus is
-    drawn there) in one batched pass -- on a GPU N rows cost about what one does -- p for all of
-    them, and one copy of logits and p to the host, where the walk (`verify_tree`, unchanged)
-    runs on plain vectors."""
+    """`TargetHead` on a GPU, with one host synchronisation per verifier call: the LM head on
+    every first copy of the trie (each node the walk may stand on, leaves included: a bonus is
+    drawn there) in one batched pass -- on a GPU N rows cost about what one does -- and one copy
+    to the host of what the walk (`verify_tree`, unchanged) and `Stats` read there: p at every
+    node, or at T = 0, where p is one-hot, only its token (F numbers, not F x V), and the
+    target's entropies."""
 
     def __init__(self, target: Transformer, tree: Tree, h: torch.Tensor, sampling: Sampling):
-        first, _ = tree.trie()
-        nodes = [i for i in range(len(tree)) if first[i] == i]
-        logits = target.head(h[nodes]).float()                              # (F, V)
-        p = logits_to_probs(logits, sampling.temperature, sampling.top_p)
-        logits, p = torch.stack([logits, p]).cpu()                          # the one copy
+        nodes = [i for i in range(len(tree)) if tree.first[i] == i]
+        logits = target.head(h[nodes]).float()                               # (F, V)
+        p = logits_to_probs(logits, sampling.temperature, sampling.top_p)    # (F, V)
+        self.greedy, self.V = sampling.temperature == 0, p.shape[-1]
+        # a one-hot row is its token (a token id < 2^24 is exact in fp32: one copy holds both)
+        rows = p.argmax(-1, keepdim=True).float() if self.greedy else p      # (F, 1) or (F, V)
+        h_target = entropy(torch.log_softmax(logits, -1))                    # (F,)
+        host = torch.cat([rows, h_target[:, None]], dim=1).cpu()             # the one copy
+        self.p, self.h_target = host[:, :-1], host[:, -1].tolist()
         self.row = {i: r for r, i in enumerate(nodes)}
-        self.p = p
-        self.logits = {i: logits[r] for i, r in self.row.items()}          # node -> (V,)
 
     def __call__(self, i: int):
-        return self.p[self.row[i]].clone()
+        if not self.greedy:
+            return self.p[self.row[i]].clone()
+        p = torch.zeros(self.V)                                              # (V,) one-hot
+        p[int(self.p[self.row[i], 0])] = 1
+        return p
+
+    def entropies(self, nodes: list[int]) -> list[float]:
+        return [self.h_target[self.row[i]] for i in nodes]
 
 
 def lazy_head(device) -> bool:
@@ -1078,10 +1119,12 @@ def speculative_tree(policy: "TreePolicy", states: list, verifier, root_token: i
                      sampling: Sampling, rng: RandomSource, trace=None):
     """One verifier call on a drafted tree: the policy drafts (draft-side quantities only), the
     target scores every node in one call, recursive rejection sampling walks it (eq. 5).
-    Returns (tree, features (N, H), p_at, path, x, rejected, seconds drafting)."""
-    t0 = clock(verifier.device)
+    Returns (tree, features (N, H), p_at, path, x, rejected, seconds drafting): timed without a
+    synchronising `clock`, as the drafting is done on the device too once its tree is on the
+    host (the tree's token ids are host numbers)."""
+    t0 = time.perf_counter()
     tree = policy.draft(states, verifier.target, root_token, compose)
-    t1 = clock(verifier.device)
+    t1 = time.perf_counter()
     h = verifier.score(tree)                                                  # (N, H)
     head = TargetHead if lazy_head(verifier.device) else HostHead
     p_at = head(verifier.target, tree, h, sampling)
@@ -1092,11 +1135,12 @@ def speculative_chain(state: DraftState, verifier, root_token: int, length: int,
                       sampling: Sampling, rng: RandomSource, trace=None):
     """One call of classic speculative sampling (eqs. 1-2, gpt-fast's `speculative_decode`): a
     chain of `length` tokens sampled from q, scored by the target in one call, accepted while
-    u < p / q. Returns what `speculative_tree` does."""
-    t0 = clock(verifier.device)
+    u < p / q. Returns what `speculative_tree` does (each token drawn is a host number, so the
+    drafting is done when timed)."""
+    t0 = time.perf_counter()
     tree, q = draft_chain(state, verifier.target, root_token, length, sampling.temperature,
                           sampling.top_p, rng)
-    t1 = clock(verifier.device)
+    t1 = time.perf_counter()
     h = verifier.score(tag(tree, 0))                                          # (N, H)
     p_at = (TargetHead if lazy_head(verifier.device) else HostHead)(verifier.target, tree, h,
                                                                    sampling)
@@ -1159,19 +1203,19 @@ def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sam
     tree.start(states, target, x)
     stats.prefill_time = clock(verifier.device) - t0
     while not done:
-        t0 = clock(verifier.device)
+        t0 = time.perf_counter()   # no wait: the last call ended on the synchronising clock below
         if shape.chain:
             call = speculative_chain(states[0], verifier, x, shape.depth + 1, sampling, rng, trace)
         else:
             call = speculative_tree(tree, states, verifier, x, compose, sampling, rng, trace)
         drafted, h, p_at, path, x, rejected, draft_s = call
         verifier.keep(path)   # the accepted path's keys and values stay, the rest are dropped
-        seconds = clock(verifier.device) - t0
+        seconds = clock(verifier.device) - t0   # the call's one synchronising clock (on CUDA)
         tree.record(drafted, len(path) - 1, seconds)
         # emit the accepted tokens and the verifier's own; extend the drafters with them
         new = [drafted.tokens[i] for i in path[1:]] + [x]
         emitted, done = _emit(out, new, sampling)
-        stats.record(drafted, path, rejected, p_at.logits, emitted, draft_s, seconds - draft_s)
+        stats.record(drafted, path, rejected, p_at.entropies, emitted, draft_s, seconds - draft_s)
         if trace is not None:
             trace.call(drafted, path, new[:emitted], draft_s, seconds - draft_s)
         for s in states:   # the accepted tokens, with the target's features at their parents
@@ -1184,9 +1228,10 @@ def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sam
 
 def main(argv=None):
     from extras.autotree import TREES, AutoTree, load_for   # --tree auto, --dtype auto
+    from extras.checkpoint import load_drafter, target_args
     from extras.runtime import (DTYPES, Parser, check_device, check_files, check_flags,
                                 check_tree_flags, default_device, given, one_line_errors,
-                                refuse_unused, target_args)
+                                refuse_unused)
     from extras.trace import Trace, check_destinations, save, show   # --show, --trace(-html)
     ap = Parser(description="Speculative decoding with EAGLE drafters (lossless: the reply is "
                             "distributed exactly as the target's own).")
@@ -1239,7 +1284,7 @@ def main(argv=None):
         check_destinations(args.trace, args.trace_html)
         target, tokenizer = load_for(args.target, args.device, args.dtype)
         drafters = [Drafter.random(target, args.seed + i) if d == "random"   # each its own
-                    else Drafter.load(d, target) for i, d in enumerate(args.drafter)]
+                    else load_drafter(d, target) for i, d in enumerate(args.drafter)]
         if args.tree == "study" or args.chain:
             check_tree_flags(shape, target.args, drafters)   # each drafter's vocabulary
         auto = AutoTree.for_target(target) if args.tree == "auto" and not args.chain else None

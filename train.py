@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data import DataError
+from extras.distributed import SINGLE, World
+from extras.features import HELDOUT_DOMAINS, MIXES, SHARD_SIZE, logits
 from model import ModelArgs, TapsError, Transformer, target_identity
 from taps import Drafter
 
@@ -68,12 +70,7 @@ SIZES = {   # n_train: conversations per domain (None: the whole training split)
     "full": dict(n_train={"math": None, "chat": None}, max_len=2048, n_heldout=200, epochs=20,
                  lr=3e-5, batch_size=8, warmup=0.01),
 }
-HELDOUT_DOMAINS = ("math", "chat")
-# the study's RQ2 mixtures read both domains' caches of a size: the first share * n conversations
-# of each (mixed-small: the 35k + 35k analogue, mixed-large: 70k + 70k)
-MIXES = {"mixed-small": 0.5, "mixed-large": 1.0}
-TRAIN_DOMAINS = ("math", "chat", *MIXES)
-SHARD_SIZE = 32      # conversations per feature shard (cached), or per unit of an epoch's shuffle
+TRAIN_DOMAINS = ("math", "chat", *MIXES)   # MIXES: RQ2's mixtures of both domains' caches
 DRAFT_VOCAB = 4096   # tokens a drafter proposes from (results/speed.md: tau and speed per size)
 
 
@@ -142,11 +139,6 @@ def distill_terms(logq, p, k):
     tokens, not renormalised (eq. 7). logq: (N, V) draft log-probs, p: (N, V) -> 2 x (N,)."""
     top_p, top_i = p.topk(min(k, p.shape[-1]), dim=-1)             # (N, k)
     return -(p * logq).sum(-1), -(top_p * logq.gather(-1, top_i)).sum(-1)
-
-
-def logits(target, h):
-    """The target's frozen LM head on features of any dtype, (..., H) -> (..., V) fp32."""
-    return target.head(h.to(target.embed_tokens.weight.dtype)).float()
 
 
 def draft_head(target, drafter: Drafter):
@@ -346,6 +338,20 @@ def heldout_agreement(drafter, target, fs, cfg: TrainConfig) -> float:
     return correct / total
 
 
+class Objective(nn.Module):
+    """The training loss (`drafter_loss`) as a module, so DistributedDataParallel can wrap it
+    (`extras.distributed.wrap`): its only parameters are the drafter's; the frozen target is held
+    outside the module tree (DDP neither broadcasts nor reduces it)."""
+
+    def __init__(self, drafter, target, cfg, world: World = SINGLE):
+        super().__init__()
+        self.drafter, self.frozen, self.cfg, self.world = drafter, (target,), cfg, world
+        target.requires_grad_(False)   # else backward also forms the (V, H) head-weight gradient
+
+    def forward(self, batch, g):
+        return drafter_loss(self.drafter, self.frozen[0], batch, self.cfg, g, self.world.count)
+
+
 def train_step(model: nn.Module, opt, sched, batch, g):
     """One optimizer step of `extras.distributed.wrap(objective)`; returns the global batch's loss
     and terms (its top-1 agreement and, as `positions`, its number of loss positions)."""
@@ -372,7 +378,6 @@ def measure_amp(target: Transformer, reps: int = 3) -> dict:
     the default draft vocabulary, in fp32 and under bf16 autocast: {"fp32": s, "bf16": s}, each the
     median of `reps` after a warm-up, the two interleaved so that a drifting machine slows both
     alike. Torch's random state is left as it was (a run stays reproducible)."""
-    from extras.distributed import Objective
     from model import clock
     dev = target.embed_tokens.weight.device
     (B, n), V = AMP_STEP, target.args.vocab_size
@@ -563,7 +568,7 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     domains' sets of the size, so every drafter of a size shares one vocabulary). The training
     state is saved atomically every `save_interval` seconds and after each epoch; resume=True
     continues from it. Under torchrun, `world` is this rank (`extras.distributed.World`)."""
-    from extras.distributed import SINGLE, Objective, check_split, wrap
+    from extras.distributed import check_split, wrap
     from extras.runtime import atomic_write, writing
     world = world or SINGLE
     out = Path(out)
@@ -671,8 +676,9 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
 
 def main(argv=None):
     from extras.distributed import say
+    from extras.checkpoint import target_args
     from extras.runtime import (DTYPES, Parser, check_device, check_flags, check_writable,
-                                default_device, one_line_errors, refuse_unused, target_args)
+                                default_device, one_line_errors, refuse_unused)
     ap = Parser(description="Train a task-aware EAGLE or HASS drafter.")
     ap.add_argument("--domain", help=f"training corpus: {', '.join(TRAIN_DOMAINS)} (mixtures read "
                                      f"the caches of both domains at the size)")
@@ -787,5 +793,5 @@ def main(argv=None):
             f"{time.perf_counter() - t1:.0f} s, total {time.perf_counter() - t0:.0f} s]")
 
 
-if __name__ == "__main__":   # extras/ imports `train`: run its CLI from that module, one TapsError
-    __import__("train").main()
+if __name__ == "__main__":
+    main()

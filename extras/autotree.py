@@ -24,7 +24,8 @@ from typing import Optional
 
 import torch
 
-from model import TapsError, Transformer, clock, load_target, target_identity
+from extras.checkpoint import load_target
+from model import TapsError, Transformer, clock, target_identity
 from extras.runtime import cache_dir, resolve_dtype
 from extras.runtime import atomic_write, machine, writing
 from taps import DraftState, Tree, TreeShape, draft_tree, prune, tag
@@ -263,7 +264,7 @@ class AutoTree:
         """Each drafter's tree grown and sized, then composed (and a composed tree sized again);
         the root alone (a plain step) while drafting does not pay (`speculate`)."""
         if not self.speculate():
-            return Tree([root_token], [-1], [0.0], [math.nan], [-1])
+            return Tree([root_token], [None], [0.0], [None])
         dev = target.embed_tokens.weight.device
         steps = [self.step_cost(s, target, root_token) for s in states]
         t0 = clock(dev)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from extras.checkpoint import load_target
 from extras.runtime import check_device, check_memory, describe, machine
 from model import (ModelArgs, StaticSteps, TapsError, Transformer, bucket, clock, generate_plain,
-                   load_target, pad_tree)
+                   pad_tree)
 
 
 # named architectures for `--bench --shape`: random weights, so a speed needs no download

@@ -61,8 +61,8 @@ class Machine:
     def measure(cls) -> "Machine":
         """Measured once per machine (cached); the steps read the same cache entries."""
         from extras.autotree import auto_dtype, calibrate
-        from model import load_target
-        from train import auto_amp
+        from extras.checkpoint import load_target
+        from train import auto_amp   # the demo stands on the scripts: train's own measurement
         target, _ = load_target(None, "cpu", torch.float32)
         dtype = auto_dtype(target)                   # calibrates fp32 and bf16
         curves = {"fp32": calibrate(target), "bf16": calibrate(copy.deepcopy(target).bfloat16())}

@@ -146,23 +146,9 @@ def check_split(batch_size: int, ranks: int):
                         f"of every step's batch)")
 
 
-class Objective(nn.Module):
-    """The training loss as a module, so DistributedDataParallel can wrap it: its only parameters
-    are the drafter's; the frozen target is held outside the module tree (DDP neither broadcasts
-    nor reduces it)."""
-
-    def __init__(self, drafter, target, cfg, world: World = SINGLE):
-        super().__init__()
-        self.drafter, self.frozen, self.cfg, self.world = drafter, (target,), cfg, world
-        target.requires_grad_(False)   # else backward also forms the (V, H) head-weight gradient
-
-    def forward(self, batch, g):
-        from train import drafter_loss
-        return drafter_loss(self.drafter, self.frozen[0], batch, self.cfg, g, self.world.count)
-
-
-def wrap(objective: Objective) -> nn.Module:
-    """DDP around the objective under torchrun; the objective itself in one process."""
+def wrap(objective: nn.Module) -> nn.Module:
+    """DDP around the objective (train.py's `Objective`: the loss as a module holding the drafter)
+    under torchrun; the objective itself in one process."""
     if objective.world.size == 1:
         return objective
     from torch.nn.parallel import DistributedDataParallel

@@ -1,9 +1,8 @@
 """Public EAGLE-1/2 (and HASS) drafters as SafeAILab/EAGLE publishes them, loaded as taps drafters.
 
-`Drafter.load` (extras/checkpoint.py's `load_drafter`) hands a checkpoint *directory* here. The
-architecture is taps' own -- fc(cat(embed(x_{t+1}), f_t)), one decoder layer, the target's head --
-so only names are mapped, and hidden size, vocabulary and rotary settings are checked against the
-target.
+extras/checkpoint.py's `load_drafter` hands a checkpoint *directory* here. The architecture is
+taps' own -- fc(cat(embed(x_{t+1}), f_t)), one decoder layer, the target's head -- so only names
+are mapped, and hidden size, vocabulary and rotary settings are checked against the target.
 """
 from __future__ import annotations
 
@@ -13,21 +12,22 @@ from pathlib import Path
 import torch
 
 from model import TapsError, Transformer
-from extras.checkpoint import args_from_hf_config, read_json, ready
+from extras.hf import args_from_hf_config, read_json
 from taps import Drafter
 
 # a public EAGLE checkpoint's weights: either file
 EAGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
-def load_eagle(path, target: Transformer) -> Drafter:
+def load_eagle(path, target: Transformer) -> tuple[Drafter, Path]:
     """A public EAGLE-1/2 (or HASS) drafter as SafeAILab/EAGLE publishes it: a directory with
     config.json (a one-layer Llama config; `bias`, default true, gives fc a bias) and
     pytorch_model.bin or model.safetensors holding fc.weight, [fc.bias] and layers.0.* (no
     input_layernorm), maybe embed_tokens.weight (the target's own copy: unused). It is this
     architecture exactly -- fc(cat(embed(x_{t+1}), f_t)), one layer, the target's head -- so only
     the names are mapped: a missing fc.bias (bias false) is a zero bias. .bin files are read with
-    torch.load(weights_only=True) only: no pickled code runs."""
+    torch.load(weights_only=True) only: no pickled code runs. Returns the drafter (on the CPU) and
+    its weight file, which `load_drafter` readies for the target."""
     from safetensors.torch import load_file
     path, t = Path(path), target.args
     config = read_json(path / "config.json")
@@ -67,4 +67,4 @@ def load_eagle(path, target: Transformer) -> Drafter:
         raise TapsError(f"{weights}: not an EAGLE-1/2 drafter "
                         f"(missing {', '.join(missing) or 'nothing'}; "
                         f"unexpected {', '.join(unexpected) or 'nothing'})")
-    return ready(drafter, weights, target)
+    return drafter, weights

@@ -27,7 +27,18 @@ from model import TapsError, Transformer, target_identity
 from extras.runtime import cache_dir
 from extras.runtime import atomic_write, writing
 from extras.distributed import SINGLE, World
-from train import HELDOUT_DOMAINS, MIXES, SHARD_SIZE, logits
+
+HELDOUT_DOMAINS = ("math", "chat")
+# the study's RQ2 mixtures read both domains' caches of a size: the first share * n conversations
+# of each (mixed-small: the 35k + 35k analogue, mixed-large: 70k + 70k)
+MIXES = {"mixed-small": 0.5, "mixed-large": 1.0}
+SHARD_SIZE = 32      # conversations per feature shard (cached), or per unit of an epoch's shuffle
+
+
+def logits(target, h):
+    """The target's frozen LM head on features of any dtype, (..., H) -> (..., V) fp32: the
+    greedy next token stored beside each feature, and train.py's p."""
+    return target.head(h.to(target.embed_tokens.weight.dtype)).float()
 
 
 def cache_root() -> Path:

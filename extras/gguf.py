@@ -1,7 +1,8 @@
 """The embedded default target's file format: a GGUF v2/v3 reader and its conversion to a standard
 Hugging Face directory (config.json, model.safetensors, tokenizer files), which
-`extras.checkpoint.load_hf` then reads like any checkpoint. Plumbing, not the study's algorithm:
-`model.load_target` imports it to find the default target, converted once per $TAPS_CACHE.
+`extras.hf.load_hf` then reads like any checkpoint. Plumbing, not the study's algorithm:
+`extras.checkpoint.load_target` imports it to find the default target, converted once per
+$TAPS_CACHE.
 
 Sections: GGUF reader (`read_gguf`) · GGUF -> HF (`gguf_to_hf`, `gguf_tokenizer_files`) · the
 embedded default (`default_gguf_path`, `export_default`, `default_target_dir`).
@@ -19,7 +20,7 @@ import torch
 from extras.tokenizer import LLAMA3_PATTERN
 from model import TapsError, Transformer
 from extras.runtime import cache_dir, writing
-from extras.checkpoint import args_from_hf_config, save_hf
+from extras.hf import args_from_hf_config, save_hf
 
 DEFAULT_TARGET = "SmolLM2-135M-Instruct"
 

@@ -1,4 +1,6 @@
-"""The study's tables and figures from eval.py's results: `python eval.py --report runs/*.json`.
+"""The study's tables and figures from eval.py's results: `python eval.py --report runs/*.json`,
+and what eval.py and extras/speed.py measure alike: the method and benchmark names, `Decoding`,
+`combine`, `averages`, and `parting` (where greedy speculative output left plain decoding).
 
 Uncertainty: every tau gets a 95% percentile bootstrap interval over prompts (an item's turns stay
 together; the average over benchmarks resamples each benchmark on its own), and the study's
@@ -16,24 +18,97 @@ result files (schema 1) and joins the files of one run; `write_json` writes them
                              times, counts, "turns": [...]},
                  ..., "average": {"tau", "speedup"}}}
 
-Sections: uncertainty · tables · result files · figures.
+Sections: what a run measures · uncertainty · tables · result files · figures.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
 from data import BENCHMARKS
-from eval import BENCH_NAMES, MERGED, METHODS, TIE_ULPS, averages
 from model import TapsError, mean
 from extras.runtime import atomic_write, writing
+from taps import COMPOSE, Stats
+
+
+# ----------------------------------------------------------------------------- what a run measures
+
+METHODS = ("single", "average", *(m for m in COMPOSE if m != "single"))
+MERGED = ("merged", "merged-dedup")
+BENCH_NAMES = {"mt_bench": "MT-Bench", "gsm8k": "GSM8K", "math_500": "MATH-500", "svamp": "SVAMP"}
+
+
+@dataclass
+class Decoding:
+    """What every run of an evaluation shares: the budget, sampling and the study tree's shape."""
+    max_new_tokens: int = 128
+    top_p: float = 1.0
+    top_k: int = 10                    # study tree: children per node and frontier width
+    depth: int = 5                     # study tree: drafting steps
+    seed: int = 0
+
+
+def combine(stats: list[Stats]) -> Stats:
+    """One Stats for many generations: lists concatenated, counts and times summed."""
+    out = Stats()
+    for s in stats:
+        for f in dataclasses.fields(Stats):
+            setattr(out, f.name, getattr(out, f.name) + getattr(s, f.name))
+    return out
+
+
+def averages(results: dict) -> dict:
+    """A run's "average" entry: tau and speedup averaged over its benchmarks."""
+    benches = [b for b in results if b != "average"]
+    over = lambda key: mean([results[b][key] for b in benches if results[b][key] is not None], None)
+    return {"tau": over("tau"), "speedup": over("speedup")}
+
+
+# Greedy speculative and plain decoding part only where the target's two best logits are a near-tie
+# that two passes round differently: a tree call scores N rows and a one-token call one, their
+# matmuls sum in other orders, so a logit can differ by a few units in the last place (ulp) of the
+# dtype at its magnitude. Measured in bf16 (results/speed.md): 21 partings, all at most 0.375 apart
+# at logits of 16-64 (ulp 0.125-0.25), i.e. within 3 ulps. A parting within TIE_ULPS ulps is such
+# rounding; a wrong verifier keeps tokens whole logits behind, far outside it (in fp32 4 ulps at a
+# logit of 30 are 8e-6).
+TIE_ULPS = 4
+
+
+def tie_tolerance(logits: torch.Tensor, dtype: torch.dtype) -> float:
+    """TIE_ULPS units in the last place of `dtype` at the magnitude of the largest of `logits`."""
+    finfo = torch.finfo(dtype)
+    m = max(float(logits.abs().max()), finfo.tiny)
+    return TIE_ULPS * finfo.eps * 2.0 ** math.floor(math.log2(m))
+
+
+@torch.inference_mode()
+def parting(target, ids, out, ref) -> dict:
+    """Where greedy speculative output `out` left plain greedy output `ref`: the first differing
+    new token, both tokens there, the target's logit gap between them (plain's minus speculative's,
+    one pass over the prefix both share) and whether that gap is a near-tie rounding explains
+    (`tie_tolerance`); otherwise the verifier kept a token the target does not pick: an error."""
+    i = next(j for j, (x, y) in enumerate(zip(out + [None], ref + [None])) if x != y)
+    record = {"first_diff": i, "plain_token": None, "spec_token": None, "logit_gap": None,
+              "tie_tolerance": None, "near_tie": False}
+    if i >= min(len(out), len(ref)):   # one output is a prefix of the other: no tie explains it
+        return record
+    prefix = torch.tensor([ids + ref[:i]], device=target.embed_tokens.weight.device)
+    logits, _ = target(prefix, last_only=True)
+    pair = logits[0, -1, [ref[i], out[i]]]                      # (2,) plain's, speculative's
+    gap = (pair[0] - pair[1]).item()
+    tol = tie_tolerance(pair, target.embed_tokens.weight.dtype)
+    return {**record, "plain_token": ref[i], "spec_token": out[i], "logit_gap": gap,
+            "tie_tolerance": tol, "near_tie": abs(gap) <= tol}
 
 
 # ----------------------------------------------------------------------------- uncertainty
@@ -200,7 +275,7 @@ EXACT = ("in fp32 greedy output equals plain decoding on every turn (make demo's
 
 
 def parting_notes(name: str, turns: list[dict], exact: str = EXACT) -> list[str]:
-    """What a "greedy = plain" count below all cannot say by itself (`eval.parting` records each
+    """What a "greedy = plain" count below all cannot say by itself (`parting` records each
     parting): one note when the partings are near-ties (rounding; `exact` points at the figures
     that prove exactness), and an ERROR line for each parting that is not a near-tie."""
     parted = [x for x in turns if x.get("match") is False]

@@ -118,22 +118,6 @@ def check_files(paths, what: str):
             raise TapsError(f"{path}: no such {what}")
 
 
-def target_args(path):
-    """The target's architecture (vocabulary, context) from its config.json, no weights read, so
-    that flags are checked against it before any model work; None where that would take work (the
-    embedded default not converted yet): the checks then wait for the loaded target."""
-    from extras.checkpoint import args_from_hf_config, read_json
-    from extras.gguf import DEFAULT_TARGET
-    if not path:
-        path = cache_dir() / DEFAULT_TARGET
-        if not (path / "config.json").is_file():
-            return None
-    path = Path(path)
-    if not path.is_dir():
-        raise TapsError(f"{path}: target checkpoint directory not found")
-    return args_from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
-
-
 def check_tree_flags(shape, args=None, drafters=()):
     """A study tree's flags (a `taps.TreeShape`) against what they allocate: the draft pool (top_k
     children of each of top_k frontier nodes, depth times); with the target's ModelArgs, top_k

@@ -12,14 +12,15 @@ from pathlib import Path
 import torch
 
 from data import load_bench
-from eval import BENCH_NAMES, Decoding, combine, parting
+from extras.report import BENCH_NAMES, Decoding, combine, parting
 from extras.report import finite
 from extras.report import fmt, parting_notes, pct, table
 from extras.autotree import AutoTree, auto_dtype
-from model import clock, generate_plain, load_target
+from extras.checkpoint import load_drafter, load_target
+from model import clock, generate_plain
 from extras.runtime import resolve_dtype
 from extras.runtime import atomic_write, describe, machine, writing
-from taps import Drafter, Sampling, TreeShape, generate
+from taps import Sampling, TreeShape, generate
 
 
 # each specialist on its own domain: (benchmark, drafter index)
@@ -179,7 +180,7 @@ def speed(drafter_paths: list, path: Path, dec: Decoding, total_tokens: int = 60
     try:
         for dtype, (bench, k) in ((d, pair) for d in dtypes for pair in SPEED_PAIRS):
             target = target.to(dtype)
-            drafters = [Drafter.load(p, target) for p in drafter_paths]
+            drafters = [load_drafter(p, target) for p in drafter_paths]
             items = load_bench(bench, limit, data_dir)
             prompts = [tokenizer.encode_chat([{"role": "user", "content": it["turns"][0]}],
                                              add_generation_prompt=True)[0]

@@ -1,7 +1,7 @@
 """The tokenizer on tiktoken: byte-level BPE from an HF tokenizer.json (SmolLM2: digits split one by
 one, ChatML) or Llama 3's tokenizer.model, and the chat template. `Tokenizer.encode_chat(messages)`
 returns ids and a mask of the assistant-produced tokens, built piece by piece from ids: training's
-loss mask. Plumbing, not the study's algorithm: model.py's `load_target` imports `load_tokenizer`.
+loss mask. Plumbing, not the study's algorithm: extras/checkpoint.py's `load_target` imports it.
 """
 from __future__ import annotations
 

@@ -16,12 +16,14 @@ Three views of one trace:
 * `record` / `save` (`--trace FILE.jsonl`, also `eval.py --trace`): one JSON object per call.
 * `render_html` (`--trace-html FILE.html`): one self-contained page, an inline SVG per call.
 
-JSON lines, schema 1: {"schema": 1, "generation": g (0, 1, ... per `generate` run), "call": i
+JSON lines, schema 2: {"schema": 2, "generation": g (0, 1, ... per `generate` run), "call": i
 (from 0), "meta": {...what the caller set, e.g. prompt, run, turn}, "tree": {"tokens", "text",
-"parents", "depth", "origin" (drafter; root -1, several -2), "logq", "q" (null where unknown: a
-node under another drafter's), "first" (the trie node a merged tree's copy is verified as),
-"status" (root / accepted / rejected / untried)}, "routing": null or {"compose", "trees":
-[{"drafter", "nodes", "confidence", "entropy"}], "chosen" (-2: merged, as `taps.Stats.routed`)},
+"parents" (the root's null), "depth", "origin" (the drafters of each node: [d], or several for a
+united node; the root's []), "logq", "q" (null where unknown: a node under another drafter's),
+"first" (the trie node a merged tree's copy is verified as), "status" (root / accepted /
+rejected / untried)}, "routing": null or {"compose", "trees": [{"drafter", "nodes",
+"confidence", "entropy"}], "chosen" (the drafters whose tree was verified: [d], or all of them
+for a merged tree, as `taps.Stats.routed`)},
 "tests": [{"node", "child", "token", "r", "p", "u", "accepted"}], "draw": {"node", "token",
 "text", "kind" (bonus or correction), "prob" (in the distribution drawn from), "residual_mass"
 (of p left by the node's rejections; a chain's: of max(0, p - q))}, "path", "emitted",
@@ -48,7 +50,7 @@ import taps
 from model import TapsError, mean
 from extras.runtime import atomic_write, check_writable, writing
 
-SCHEMA = 1
+SCHEMA = 2
 
 
 def _value(v):
@@ -92,11 +94,11 @@ class Draw:
 
 @dataclass
 class Routing:
-    """A composition's decision: each drafter's tree summarised, the one verified (-2: several,
-    a merged tree, as `taps.Stats.routed`)."""
+    """A composition's decision: each drafter's tree summarised, and whose was verified: one
+    drafter's, or all of theirs for a merged tree (as `taps.Stats.routed`)."""
     compose: str
     trees: list[dict]         # per drafter: nodes, mean confidence exp(logq), mean entropy
-    chosen: int
+    chosen: frozenset[int]
 
 
 @dataclass
@@ -116,21 +118,21 @@ class Call:
     draft_s: float
     verify_s: float
     tau: float                   # new tokens / calls of this generation, up to this call
-    first: list[int] = field(init=False)   # a merged tree's copies are verified as one node
+    first: tuple[int, ...] = field(init=False)   # a merged tree's copies are verified as one
 
     def __post_init__(self):
-        self.first, _ = self.tree.trie()
+        self.first = self.tree.first
 
     @property
-    def origin(self) -> list[int]:
-        return self.tree.origin or [-1] + [0] * (len(self.tree) - 1)
+    def origin(self) -> tuple[frozenset[int], ...]:
+        return self.tree.origin
 
     def q(self) -> list[Optional[float]]:
         """Each node's draft probability given its parent, where one drafter scored both."""
         t, o = self.tree, self.origin
         return [None] + [math.exp(t.logq[i] - t.logq[t.parents[i]])
-                         if o[i] >= 0 and (t.parents[i] == 0 or o[t.parents[i]] == o[i]) else None
-                         for i in range(1, len(t))]
+                         if len(o[i]) == 1 and (t.parents[i] == 0 or o[t.parents[i]] == o[i])
+                         else None for i in range(1, len(t))]
 
     def tested(self) -> dict[int, Test]:
         return {t.child: t for t in self.tests}
@@ -145,9 +147,9 @@ class Call:
             out.append("accepted" if f in on_path else "rejected" if f in tested else "untried")
         return out
 
-    def accepted_from(self) -> list[int]:
-        """The drafter of each accepted node's first copy, where its test was made (-2: a united
-        node of merged-dedup), as `taps.Stats.accepted_from` counts the first."""
+    def accepted_from(self) -> list[frozenset[int]]:
+        """The drafters of each accepted node's first copy, where its test was made (several: a
+        united node of merged-dedup), as `taps.Stats.accepted_from` counts the first."""
         return [self.origin[self.first[i]] for i in self.path[1:]]
 
 
@@ -187,7 +189,8 @@ class Trace:
                 self._routing = Routing(name, [
                     {"drafter": i, "nodes": len(t) - 1, "confidence": mean(t.confidence[1:]),
                      "entropy": mean(t.entropy[1:])} for i, t in enumerate(trees)],
-                    next((i for i, t in enumerate(trees) if t is tree), -2))
+                    next((frozenset({i}) for i, t in enumerate(trees) if t is tree),  # routed
+                         frozenset(range(len(trees)))))                               # merged
             return tree
         return composed
 
@@ -227,11 +230,12 @@ def record(c: Call) -> dict:
     t, d = c.tree, c.draw
     return {
         "schema": SCHEMA, "generation": c.generation, "call": c.index, "meta": c.meta,
-        "tree": {"tokens": t.tokens, "text": c.text, "parents": t.parents, "depth": t.depths(),
-                 "origin": c.origin, "logq": [_num(x) for x in t.logq],
-                 "q": [_num(x) for x in c.q()], "first": c.first, "status": c.status()},
+        "tree": {"tokens": list(t.tokens), "text": c.text, "parents": list(t.parents),
+                 "depth": list(t.depths), "origin": [sorted(o) for o in c.origin],
+                 "logq": [_num(x) for x in t.logq],
+                 "q": [_num(x) for x in c.q()], "first": list(c.first), "status": c.status()},
         "routing": None if c.routing is None else {
-            "compose": c.routing.compose, "chosen": c.routing.chosen,
+            "compose": c.routing.compose, "chosen": sorted(c.routing.chosen),
             "trees": [{k: _num(v) if isinstance(v, float) else v for k, v in s.items()}
                       for s in c.routing.trees]},
         "tests": [{"node": x.node, "child": x.child, "token": x.token, "r": _num(x.r),
@@ -266,7 +270,7 @@ RANK = {"accepted": 0, "rejected": 1, "untried": 2}
 
 def summary(c: Call) -> str:
     """One line: the size, what was accepted and from whom, the call's tokens, tau, the times."""
-    n, origins = len(c.tree) - 1, sorted(set(c.origin[1:]))
+    n, origins = len(c.tree) - 1, sorted(set(c.origin[1:]), key=sorted)
     by = ""
     if len(origins) > 1:
         by = " (" + ", ".join(f"{_who(o)} {c.origin[1:].count(o)}" for o in origins) + ")"
@@ -283,11 +287,13 @@ def routing(r: Routing) -> str:
     """A composition's decision: each drafter's tree (size, mean confidence, entropy), the pick."""
     trees = " · ".join(f"d{s['drafter']}: {s['nodes']} nodes, confidence {_g(s['confidence'])}, "
                        f"entropy {_g(s['entropy'])}" for s in r.trees)
-    return f"{r.compose}: {trees} -> {'merged' if r.chosen < 0 else f'verified d{r.chosen}'}"
+    chosen = "merged" if len(r.chosen) > 1 else f"verified {_who(r.chosen)}"
+    return f"{r.compose}: {trees} -> {chosen}"
 
 
-def _who(origin: int) -> str:
-    return {-1: "root", -2: "several"}.get(origin, f"d{origin}")
+def _who(origin: frozenset[int]) -> str:
+    """Who drafted a node: d0, d1 ..., several (a united node), or no one (the root)."""
+    return "root" if not origin else "several" if len(origin) > 1 else f"d{min(origin)}"
 
 
 def render_call(c: Call, width: int = 4, colour: bool = False) -> str:
@@ -297,7 +303,7 @@ def render_call(c: Call, width: int = 4, colour: bool = False) -> str:
     rest counted. Merged trees name each node's drafter (d0, d1; several: a united node)."""
     paint = (lambda kind, s: f"{ANSI[kind]}{s}\033[0m") if colour else (lambda kind, s: s)
     t, status, q, tested = c.tree, c.status(), c.q(), c.tested()
-    kids, sizes = t.children(), [1] * len(t)
+    kids, sizes = t.children, [1] * len(t)
     for i in range(len(t) - 1, 0, -1):
         sizes[t.parents[i]] += sizes[i]
     merged = len(set(c.origin[1:])) > 1
@@ -366,18 +372,20 @@ FILL = {"root": "#dddddd", "accepted": "#bfe8c4", "rejected": "#f5c2c2", "untrie
 DRAFTER = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
-def _stroke(origin: int) -> str:
-    return {-1: "#555555", -2: "#000000"}.get(origin, DRAFTER[origin % len(DRAFTER)])
+def _stroke(origin: frozenset[int]) -> str:
+    """An outline for who drafted a node (`_who`): grey the root, black several drafters."""
+    return ("#555555" if not origin else "#000000" if len(origin) > 1
+            else DRAFTER[min(origin) % len(DRAFTER)])
 
 
 def layout(c: Call) -> dict:
     """(column, row) of every node and of the draw ("draw", a last child of its node): leaves
     take rows in depth-first order, a parent sits midway between its first and last child."""
-    kids, pos, rows = c.tree.children(), {}, 0
+    kids, pos, rows = c.tree.children, {}, 0
 
     def place(i, depth):
         nonlocal rows
-        below = [] if i == "draw" else kids[i] + (["draw"] if i == c.draw.node else [])
+        below = [] if i == "draw" else [*kids[i], *(["draw"] if i == c.draw.node else [])]
         for j in below:
             place(j, depth + 1)
         pos[i] = (depth, (pos[below[0]][1] + pos[below[-1]][1]) / 2 if below else rows)
@@ -451,7 +459,7 @@ def render_html(trace: Trace, title: str = "taps trace") -> str:
     ids = [f"call-{c.generation}-{c.index}" for c in trace.calls]
     key = "".join(f'<span class="key" style="background:{FILL[s]}">{s}</span>'
                   for s in ("accepted", "rejected", "untried", "draw"))
-    drafters = sorted({o for c in trace.calls for o in c.origin[1:]})
+    drafters = sorted({o for c in trace.calls for o in c.origin[1:]}, key=sorted)
     key += "".join(f'<span class="key" style="border-color:{_stroke(o)}">drafter {_who(o)}</span>'
                    for o in drafters)
     meta = "; ".join(f"{k}: {v}" for k, v in (trace.calls[0].meta if trace.calls else {}).items())

@@ -159,16 +159,20 @@ class Target:
 
 def random_tree(rnd: random.Random, V, root, max_nodes=8, max_depth=4) -> Tree:
     """A random draft tree; with V <= 4 duplicate siblings are common."""
-    tree = Tree([root], [-1], [0.0], [0.0])
-    depth = [0]
+    tokens, parents, logq, depth = [root], [None], [0.0], [0]
     for _ in range(rnd.randint(0, max_nodes)):
-        parent = rnd.choice([i for i in range(len(tree)) if depth[i] < max_depth])
-        tree.tokens.append(rnd.randrange(V))
-        tree.parents.append(parent)
-        tree.logq.append(tree.logq[parent] - rnd.random() * 2)
-        tree.entropy.append(0.0)
+        parent = rnd.choice([i for i in range(len(tokens)) if depth[i] < max_depth])
+        tokens.append(rnd.randrange(V))
+        parents.append(parent)
+        logq.append(logq[parent] - rnd.random() * 2)
         depth.append(depth[parent] + 1)
-    return tree
+    return Tree(tokens, parents, logq, [None] + [0.0] * (len(tokens) - 1))
+
+
+def entropies_of(logits: dict):
+    """`Stats.record`'s target entropies from node -> target logits, as `TargetHead.entropies`
+    reads its own."""
+    return lambda nodes: taps.entropy(torch.log_softmax(torch.stack([logits[i] for i in nodes]), -1)).tolist()
 
 
 def node_tokens(tree, node):
@@ -251,8 +255,7 @@ def count_second_copies(monkeypatch) -> list[bool]:
 
     def counting(tree, p_at, rng, trace=None):
         path, x, rejected = verify(tree, p_at, rng, trace)
-        first, _ = tree.trie()
-        seen.append(any(first[i] != i for i in path))
+        seen.append(any(tree.first[i] != i for i in path))
         return path, x, rejected
     monkeypatch.setattr(taps, "verify_tree", counting)
     return seen

@@ -15,6 +15,7 @@ import torch
 
 import eval as ev
 import extras.report as report
+import extras.checkpoint
 import extras.runtime
 import extras.autotree
 import extras.gguf
@@ -27,7 +28,8 @@ from conftest import tiny
 from data import DataError, load_bench
 from model import TapsError, generate_plain
 from extras.runtime import atomic_write
-from extras.checkpoint import save_hf
+from extras.checkpoint import load_drafter
+from extras.hf import save_hf
 from extras.autotree import AutoTree, calibrate, verify_table
 from taps import Drafter, Sampling, TreeShape, average, generate
 from test_eval import FakeTokenizer, run as eval_run, setup  # noqa: F401  (setup is a fixture)
@@ -55,7 +57,7 @@ def no_model(monkeypatch):
     """Fail the test if any CLI gets as far as loading a model."""
     def refuse(*args, **kw):
         pytest.fail("a model was loaded")
-    for mod in (model, extras.autotree, extras.speed):
+    for mod in (extras.checkpoint, extras.autotree, extras.speed):
         monkeypatch.setattr(mod, "load_target", refuse)
     monkeypatch.setattr(extras.autotree, "load_for", refuse)
 
@@ -167,7 +169,7 @@ def test_a_full_disk_keeps_the_training_state_and_resume_writes_the_drafter(tmp_
     assert T.state_path(out).exists() and not out.exists() and not list(tmp_path.glob("*.tmp*"))
     monkeypatch.setattr(Drafter, "save", real_save)
     T.train(small_cfg(epochs=1), target, sets, {}, out, resume=True)   # nothing left to train: the drafter is written
-    assert Drafter.load(out, target).meta["backbone"] == "eagle"
+    assert load_drafter(out, target).meta["backbone"] == "eagle"
 
 
 def test_a_failed_cleanup_does_not_hide_the_first_error(tmp_path, monkeypatch):
@@ -240,9 +242,9 @@ def test_a_truncated_converted_target_says_to_convert_again(tmp_path, monkeypatc
     folder = tmp_path / "SmolLM2-135M-Instruct"
     save_hf(tiny(V=16, name="t"), folder)
     (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:100])
-    monkeypatch.setattr(extras.gguf, "default_target_dir", lambda: folder)
+    monkeypatch.setattr(extras.checkpoint, "default_target_dir", lambda: folder)
     with pytest.raises(TapsError, match=f"truncated, delete {folder} and rerun to convert it again"):
-        model.load_target()
+        extras.checkpoint.load_target()
 
 
 # ----------------------------------------------------------------------------- calibration files
@@ -281,9 +283,9 @@ def test_a_calibration_path_that_is_a_directory_or_unwritable(tmp_path, monkeypa
 def test_a_drafter_for_other_weights_of_the_same_name_is_refused(tmp_path):
     a, b = tiny(V=32, seed=0, name="same"), tiny(V=32, seed=1, name="same")
     Drafter.random(a).save(tmp_path / "d.safetensors")
-    assert Drafter.load(tmp_path / "d.safetensors", a.to(torch.float32)) is not None   # the same weights in fp32
+    assert load_drafter(tmp_path / "d.safetensors", a.to(torch.float32)) is not None   # the same weights in fp32
     with pytest.raises(TapsError, match="trained for other weights of 'same'"):
-        Drafter.load(tmp_path / "d.safetensors", b)
+        load_drafter(tmp_path / "d.safetensors", b)
 
 
 def test_a_bad_draft_vocabulary_is_refused_at_load_naming_the_file(tmp_path):
@@ -292,7 +294,7 @@ def test_a_bad_draft_vocabulary_is_refused_at_load_naming_the_file(tmp_path):
     d.vocab = torch.tensor([5, 3, 9])
     d.save(tmp_path / "d.safetensors")
     with pytest.raises(TapsError, match=r"d.safetensors: draft vocabulary must be sorted, distinct token ids"):
-        Drafter.load(tmp_path / "d.safetensors", target)
+        load_drafter(tmp_path / "d.safetensors", target)
 
 
 def test_averaging_vocabularies_of_one_size_names_the_real_cause():
@@ -320,7 +322,7 @@ def test_budgets_and_prompts_past_the_context():
 
 
 def test_the_cli_says_when_it_caps_the_budget(capsys, monkeypatch):
-    monkeypatch.setattr(model, "load_target", lambda *a: (tiny(V=48, max_seq_len=64, dtype=torch.float32),
+    monkeypatch.setattr(extras.checkpoint, "load_target", lambda *a: (tiny(V=48, max_seq_len=64, dtype=torch.float32),
                                                          FakeTokenizer()))
     model.main(["--prompt", "hi", "--max-new-tokens", "1000000000", "--device", "cpu"])
     assert "[--max-new-tokens 1000000000 capped at 60: the context of the target is 64 tokens]" in capsys.readouterr().err

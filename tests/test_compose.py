@@ -1,6 +1,7 @@
 """Composing specialist drafters (taps.py's composition section): merged-tree packing against
 hand-built trees, the de-duplicated trie, weight averaging at the endpoints, routing by draft-side
 quantities, exact losslessness of the real composition functions, greedy equivalence, bad input."""
+import dataclasses
 import json
 import math
 import random
@@ -16,15 +17,19 @@ from extras.autotree import AutoTree, verify_table
 from model import TapsError, generate_plain
 from taps import (COMPOSE, Drafter, Sampling, Stats, TorchRandom, Tree, TreeShape, average, generate, merge, prune,
                   route, route_entropy, tag, verify_tree)
-from conftest import Target, drafts, near_oracle, node_tokens, outcomes, prompts, sharper, spec_dist, tiny, tree_call
+from conftest import (Target, drafts, entropies_of, near_oracle, node_tokens, outcomes, prompts, sharper, spec_dist, tiny,
+                      tree_call)
 from test_eval import setup  # noqa: F401 -- eval.py's tiny setup (a fixture)
+
+# who drafted a node (`Tree.origin`), and whose nodes a call verified (`Stats.routed`)
+NONE, D0, D1, BOTH = frozenset(), frozenset({0}), frozenset({1}), frozenset({0, 1})
 
 
 def small_trees():
     #  a: 0 -> 1 (x=5) -> 2 (x=6)        b: 0 -> 1 (x=5) -> 3 (x=7)
     #           \\-> 3 (x=8)                    \\-> 2 (x=9)
-    a = tag(Tree([4, 5, 6, 8], [-1, 0, 1, 0], [0, -0.5, -1.0, -2.0], [math.nan, 1.0, 0.5, 1.0]), 0)
-    b = tag(Tree([4, 5, 9, 7], [-1, 0, 0, 1], [0, -0.2, -3.0, -0.4], [math.nan, 2.0, 2.0, 0.1]), 1)
+    a = tag(Tree([4, 5, 6, 8], [None, 0, 1, 0], [0, -0.5, -1.0, -2.0], [None, 1.0, 0.5, 1.0]), 0)
+    b = tag(Tree([4, 5, 9, 7], [None, 0, 0, 1], [0, -0.2, -3.0, -0.4], [None, 2.0, 2.0, 0.1]), 1)
     return a, b
 
 
@@ -34,13 +39,13 @@ def test_merged_packing_by_hand():
     a, b = small_trees()
     m = merge([a, b])
     # root, a's non-root nodes (1..3), b's non-root nodes (4..6) with parents offset by 3
-    assert m.tokens == [4, 5, 6, 8, 5, 9, 7]
-    assert m.parents == [-1, 0, 1, 0, 0, 0, 4]
-    assert m.origin == [-1, 0, 0, 0, 1, 1, 1]
-    assert m.logq == [0, -0.5, -1.0, -2.0, -0.2, -3.0, -0.4]
-    assert m.depths() == [0, 1, 2, 1, 1, 1, 2]      # verifier positions: prefix length + depth
+    assert m.tokens == (4, 5, 6, 8, 5, 9, 7)
+    assert m.parents == (None, 0, 1, 0, 0, 0, 4)
+    assert m.origin == (NONE, D0, D0, D0, D1, D1, D1)
+    assert m.logq == (0, -0.5, -1.0, -2.0, -0.2, -3.0, -0.4)
+    assert m.depths == (0, 1, 2, 1, 1, 1, 2)        # verifier positions: prefix length + depth
     T, F = True, False
-    assert m.mask().tolist() == [
+    assert m.mask.tolist() == [
         [T, F, F, F, F, F, F],
         [T, T, F, F, F, F, F],
         [T, T, T, F, F, F, F],
@@ -49,7 +54,7 @@ def test_merged_packing_by_hand():
         [T, F, F, F, F, T, F],
         [T, F, F, F, T, F, T]]
     # path (retrieve) indices: a's as they were, b's offset by len(a) - 1
-    assert [m.path_to(leaf) for leaf, kids in enumerate(m.children()) if not kids] == [[0, 1, 2], [0, 3], [0, 5], [0, 4, 6]]   # by leaf index
+    assert [m.path_to(leaf) for leaf, kids in enumerate(m.children) if not kids] == [[0, 1, 2], [0, 3], [0, 5], [0, 4, 6]]   # by leaf index
 
 
 @settings(max_examples=40, deadline=None)
@@ -65,11 +70,11 @@ def test_merged_mask_is_block_diagonal_as_in_the_study(seed, k):
     pos, at = [0], 1
     for t in trees:
         s = len(t) - 1
-        expect[at:at + s, at:at + s] = t.mask()[1:, 1:]
-        pos += t.depths()[1:]
+        expect[at:at + s, at:at + s] = t.mask[1:, 1:]
+        pos += t.depths[1:]
         at += s
-    assert torch.equal(m.mask(), expect)
-    assert m.depths() == pos
+    assert torch.equal(m.mask, expect)
+    assert m.depths == tuple(pos)
     assert len(m) == 1 + sum(len(t) - 1 for t in trees)
 
 
@@ -86,7 +91,7 @@ def test_dedup_merge_is_the_trie_of_all_paths(seed, k, V):
     assert token_paths(d) == every                   # every input path kept, no new one made
     assert len(d) == len(every)                       # one node per distinct path: a trie
     assert all(0 <= d.parents[i] < i for i in range(1, len(d)))
-    for kids in d.children():
+    for kids in d.children:
         assert len({d.tokens[c] for c in kids}) == len(kids)   # no duplicate siblings left
     assert len(d) <= len(merge(trees))
 
@@ -95,9 +100,9 @@ def test_dedup_merge_by_hand_marks_shared_nodes():
     a, b = small_trees()
     d = merge([a, b], dedup=True)
     # b's 5 is a's node 1 (now drafted by both), b's 7 hangs under it, b's 9 is new
-    assert d.tokens == [4, 5, 6, 8, 9, 7] and d.parents == [-1, 0, 1, 0, 0, 1]
-    assert d.origin == [-1, -2, 0, 0, 1, 1] and d.logq == [0, -0.5, -1.0, -2.0, -3.0, -0.4]
-    assert merge([a, tag(Tree(*[list(x) for x in (b.tokens, b.parents, b.logq, b.entropy)]), 0)], dedup=True).origin[1] == 0
+    assert d.tokens == (4, 5, 6, 8, 9, 7) and d.parents == (None, 0, 1, 0, 0, 1)
+    assert d.origin == (NONE, BOTH, D0, D0, D1, D1) and d.logq == (0, -0.5, -1.0, -2.0, -3.0, -0.4)
+    assert merge([a, tag(Tree(*[list(x) for x in (b.tokens, b.parents, b.logq, b.entropy)]), 0)], dedup=True).origin[1] == D0
 
 
 def greedy_next(V, seed, path):
@@ -157,8 +162,8 @@ def test_merged_follows_the_second_copy_of_an_accepted_token():
     # 5 was accepted at its first copy, a's (node 1), though the path runs through b's copy (node 4): a
     # is credited, and the draft entropy is a's 1.0 at 5, as the trie merged-dedup builds holds them
     s = Stats()
-    s.record(m, path, rejected, logits, 3, 0.0, 0.0)
-    assert s.leaf == [True] and s.accepted_from == [0]
+    s.record(m, path, rejected, entropies_of(logits), 3, 0.0, 0.0)
+    assert s.leaf == [True] and s.accepted_from == [D0]
     assert s.draft_entropy_accepted == [1.0, 0.1] and s.draft_entropy_rejected == [0.5]
     assert len(s.target_entropy_accepted) == 2 and len(s.target_entropy_rejected) == 1
 
@@ -205,20 +210,20 @@ def test_dedup_of_identical_trees_is_a_merged_call():
     a, _ = small_trees()
     s = Stats()
     s.record(merge([a, tag(Tree(list(a.tokens), list(a.parents), list(a.logq), list(a.entropy)), 1)], dedup=True),
-             [0], [], {}, 1, 0.0, 0.0)
-    assert s.routed == [-2]
+             [0], [], entropies_of({}), 1, 0.0, 0.0)
+    assert s.routed == [BOTH]
 
 
 def test_routed_names_the_drafter_several_or_none():
-    """Stats.routed per call: the drafter whose tree was verified; -2, several drafters' nodes (a merged
-    tree); -1, none: the root alone (a plain step, or every tree cut to its root). Before issue 30 the root
-    alone was -1 too, then read as 'several drafters'."""
+    """Stats.routed per call: the drafter whose tree was verified; several drafters' nodes (a merged tree);
+    none: the root alone (a plain step, or every tree cut to its root). Before issue 30 the root alone was
+    read as 'several drafters'."""
     a, b = small_trees()
     s = Stats()
     for tree in (a, b, merge([a, b]), merge([a, b], dedup=True), merge([prune(a, 1), b]),
-                 Tree([4], [-1], [0.0], [math.nan], [-1]), merge([prune(a, 1), prune(b, 1)])):
-        s.record(tree, [0], [], {}, 1, 0.0, 0.0)
-    assert s.routed == [0, 1, -2, -2, 1, -1, -1]
+                 Tree([4], [None], [0.0], [None]), merge([prune(a, 1), prune(b, 1)])):
+        s.record(tree, [0], [], entropies_of({}), 1, 0.0, 0.0)
+    assert s.routed == [D0, D1, BOTH, BOTH, D1, NONE, NONE]
 
 
 @settings(max_examples=100, deadline=None)
@@ -228,12 +233,11 @@ def test_a_merged_call_is_credited_where_its_acceptance_was_decided(seed, k, V):
     verify_tree decided each acceptance -- accepted_from credits the first drafter holding the first
     accepted token (not the copy the final path runs through), and the draft entropies are the first
     copy's. So a plain merged tree and its de-duplicated trie record the same call, except that a united
-    node of several drafters is credited to them all (-2)."""
+    node of several drafters is credited to them all."""
     target, ctx = Target(V, seed), (seed % V,)
     rnd = random.Random(seed)
     trees = [tag(t, i) for i, t in enumerate(drafts(seed, V, ctx, k))]
-    for t in trees:
-        t.entropy = [math.nan] + [rnd.random() for _ in t.tokens[1:]]
+    trees = [dataclasses.replace(t, entropy=[None] + [rnd.random() for _ in t.tokens[1:]]) for t in trees]
 
     def run(tree):
         def call(rng):
@@ -245,28 +249,28 @@ def test_a_merged_call_is_credited_where_its_acceptance_was_decided(seed, k, V):
                 return p
             path, x, rejected = verify_tree(tree, p_at, rng)
             s = Stats()
-            s.record(tree, path, rejected, logits, len(path), 0.0, 0.0)
+            s.record(tree, path, rejected, entropies_of(logits), len(path), 0.0, 0.0)
             holders = tuple(i for i, t in enumerate(trees) if len(path) > 1
-                            and tree.tokens[path[1]] in [t.tokens[c] for c in t.children()[0]])
+                            and tree.tokens[path[1]] in [t.tokens[c] for c in t.children[0]])
             return (s.accepted_from[0], holders, s.accepted[0], s.leaf[0], tuple(s.draft_entropy_accepted),
                     tuple(s.draft_entropy_rejected), tuple(s.target_entropy_accepted + s.target_entropy_rejected))
         return outcomes(call)
     plain, trie = run(merge(trees)), run(merge(trees, dedup=True))
-    assert all(got == (holders[0] if holders else -1) for got, holders, *_ in plain)
-    assert all(got == (-2 if len(holders) > 1 else holders[0] if holders else -1) for got, holders, *_ in trie)
+    assert all(got == frozenset(holders[:1]) for got, holders, *_ in plain)
+    assert all(got == frozenset(holders) for got, holders, *_ in trie)
     assert {o[2:]: w for o, w in plain.items()} == {o[2:]: w for o, w in trie.items()}
 
 
 def test_eval_routing_shares_add_up_to_one():
-    """eval's routing figures: per call, each drafter's share, the merged calls' (-2) and the plain ones' (-1)
-    add up to 1; by prompt, the majority of the calls that verified one drafter's tree. Before issue 30
+    """eval's routing figures: per call, each drafter's share, the merged calls' and the plain ones' add up
+    to 1; by prompt, the majority of the calls that verified one drafter's tree. Before issue 30
     plain calls were counted as merged, and a prompt of plain calls had a 'majority' of neither drafter."""
 
     def item(*routed):
         n = len(routed)
         return [({"spec_s": 1.0, "plain_s": 1.0, "match": None},
-                 Stats(accepted=[0] * n, emitted=[1] * n, routed=list(routed), accepted_from=[-1] * n, new_tokens=n))]
-    r = ev.bench_results([item(0, 0, 1, -1), item(-1, -1, -2), item(1, -2, -2, 0, 1)], 2)["routing"]
+                 Stats(accepted=[0] * n, emitted=[1] * n, routed=list(routed), accepted_from=[NONE] * n, new_tokens=n))]
+    r = ev.bench_results([item(D0, D0, D1, NONE), item(NONE, NONE, BOTH), item(D1, BOTH, BOTH, D0, D1)], 2)["routing"]
     assert r["per_call"] == [3 / 12, 3 / 12] and r["merged_calls"] == 3 / 12 and r["plain_calls"] == 3 / 12
     assert sum(r["per_call"]) + r["merged_calls"] + r["plain_calls"] == 1
     assert r["per_prompt_majority"] == [1 / 2, 1 / 2]                  # the second prompt made no decision
@@ -274,7 +278,7 @@ def test_eval_routing_shares_add_up_to_one():
 
 def test_merge_needs_a_shared_root():
     a, b = small_trees()
-    b.tokens[0] = 99
+    b = dataclasses.replace(b, tokens=(99, *b.tokens[1:]))
     with pytest.raises(TapsError, match="share their root"):
         merge([a, b])
 
@@ -287,19 +291,19 @@ def test_route_by_mean_confidence_and_by_entropy():
     assert route([a, b]) is b and route([b, a]) is b
     # mean draft entropy: a 0.83, b 1.37 -> the lower is a
     assert route_entropy([a, b]) is a and route_entropy([b, a]) is a
-    assert route([a, a]) is a and route([a, Tree(**{**a.__dict__})]) is a   # ties go to the first
+    assert route([a, a]) is a and route([a, dataclasses.replace(a)]) is a   # ties go to the first
 
 
 def test_an_empty_tree_loses_every_route():
     """The root alone (AutoTree cut a weak drafter's tree) has no mean confidence or entropy: before issue 30
     it was NaN, every comparison with it false, and the first tree kept even when empty."""
     a, b = small_trees()
-    empty = tag(Tree([4], [-1], [0.0], [math.nan]), 0)
-    weak = Tree(a.tokens[:2], a.parents[:2], [0.0, -30.0], [math.nan, 50.0], [-1, 1])  # confidence e^-30
+    empty = tag(Tree([4], [None], [0.0], [None]), 0)
+    weak = Tree(a.tokens[:2], a.parents[:2], [0.0, -30.0], [None, 50.0], [NONE, D1])  # confidence e^-30
     for fn in (route, route_entropy):
         assert fn([empty, a]) is a and fn([a, empty]) is a and fn([empty, weak]) is weak
         assert fn([empty, empty, b]) is b and fn([empty, weak, b]) is fn([weak, b])
-        assert fn([empty, Tree(**{**empty.__dict__})]) is empty        # nothing else to pick: the first
+        assert fn([empty, dataclasses.replace(empty)]) is empty        # nothing else to pick: the first
 
 
 def test_routing_reads_nothing_but_the_trees():
@@ -307,7 +311,7 @@ def test_routing_reads_nothing_but_the_trees():
     a, b = small_trees()
     for fn in (route, route_entropy):
         choice = fn([a, b])
-        shuffled = [Tree(t.tokens[:1] + [0] * (len(t) - 1), t.parents, t.logq, t.entropy) for t in (a, b)]
+        shuffled = [Tree([t.tokens[0]] + [0] * (len(t) - 1), t.parents, t.logq, t.entropy) for t in (a, b)]
         assert fn(shuffled) is shuffled[[a, b].index(choice)]   # tokens do not matter, scores do
 
 
@@ -320,7 +324,7 @@ def compose_scheme(fn, target, seed):
         rnd = random.Random(f"n {seed} {ctx}")
         trees = [tag(t, i) for i, t in enumerate(drafts(seed, target.V, ctx, rnd.randint(2, 3)))]
         for i, t in enumerate(trees):
-            t.entropy = [math.nan] + [rnd.random() for _ in t.tokens[1:]]
+            trees[i] = t = dataclasses.replace(t, entropy=[None] + [rnd.random() for _ in t.tokens[1:]])
             if rnd.random() < 0.3:                 # cut to its root, as AutoTree cuts a weak drafter's tree
                 trees[i] = prune(t, 1)
         return tree_call(target, fn(trees), ctx, rng)
@@ -397,11 +401,12 @@ def test_greedy_of_every_composition_is_the_target(name):
                           TreeShape(top_k=4, depth=3, total_tokens=10), compose=name)
         assert out == ref
         assert len(s.routed) == len(s.accepted_from) == s.calls
+        one = {frozenset({i}) for i in range(len(drafters))}     # a drafter's tree, a drafter's node
         if name in ("merged", "merged-dedup"):
-            assert set(s.routed) == {-2} and max(s.tree_size) <= 1 + 3 * 10
+            assert all(len(r) > 1 for r in s.routed) and max(s.tree_size) <= 1 + 3 * 10
         else:
-            assert set(s.routed) <= set(range(len(drafters)))
-        assert all(o == -1 if a == 0 else o in range(len(drafters)) for o, a in zip(s.accepted_from, s.accepted))
+            assert set(s.routed) <= one
+        assert all(o == NONE if a == 0 else o in one for o, a in zip(s.accepted_from, s.accepted))
     drafter = average(drafters[:2], 0.5) if name != "single" else drafters[0]
     out, _ = generate(target, drafter, prompts(V)[0], Sampling(max_new_tokens=32),
                       TreeShape(top_k=4, depth=3, total_tokens=10))
@@ -412,7 +417,7 @@ def test_single_drafter_stats_name_drafter_0():
     target = tiny(V=1)
     _, s = generate(target, Drafter.random(target), [0, 0], Sampling(max_new_tokens=9),
                     TreeShape(top_k=1, depth=2, total_tokens=3))
-    assert s.routed == [0, 0] and s.accepted_from == [0, 0]
+    assert s.routed == [D0, D0] and s.accepted_from == [D0, D0]
     assert Stats().routed == []
 
 
@@ -446,9 +451,9 @@ def test_every_composition_runs_with_every_tree_policy(policy, temperature):
         out, s = generate(target, ds, prompt, Sampling(temperature, max_new_tokens=16), tree, compose, TorchRandom(1))
         assert len(out) == 16 and s.new_tokens == sum(s.emitted) == 15 and s.calls == len(s.routed)
         assert out == ref or temperature > 0, name
-        assert set(s.routed) <= {-2, -1, *range(len(ds))} and set(s.accepted_from) <= {-2, -1, *range(len(ds))}
+        assert all(d <= set(range(len(ds))) for d in s.routed + s.accepted_from)
         if name in ("merged", "merged-dedup") and policy == "study":
-            assert set(s.routed) == {-2}
+            assert all(len(r) > 1 for r in s.routed)
 
 
 def test_eval_runs_every_composition_on_auto_trees(setup, capsys, monkeypatch):
@@ -458,10 +463,10 @@ def test_eval_runs_every_composition_on_auto_trees(setup, capsys, monkeypatch):
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(extras.autotree, "measure_verify", lambda target: {1: 1.0, 256: 1.0 + 255 * 0.05})
     ev.main(["--drafters", *paths, "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--max-new-tokens", "12",
-             "--compose", ",".join(ev.METHODS), "--tree", "auto", "--limit", "1", "--bench", "gsm8k",
+             "--compose", ",".join(report.METHODS), "--tree", "auto", "--limit", "1", "--bench", "gsm8k",
              "--temperature", "0,1", "--json", str(tmp_path / "r" / "auto.json")])
     files = sorted((tmp_path / "r").glob("auto-*.json"))
-    assert len(files) == 2 * (len(ev.METHODS) + 1)        # two singles, one run per other method, per temperature
+    assert len(files) == 2 * (len(report.METHODS) + 1)        # two singles, one run per other method, per temperature
     for f in files:
         obj = json.loads(f.read_text())
         r = obj["results"]["gsm8k"]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import train as T
+from extras.checkpoint import load_drafter, load_target
 from ddp_worker import setup
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
@@ -28,7 +29,7 @@ def torchrun(out: Path, features="cached", *extra) -> subprocess.CompletedProces
 
 
 def weights(path: Path, target) -> dict:
-    return T.Drafter.load(path, target).state_dict()
+    return load_drafter(path, target).state_dict()
 
 
 @needs_torchrun
@@ -117,7 +118,7 @@ def test_train_py_under_torchrun(tmp_path):
     """The CLI as documented: torchrun --standalone --nproc_per_node 2 train.py ... (corpus, template,
     cache extraction shared by the ranks, training, checkpoint), then --resume of the finished run."""
     from extras.gguf import default_target_dir
-    from extras.checkpoint import save_hf
+    from extras.hf import save_hf
     from test_train import tiny_target
     src = default_target_dir()
     save_hf(tiny_target(V=49152, name="tiny-smol"), tmp_path / "tiny",
@@ -129,9 +130,8 @@ def test_train_py_under_torchrun(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TAPS_CACHE": str(tmp_path / "cache")}
     run = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    from model import load_target
     target, _ = load_target(tmp_path / "tiny")
-    assert T.Drafter.load(tmp_path / "d.safetensors", target).meta["data"]["conversations"] == 6
+    assert load_drafter(tmp_path / "d.safetensors", target).meta["data"]["conversations"] == 6
     assert run.stdout.count("epoch | steps") == 1          # rank 0 alone prints the table
     assert run.stdout.count("[training precision: ") == 1   # and its --amp auto choice
     again = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300, env=env)

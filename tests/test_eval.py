@@ -100,7 +100,7 @@ def test_one_composition_writes_the_documented_json(setup, capsys):
 
 def test_every_composition_at_once_matches_plain_greedy(setup, capsys):
     tmp_path, paths = setup
-    run(tmp_path, paths, "--compose", ",".join(ev.METHODS), "--lam-sweep", "0,0.5,1", "--equal-budget",
+    run(tmp_path, paths, "--compose", ",".join(report.METHODS), "--lam-sweep", "0,0.5,1", "--equal-budget",
         "--limit", "1", "--bench", "mt_bench,gsm8k", "--temperature", "0,1", "--json", str(tmp_path / "r" / "all.json"))
     files = sorted((tmp_path / "r").glob("all-*.json"))
     names = {f.name for f in files}
@@ -328,16 +328,16 @@ class FixedLogits(torch.nn.Module):
 def test_a_parting_records_the_two_tokens_logit_gap_and_tells_a_near_tie_from_an_error():
     row = [0.0, 31.875, 32.0, 20.0]                 # plain's token 2; token 1 an eighth below, 3 far below
     bf16 = FixedLogits(row, torch.bfloat16)
-    tie = ev.parting(bf16, [9, 9], [0, 0, 1], [0, 0, 2])
+    tie = report.parting(bf16, [9, 9], [0, 0, 1], [0, 0, 2])
     assert bf16.prefixes == [[9, 9, 0, 0]]          # the target's logits where the outputs part
     assert tie["first_diff"] == 2 and (tie["plain_token"], tie["spec_token"]) == (2, 1)
     assert tie["logit_gap"] == 0.125 and tie["near_tie"]   # bf16 at 32: ulp 0.25, tolerance 4 ulps
-    assert tie["tie_tolerance"] == ev.TIE_ULPS * 0.25
-    far = ev.parting(bf16, [9, 9], [0, 0, 3], [0, 0, 2])
+    assert tie["tie_tolerance"] == report.TIE_ULPS * 0.25
+    far = report.parting(bf16, [9, 9], [0, 0, 3], [0, 0, 2])
     assert far["logit_gap"] == 12.0 and not far["near_tie"]
-    fp32 = ev.parting(FixedLogits(row, torch.float32), [9, 9], [0, 0, 1], [0, 0, 2])
+    fp32 = report.parting(FixedLogits(row, torch.float32), [9, 9], [0, 0, 1], [0, 0, 2])
     assert fp32["logit_gap"] == 0.125 and not fp32["near_tie"]   # in fp32 an eighth is no rounding
-    short = ev.parting(bf16, [9, 9], [0, 0], [0, 0, 2])           # an output cut short: never a tie
+    short = report.parting(bf16, [9, 9], [0, 0], [0, 0, 2])           # an output cut short: never a tie
     assert short["first_diff"] == 2 and not short["near_tie"] and short["logit_gap"] is None
 
     turn = lambda q, parted: {"question_id": q, "turn": 1, "match": not parted, **parted}

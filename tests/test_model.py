@@ -15,7 +15,8 @@ import extras.bench
 import model as model_module
 
 from model import ModelArgs, TapsError, generate_plain, logits_to_probs, rope_inv_freq, Transformer
-from extras.checkpoint import args_from_hf_config, load_hf, save_hf
+from extras.checkpoint import load_target
+from extras.hf import args_from_hf_config, load_hf, save_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "smollm2_reference.safetensors"
@@ -227,7 +228,6 @@ needs_default = pytest.mark.skipif(
 @torch.inference_mode()
 def test_default_target_matches_independent_reference():
     """Logits of our GGUF reader + model vs. transformers' own GGUF path (tests/fixtures/make_smollm2_reference.py)."""
-    from model import load_target
     ref = load_file(FIXTURE)
     model, _ = load_target()
     logits, _ = model(ref["input_ids"][None])
@@ -319,11 +319,3 @@ def test_bench_compile_compares_eager_and_compiled_in_one_table(capsys, monkeypa
                                                "static cache, compiled (eager)"]
     assert "score N = 61 (ms)" in out and "N = 61 / plain step" in out and "1.00x" in rows[0]
     assert rows[0].endswith("| – | yes |") and rows[2].endswith(" | yes |") and "| – |" not in rows[2]
-
-
-def test_the_core_does_not_import_extras():
-    """extras/ holds plumbing (the GGUF reader); importing the four core files loads none of it."""
-    code = "import sys, model, taps, train, eval; print(sorted(m for m in sys.modules if m.startswith('extras')))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]

@@ -10,8 +10,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import save_file
 
-from conftest import (DEVICES, broken_sampling, chi_square_p, count_second_copies, exact_first_tokens, near_oracle,
-                      node_tokens, prompts, tiny)
+from conftest import (DEVICES, broken_sampling, chi_square_p, count_second_copies, entropies_of, exact_first_tokens,
+                      near_oracle, node_tokens, prompts, tiny)
+from extras.checkpoint import load_drafter
 from model import TapsError, generate_plain
 from taps import (COMPOSE, DraftState, Drafter, Sampling, Stats, TorchRandom, Tree, TreeShape, draft_tree, generate,
                   grow_tree, main, merge)
@@ -24,12 +25,12 @@ def test_tree_structure():
     #    1   2
     #   3 4   5
     #   6
-    t = Tree(tokens=[9, 1, 2, 3, 4, 5, 6], parents=[-1, 0, 0, 1, 1, 2, 3], logq=[0, -1, -2, -1.5, -3, -2.5, -2],
-             entropy=[math.nan] + [0.5] * 6)
-    assert t.depths() == [0, 1, 1, 2, 2, 2, 3]
-    assert t.children() == [[1, 2], [3, 4], [5], [6], [], [], []]
-    assert [t.path_to(leaf) for leaf, kids in enumerate(t.children()) if not kids] == [[0, 1, 4], [0, 2, 5], [0, 1, 3, 6]]
-    m = t.mask()
+    t = Tree(tokens=[9, 1, 2, 3, 4, 5, 6], parents=[None, 0, 0, 1, 1, 2, 3], logq=[0, -1, -2, -1.5, -3, -2.5, -2],
+             entropy=[None] + [0.5] * 6)
+    assert t.depths == (0, 1, 1, 2, 2, 2, 3)
+    assert t.children == ((1, 2), (3, 4), (5,), (6,), (), (), ())
+    assert [t.path_to(leaf) for leaf, kids in enumerate(t.children) if not kids] == [[0, 1, 4], [0, 2, 5], [0, 1, 3, 6]]
+    m = t.mask
     assert m[6].tolist() == [True, True, False, True, False, False, True]
     assert m.sum().item() == 1 + 2 + 2 + 3 + 3 + 3 + 4
     assert t.confidence[1] == pytest.approx(math.exp(-1))
@@ -43,8 +44,8 @@ def table_expand(V, seed):
 
     frontiers = []   # token paths of each expanded frontier
 
-    def expand(tokens, slots):
-        parents = [()] * len(tokens) if slots is None else [frontiers[-1][s] for s in slots.tolist()]
+    def expand(tokens, slots):   # slots index the previous frontier: the root alone, (), at first
+        parents = [(frontiers[-1] if frontiers else [()])[s] for s in slots.tolist()]
         frontiers.append([p + (x,) for p, x in zip(parents, tokens.tolist())])
         return torch.stack([logp_of(p) for p in frontiers[-1]])
     return logp_of, expand, frontiers
@@ -64,11 +65,11 @@ def test_grow_tree_is_eagle2(V, top_k, depth, n, seed):
     assert len(full) - 1 == k + depth * k * k                        # the whole candidate pool
     assert len(small) - 1 == min(total, len(full) - 1)
     for t in (full, small):
-        assert t.tokens[0] == 7 and t.parents[0] == -1
+        assert t.tokens[0] == 7 and t.parents[0] is None
         assert all(0 <= t.parents[i] < i for i in range(1, len(t)))     # connected, parents first
-        assert max(t.depths()) <= depth + 1
+        assert max(t.depths) <= depth + 1
     # scores are cumulative draft log-probs; every expanded node has its top-k children
-    children = full.children()
+    children = full.children
     for i in range(1, len(full)):
         par = full.parents[i]
         lp = logp_of(node_tokens(full, par))
@@ -76,7 +77,7 @@ def test_grow_tree_is_eagle2(V, top_k, depth, n, seed):
         if children[i]:
             assert sorted(full.tokens[c] for c in children[i]) == sorted(logp_of(node_tokens(full, i)).topk(k).indices.tolist())
     # the frontier at each depth is the top-k by score of that depth's candidates
-    d = full.depths()
+    d = full.depths
     for level in range(1, depth + 1):
         nodes = [i for i in range(1, len(full)) if d[i] == level]
         best = sorted(nodes, key=lambda i: -full.logq[i])[:k]
@@ -120,7 +121,7 @@ def test_drafter_checkpoint_roundtrip(tmp_path):
     d = Drafter.random(target, 3)
     d.meta.update(backbone="hass", domain="math", data="gsm8k train, 100 conversations")
     d.save(tmp_path / "d.safetensors")
-    e = Drafter.load(tmp_path / "d.safetensors", target)
+    e = load_drafter(tmp_path / "d.safetensors", target)
     assert e.meta["backbone"] == "hass" and e.meta["domain"] == "math" and e.meta["target"] == "tiny-a"
     assert e.meta["vocab_size"] == 32 and e.meta["dim"] == 64
     for k, v in d.state_dict().items():
@@ -134,16 +135,16 @@ def test_drafter_checkpoint_roundtrip(tmp_path):
 def test_drafter_for_another_target_is_refused(tmp_path, other):
     Drafter.random(tiny(V=32, name="tiny-a"), 0).save(tmp_path / "d.safetensors")
     with pytest.raises(TapsError, match="d.safetensors: drafter was trained for target 'tiny-a'"):
-        Drafter.load(tmp_path / "d.safetensors", tiny(**other))
+        load_drafter(tmp_path / "d.safetensors", tiny(**other))
 
 
 def test_unreadable_drafter_checkpoint(tmp_path):
     target = tiny(V=32)
     with pytest.raises(TapsError, match="no such drafter checkpoint"):
-        Drafter.load(tmp_path / "missing.safetensors", target)
+        load_drafter(tmp_path / "missing.safetensors", target)
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(TapsError, match="junk.safetensors: not a taps drafter checkpoint"):
-        Drafter.load(tmp_path / "junk.safetensors", target)
+        load_drafter(tmp_path / "junk.safetensors", target)
 
 
 # ----------------------------------------------------------------------------- public EAGLE checkpoints
@@ -179,8 +180,8 @@ def test_a_public_eagle_checkpoint_drafts_exactly_like_the_same_weights_in_taps_
         if not bias:
             d.fc.bias.zero_()
     d.save(tmp_path / "taps.safetensors")
-    ours = Drafter.load(tmp_path / "taps.safetensors", target)
-    theirs = Drafter.load(eagle_checkpoint(tmp_path / "eagle", d, target, bias, weights), target)
+    ours = load_drafter(tmp_path / "taps.safetensors", target)
+    theirs = load_drafter(eagle_checkpoint(tmp_path / "eagle", d, target, bias, weights), target)
     assert theirs.meta["external"] == "eagle" and theirs.meta["target"] == target.args.name
     tokens, feats = torch.randint(64, (1, 9)), torch.randn(1, 9, 64, dtype=torch.float64)
     for x, y in zip(ours(target, tokens, feats), theirs(target, tokens, feats)):
@@ -196,22 +197,22 @@ def test_a_public_eagle_checkpoint_is_refused_with_one_line(tmp_path):
     target = tiny(V=64, n_layers=1)
     good = eagle_checkpoint(tmp_path / "good", Drafter.random(target), target)
     with pytest.raises(TapsError, match=r"EAGLE drafter for hidden size 64, vocab 64; the target '' has hidden size 32, vocab 64"):
-        Drafter.load(good, tiny(V=64, dim=32))
+        load_drafter(good, tiny(V=64, dim=32))
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "config.json").write_bytes((good / "config.json").read_bytes())
     raw = (good / "pytorch_model.bin").read_bytes()
     (tmp_path / "cut" / "pytorch_model.bin").write_bytes(raw[:len(raw) // 2])
     with pytest.raises(TapsError, match=r"pytorch_model.bin: unreadable EAGLE weights .*download the checkpoint again"):
-        Drafter.load(tmp_path / "cut", target)
+        load_drafter(tmp_path / "cut", target)
     torch.save({"fc.weight": torch.zeros(1), "code": Fraction(1, 3)}, tmp_path / "cut" / "pytorch_model.bin")
     with pytest.raises(TapsError, match=r"holds pickled objects besides tensors, refused \(torch.load weights_only\)"):
-        Drafter.load(tmp_path / "cut", target)
+        load_drafter(tmp_path / "cut", target)
     (tmp_path / "cut" / "pytorch_model.bin").unlink()
     with pytest.raises(TapsError, match="no model.safetensors or pytorch_model.bin in this EAGLE checkpoint directory"):
-        Drafter.load(tmp_path / "cut", target)
+        load_drafter(tmp_path / "cut", target)
     (tmp_path / "cut" / "config.json").unlink()
     with pytest.raises(TapsError, match="config.json: file not found"):
-        Drafter.load(tmp_path / "cut", target)
+        load_drafter(tmp_path / "cut", target)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -261,11 +262,11 @@ def test_entropies_count_only_judgements_whose_token_was_emitted():
     """A stop token (or the budget) can end a call inside its accepted path: judgements below it never
     produced an emitted token and stay out of Tables 7-8's lists (the call itself still counts)."""
     #  0 -> 1 (x=5) -> 2 (x=6);  1 -> 3 (x=7) rejected;  0 -> 4 (x=8) rejected
-    tree = Tree([4, 5, 6, 7, 8], [-1, 0, 1, 1, 0], [0, -1, -2, -3, -4], [math.nan, 0.1, 0.2, 0.3, 0.4])
+    tree = Tree([4, 5, 6, 7, 8], [None, 0, 1, 1, 0], [0, -1, -2, -3, -4], [None, 0.1, 0.2, 0.3, 0.4])
     logits = {0: torch.zeros(3), 1: torch.tensor([0.0, 9.0, 9.0])}   # entropies log 3 and about log 2
     for emitted, accepted, rejected in ((1, [0.1], [0.4]), (2, [0.1, 0.2], [0.4, 0.3]), (3, [0.1, 0.2], [0.4, 0.3])):
         s = Stats()
-        s.record(tree, [0, 1, 2], [4, 3], logits, emitted, 0.0, 0.0)
+        s.record(tree, [0, 1, 2], [4, 3], entropies_of(logits), emitted, 0.0, 0.0)
         assert s.accepted == [2] and s.draft_entropy_accepted == accepted and s.draft_entropy_rejected == rejected
         assert len(s.target_entropy_accepted) == len(accepted) and len(s.target_entropy_rejected) == len(rejected)
         assert s.target_entropy_accepted[0] == pytest.approx(math.log(3))
@@ -276,11 +277,11 @@ def test_alpha_by_depth_counts_only_emitted_tokens():
     accepted path, the acceptances below the cut and the rejections after them produced no token. Before
     issue 30 they counted (here alpha would read [1, 1, 0] for a call that emitted one token)."""
     #  0 -> 1 (x=5) -> 2 (x=6) -> {3 (x=7), 4 (x=8)}: 5 and 6 accepted, 7 and 8 rejected
-    tree = Tree([4, 5, 6, 7, 8], [-1, 0, 1, 2, 2], [0, -1, -2, -3, -4], [math.nan, 0.1, 0.2, 0.3, 0.4])
+    tree = Tree([4, 5, 6, 7, 8], [None, 0, 1, 2, 2], [0, -1, -2, -3, -4], [None, 0.1, 0.2, 0.3, 0.4])
     logits = {i: torch.zeros(3) for i in range(3)}
     whole, cut = Stats(), Stats()
-    whole.record(tree, [0, 1, 2], [3, 4], logits, 3, 0.0, 0.0)   # 5, 6 and the correction emitted
-    cut.record(tree, [0, 1, 2], [3, 4], logits, 1, 0.0, 0.0)     # the budget ended the call after 5
+    whole.record(tree, [0, 1, 2], [3, 4], entropies_of(logits), 3, 0.0, 0.0)   # 5, 6 and the correction emitted
+    cut.record(tree, [0, 1, 2], [3, 4], entropies_of(logits), 1, 0.0, 0.0)     # the budget ended the call after 5
     assert whole.acceptance_by_depth() == [1, 1, 0] and cut.acceptance_by_depth() == [1]
     assert whole.emitted == [3] and cut.emitted == [1] and cut.accepted == [2]   # accepted: what verification did
     # a second call accepting 2: cut after them (no judgement at depth 3), its correction emitted (a
@@ -385,7 +386,7 @@ def test_monte_carlo_first_tokens_match_the_target(mode, wrong, compile, device,
     target = target.to(device)
 
     def stub_then_whole(trees):   # draft-side only: a function of the drafted tree
-        t, depth = trees[0], trees[0].depths()
+        t, depth = trees[0], trees[0].depths
         keep = [i for i in range(len(t)) if depth[i] <= 1]
         stub = Tree(*([getattr(t, f)[i] for i in keep] for f in ("tokens", "parents", "logq", "entropy", "origin")))
         return merge([stub, t])

@@ -3,7 +3,6 @@
 Greedy speculative decoding is token-identical to plain greedy decoding on real chat prompts, and
 the CLI with `--drafter random` prints exactly the target's own greedy reply.
 """
-import math
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import taps
 from conftest import count_second_copies
 from model import TapsError, generate_plain
 from extras.autotree import AutoTree, verify_table
+from extras.checkpoint import load_target
 from taps import Drafter, Sampling, Tree, TreeShape, generate, main
 
 PROMPTS = [
@@ -26,7 +26,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def default():
     try:
-        return model.load_target()
+        return load_target()
     except TapsError as e:
         pytest.skip(f"embedded default target unavailable: {e}")
 
@@ -101,13 +101,13 @@ def test_default_greedy_of_merged_trees_through_second_copies(default, monkeypat
         assert full[at] == root
         nxt = full[at + 1:at + 5]
         if not nxt:
-            return Tree([root], [-1], [0.0], [math.nan])
+            return Tree([root], [None], [0.0], [None])
         if state.drafter is drafters[0]:
             wrong = [t for t in range(3) if t != nxt[0]][:2]
-            tokens, parents = [root, nxt[0], *wrong], [-1, 0, 0, 0]
+            tokens, parents = [root, nxt[0], *wrong], [None, 0, 0, 0]
         else:
-            tokens, parents = [root, *nxt], list(range(-1, len(nxt)))
-        return Tree(tokens, parents, [-float(d) for d in range(len(tokens))], [math.nan] + [0.0] * (len(tokens) - 1))
+            tokens, parents = [root, *nxt], [None, *range(len(nxt))]
+        return Tree(tokens, parents, [-float(d) for d in range(len(tokens))], [None] + [0.0] * (len(tokens) - 1))
 
     monkeypatch.setattr(taps, "draft_tree", oracle_tree)
     second_copies = count_second_copies(monkeypatch)

@@ -22,6 +22,7 @@ import model
 import taps
 from conftest import Target, drafts, frac_vector, near_oracle, node_tokens, outcomes, prompts, tiny
 from extras.autotree import AutoTree, verify_table
+from extras.checkpoint import load_target
 from extras.trace import SCHEMA, Trace, record, render_call, render_html, streamed
 from model import logits_to_probs
 from taps import Drafter, Sampling, TorchRandom, Tree, TreeShape, average, generate, verify_tree
@@ -53,8 +54,7 @@ def hand_call():
       d: r = 1/4, u .5  -> rejected, residual (2/3, 1/3, 0, 0), 3/4 left
       b: r = 1/3, u .5  -> rejected, residual (1, 0, 0, 0), 3/4 * 2/3 = 1/2 left (p(b) = 1/4)
       the correction: a, probability 1. Path 0 -> 2, emitted c a."""
-    tree = Tree([0, 1, 2, 3, 1], [-1, 0, 0, 2, 2], [0.0, -0.5, -1.0, -2.0, -3.0], [0.0] * 5,
-                [-1, 0, 0, 0, 0])
+    tree = Tree([0, 1, 2, 3, 1], [None, 0, 0, 2, 2], [0.0, -0.5, -1.0, -2.0, -3.0], [None] + [0.0] * 4)
     p = {0: [1 / 8, 1 / 2, 1 / 4, 1 / 8], 2: [1 / 2, 1 / 4, 0, 1 / 4]}
     trace = Trace(decode=lambda t: "abcd"[t])
     rng = Scripted([0.75, 0.25, 0.5, 0.5])
@@ -151,7 +151,7 @@ def test_the_trace_holds_every_call_as_it_happened(models, case, temperature):
         assert untraced == out                     # tracing draws nothing and changes nothing
         for c, accepted, routed, source in zip(trace.calls, stats.accepted, stats.routed,
                                                stats.accepted_from):
-            assert (c.accepted_from() or [-1])[0] == source
+            assert (c.accepted_from() or [frozenset()])[0] == source
             assert len(c.path) - 1 == accepted
             made = [c.tree.tokens[i] for i in c.path[1:]] + [c.draw.token]
             assert c.emitted == made[:len(c.emitted)] and c.emitted
@@ -194,7 +194,7 @@ def traced_call(scheme, target, seed, ctx, rng):
             tokens.append(rng.categorical(q[-1]))
         path, x, _ = taps.verify_chain(tokens, q, lambda i: target.p(ctx + tuple(tokens[1:i + 1])),
                                        rng, trace)
-        tree = Tree(tokens, list(range(-1, length)), [0.0] * len(tokens), [0.0] * len(tokens))
+        tree = Tree(tokens, [None, *range(length)], [0.0] * len(tokens), [None] + [0.0] * length)
         drafted = prod(q[i][t] for i, t in enumerate(tokens[1:]))
     else:
         trees = drafts(seed, target.V, ctx, 2)
@@ -308,7 +308,7 @@ def test_bad_trace_destinations_are_one_line_before_any_model_loads(tmp_path, ca
 @pytest.fixture(scope="module")
 def default():
     try:
-        return model.load_target()
+        return load_target()
     except model.TapsError as e:
         pytest.skip(f"embedded default target unavailable: {e}")
 
@@ -329,8 +329,8 @@ def test_show_trace_and_page_on_the_embedded_default(default, tmp_path, capsys):
         x for x in out.splitlines() if x.startswith("call "))] == [True] * calls
     assert "merged: d0: 8 nodes" in out and "\033[" not in out   # not a terminal: plain text
     lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
-    assert len(lines) == calls and {x["routing"]["chosen"] for x in lines} == {-2}
-    assert {o for x in lines for o in x["tree"]["origin"][1:]} == {0, 1}
+    assert len(lines) == calls and {tuple(x["routing"]["chosen"]) for x in lines} == {(0, 1)}
+    assert {tuple(o) for x in lines for o in x["tree"]["origin"][1:]} == {(0,), (1,)}
     assert len(list(ET.parse(page).getroot().iter(SVG))) == calls
 
 

@@ -13,6 +13,7 @@ import extras.features as xf
 import train as T
 from conftest import DEVICES, tiny
 from model import TapsError
+from extras.checkpoint import load_drafter, load_target
 from taps import Drafter
 
 V = 61
@@ -90,7 +91,7 @@ def test_training_with_a_draft_vocabulary_records_it(tmp_path):
     sets = [xf.build_cache(target, synthetic_examples(6, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
     heldout = {"test": xf.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h", {"domain": "h"})}
     d = T.train(small_cfg(draft_vocab=8), target, sets, heldout, tmp_path / "d.safetensors", stop_ids={0})
-    loaded = Drafter.load(tmp_path / "d.safetensors", target)
+    loaded = load_drafter(tmp_path / "d.safetensors", target)
     assert torch.equal(loaded.vocab, d.vocab) and len(d.vocab) == 8 and 0 in d.vocab.tolist()
     tokens = sets[0].target_tokens()
     assert d.vocab.tolist() == T.draft_vocabulary([tokens], 8, target.args.vocab_size, {0}).tolist()
@@ -245,7 +246,7 @@ def test_training_steps_lower_the_loss(tmp_path, backbone, device):
     drafter = Drafter.for_target(target)
     opt = torch.optim.AdamW(drafter.parameters(), lr=3e-3, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    model = D.wrap(D.Objective(drafter, target, cfg))
+    model = D.wrap(T.Objective(drafter, target, cfg))
     first, _ = T.train_step(model, opt, sched, batch, None)
     for _ in range(4):
         last, _ = T.train_step(model, opt, sched, batch, None)
@@ -286,7 +287,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
     logs = [[json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in ("whole", "cut")]
     strip = lambda log: [{k: v for k, v in r.items() if k not in ("elapsed_s", "positions_per_s")} for r in log]
     assert len(logs[0]) == 2 and strip(logs[0]) == strip(logs[1])
-    loaded = Drafter.load(tmp_path / "cut.safetensors", target)
+    loaded = load_drafter(tmp_path / "cut.safetensors", target)
     assert loaded.meta["backbone"] == "hass" and loaded.meta["heldout_top1"] == logs[0][-1]["heldout_top1"]
     with pytest.raises(TapsError, match="another configuration"):
         T.train(small_cfg(backbone="hass", lr=1e-3), target, sets, heldout, tmp_path / "cut.safetensors", resume=True)
@@ -352,7 +353,7 @@ def test_non_finite_drafters_are_never_saved_or_loaded(tmp_path):
         meta = f.metadata()
     save_file({k: v.contiguous() for k, v in d.state_dict().items()}, str(tmp_path / "nan.safetensors"), metadata=meta)
     with pytest.raises(TapsError, match="non-finite values"):
-        Drafter.load(tmp_path / "nan.safetensors", target)
+        load_drafter(tmp_path / "nan.safetensors", target)
 
 
 # ----------------------------------------------------------------------------- training precision (--amp)
@@ -437,8 +438,7 @@ def test_empty_corpus_after_filtering():
 def test_cli_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     """train.py --target DIR: corpus -> chat template -> feature cache -> training -> checkpoint, log, resume."""
     from extras.gguf import default_target_dir
-    from model import load_target
-    from extras.checkpoint import save_hf
+    from extras.hf import save_hf
     src = default_target_dir()
     save_hf(tiny_target(V=49152, name="tiny-smol"), tmp_path / "tiny",
             extra_files={n: json.loads((src / n).read_text()) for n in ("tokenizer.json", "tokenizer_config.json")})
@@ -449,7 +449,7 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     log = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
     assert len(log) == 1 and set(log[0]["heldout_top1"]) == {"math", "chat"}
     target, _ = load_target(tmp_path / "tiny")
-    assert Drafter.load(tmp_path / "d.safetensors", target).meta["data"]["conversations"] == 4
+    assert load_drafter(tmp_path / "d.safetensors", target).meta["data"]["conversations"] == 4
     T.main(argv + ["--resume"])   # a finished run: features and state are reused, nothing is recomputed
     out = capsys.readouterr().out
     assert "resuming" in out and out.count("math train features:") == 1
@@ -457,7 +457,7 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     # a mixture only reads the caches of its size: half of each domain's conversations (RQ2's 35k + 35k)
     mix = ["--domain", "mixed-small", "--out", str(tmp_path / "m.safetensors")] + argv[4:-2]
     T.main(mix)
-    assert Drafter.load(tmp_path / "m.safetensors", target).meta["data"]["conversations"] == 2 + 2
+    assert load_drafter(tmp_path / "m.safetensors", target).meta["data"]["conversations"] == 2 + 2
     capsys.readouterr()
     mix[mix.index("4")] = "6"   # no caches of 6 conversations yet: refused, nothing extracted
     with pytest.raises(SystemExit):

@@ -36,7 +36,7 @@ def scheme(name, target, seed):
             return max(results, key=len)
         if name == "raw_bonus":    # WRONG: the bonus token at a leaf drawn without temperature
             tree = drafts(seed, V, ctx)[0]
-            leaves = {i for i in range(len(tree)) if not tree.children()[i]}
+            leaves = {i for i in range(len(tree)) if not tree.children[i]}
             p_at = lambda node: (target.raw if node in leaves else target.p)(ctx + node_tokens(tree, node))
             return tree_call(target, tree, ctx, rng, p_at)
         if name == "chain":
@@ -76,7 +76,7 @@ def test_exactly_lossless(name, V, seed, n, half_temperature):
 
 def test_duplicate_sibling_is_never_accepted():
     p = np.array([Fraction(1, 2), Fraction(1, 3), Fraction(1, 6)], dtype=object)
-    tree = Tree([0, 1, 1, 2], [-1, 0, 0, 0], [0.0] * 4, [0.0] * 4)
+    tree = Tree([0, 1, 1, 2], [None, 0, 0, 0], [0.0] * 4, [None] + [0.0] * 3)
     dist = outcomes(lambda rng: tuple(verify_tree(tree, lambda node: p.copy(), rng)[0]))
     assert all(2 not in path for path in dist)
     assert dist[(0, 1)] == Fraction(1, 3)
