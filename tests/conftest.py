@@ -1,8 +1,9 @@
 """Shared test builders: the one-thread fixture, tiny random targets and drafters, prompts, and the
 two tools every losslessness test uses -- exact enumeration with Fractions (`outcomes`, `Target`,
 `spec_dist`: the real verifiers fed rational tables and a random source that branches over every
-outcome) and the Monte Carlo check of the real torch path (`exact_first_tokens`, `chi_square_p`,
-`broken_sampling` for the negative controls)."""
+outcome; `lossless` and `EXACT_CASES` the check itself, `rejected_somewhere` and `keep_longer` its
+negative controls) and the Monte Carlo check of the real torch path (`exact_first_tokens`,
+`chi_square_p`, `broken_sampling` for the negative controls)."""
 import copy
 import random
 from collections import Counter, defaultdict
@@ -11,6 +12,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from hypothesis import strategies as st
 
 from model import ModelArgs, Transformer, logits_to_probs
 import taps
@@ -209,6 +211,32 @@ def spec_dist(step, ctx, n, memo=None) -> dict:
                 out[emitted + rest] += w * w2
         memo[(ctx, n)] = dict(out)
     return memo[(ctx, n)]
+
+
+# what every exactness test draws: a tiny vocabulary, any seed, 1-3 emitted tokens, T = 1 or 1/2
+EXACT_CASES = dict(V=st.integers(2, 4), seed=st.integers(0, 10**9), n=st.integers(1, 3),
+                   half_temperature=st.booleans())
+
+
+def lossless(scheme, V, seed, n, half_temperature=False, dist=spec_dist) -> bool:
+    """Are the first n tokens emitted from a one-token context by repeated verifier calls
+    `scheme(target, seed)(ctx, rng)` distributed exactly as the target's? (`dist` reads that
+    distribution from the calls: spec_dist, or another way to the same figures.)"""
+    target = Target(V, seed, half_temperature)
+    ctx = (seed % V,)
+    return dist(scheme(target, seed), ctx, n) == target.dist(ctx, n)
+
+
+def rejected_somewhere(scheme, half_temperature=False, tries=30, dist=spec_dist) -> bool:
+    """A negative control's check: does `lossless` find scheme wrong for some seed (V = 3, n = 2)?"""
+    return any(not lossless(scheme, 3, seed, 2, half_temperature, dist) for seed in range(tries))
+
+
+def keep_longer(target, seed):
+    """WRONG, the negative control of every multi-drafter scheme: verify two drafters' trees and keep
+    the longer result (each tree alone is exact; choosing among them after the draws is not)."""
+    return lambda ctx, rng: max((tree_call(target, t, ctx, rng)
+                                 for t in drafts(seed, target.V, ctx, 2)), key=len)
 
 
 # ----------------------------------------------------------------------------- Monte Carlo of the real torch path

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import random
+from functools import partial
 
 import pytest
 import torch
@@ -17,8 +18,8 @@ from extras.autotree import AutoTree, verify_table
 from model import TapsError, generate_plain
 from taps import (COMPOSE, Drafter, Sampling, Stats, TorchRandom, Tree, TreeShape, average, generate, merge, prune,
                   route, route_entropy, tag, verify_tree)
-from conftest import (Target, drafts, entropies_of, near_oracle, node_tokens, outcomes, prompts, sharper, spec_dist, tiny,
-                      tree_call)
+from conftest import (EXACT_CASES, Target, drafts, entropies_of, lossless, near_oracle, node_tokens,
+                      outcomes, prompts, sharper, tiny, tree_call)
 from test_eval import setup  # noqa: F401 -- eval.py's tiny setup (a fixture)
 
 # who drafted a node (`Tree.origin`), and whose nodes a call verified (`Stats.routed`)
@@ -332,19 +333,11 @@ def compose_scheme(fn, target, seed):
 
 
 @settings(max_examples=120, deadline=None)
-@given(name=st.sampled_from(["route", "route-entropy", "merged", "merged-dedup"]), V=st.integers(2, 4),
-       seed=st.integers(0, 10**9), n=st.integers(1, 3), half_temperature=st.booleans())
+@given(name=st.sampled_from(["route", "route-entropy", "merged", "merged-dedup"]), **EXACT_CASES)
 def test_every_composition_is_exactly_lossless(name, V, seed, n, half_temperature):
-    target = Target(V, seed, half_temperature)
-    ctx = (seed % V,)
-    assert spec_dist(compose_scheme(COMPOSE[name], target, seed), ctx, n) == target.dist(ctx, n)
-
-
-def test_the_exactness_check_still_rejects_keep_longer():
-    """Negative control: verifying every drafter's tree and keeping the longest result is not lossless."""
-    def keep_longer(target, seed):
-        return lambda ctx, rng: max((tree_call(target, t, ctx, rng) for t in drafts(seed, target.V, ctx, 2)), key=len)
-    assert any(spec_dist(keep_longer(Target(3, s), s), (s % 3,), 2) != Target(3, s).dist((s % 3,), 2) for s in range(30))
+    """The same check rejects keeping the longer of two verified trees (conftest's keep_longer,
+    test_verify_exact's negative control)."""
+    assert lossless(partial(compose_scheme, COMPOSE[name]), V, seed, n, half_temperature)
 
 
 # ----------------------------------------------------------------------------- weight averaging (eq. 11)

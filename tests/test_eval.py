@@ -308,6 +308,16 @@ def test_table_1_rows_in_the_study_order():
                                                       ("large", "single"), ("math", "average"), ("math", "merged")]
 
 
+def test_single_runs_of_untrained_drafters_are_ordered_into_the_tables(setup, capsys):
+    """An untrained drafter's `data` is a description (a string), not training counts: ordering the
+    row of a drafter outside the longest drafter list must not read it as a dict."""
+    tmp_path, paths = setup
+    run(tmp_path, paths, "--compose", "single", "--limit", "1", "--bench", "svamp")
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| eagle-")]
+    assert rows[:2] == ["eagle-math", "eagle-chat"]
+
+
 def test_nan_becomes_null():
     assert report.finite({"a": [math.nan, 1.0], "b": {"c": math.inf}}) == {"a": [None, 1.0], "b": {"c": None}}
 

@@ -2,13 +2,15 @@
 traced whole by torch.compile) against today's eager path and plain decoding: greedy equality for
 single, merged, chain and AutoTree trees, the same calls and acceptances as the eager path, no
 recompile once warm. The Monte Carlo tests of tests/test_taps.py run this path too."""
+import random
 from collections import Counter
 
 import pytest
 import torch
 
 import taps
-from conftest import broken_sampling, chi_square_p, exact_first_tokens, near_oracle, prompts, tiny
+from conftest import (broken_sampling, chi_square_p, exact_first_tokens, near_oracle, prompts, random_tree,
+                      tiny)
 from extras.autotree import AutoTree, verify_table
 from model import TapsError, generate_plain
 from taps import Drafter, Sampling, TorchRandom, TreeShape, generate
@@ -95,6 +97,24 @@ def test_bad_compile_backend_and_too_large_a_tree():
 def host_head(monkeypatch):
     """The GPU's verifier head on this CPU: every first copy's p in one pass and one host copy."""
     monkeypatch.setattr(taps, "lazy_head", lambda device: False)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (1.0, 1.0), (0.6, 0.8)])
+def test_the_host_head_gives_what_the_lazy_head_gives(temperature, top_p):
+    """At every node the walk may stand on (a merged tree's first copies), HostHead's p -- one pass,
+    one host copy, at T = 0 only each node's token -- is TargetHead's, and so are the entropies."""
+    target = tiny(V=V, n_layers=1)
+    rnd = random.Random(temperature)
+    tree = taps.merge([random_tree(rnd, V, 5, max_nodes=12) for _ in range(2)])
+    h = torch.randn(len(tree), target.args.dim, dtype=torch.float64)             # (N, H)
+    sampling = Sampling(temperature, top_p)
+    host, lazy = (head(target, tree, h, sampling) for head in (taps.HostHead, taps.TargetHead))
+    nodes = sorted(set(tree.first))
+    assert host.p.shape == (len(nodes), 1 if temperature == 0 else V)   # what crossed to the host
+    for i in nodes:
+        p, q = host(i), lazy(i)
+        assert p.dtype == q.dtype and (torch.equal(p, q) if temperature == 0 else torch.allclose(p, q))
+    assert host.entropies(nodes) == pytest.approx(lazy.entropies(nodes))
 
 
 @pytest.mark.parametrize("mode", ["merged", "chain", "auto"])
