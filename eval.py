@@ -27,6 +27,8 @@ each parting records where and the target's logit gap (extras/report.py's `parti
 tables tell rounding (a note) from a verification error (an ERROR line). Tables shaped like the
 study's (1, 3, 7-11, Figure 6), bootstrap intervals and Figures 6-8 are extras/report.py's, from
 the results files, as are the method and benchmark names; --speed is extras/speed.py's.
+--compile [BACKEND] decodes every run on taps' static path (`taps.generate(compile=...)`, as
+`taps.py --compile`), its steps compiled once per model and warmed up before any timing.
 
 Results: one JSON file per (method, temperature) run, {"schema": 1, "config": {...}, "results":
 {bench: {"tau", "speedup", ...}, "average": {...}}} (extras/report.py's docstring has the rest).
@@ -54,7 +56,7 @@ import torch
 from data import BENCHMARKS, DataError, data_dir, load_bench
 from extras.report import MERGED, METHODS, Decoding, averages, combine, parting
 from model import TapsError, clock, context_budget, generate_plain, mean
-from taps import Sampling, Stats, TorchRandom, TreeShape, average, generate
+from taps import COMPILE, Sampling, Stats, TorchRandom, TreeShape, average, generate
 
 @dataclass
 class Run:
@@ -188,7 +190,7 @@ def run_item(target, tokenizer, run: Run, item: dict, dec: Decoding, seed: int,
             trace.meta.update(run=run.name, temperature=run.temperature,
                               question_id=item["question_id"], turn=turn + 1)
         out, stats = generate(target, run.drafters, ids, sampling, run.tree(dec), run.compose,
-                              TorchRandom(seed + turn), trace)
+                              TorchRandom(seed + turn), trace, dec.compile)
         spec_s = clock(dev) - t0
         plain_s, ref = plain(ids, len(out), run.temperature, dec.top_p)
         record = {"question_id": item["question_id"], "turn": turn + 1,
@@ -260,8 +262,9 @@ def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, dec: Decodin
     plain = PlainClock(target, dec.seed)
     warm = tokenizer.encode_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=True)[0]
     generate_plain(target, warm, 4)                      # first-call overheads out of the timings
-    generate(target, runs[0].drafters, warm, Sampling(max_new_tokens=4),
-             TreeShape(dec.top_k, dec.depth, runs[0].budget), runs[0].compose)
+    for r in runs if dec.compile else runs[:1]:          # compiled: each run's drafters' steps
+        generate(target, r.drafters, warm, Sampling(max_new_tokens=4),
+                 TreeShape(dec.top_k, dec.depth, r.budget), r.compose, compile=dec.compile)
     k, failed = max(len(r.drafters) for r in runs), set()
     for bench, items in bench_items.items():
         if trace is not None:
@@ -334,6 +337,9 @@ def parse_args(argv=None):
                     "vs study vs auto trees per dtype, and HF transformers")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: "
                     "torch's; 1 is fastest on a CPU shared with other jobs)")
+    ap.add_argument("--compile", nargs="?", const="inductor", choices=COMPILE,
+                    help="decode on the static path (fixed shapes), compiled with this backend "
+                         "(default inductor: CUDA graphs on CUDA); 'static' runs it uncompiled")
     ap.add_argument("--trace", type=Path, metavar="FILE.jsonl",
                     help="every verifier call as a JSON line (extras/trace.py: tree, tests, "
                          "draws); slows the speculative timings")
@@ -394,7 +400,7 @@ def main(argv=None):
                                 machine, one_line_errors, versions)
     from extras.trace import streamed   # --trace
     ap, args = parse_args(argv)
-    dec = Decoding(args.max_new_tokens, args.top_p, args.top_k, args.depth, args.seed)
+    dec = Decoding(args.max_new_tokens, args.top_p, args.top_k, args.depth, args.seed, args.compile)
     with one_line_errors(DataError, interrupted="nothing was evaluated yet"):
         check_flags(args)
         if args.trace and (args.report or args.speed):

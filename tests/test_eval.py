@@ -12,6 +12,7 @@ from extras.runtime import atomic_write
 import extras.report as report
 import extras.autotree
 import extras.speed
+import taps
 from conftest import DEVICES, tiny
 from taps import Drafter
 
@@ -69,6 +70,26 @@ def test_without_json_the_results_still_land_in_runs(setup, capsys, monkeypatch)
     files = list((tmp_path / "runs").glob("eval-*.json"))
     assert len(files) == 1 and files[0].name in capsys.readouterr().out
     assert json.loads(files[0].read_text())["results"]["svamp"]["prompts"] == 1
+
+
+def test_compile_decodes_every_run_on_the_static_path(setup, capsys):
+    """--compile BACKEND reaches taps.generate: the static path's steps are built (and traced by
+    torch.compile), the run records its backend, and it makes the eager path's calls and tokens."""
+    tmp_path, paths = setup
+    results = {}
+    for backend in (None, "aot_eager"):
+        taps._STATIC.clear()
+        run(tmp_path, paths, "--compose", "merged", "--limit", "1", "--bench", "svamp", "--json",
+            str(tmp_path / f"{backend}.json"), *(["--compile", backend] if backend else []))
+        assert bool(taps._STATIC) == (backend is not None)     # the static steps were built
+        results[backend] = json.loads((tmp_path / f"{backend}.json").read_text())
+        assert results[backend]["config"]["compile"] == backend
+    eager, static = (results[b]["results"]["svamp"] for b in (None, "aot_eager"))
+    assert static["greedy_match"] == 1.0 and (static["tau"], static["calls"]) == (eager["tau"], eager["calls"])
+    taps._STATIC.clear()
+    with pytest.raises(SystemExit):
+        run(tmp_path, paths, "--report", str(tmp_path / "None.json"), "--compile")
+    assert "--compile" in capsys.readouterr().err
 
 
 def test_one_composition_writes_the_documented_json(setup, capsys):

@@ -93,6 +93,21 @@ def test_bad_compile_backend_and_too_large_a_tree():
         generate(target, d, [1, 2], tree=TreeShape(10, 3, None), compile="static")
 
 
+def test_one_synchronising_clock_per_verifier_call(monkeypatch):
+    """On CUDA `clock` waits for the device: generate reads it twice around prefill and once per
+    verifier call, after keep; the draft / verify split reads the host's clock, at the point where
+    the drafted tree (or chain) is already on the host."""
+    ticks, clock = [], taps.clock
+    monkeypatch.setattr(taps, "clock", lambda device: ticks.append(device) or clock(device))
+    for mode in ("merged", "chain"):
+        target, drafters, tree, compose = setup(mode)
+        for compile in (None, "static"):
+            ticks.clear()
+            _, s = generate(target, drafters, prompts(V)[0], Sampling(max_new_tokens=16), tree,
+                            compose, compile=compile)
+            assert len(ticks) == s.calls + 2 and s.draft_time > 0 and s.verify_time > 0
+
+
 @pytest.fixture
 def host_head(monkeypatch):
     """The GPU's verifier head on this CPU: every first copy's p in one pass and one host copy."""

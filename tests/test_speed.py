@@ -7,6 +7,7 @@ import math
 import random
 from collections import Counter
 from fractions import Fraction
+from functools import partial
 
 import numpy as np
 import pytest
@@ -20,8 +21,9 @@ from extras.autotree import AutoTree, calibrate, verify_table
 from extras.checkpoint import load_drafter
 from taps import (COMPOSE, Drafter, Sampling, TorchRandom, Tree, average, generate, merge, prune, tag, verify_chain,
                   verify_tree)
-from conftest import (DEVICES, Target, broken_sampling, chi_square_p, exact_first_tokens, frac_vector, near_oracle,
-                      prompts, random_tree, sharper, spec_dist, tiny, tree_call)
+from conftest import (DEVICES, EXACT_CASES, broken_sampling, chi_square_p, exact_first_tokens, frac_vector,
+                      lossless, near_oracle, prompts, random_tree, rejected_somewhere, sharper, tiny,
+                      tree_call)
 from train import coverage, draft_vocabulary
 
 
@@ -87,21 +89,24 @@ def test_average_refuses_drafters_with_different_vocabularies():
 
 # ----------------------------------------------------------------------------- exact losslessness of the new paths
 
-def subset_chain_call(target, seed, ctx, rng):
+def subset_chain_scheme(target, seed):
     """Chain speculative sampling whose draft distributions live on a random subset of the vocabulary
     (a draft vocabulary): q is zero outside it."""
     V = target.V
-    rnd = random.Random(f"subset {seed} {ctx}")
-    subset = rnd.sample(range(V), rnd.randint(1, V))
-    length = rnd.randint(1, 3)
-    tokens, q = [ctx[-1]], []
-    for _ in range(length):
-        qi = frac_vector(random.Random(f"q {seed} {ctx} {tokens}"), V, zeros=False)
-        qi = np.array([w if x in subset else Fraction(0) for x, w in enumerate(qi)], dtype=object)
-        q.append(qi / qi.sum())
-        tokens.append(rng.categorical(q[-1]))
-    path, x, _ = verify_chain(tokens, q, lambda i: target.p(ctx + tuple(tokens[1:i + 1])), rng)
-    return tuple(tokens[i] for i in path[1:]) + (x,)
+
+    def step(ctx, rng):
+        rnd = random.Random(f"subset {seed} {ctx}")
+        subset = rnd.sample(range(V), rnd.randint(1, V))
+        length = rnd.randint(1, 3)
+        tokens, q = [ctx[-1]], []
+        for _ in range(length):
+            qi = frac_vector(random.Random(f"q {seed} {ctx} {tokens}"), V, zeros=False)
+            qi = np.array([w if x in subset else Fraction(0) for x, w in enumerate(qi)], dtype=object)
+            q.append(qi / qi.sum())
+            tokens.append(rng.categorical(q[-1]))
+        path, x, _ = verify_chain(tokens, q, lambda i: target.p(ctx + tuple(tokens[1:i + 1])), rng)
+        return tuple(tokens[i] for i in path[1:]) + (x,)
+    return step
 
 
 def sized_scheme(name, target, seed):
@@ -126,21 +131,17 @@ def sized_scheme(name, target, seed):
 
 
 @settings(max_examples=150, deadline=None)
-@given(name=st.sampled_from(["subset-chain", "auto", "merged-auto", "merged-dedup-auto"]), V=st.integers(2, 4),
-       seed=st.integers(0, 10**9), n=st.integers(1, 3), half_temperature=st.booleans())
+@given(name=st.sampled_from(["subset-chain", "auto", "merged-auto", "merged-dedup-auto"]),
+       **EXACT_CASES)
 def test_draft_vocabularies_and_sized_trees_are_exactly_lossless(name, V, seed, n, half_temperature):
-    target = Target(V, seed, half_temperature)
-    ctx = (seed % V,)
-    step = ((lambda c, rng: subset_chain_call(target, seed, c, rng)) if name == "subset-chain"
-            else sized_scheme(name, target, seed))
-    assert spec_dist(step, ctx, n) == target.dist(ctx, n)
+    scheme = subset_chain_scheme if name == "subset-chain" else partial(sized_scheme, name)
+    assert lossless(scheme, V, seed, n, half_temperature)
 
 
 def test_the_same_check_rejects_a_tree_resized_after_verification():
     """Any tree fixed before the verifier's draws is exact, whatever chose its size; choosing again
     after seeing them (here: a retry with a larger tree when nothing was accepted) is not."""
-    assert any(spec_dist(sized_scheme("resize", Target(3, s), s), (s % 3,), 2) != Target(3, s).dist((s % 3,), 2)
-               for s in range(40))
+    assert rejected_somewhere(partial(sized_scheme, "resize"), tries=40)
 
 
 def test_prune_keeps_a_connected_tree_of_the_best_nodes():

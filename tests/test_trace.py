@@ -11,6 +11,7 @@ import random
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from fractions import Fraction
+from functools import partial
 from math import prod
 
 import numpy as np
@@ -20,7 +21,8 @@ from hypothesis import given, settings, strategies as st
 
 import model
 import taps
-from conftest import Target, drafts, frac_vector, near_oracle, node_tokens, outcomes, prompts, tiny
+from conftest import (EXACT_CASES, drafts, frac_vector, lossless, near_oracle, node_tokens, outcomes,
+                      prompts, rejected_somewhere, tiny)
 from extras.autotree import AutoTree, verify_table
 from extras.checkpoint import load_target
 from extras.trace import SCHEMA, Trace, record, render_call, render_html, streamed
@@ -211,17 +213,23 @@ def traced_call(scheme, target, seed, ctx, rng):
     return emitted, drafted * by_trace
 
 
-def dist_by_trace(scheme, target, seed, ctx, n, memo) -> dict:
+def traced_scheme(scheme):
+    """`lossless`'s scheme: (target, seed) -> one traced call (ctx, rng) -> (emitted, its weight)."""
+    return lambda target, seed: partial(traced_call, scheme, target, seed)
+
+
+def dist_by_trace(step, ctx, n, memo=None) -> dict:
     """The first n emitted tokens' distribution, each call weighted by its trace alone."""
+    memo = {} if memo is None else memo
     if n == 0:
         return {(): Fraction(1)}
     if (ctx, n) not in memo:
         calls = []
-        outcomes(lambda rng: calls.append(traced_call(scheme, target, seed, ctx, rng)) or ())
+        outcomes(lambda rng: calls.append(step(ctx, rng)) or ())
         out = defaultdict(Fraction)
         for emitted, w in calls:
-            for rest, w2 in dist_by_trace(scheme, target, seed, ctx + emitted[:n],
-                                          n - len(emitted[:n]), memo).items():
+            for rest, w2 in dist_by_trace(step, ctx + emitted[:n], n - len(emitted[:n]),
+                                          memo).items():
                 out[emitted[:n] + rest] += w * w2
         memo[(ctx, n)] = dict(out)
     return memo[(ctx, n)]
@@ -229,12 +237,9 @@ def dist_by_trace(scheme, target, seed, ctx, n, memo) -> dict:
 
 @settings(max_examples=150, deadline=None)
 @given(scheme=st.sampled_from(["tree", "merged", "merged-dedup", "routed", "chain"]),
-       V=st.integers(2, 4), seed=st.integers(0, 10**9), n=st.integers(1, 3),
-       half_temperature=st.booleans())
+       **EXACT_CASES)
 def test_the_trace_alone_reproduces_the_target(scheme, V, seed, n, half_temperature):
-    target = Target(V, seed, half_temperature)
-    ctx = (seed % V,)
-    assert dist_by_trace(scheme, target, seed, ctx, n, {}) == target.dist(ctx, n)
+    assert lossless(traced_scheme(scheme), V, seed, n, half_temperature, dist_by_trace)
 
 
 def test_negative_control_a_wrong_verifier_shows_in_its_trace(monkeypatch):
@@ -244,8 +249,7 @@ def test_negative_control_a_wrong_verifier_shows_in_its_trace(monkeypatch):
         r[x] = 0
         return r
     monkeypatch.setattr(taps, "residual", residual)
-    assert any(dist_by_trace("tree", Target(3, s), s, (s % 3,), 2, {}) != Target(3, s).dist(
-        (s % 3,), 2) for s in range(30))
+    assert rejected_somewhere(traced_scheme("tree"), dist=dist_by_trace)
 
 
 # ----------------------------------------------------------------------------- files and pages
