@@ -291,7 +291,7 @@ def evaluate(target, tokenizer, runs: list[Run], bench_items: dict, dec: Decodin
 # ----------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
-    from extras.runtime import DTYPES, Parser, default_device
+    from extras.runtime import DTYPES, Parser, add_fields, default_device
     ap = Parser(description="Evaluate composed specialist drafters on the study's benchmarks "
                             "(tau, speedup, routing, entropy, alpha).")
     ap.add_argument("--compose", default="merged", type=items,
@@ -305,8 +305,7 @@ def parse_args(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="first N items of each benchmark")
     ap.add_argument("--temperature", type=floats, default=[0.0],
                     help="0 = greedy; a comma-separated list runs each")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    add_fields(ap, Sampling, "top_p", "max_new_tokens", max_new_tokens=128)
     ap.add_argument("--lam", type=float, default=0.5, help="averaging weight of the first drafter")
     ap.add_argument("--lam-sweep", type=floats, default=None, metavar="L1,L2,...",
                     help="average at each lambda (Figure 6), e.g. 0,0.25,0.5,0.75,1")
@@ -315,9 +314,7 @@ def parse_args(argv=None):
     ap.add_argument("--tree", choices=("study", "auto"), default="study",
                     help="study (default): the fixed --total-tokens/--depth/--top-k tree, as in "
                          "the study's tables; auto: sized for this machine each call")
-    ap.add_argument("--total-tokens", type=int, default=60)
-    ap.add_argument("--depth", type=int, default=5)
-    ap.add_argument("--top-k", type=int, default=10)
+    add_fields(ap, TreeShape, "total_tokens", "depth", "top_k")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, metavar="PATH",
                     help="results file (default runs/eval-<date>-<time>.json; see the docstring)")
@@ -351,12 +348,16 @@ def parse_args(argv=None):
 
 
 def check_args(ap, args):
-    """Everything that can be refused before any model work, beyond each number's range
-    (`check_flags`): flags that do nothing in the mode asked for, drafters given twice or too few
-    for a composition, and the study tree against what it allocates and the target's vocabulary
-    and context."""
+    """Everything that can be refused before any model work: each number's range (`check_flags`),
+    --trace where nothing is traced, flags that do nothing in the mode asked for, drafters given
+    twice or too few for a composition, and the study tree against what it allocates and the
+    target's vocabulary and context."""
     from extras.checkpoint import target_args
-    from extras.runtime import check_device, check_tree_flags, given, refuse_unused
+    from extras.runtime import check_device, check_flags, check_tree_flags, given, refuse_unused
+    check_flags(args)
+    if args.trace and (args.report or args.speed):
+        raise TapsError("--trace records an evaluation's verifier calls: leave it out with "
+                        "--report and --speed")
     on = given(ap, args)
     idle = lambda flags, where, advice="": refuse_unused(ap, args, on - set(flags), where, advice)
     if args.report:
@@ -394,74 +395,107 @@ def check_args(ap, args):
                          target_args(args.target))
 
 
+def load_items(args) -> dict:
+    """Each --bench benchmark's items (--limit of them); a benchmark file with none is refused."""
+    bench_items = {b: load_bench(b, args.limit, args.data_dir) for b in args.bench}
+    empty = [b for b, items in bench_items.items() if not items]
+    if empty:
+        raise TapsError(f"{data_dir(args.data_dir) / 'bench' / empty[0]}.jsonl holds no "
+                        f"items; restore the file, or leave {empty[0]} out of --bench")
+    return bench_items
+
+
+def destinations(args) -> Path:
+    """Before any model loads: the results files' base path (--json, default stamped with the
+    time), writable as --trace is, and the --drafters files there to read."""
+    from extras.runtime import check_files, check_writable
+    stamp = ("bench" if args.speed else "eval") + "-%Y%m%d-%H%M%S.json"
+    json_base = args.json or Path("runs") / time.strftime(stamp)
+    check_writable(json_base, "--json", args.force)
+    if args.trace:
+        check_writable(args.trace, "--trace")
+    check_files(args.drafters, "drafter checkpoint")
+    return json_base
+
+
+def setup(args, dec: Decoding, json_base: Path, argv) -> tuple:
+    """The target, its tokenizer and the runs asked for, their drafters loaded and checked against
+    the target, each run's results file writable and written by no other run."""
+    from extras.autotree import AutoTree, load_for   # --dtype auto, --tree auto
+    from extras.checkpoint import drafter_identity, load_drafter
+    from extras.report import json_path
+    from extras.runtime import check_tree_flags, check_writable, machine, versions
+    target, tokenizer = load_for(args.target, args.device, args.dtype)
+    dec.max_new_tokens = context_budget(target, 1, dec.max_new_tokens, say=True)
+    drafters = [load_drafter(p, target) for p in args.drafters]
+    if args.tree == "study":   # each drafter's vocabulary, and the target's if not yet checked
+        check_tree_flags(TreeShape(args.top_k, args.depth, args.total_tokens), target.args,
+                         drafters)
+    idents = [drafter_identity(p, d) for p, d in zip(args.drafters, drafters)]
+    shared = {"target": target.args.name, "target_path": args.target, "device": args.device,
+              "dtype": str(target.embed_tokens.weight.dtype), "tree": args.tree,
+              "machine": machine(args.device), "benchmarks": args.bench, "limit": args.limit,
+              **dataclasses.asdict(dec), "total_tokens": args.total_tokens,
+              "versions": versions(), "argv": sys.argv[1:] if argv is None else list(argv)}
+    runs = plan(args.compose, args.temperature, drafters, drafter_names(args.drafters),
+                idents, shared, args.total_tokens, args.lam_sweep or [args.lam],
+                args.equal_budget)
+    paths = [json_path(json_base, r, len(runs) > 1) for r in runs]
+    if len(set(paths)) < len(paths):   # never one results file written twice in one run
+        twice = next(p for i, p in enumerate(paths) if p in paths[:i])
+        raise TapsError(f"two runs would write {twice}; name the drafters' files apart")
+    if args.tree == "auto":   # each run calibrates its drafters' confidence on its own calls
+        for r in runs:
+            r.auto = AutoTree.for_target(target)
+            r.config.update(tree_budget=None)
+    for path in paths:
+        check_writable(path, "--json", args.force)
+        if args.trace and args.trace.resolve() == path.resolve():
+            raise TapsError(f"--trace {args.trace} is a results file of this run; give another")
+    return target, tokenizer, runs
+
+
+def report(args):
+    """--report: the tables (and --figures) of saved runs."""
+    from extras.report import figures, load_runs, tables
+    runs = load_runs(args.report)
+    print(tables(runs))
+    if args.figures:
+        print(f"[figures: {', '.join(map(str, figures(runs, args.figures)))}]")
+
+
+def summary_line(runs: list[Run], n_prompts: int, seconds: float, json_base: Path,
+                 failed: set) -> str:
+    """The closing line: what ran, how long, and which results files were written."""
+    from extras.report import json_path
+    written = [json_path(json_base, r, len(runs) > 1) for r in runs if r.slug not in failed]
+    return (f"\n[{len(runs)} runs x {n_prompts} prompts in {seconds:.0f} s; JSON: "
+            f"{written[0] if written else 'none written (errors above)'}"
+            f"{' and the other runs beside it' if len(written) > 1 else ''}"
+            f"{f'; {len(failed)} run(s) not written' if written and failed else ''}]")
+
+
 def main(argv=None):
-    from extras.report import as_dict, figures, json_path, load_runs, pyplot, tables
-    from extras.runtime import (check_files, check_flags, check_tree_flags, check_writable,
-                                machine, one_line_errors, versions)
+    from extras.report import as_dict, figures, pyplot, tables
+    from extras.runtime import one_line_errors
     from extras.trace import streamed   # --trace
     ap, args = parse_args(argv)
     dec = Decoding(args.max_new_tokens, args.top_p, args.top_k, args.depth, args.seed, args.compile)
     with one_line_errors(DataError, interrupted="nothing was evaluated yet"):
-        check_flags(args)
-        if args.trace and (args.report or args.speed):
-            raise TapsError("--trace records an evaluation's verifier calls: leave it out with "
-                            "--report and --speed")
         check_args(ap, args)
         if args.figures:
             pyplot()                                             # installed? say so before any work
         if args.report:
-            runs = load_runs(args.report)
-            print(tables(runs))
-            if args.figures:
-                print(f"[figures: {', '.join(map(str, figures(runs, args.figures)))}]")
-            return
+            return report(args)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        bench_items = {b: load_bench(b, args.limit, args.data_dir) for b in args.bench}
-        empty = [b for b, items in bench_items.items() if not items]
-        if empty:
-            raise TapsError(f"{data_dir(args.data_dir) / 'bench' / empty[0]}.jsonl holds no "
-                            f"items; restore the file, or leave {empty[0]} out of --bench")
-        stamp = ("bench" if args.speed else "eval") + "-%Y%m%d-%H%M%S.json"
-        json_base = args.json or Path("runs") / time.strftime(stamp)
-        check_writable(json_base, "--json", args.force)              # before any model loads
-        if args.trace:
-            check_writable(args.trace, "--trace")
-        check_files(args.drafters, "drafter checkpoint")          # before any model work
+        bench_items = load_items(args)
+        json_base = destinations(args)                           # before any model loads
         if args.speed:
             from extras.speed import speed
             return speed(args.drafters, json_base, dec, args.total_tokens, args.target,
                          args.device, args.limit or 3, args.data_dir)
-        from extras.autotree import AutoTree, load_for   # --dtype auto, --tree auto
-        from extras.checkpoint import drafter_identity, load_drafter
-        target, tokenizer = load_for(args.target, args.device, args.dtype)
-        dec.max_new_tokens = context_budget(target, 1, dec.max_new_tokens, say=True)
-        drafters = [load_drafter(p, target) for p in args.drafters]
-        if args.tree == "study":   # each drafter's vocabulary, and the target's if not yet checked
-            check_tree_flags(TreeShape(args.top_k, args.depth, args.total_tokens), target.args,
-                             drafters)
-        idents = [drafter_identity(p, d) for p, d in zip(args.drafters, drafters)]
-        shared = {"target": target.args.name, "target_path": args.target, "device": args.device,
-                  "dtype": str(target.embed_tokens.weight.dtype), "tree": args.tree,
-                  "machine": machine(args.device), "benchmarks": args.bench, "limit": args.limit,
-                  **dataclasses.asdict(dec), "total_tokens": args.total_tokens,
-                  "versions": versions(), "argv": sys.argv[1:] if argv is None else list(argv)}
-        runs = plan(args.compose, args.temperature, drafters, drafter_names(args.drafters),
-                    idents, shared, args.total_tokens, args.lam_sweep or [args.lam],
-                    args.equal_budget)
-        paths = [json_path(json_base, r, len(runs) > 1) for r in runs]
-        if len(set(paths)) < len(paths):   # never one results file written twice in one run
-            twice = next(p for i, p in enumerate(paths) if p in paths[:i])
-            raise TapsError(f"two runs would write {twice}; name the drafters' files apart")
-        if args.tree == "auto":   # each run calibrates its drafters' confidence on its own calls
-            for r in runs:
-                r.auto = AutoTree.for_target(target)
-                r.config.update(tree_budget=None)
-        for r in runs:
-            path = json_path(json_base, r, len(runs) > 1)
-            check_writable(path, "--json", args.force)
-            if args.trace and args.trace.resolve() == path.resolve():
-                raise TapsError(f"--trace {args.trace} is a results file of this run; give another")
+        target, tokenizer, runs = setup(args, dec, json_base, argv)
         t0 = time.perf_counter()
         with streamed(args.trace, lambda t: tokenizer.decode([t])) as trace:
             try:
@@ -474,12 +508,8 @@ def main(argv=None):
         print(tables(saved))
         if args.figures:
             print(f"[figures: {', '.join(map(str, figures(saved, args.figures)))}]")
-    written = [json_path(json_base, r, len(runs) > 1) for r in runs if r.slug not in failed]
-    print(f"\n[{len(runs)} runs x {sum(len(v) for v in bench_items.values())} prompts in "
-          f"{time.perf_counter() - t0:.0f} s; JSON: "
-          f"{written[0] if written else 'none written (errors above)'}"
-          f"{' and the other runs beside it' if len(written) > 1 else ''}"
-          f"{f'; {len(failed)} run(s) not written' if written and failed else ''}]")
+    print(summary_line(runs, sum(map(len, bench_items.values())), time.perf_counter() - t0,
+                       json_base, failed))
     if failed:
         sys.exit(2)
 

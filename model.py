@@ -633,15 +633,14 @@ def mean(xs, empty=math.nan):
 
 def main(argv=None):
     from extras.gguf import DEFAULT_TARGET
-    from extras.runtime import (DTYPES, Parser, check_flags, default_device, one_line_errors,
-                                refuse_unused, resolve_dtype)
+    from extras.runtime import (DTYPES, Parser, add_fields, check_flags, default_device,
+                                one_line_errors, refuse_unused, resolve_dtype)
+    from taps import Sampling   # its knobs, named and checked alike in every script
     ap = Parser(description="Chat with the target (plain decoding).")
     ap.add_argument("--prompt", help="user message to answer")
     ap.add_argument("--system", help="optional system message")
     ap.add_argument("--target", help=f"HF checkpoint directory (default: {DEFAULT_TARGET})")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
+    add_fields(ap, Sampling, "max_new_tokens", "temperature", "top_p")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=default_device())
     ap.add_argument("--dtype", choices=DTYPES, help="default: fp32 on CPU, bf16 on CUDA")

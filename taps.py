@@ -285,9 +285,9 @@ class TreeShape:
     best frontier nodes, then the `total_tokens` best nodes are kept (None: the whole pool). The
     study's EAGLE-2 setting is 10 / 5 / 60. chain=True drafts a sampled chain of depth + 1
     tokens instead, verified by eqs. 1-2."""
-    top_k: int = 10
-    depth: int = 5
-    total_tokens: Optional[int] = 60
+    top_k: int = field(default=10, metadata={"help": "study tree: children per node"})
+    depth: int = field(default=5, metadata={"help": "study tree (and --chain): steps"})
+    total_tokens: Optional[int] = field(default=60, metadata={"help": "study tree: nodes kept"})
     chain: bool = False
 
     @property
@@ -818,9 +818,10 @@ COMPOSE: dict[str, Callable[[list[Tree]], Tree]] = {
 class Sampling:
     """What `generate` draws and when it stops: p (and a chain's q) after temperature (0 =
     greedy) and top-p, at most max_new_tokens tokens, the last a stop token if one comes."""
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "keep the most likely tokens up to this "
+                                                        "total probability (1 = all)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "most tokens to generate"})
     stop_ids: frozenset = frozenset()
 
     def __post_init__(self):
@@ -1230,9 +1231,9 @@ def generate(target: Transformer, drafters, prompt_ids, sampling: Sampling = Sam
 def main(argv=None):
     from extras.autotree import TREES, AutoTree, load_for   # --tree auto, --dtype auto
     from extras.checkpoint import load_drafter, target_args
-    from extras.runtime import (DTYPES, Parser, check_device, check_files, check_flags,
-                                check_tree_flags, default_device, given, one_line_errors,
-                                refuse_unused)
+    from extras.runtime import (DTYPES, Parser, add_fields, check_device, check_files,
+                                check_flags, check_tree_flags, default_device, given,
+                                one_line_errors, refuse_unused)
     from extras.trace import Trace, check_destinations, save, show   # --show, --trace(-html)
     ap = Parser(description="Speculative decoding with EAGLE drafters (lossless: the reply is "
                             "distributed exactly as the target's own).")
@@ -1242,15 +1243,11 @@ def main(argv=None):
     ap.add_argument("--compose", default="single", choices=sorted(COMPOSE))
     ap.add_argument("--chain", action="store_true", help="chain speculative sampling, no tree")
     ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    add_fields(ap, Sampling, "temperature", "top_p", "max_new_tokens")
     ap.add_argument("--tree", choices=TREES, default="auto",
                     help="auto (default): sized each call for this machine (AutoTree, calibrated "
                          "once); study: the fixed --total-tokens/--depth/--top-k tree")
-    ap.add_argument("--total-tokens", type=int, default=60, help="study tree: nodes kept")
-    ap.add_argument("--depth", type=int, default=5, help="study tree (and --chain): steps")
-    ap.add_argument("--top-k", type=int, default=10, help="study tree: children per node")
+    add_fields(ap, TreeShape, "total_tokens", "depth", "top_k")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=default_device())
     ap.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",

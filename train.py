@@ -39,7 +39,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -51,6 +51,7 @@ from torch.utils.checkpoint import checkpoint
 from data import DataError
 from extras.distributed import SINGLE, World
 from extras.features import HELDOUT_DOMAINS, MIXES, SHARD_SIZE, logits
+from extras.runtime import atomic_write, writing
 from model import ModelArgs, TapsError, Transformer, target_identity
 from taps import Drafter
 
@@ -76,15 +77,25 @@ DRAFT_VOCAB = 4096   # tokens a drafter proposes from (results/speed.md: tau and
 
 @dataclass
 class TrainConfig:
-    domain: str = "math"
-    backbone: str = "eagle"
-    size: str = "demo"
-    n_train: Optional[int] = None    # conversations per training domain (None: the size's)
-    max_len: Optional[int] = None    # tokens per conversation, longer ones truncated
-    n_heldout: Optional[int] = None  # held-out conversations per domain for agreement
-    epochs: Optional[int] = None
-    lr: Optional[float] = None
-    batch_size: Optional[int] = None  # conversations per step, right-padded
+    """A run. None: the size's value (SIZES) or the backbone's (BACKBONES). A field with a "help"
+    is train.py's flag of the same name (`extras.runtime.add_fields`)."""
+    domain: str = field(default="math", metadata={"help": (
+        f"training corpus: {', '.join(TRAIN_DOMAINS)} (mixtures read the caches of both domains "
+        f"at the size)")})
+    backbone: str = field(default="eagle", metadata={"help": f"objective: {', '.join(BACKBONES)}"})
+    size: str = field(default="demo", metadata={"help": f"configuration: {', '.join(SIZES)}"})
+    n_train: Optional[int] = field(default=None, metadata={
+        "help": "conversations per training domain (default: the size's)"})
+    max_len: Optional[int] = field(default=None, metadata={
+        "help": "tokens per conversation, longer ones truncated (default: the size's)"})
+    n_heldout: Optional[int] = field(default=None, metadata={
+        "help": "held-out conversations per domain for agreement (default: the size's)"})
+    epochs: Optional[int] = field(default=None, metadata={
+        "help": "passes over the training data (default: the size's)"})
+    lr: Optional[float] = field(default=None, metadata={
+        "help": "peak learning rate (default: the size's)"})
+    batch_size: Optional[int] = field(default=None, metadata={
+        "help": "conversations per step, right-padded (default: the size's)"})
     warmup: Optional[float] = None   # fraction of all steps spent in linear warmup
     v_w: float = 1.0                 # feature regression weight (eq. 4)
     p_w: float = 0.1                 # cross-entropy weight (eq. 4)
@@ -94,9 +105,12 @@ class TrainConfig:
     noise: float = 0.2               # EAGLE's uniform input-feature noise, scaled by 512 / length
     grad_clip: float = 0.5           # clip each gradient value to [-0.5, 0.5], as EAGLE does
     head_chunk: int = 2048           # loss positions per full-vocabulary logit block
-    draft_vocab: int = 0             # draft vocabulary size (Drafter.vocab); 0 = every token
+    draft_vocab: int = field(default=0, metadata={"help": (
+        "draft vocabulary (Drafter.vocab): the most frequent target tokens in the training data "
+        "(0 = every token, as the study; train.py's default %(default)s)")})
     amp: bool = True                 # bf16 autocast (the CLI measures which is faster: auto_amp)
-    seed: int = 0
+    seed: int = field(default=0, metadata={
+        "help": "seeds the drafter's weights, the batch order and the input noise"})
 
     def __post_init__(self):
         for name, value, known in (("domain", self.domain, TRAIN_DOMAINS),
@@ -454,21 +468,88 @@ def state_path(out: Path) -> Path:
     return out.with_name(out.stem + ".state.pt")
 
 
-def restore(state_file: Path, config: dict, target, drafter, opt, sched) -> dict:
-    """Load a saved training state into the drafter, optimizer and schedule; its progress."""
-    dev = target.embed_tokens.weight.device
-    try:
-        saved = torch.load(state_file, map_location=dev, weights_only=True)
-    except Exception as e:   # truncated or corrupt: torch's and pickle's own error types
-        raise TapsError(f"{state_file}: unreadable training state ({type(e).__name__}); it is "
-                        f"truncated or damaged: rerun with --overwrite to start over") from None
-    if saved["config"] != config or saved["target"] != target_identity(target):
-        raise TapsError(f"{state_file}: saved by a run with another configuration or target; "
-                        f"rerun without --resume to start over")
-    drafter.load_state_dict(saved["drafter"])
-    opt.load_state_dict(saved["optimizer"])
-    sched.load_state_dict(saved["scheduler"])
-    return saved["progress"]
+class Checkpointer:
+    """A run's files: the drafter `out`, its log <out>.jsonl and the training state <out>.state.pt
+    (the config, the target's identity, the drafter, optimizer and schedule, the progress). A new
+    run never replaces a user's drafter or an interrupted run's state; --resume needs a state to
+    continue; every write is atomic, the state before the drafter it holds (a failed drafter
+    write loses nothing)."""
+
+    def __init__(self, out, cfg: TrainConfig):
+        self.out, self.epochs, self.config = Path(out), cfg.epochs, dataclasses.asdict(cfg)
+        self.state, self.log = state_path(self.out), self.out.with_name(self.out.stem + ".jsonl")
+
+    def check(self, resume: bool, overwrite: bool):
+        """Before any work: what the files already at `out` allow (`check_resume`,
+        `refuse_to_replace`)."""
+        if resume:
+            self.check_resume()
+        elif not overwrite:
+            self.refuse_to_replace()
+
+    def check_resume(self):
+        """--resume with no training state to continue is refused: a fresh start would replace
+        the drafter at `out` unasked, or train for hours where a user meant another --out."""
+        if not self.state.exists():
+            raise TapsError(f"--resume: no training state {self.state} to continue; "
+                            + (f"{self.out} holds a drafter: pass --overwrite to train a new one "
+                               f"over it, or --out another path" if self.out.is_file() else
+                               "leave out --resume to start a new run"))
+
+    def refuse_to_replace(self):
+        """A new run never silently replaces a user's drafter or an interrupted run's state."""
+        state, epochs = self.state, self.epochs
+        if state.exists():
+            try:
+                done = torch.load(state, map_location="cpu", weights_only=True)["progress"]["epoch"]
+            except Exception:   # an unreadable state still belongs to somebody's run
+                done = "?"
+            if done == epochs:
+                raise TapsError(f"{state}: a finished run ({epochs} epochs) is there; pass "
+                                f"--overwrite to start over, or --out another path")
+            raise TapsError(f"{state}: a run is in progress at epoch {done} of {epochs}; pass "
+                            f"--resume to continue or --overwrite to start over")
+        if self.out.exists():
+            raise TapsError(f"{self.out}: a drafter is already there; pass --overwrite to replace "
+                            f"it, or --out another path")
+
+    def restore(self, target, drafter, opt, sched) -> dict:
+        """Load the saved training state into the drafter, optimizer and schedule; its
+        progress."""
+        try:
+            saved = torch.load(self.state, map_location=target.embed_tokens.weight.device,
+                               weights_only=True)
+        except Exception as e:   # truncated or corrupt: torch's and pickle's own error types
+            why = type(e).__name__
+            raise TapsError(f"{self.state}: unreadable training state ({why}); it is truncated or "
+                            f"damaged: rerun with --overwrite to start over") from None
+        if saved["config"] != self.config or saved["target"] != target_identity(target):
+            raise TapsError(f"{self.state}: saved by a run with another configuration or target; "
+                            f"rerun without --resume to start over")
+        drafter.load_state_dict(saved["drafter"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        return saved["progress"]
+
+    def save_state(self, target, drafter, opt, sched, progress: dict):
+        """All that `restore` needs to continue the run as if uninterrupted."""
+        s = {"config": self.config, "target": target_identity(target),
+             "drafter": drafter.state_dict(), "optimizer": opt.state_dict(),
+             "scheduler": sched.state_dict(), "progress": progress}
+        with self.saving():
+            atomic_write(self.state, lambda p: torch.save(s, p))
+
+    def save_drafter(self, drafter, log: list):
+        """After the state that holds it, with the held-out agreement of the last epoch logged."""
+        drafter.meta["heldout_top1"] = log[-1]["heldout_top1"]
+        lines = "".join(json.dumps(r) + "\n" for r in log)
+        with self.saving():
+            atomic_write(self.out, drafter.save)
+            atomic_write(self.log, lambda p: p.write_text(lines))
+
+    def saving(self):
+        return writing(self.out.parent, "free space or fix permissions there, then rerun with "
+                                         "--resume")
 
 
 def check_target_limits(cfg: TrainConfig, limits: ModelArgs):
@@ -480,34 +561,6 @@ def check_target_limits(cfg: TrainConfig, limits: ModelArgs):
         raise TapsError(f"--draft-vocab {cfg.draft_vocab}: more than the target's vocabulary of "
                         f"{limits.vocab_size} tokens; give at most {limits.vocab_size}, or 0 for "
                         f"every token")
-
-
-def check_resume(out: Path):
-    """--resume with no training state to continue is refused: a fresh start would replace the
-    drafter at `out` unasked, or train for hours where a user meant another --out."""
-    if not state_path(out).exists():
-        raise TapsError(f"--resume: no training state {state_path(out)} to continue; "
-                        + (f"{out} holds a drafter: pass --overwrite to train a new one over it, "
-                           f"or --out another path" if out.is_file() else
-                           "leave out --resume to start a new run"))
-
-
-def refuse_to_replace(out: Path, epochs: int):
-    """A new run never silently replaces a user's drafter or an interrupted run's state."""
-    state = state_path(out)
-    if state.exists():
-        try:
-            done = torch.load(state, map_location="cpu", weights_only=True)["progress"]["epoch"]
-        except Exception:   # an unreadable state still belongs to somebody's run
-            done = "?"
-        if done == epochs:
-            raise TapsError(f"{state}: a finished run ({epochs} epochs) is there; pass "
-                            f"--overwrite to start over, or --out another path")
-        raise TapsError(f"{state}: a run is in progress at epoch {done} of {epochs}; pass --resume "
-                        f"to continue or --overwrite to start over")
-    if out.exists():
-        raise TapsError(f"{out}: a drafter is already there; pass --overwrite to replace it, or "
-                        f"--out another path")
 
 
 def new_drafter(cfg: TrainConfig, target, train_sets, heldout, vocab_sets, stop_ids, world):
@@ -569,21 +622,16 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     state is saved atomically every `save_interval` seconds and after each epoch; resume=True
     continues from it. Under torchrun, `world` is this rank (`extras.distributed.World`)."""
     from extras.distributed import check_split, wrap
-    from extras.runtime import atomic_write, writing
     world = world or SINGLE
-    out = Path(out)
     check_split(cfg.batch_size, world.size)
-    if not (resume or overwrite):
-        refuse_to_replace(out, cfg.epochs)
-    if resume:
-        check_resume(out)
+    ckpt = Checkpointer(out, cfg)
+    ckpt.check(resume, overwrite)
     say = print if world.main else lambda *args, **kw: None
     if world.main:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    state_file, log_path = state_path(out), out.with_name(out.stem + ".jsonl")
+        ckpt.out.parent.mkdir(parents=True, exist_ok=True)
     dev = target.embed_tokens.weight.device
-    vocab_sets = vocab_sets or train_sets
-    drafter = new_drafter(cfg, target, train_sets, heldout, vocab_sets, stop_ids, world)
+    drafter = new_drafter(cfg, target, train_sets, heldout, vocab_sets or train_sets, stop_ids,
+                          world)
     model = wrap(Objective(drafter, target, cfg, world))
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
     per_epoch = len(epoch_plan(train_sets, cfg, 0))
@@ -591,29 +639,13 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     warm = max(1, round(cfg.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warm, total))
     g = torch.Generator(device=dev)   # input noise, seeded per (step, rank): no state to resume
-    config = dataclasses.asdict(cfg)
     st = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "top1_sum": 0.0, "log": []}
     if resume:
-        st = restore(state_file, config, target, drafter, opt, sched)
-        say(f"resuming {out} at epoch {st['epoch'] + 1}, batch {st['batch']} of {per_epoch}"
+        st = ckpt.restore(target, drafter, opt, sched)
+        say(f"resuming {ckpt.out} at epoch {st['epoch'] + 1}, batch {st['batch']} of {per_epoch}"
             if st["epoch"] < cfg.epochs else
-            f"resuming {out}: all {cfg.epochs} epochs are done, nothing to train")
-
-    saving = lambda: writing(out.parent, "free space or fix permissions there, then rerun with "
-                                         "--resume")
-
-    def save_state():
-        s = {"config": config, "target": target_identity(target), "drafter": drafter.state_dict(),
-             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "progress": st}
-        with saving():
-            atomic_write(state_file, lambda p: torch.save(s, p))
-
-    def save_drafter():   # after the state that holds it: a failed write here loses nothing
-        drafter.meta["heldout_top1"] = st["log"][-1]["heldout_top1"]
-        log = "".join(json.dumps(r) + "\n" for r in st["log"])
-        with saving():
-            atomic_write(out, drafter.save)
-            atomic_write(log_path, lambda p: p.write_text(log))
+            f"resuming {ckpt.out}: all {cfg.epochs} epochs are done, nothing to train")
+    save_state = lambda: ckpt.save_state(target, drafter, opt, sched, st)
 
     from tqdm import tqdm
     say(" | ".join(["epoch", "steps", "train loss", "train top-1"]
@@ -637,7 +669,7 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
                 step = epoch * per_epoch + b
                 g.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + world.rank)
                 t_step = time.perf_counter()
-                with world.together(f" at step {step + 1}", f"{state_file} holds the last saved "
+                with world.together(f" at step {step + 1}", f"{ckpt.state} holds the last saved "
                                                            f"state: rerun with --resume"):
                     loss, terms = train_step(model, opt, sched, batch, g)
                 if not math.isfinite(loss):
@@ -662,13 +694,13 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
                                   sched.get_last_lr()[0], t0)
             st.update(epoch=epoch + 1, log=st["log"] + [record], **next_epoch)
             save_state()
-            save_drafter()
+            ckpt.save_drafter(drafter, st["log"])
             last_save = time.perf_counter()
             world.barrier()
     finally:
         bar.close()
-    if world.main and st["log"] and not out.exists():   # a resumed run whose drafter write failed
-        save_drafter()
+    if world.main and st["log"] and not ckpt.out.exists():   # a resumed run's drafter write failed
+        ckpt.save_drafter(drafter, st["log"])
     return drafter
 
 
@@ -677,13 +709,10 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
 def main(argv=None):
     from extras.distributed import say
     from extras.checkpoint import target_args
-    from extras.runtime import (DTYPES, Parser, check_device, check_flags, check_writable,
-                                default_device, one_line_errors, refuse_unused)
+    from extras.runtime import (DTYPES, Parser, add_fields, check_device, check_flags,
+                                check_writable, default_device, one_line_errors, refuse_unused)
     ap = Parser(description="Train a task-aware EAGLE or HASS drafter.")
-    ap.add_argument("--domain", help=f"training corpus: {', '.join(TRAIN_DOMAINS)} (mixtures read "
-                                     f"the caches of both domains at the size)")
-    ap.add_argument("--backbone", default="eagle", help=f"objective: {', '.join(BACKBONES)}")
-    ap.add_argument("--size", default="demo", help=f"configuration: {', '.join(SIZES)}")
+    add_fields(ap, TrainConfig, "domain", "backbone", "size", domain=None)
     ap.add_argument("--target", help="HF checkpoint directory (default: the embedded default)")
     ap.add_argument("--out", help="the drafter's file (default: "
                                   "checkpoints/<backbone>-<domain>.safetensors)")
@@ -709,13 +738,9 @@ def main(argv=None):
                     help="conversations per target call (default 1 on CPU, 8 on CUDA)")
     ap.add_argument("--save-interval", type=float, default=120.0,
                     help="seconds between training-state saves")
-    ap.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB,
-                    help=f"draft vocabulary: the most frequent target tokens in the training data "
-                         f"(default {DRAFT_VOCAB}; 0 = every token, as the study)")
-    overridable = (("epochs", int), ("lr", float), ("n-train", int), ("max-len", int),
-                   ("n-heldout", int), ("batch-size", int), ("seed", int))
-    for name, kind in overridable:
-        ap.add_argument(f"--{name}", type=kind, default=None, help="override the size's default")
+    add_fields(ap, TrainConfig, "draft_vocab", draft_vocab=DRAFT_VOCAB)
+    overridable = ("epochs", "lr", "n_train", "max_len", "n_heldout", "batch_size", "seed")
+    add_fields(ap, TrainConfig, *overridable, seed=None)   # --seed: the config's 0 unless given
     args = ap.parse_args(argv)
     out, world = None, None
 
@@ -746,20 +771,20 @@ def main(argv=None):
         if check_device(args.device).type == "cpu" and args.dtype == "fp16":
             raise TapsError("--dtype fp16 on a CPU: CPU autocast and kernels take fp32 or bf16; "
                             "use --dtype bf16 or fp32, or fp16 on --device cuda")
-        names = [n.replace("-", "_") for n, _ in overridable]
-        overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+        overrides = {k: getattr(args, k) for k in overridable if getattr(args, k) is not None}
         cfg = TrainConfig(domain=args.domain or "math", backbone=args.backbone, size=args.size,
                           draft_vocab=args.draft_vocab, **overrides)
         from extras.distributed import World, check_split
         check_split(cfg.batch_size, int(os.environ.get("WORLD_SIZE", 1)))   # before joining
         out = Path(args.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
         if not args.features_only:   # the destination, before any extraction or training
+            files = Checkpointer(out, cfg)   # its checks; `train` saves under the final cfg
             if args.resume:
-                check_resume(out)
-            for path in (out, state_path(out)):
+                files.check_resume()
+            for path in (files.out, files.state):
                 check_writable(path, "--out")
             if not (args.resume or args.overwrite):
-                refuse_to_replace(out, cfg.epochs)
+                files.refuse_to_replace()
         limits = target_args(args.target)           # its config alone, no weights read
         if limits:
             check_target_limits(cfg, limits)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+import typing
 from typing import Optional
 
 import torch
@@ -48,6 +50,22 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         sys.exit(say_error(f"error: {message}; python {self.prog} --help lists the flags"))
+
+
+def add_fields(ap: argparse.ArgumentParser, config, *names: str, **defaults):
+    """A flag --field-name for each named field of the config dataclass `config`, its type, default
+    and help (metadata "help") the field's own: one definition of a knob for every script, whose
+    range `check_flags` checks by the same name (RANGES). defaults: a script's own default for a
+    field (None: the config's applies unless the flag is given)."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    hints = typing.get_type_hints(config)
+    for name in names:
+        kind = hints[name]
+        if typing.get_origin(kind) is typing.Union:   # Optional[int]: an int when given
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        ap.add_argument(f"--{name.replace('_', '-')}", type=kind,
+                        default=defaults.get(name, fields[name].default),
+                        help=fields[name].metadata.get("help"))
 
 
 def given(ap: argparse.ArgumentParser, args) -> set:

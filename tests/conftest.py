@@ -18,7 +18,10 @@ from model import ModelArgs, Transformer, logits_to_probs
 import taps
 from taps import Drafter, Tree, verify_tree
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+DEVICES = ["cpu",
+           pytest.param("cuda",
+                        marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                 reason="no CUDA device"))]
 
 
 @pytest.fixture(autouse=True)
@@ -31,13 +34,14 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-# ----------------------------------------------------------------------------- tiny targets and drafters
+# ------------------------------------------------------------------------ tiny targets and drafters
 
-def tiny(V=64, n_layers=2, seed=0, dtype=torch.float64, device="cpu", dim=64, tie=False, name="", **kw):
+def tiny(V=64, n_layers=2, seed=0, dtype=torch.float64, device="cpu", dim=64, tie=False, name="",
+         **kw):
     """A random Llama with 4 query and 2 key/value heads; extra ModelArgs fields in kw."""
     torch.manual_seed(seed)
-    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=V, hidden_dim=128,
-                     tie_embeddings=tie, name=name, **kw)
+    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=V,
+                     hidden_dim=128, tie_embeddings=tie, name=name, **kw)
     return Transformer(args).to(device=device, dtype=dtype).eval()
 
 
@@ -64,8 +68,8 @@ def near_oracle(target: Transformer) -> Drafter:
 
 
 def sharper(drafter: Drafter, factor: float) -> Drafter:
-    """A copy of drafter whose draft logits are multiplied by factor: the same ranking of tokens, more
-    confident for factor > 1, flatter for factor < 1 (0: uniform)."""
+    """A copy of drafter whose draft logits are multiplied by factor: the same ranking of tokens,
+    more confident for factor > 1, flatter for factor < 1 (0: uniform)."""
     out = copy.deepcopy(drafter)
     out.head = lambda target, h: factor * Drafter.head(out, target, h)
     return out
@@ -76,7 +80,7 @@ def prompts(V, n=4, length=7):
     return [torch.randint(V, (length + i,), generator=g).tolist() for i in range(n)]
 
 
-# ----------------------------------------------------------------------------- exact enumeration (Fractions)
+# -------------------------------------------------------------------- exact enumeration (Fractions)
 
 class Enumerator:
     """A RandomSource that follows a script of choice indices (0 beyond its end) and keeps the
@@ -112,7 +116,8 @@ def outcomes(run) -> dict:
         rng = Enumerator(script)
         result = run(rng)
         dist[result] += rng.weight
-        for j in range(len(script), len(rng.script)):  # draws made by default: queue their other options
+        # draws made by default: queue their other options
+        for j in range(len(script), len(rng.script)):
             todo += [rng.script[:j] + [c] for c in range(1, rng.sizes[j])]
     assert sum(dist.values()) == 1
     return dict(dist)
@@ -174,7 +179,8 @@ def random_tree(rnd: random.Random, V, root, max_nodes=8, max_depth=4) -> Tree:
 def entropies_of(logits: dict):
     """`Stats.record`'s target entropies from node -> target logits, as `TargetHead.entropies`
     reads its own."""
-    return lambda nodes: taps.entropy(torch.log_softmax(torch.stack([logits[i] for i in nodes]), -1)).tolist()
+    return lambda nodes: taps.entropy(
+        torch.log_softmax(torch.stack([logits[i] for i in nodes]), -1)).tolist()
 
 
 def node_tokens(tree, node):
@@ -228,29 +234,34 @@ def lossless(scheme, V, seed, n, half_temperature=False, dist=spec_dist) -> bool
 
 
 def rejected_somewhere(scheme, half_temperature=False, tries=30, dist=spec_dist) -> bool:
-    """A negative control's check: does `lossless` find scheme wrong for some seed (V = 3, n = 2)?"""
+    """A negative control's check: does `lossless` find scheme wrong for some seed (V = 3, n =
+    2)?"""
     return any(not lossless(scheme, 3, seed, 2, half_temperature, dist) for seed in range(tries))
 
 
 def keep_longer(target, seed):
-    """WRONG, the negative control of every multi-drafter scheme: verify two drafters' trees and keep
-    the longer result (each tree alone is exact; choosing among them after the draws is not)."""
+    """WRONG, the negative control of every multi-drafter scheme: verify two drafters' trees and
+    keep the longer result (each tree alone is exact; choosing among them after the draws is
+    not)."""
     return lambda ctx, rng: max((tree_call(target, t, ctx, rng)
                                  for t in drafts(seed, target.V, ctx, 2)), key=len)
 
 
-# ----------------------------------------------------------------------------- Monte Carlo of the real torch path
+# --------------------------------------------------------------- Monte Carlo of the real torch path
 
 def exact_first_tokens(target, prompt, n, temperature=1.0, top_p=1.0):
-    """The target's exact distribution of its first n tokens after temperature and top-p (V^n sequences)."""
+    """The target's exact distribution of its first n tokens after temperature and top-p (V^n
+    sequences)."""
     V = target.args.vocab_size
     dist = {(): 1.0}
     for _ in range(n):
         seqs = list(dist)
         with torch.inference_mode():
-            logits, _ = target(torch.tensor([prompt + list(s) for s in seqs], device=target.embed_tokens.weight.device))
+            logits, _ = target(torch.tensor([prompt + list(s) for s in seqs],
+                                            device=target.embed_tokens.weight.device))
         p = logits_to_probs(logits[:, -1].double().cpu(), temperature, top_p)
-        dist = {s + (x,): dist[s] * p[i, x].item() for i, s in enumerate(seqs) for x in range(V) if p[i, x] > 0}
+        dist = {s + (x,): dist[s] * p[i, x].item()
+                for i, s in enumerate(seqs) for x in range(V) if p[i, x] > 0}
     return dist
 
 
@@ -265,11 +276,13 @@ def chi_square_p(counts: Counter, expected: dict, n: int) -> float:
         cells.append((small, sum(expected[k] for k in small)))
     stat = sum((sum(counts[k] for k in ks) - n * e) ** 2 / (n * e) for ks, e in cells)
     df = len(cells) - 1
-    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)).item()
+    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                   torch.tensor(stat / 2, dtype=torch.float64)).item()
 
 
 def broken_sampling(monkeypatch, **wrong):
-    """A deliberately wrong verifier: its p is processed with other sampling arguments (e.g. temperature)."""
+    """A deliberately wrong verifier: its p is processed with other sampling arguments (e.g.
+    temperature)."""
     import taps
     real = taps.logits_to_probs
     monkeypatch.setattr(taps, "logits_to_probs", lambda logits, temperature, top_p: real(
@@ -277,8 +290,9 @@ def broken_sampling(monkeypatch, **wrong):
 
 
 def count_second_copies(monkeypatch) -> list[bool]:
-    """Wrap taps.verify_tree so that `generate` records, per verifier call, whether the accepted path
-    ran through a second copy of a token path (a merged tree's trie walk, not a first-copy walk)."""
+    """Wrap taps.verify_tree so that `generate` records, per verifier call, whether the accepted
+    path ran through a second copy of a token path (a merged tree's trie walk, not a first-copy
+    walk)."""
     seen, verify = [], taps.verify_tree
 
     def counting(tree, p_at, rng, trace=None):

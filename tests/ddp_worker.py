@@ -1,12 +1,12 @@
 """One rank of a data-parallel training job for tests/test_distributed.py; run by torchrun, or by
 the test itself with the same environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT).
 
-    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT cached|online [--stop-at K] [--die-at K]
-    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT - --amp-check
+    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT cached|online [--stop-at K]
+    [--die-at K] torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT - --amp-check
 
 Trains the tiny target's drafter on synthetic conversations (`setup`), the same data and config a
-single process uses in the test. --stop-at K: Ctrl-C on every rank at step K (the state is saved after
-every step); --die-at K: rank 1 exits at step K without a word, as a killed process would.
+single process uses in the test. --stop-at K: Ctrl-C on every rank at step K (the state is saved
+after every step); --die-at K: rank 1 exits at step K without a word, as a killed process would.
 --amp-check: no training; each rank's stubbed step timing prefers another precision, and each prints
 the --amp auto choice it ends up with."""
 import argparse
@@ -25,8 +25,8 @@ from test_train import small_cfg, synthetic_examples, tiny_target  # noqa: E402
 
 
 def setup(folder: Path, features: str, world=None):
-    """(cfg, target, train sets, held-out sets): 10 conversations, global batch 4, no input noise (each
-    rank draws its own noise, so only a noise-free run can equal one process)."""
+    """(cfg, target, train sets, held-out sets): 10 conversations, global batch 4, no input noise
+    (each rank draws its own noise, so only a noise-free run can equal one process)."""
     target = tiny_target()
     train, held = synthetic_examples(10, seed=1), synthetic_examples(3, seed=2)
     if features == "online":
@@ -34,9 +34,12 @@ def setup(folder: Path, features: str, world=None):
         sets = [xf.OnlineSet(target, train, meta(train, "a"), shard_size=4)]
         heldout = {"h": xf.OnlineSet(target, held, meta(held, "h"), shard_size=4)}
     else:
-        sets = [xf.build_cache(target, train, folder / "a", {"domain": "a"}, shard_size=4, world=world)]
-        heldout = {"h": xf.build_cache(target, held, folder / "h", {"domain": "h"}, shard_size=4, world=world)}
-    return small_cfg(backbone="hass", batch_size=4, noise=0.0, draft_vocab=16), target, sets, heldout
+        sets = [xf.build_cache(target, train, folder / "a", {"domain": "a"}, shard_size=4,
+                               world=world)]
+        heldout = {"h": xf.build_cache(target, held, folder / "h", {"domain": "h"}, shard_size=4,
+                                       world=world)}
+    return small_cfg(backbone="hass", batch_size=4, noise=0.0,
+                     draft_vocab=16), target, sets, heldout
 
 
 def main():

@@ -68,12 +68,12 @@ def no_model(monkeypatch):
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
     ("nonsense", "not a device; use cpu, cuda or cuda:N"),
     ("meta", "taps runs on cpu and cuda only")])
-def test_unusable_device(capsys, cli, device, message):
+def test_an_unusable_device_is_refused_in_one_line(capsys, cli, device, message):
     fn, argv = CLIS[cli]
     assert message in one_line_error(capsys, fn, argv + ["--device", device])
 
 
-def test_negative_max_new_tokens(capsys):
+def test_a_negative_max_new_tokens_is_refused(capsys):
     assert "--max-new-tokens must be >= 1, got -5" in one_line_error(capsys, model.main, ["--prompt", "hi", "--max-new-tokens", "-5"])
 
 

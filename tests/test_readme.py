@@ -28,6 +28,7 @@ def test_every_name_on_the_reading_path_exists():
     assert len(qualified) >= 9
     for file, name in qualified:
         assert name in defined[file], f"README names {file}: {name}, which {file} does not define"
-    bare = [n for n in re.findall(r"`([A-Za-z_][\w.]*)`", section) if not n.endswith(".py") and "/" not in n]
+    bare = [n for n in re.findall(r"`([A-Za-z_][\w.]*)`", section) if not n.endswith(".py")
+            and "/" not in n]
     for name in bare:
         assert name in everywhere, f"README's reading path names `{name}`, defined nowhere"

@@ -218,7 +218,7 @@ def test_generate_plain_on_the_static_path_equals_today(device, temperature):
         assert run(steps) == run(None)
 
 
-def test_static_sizes_and_bad_sizes():
+def test_static_sizes_round_up_and_oversized_trees_are_refused():
     assert [static_length(n) for n in (1, 256, 257, 1000, 5000)] == [256, 256, 512, 1024, 8192]
     assert [bucket(n) for n in (1, 2, 8, 9, 61, 129, 256)] == [1, 8, 8, 16, 64, 256, 256]
     with pytest.raises(TapsError, match="257 nodes exceeds"):

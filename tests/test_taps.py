@@ -10,26 +10,27 @@ import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import save_file
 
-from conftest import (DEVICES, broken_sampling, chi_square_p, count_second_copies, entropies_of, exact_first_tokens,
-                      near_oracle, node_tokens, prompts, tiny)
+from conftest import (DEVICES, broken_sampling, chi_square_p, count_second_copies, entropies_of,
+                      exact_first_tokens, near_oracle, node_tokens, prompts, tiny)
 from extras.checkpoint import load_drafter
 from model import TapsError, generate_plain
-from taps import (COMPOSE, DraftState, Drafter, Sampling, Stats, TorchRandom, Tree, TreeShape, draft_tree, generate,
-                  grow_tree, main, merge)
+from taps import (COMPOSE, DraftState, Drafter, Sampling, Stats, TorchRandom, Tree, TreeShape,
+                  draft_tree, generate, grow_tree, main, merge)
 
 
 # ----------------------------------------------------------------------------- trees
 
-def test_tree_structure():
+def test_a_tree_knows_its_depths_children_paths_mask_and_confidence():
     #      0
     #    1   2
     #   3 4   5
     #   6
-    t = Tree(tokens=[9, 1, 2, 3, 4, 5, 6], parents=[None, 0, 0, 1, 1, 2, 3], logq=[0, -1, -2, -1.5, -3, -2.5, -2],
-             entropy=[None] + [0.5] * 6)
+    t = Tree(tokens=[9, 1, 2, 3, 4, 5, 6], parents=[None, 0, 0, 1, 1, 2, 3],
+             logq=[0, -1, -2, -1.5, -3, -2.5, -2], entropy=[None] + [0.5] * 6)
     assert t.depths == (0, 1, 1, 2, 2, 2, 3)
     assert t.children == ((1, 2), (3, 4), (5,), (6,), (), (), ())
-    assert [t.path_to(leaf) for leaf, kids in enumerate(t.children) if not kids] == [[0, 1, 4], [0, 2, 5], [0, 1, 3, 6]]
+    assert ([t.path_to(leaf) for leaf, kids in enumerate(t.children) if not kids]
+            == [[0, 1, 4], [0, 2, 5], [0, 1, 3, 6]])
     m = t.mask
     assert m[6].tolist() == [True, True, False, True, False, False, True]
     assert m.sum().item() == 1 + 2 + 2 + 3 + 3 + 3 + 4
@@ -52,7 +53,8 @@ def table_expand(V, seed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(V=st.integers(2, 12), top_k=st.integers(1, 5), depth=st.integers(1, 4), n=st.integers(1, 40), seed=st.integers(0, 999))
+@given(V=st.integers(2, 12), top_k=st.integers(1, 5), depth=st.integers(1, 4), n=st.integers(1, 40),
+       seed=st.integers(0, 999))
 def test_grow_tree_is_eagle2(V, top_k, depth, n, seed):
     total = max(n, depth)
     k = min(top_k, V)
@@ -75,7 +77,8 @@ def test_grow_tree_is_eagle2(V, top_k, depth, n, seed):
         lp = logp_of(node_tokens(full, par))
         assert full.logq[i] == pytest.approx(full.logq[par] + lp[full.tokens[i]].item(), abs=1e-5)
         if children[i]:
-            assert sorted(full.tokens[c] for c in children[i]) == sorted(logp_of(node_tokens(full, i)).topk(k).indices.tolist())
+            assert (sorted(full.tokens[c] for c in children[i])
+                    == sorted(logp_of(node_tokens(full, i)).topk(k).indices.tolist()))
     # the frontier at each depth is the top-k by score of that depth's candidates
     d = full.depths
     for level in range(1, depth + 1):
@@ -84,7 +87,8 @@ def test_grow_tree_is_eagle2(V, top_k, depth, n, seed):
         assert {full.logq[i] for i in nodes if children[i]} == {full.logq[i] for i in best}
     # the kept tree is the best `total_tokens` of the pool
     ranked = sorted(range(1, len(full)), key=lambda i: (-full.logq[i], i))[:len(small) - 1]
-    assert {node_tokens(full, i) for i in ranked} == {node_tokens(small, i) for i in range(1, len(small))}
+    assert ({node_tokens(full, i) for i in ranked}
+            == {node_tokens(small, i) for i in range(1, len(small))})
 
 
 def test_draft_tree_masks_and_positions_match_a_plain_chain_run():
@@ -114,31 +118,35 @@ def test_draft_tree_masks_and_positions_match_a_plain_chain_run():
             assert tree.logq[i] == pytest.approx(logq, abs=1e-6)
 
 
-# ----------------------------------------------------------------------------- drafter checkpoints and bad input
+# ---------------------------------------------------------------- drafter checkpoints and bad input
 
-def test_drafter_checkpoint_roundtrip(tmp_path):
+def test_a_saved_drafter_loads_back_bit_for_bit_with_its_metadata(tmp_path):
     target = tiny(V=32, name="tiny-a")
     d = Drafter.random(target, 3)
     d.meta.update(backbone="hass", domain="math", data="gsm8k train, 100 conversations")
     d.save(tmp_path / "d.safetensors")
     e = load_drafter(tmp_path / "d.safetensors", target)
-    assert e.meta["backbone"] == "hass" and e.meta["domain"] == "math" and e.meta["target"] == "tiny-a"
+    assert (e.meta["backbone"] == "hass" and e.meta["domain"] == "math"
+            and e.meta["target"] == "tiny-a")
     assert e.meta["vocab_size"] == 32 and e.meta["dim"] == 64
     for k, v in d.state_dict().items():
         assert torch.equal(v, e.state_dict()[k])
     assert set(d.state_dict()) >= {"fc.weight", "fc.bias", "layers.0.self_attn.q_proj.weight",
-                                   "layers.0.post_attention_layernorm.weight", "layers.0.mlp.up_proj.weight"}
+                                   "layers.0.post_attention_layernorm.weight",
+                                   "layers.0.mlp.up_proj.weight"}
     assert not any("input_layernorm" in k or "embed" in k for k in d.state_dict())
 
 
-@pytest.mark.parametrize("other", [dict(V=48, name="tiny-a"), dict(V=32, dim=32, name="tiny-a"), dict(V=32, name="tiny-b")])
+@pytest.mark.parametrize("other",
+                         [dict(V=48, name="tiny-a"), dict(V=32, dim=32, name="tiny-a"),
+                          dict(V=32, name="tiny-b")])
 def test_drafter_for_another_target_is_refused(tmp_path, other):
     Drafter.random(tiny(V=32, name="tiny-a"), 0).save(tmp_path / "d.safetensors")
     with pytest.raises(TapsError, match="d.safetensors: drafter was trained for target 'tiny-a'"):
         load_drafter(tmp_path / "d.safetensors", tiny(**other))
 
 
-def test_unreadable_drafter_checkpoint(tmp_path):
+def test_a_missing_or_junk_drafter_checkpoint_is_refused(tmp_path):
     target = tiny(V=32)
     with pytest.raises(TapsError, match="no such drafter checkpoint"):
         load_drafter(tmp_path / "missing.safetensors", target)
@@ -147,19 +155,21 @@ def test_unreadable_drafter_checkpoint(tmp_path):
         load_drafter(tmp_path / "junk.safetensors", target)
 
 
-# ----------------------------------------------------------------------------- public EAGLE checkpoints
+# ------------------------------------------------------------------------- public EAGLE checkpoints
 
 def eagle_checkpoint(path, drafter, target, bias=True, weights="pytorch_model.bin"):
-    """A directory as SafeAILab/EAGLE publishes a drafter (cnets.py's names): config.json with `bias`,
-    fc.weight [fc.bias], layers.0.* without an input norm, and the target's embedding, in fp16."""
+    """A directory as SafeAILab/EAGLE publishes a drafter (cnets.py's names): config.json with
+    `bias`, fc.weight [fc.bias], layers.0.* without an input norm, and the target's embedding, in
+    fp16."""
     a = drafter.args
     path.mkdir()
     (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "bias": bias,
-        "hidden_size": a.dim, "intermediate_size": a.hidden_dim, "num_attention_heads": a.n_heads,
-        "num_key_value_heads": a.n_kv_heads, "num_hidden_layers": 1, "rms_norm_eps": a.norm_eps,
-        "rope_theta": a.rope_theta, "vocab_size": a.vocab_size, "max_position_embeddings": 2048,
-        "pad_token_id": 0, "torch_dtype": "float16"}))
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "bias": bias, "hidden_size": a.dim, "intermediate_size": a.hidden_dim,
+        "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
+        "num_hidden_layers": 1, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
+        "vocab_size": a.vocab_size, "max_position_embeddings": 2048, "pad_token_id": 0,
+        "torch_dtype": "float16"}))
     state = {k: v.half() for k, v in drafter.state_dict().items() if bias or k != "fc.bias"}
     state["embed_tokens.weight"] = target.embed_tokens.weight.detach().half()
     assert not any("input_layernorm" in k for k in state)
@@ -170,8 +180,10 @@ def eagle_checkpoint(path, drafter, target, bias=True, weights="pytorch_model.bi
     return path
 
 
-@pytest.mark.parametrize("bias, weights", [(True, "pytorch_model.bin"), (False, "model.safetensors")])
-def test_a_public_eagle_checkpoint_drafts_exactly_like_the_same_weights_in_taps_format(tmp_path, bias, weights):
+@pytest.mark.parametrize("bias, weights",
+                         [(True, "pytorch_model.bin"), (False, "model.safetensors")])
+def test_a_public_eagle_checkpoint_drafts_exactly_like_the_same_weights_in_taps_format(
+        tmp_path, bias, weights):
     target = tiny(V=64, n_layers=1)
     d = Drafter.random(target, 3)
     with torch.no_grad():
@@ -196,19 +208,24 @@ def test_a_public_eagle_checkpoint_drafts_exactly_like_the_same_weights_in_taps_
 def test_a_public_eagle_checkpoint_is_refused_with_one_line(tmp_path):
     target = tiny(V=64, n_layers=1)
     good = eagle_checkpoint(tmp_path / "good", Drafter.random(target), target)
-    with pytest.raises(TapsError, match=r"EAGLE drafter for hidden size 64, vocab 64; the target '' has hidden size 32, vocab 64"):
+    with pytest.raises(TapsError, match=r"EAGLE drafter for hidden size 64, vocab 64; the target "
+                                        r"'' has hidden size 32, vocab 64"):
         load_drafter(good, tiny(V=64, dim=32))
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "config.json").write_bytes((good / "config.json").read_bytes())
     raw = (good / "pytorch_model.bin").read_bytes()
     (tmp_path / "cut" / "pytorch_model.bin").write_bytes(raw[:len(raw) // 2])
-    with pytest.raises(TapsError, match=r"pytorch_model.bin: unreadable EAGLE weights .*download the checkpoint again"):
+    with pytest.raises(TapsError, match=r"pytorch_model.bin: unreadable EAGLE weights "
+                                        r".*download the checkpoint again"):
         load_drafter(tmp_path / "cut", target)
-    torch.save({"fc.weight": torch.zeros(1), "code": Fraction(1, 3)}, tmp_path / "cut" / "pytorch_model.bin")
-    with pytest.raises(TapsError, match=r"holds pickled objects besides tensors, refused \(torch.load weights_only\)"):
+    torch.save({"fc.weight": torch.zeros(1), "code": Fraction(1, 3)},
+               tmp_path / "cut" / "pytorch_model.bin")
+    with pytest.raises(TapsError, match=r"holds pickled objects besides tensors, refused "
+                                        r"\(torch.load weights_only\)"):
         load_drafter(tmp_path / "cut", target)
     (tmp_path / "cut" / "pytorch_model.bin").unlink()
-    with pytest.raises(TapsError, match="no model.safetensors or pytorch_model.bin in this EAGLE checkpoint directory"):
+    with pytest.raises(TapsError, match="no model.safetensors or pytorch_model.bin in this EAGLE "
+                                        "checkpoint directory"):
         load_drafter(tmp_path / "cut", target)
     (tmp_path / "cut" / "config.json").unlink()
     with pytest.raises(TapsError, match="config.json: file not found"):
@@ -225,13 +242,13 @@ def test_a_public_eagle_checkpoint_is_refused_with_one_line(tmp_path):
     (lambda: generate(tiny(V=32), Drafter.random(tiny(V=32)), [1, 2, 3], compose="nonsense"),
      "unknown compose 'nonsense'"),
 ])
-def test_bad_arguments(bad, message):
+def test_bad_tree_and_sampling_arguments_are_refused_by_name(bad, message):
     with pytest.raises(TapsError, match=message):
         bad()
 
 
 @pytest.mark.parametrize("other", [dict(V=48), dict(V=32, dim=32)])
-def test_mismatched_drafter(other):
+def test_a_drafter_for_another_vocabulary_or_width_is_refused(other):
     target = tiny(V=32)
     with pytest.raises(TapsError, match="does not match the target"):
         generate(target, Drafter.random(tiny(**other)), [1, 2, 3], Sampling(max_new_tokens=8))
@@ -246,54 +263,69 @@ def test_single_compose_takes_one_drafter():
 
 # ----------------------------------------------------------------------------- tau and statistics
 
-def test_tau_definition_by_hand():
+def test_tau_and_acceptance_by_depth_match_their_definitions_by_hand():
     s = Stats(accepted=[2, 0, 3], new_tokens=(2 + 1) + (0 + 1) + (3 + 1))
     assert s.calls == 3 and s.tau == 8 / 3
     # of the calls that reached depth d-1, the share that accepted a token at depth d
     assert s.acceptance_by_depth() == [2 / 3, 2 / 2, 1 / 2, 0 / 1]
     assert math.isnan(Stats().tau)
-    # a path that ended at a leaf had no child to accept below it: it leaves that depth's denominator
+    # a path that ended at a leaf had no child to accept below it: it leaves that depth's
+    # denominator
     s = Stats(accepted=[2, 0, 3], leaf=[True, False, True])
     assert s.acceptance_by_depth() == [2 / 3, 2 / 2, 1 / 1]
     assert Stats(accepted=[6, 6, 6], leaf=[True] * 3).acceptance_by_depth() == [1.0] * 6
 
 
 def test_entropies_count_only_judgements_whose_token_was_emitted():
-    """A stop token (or the budget) can end a call inside its accepted path: judgements below it never
-    produced an emitted token and stay out of Tables 7-8's lists (the call itself still counts)."""
+    """A stop token (or the budget) can end a call inside its accepted path: judgements below it
+    never produced an emitted token and stay out of Tables 7-8's lists (the call itself still
+    counts)."""
     #  0 -> 1 (x=5) -> 2 (x=6);  1 -> 3 (x=7) rejected;  0 -> 4 (x=8) rejected
-    tree = Tree([4, 5, 6, 7, 8], [None, 0, 1, 1, 0], [0, -1, -2, -3, -4], [None, 0.1, 0.2, 0.3, 0.4])
-    logits = {0: torch.zeros(3), 1: torch.tensor([0.0, 9.0, 9.0])}   # entropies log 3 and about log 2
-    for emitted, accepted, rejected in ((1, [0.1], [0.4]), (2, [0.1, 0.2], [0.4, 0.3]), (3, [0.1, 0.2], [0.4, 0.3])):
+    tree = Tree([4, 5, 6, 7, 8], [None, 0, 1, 1, 0], [0, -1, -2, -3, -4],
+                [None, 0.1, 0.2, 0.3, 0.4])
+    # entropies log 3 and about log 2
+    logits = {0: torch.zeros(3), 1: torch.tensor([0.0, 9.0, 9.0])}
+    for emitted, accepted, rejected in ((1, [0.1], [0.4]), (2, [0.1, 0.2], [0.4, 0.3]),
+                                        (3, [0.1, 0.2], [0.4, 0.3])):
         s = Stats()
         s.record(tree, [0, 1, 2], [4, 3], entropies_of(logits), emitted, 0.0, 0.0)
-        assert s.accepted == [2] and s.draft_entropy_accepted == accepted and s.draft_entropy_rejected == rejected
-        assert len(s.target_entropy_accepted) == len(accepted) and len(s.target_entropy_rejected) == len(rejected)
+        assert (s.accepted == [2] and s.draft_entropy_accepted == accepted
+                and s.draft_entropy_rejected == rejected)
+        assert (len(s.target_entropy_accepted) == len(accepted)
+                and len(s.target_entropy_rejected) == len(rejected))
         assert s.target_entropy_accepted[0] == pytest.approx(math.log(3))
 
 
 def test_alpha_by_depth_counts_only_emitted_tokens():
-    """Like tau, alpha counts what was emitted: where a stop token or the budget ended the last call inside its
-    accepted path, the acceptances below the cut and the rejections after them produced no token. Before
-    issue 30 they counted (here alpha would read [1, 1, 0] for a call that emitted one token)."""
+    """Like tau, alpha counts what was emitted: where a stop token or the budget ended the last call
+    inside its accepted path, the acceptances below the cut and the rejections after them produced
+    no token. Before issue 30 they counted (here alpha would read [1, 1, 0] for a call that emitted
+    one token)."""
     #  0 -> 1 (x=5) -> 2 (x=6) -> {3 (x=7), 4 (x=8)}: 5 and 6 accepted, 7 and 8 rejected
-    tree = Tree([4, 5, 6, 7, 8], [None, 0, 1, 2, 2], [0, -1, -2, -3, -4], [None, 0.1, 0.2, 0.3, 0.4])
+    tree = Tree([4, 5, 6, 7, 8], [None, 0, 1, 2, 2], [0, -1, -2, -3, -4],
+                [None, 0.1, 0.2, 0.3, 0.4])
     logits = {i: torch.zeros(3) for i in range(3)}
     whole, cut = Stats(), Stats()
-    whole.record(tree, [0, 1, 2], [3, 4], entropies_of(logits), 3, 0.0, 0.0)   # 5, 6 and the correction emitted
-    cut.record(tree, [0, 1, 2], [3, 4], entropies_of(logits), 1, 0.0, 0.0)     # the budget ended the call after 5
+    # 5, 6 and the correction emitted
+    whole.record(tree, [0, 1, 2], [3, 4], entropies_of(logits), 3, 0.0, 0.0)
+    # the budget ended the call after 5
+    cut.record(tree, [0, 1, 2], [3, 4], entropies_of(logits), 1, 0.0, 0.0)
     assert whole.acceptance_by_depth() == [1, 1, 0] and cut.acceptance_by_depth() == [1]
-    assert whole.emitted == [3] and cut.emitted == [1] and cut.accepted == [2]   # accepted: what verification did
+    # accepted: what verification did
+    assert whole.emitted == [3] and cut.emitted == [1] and cut.accepted == [2]
     # a second call accepting 2: cut after them (no judgement at depth 3), its correction emitted (a
     # rejection at depth 3), or its path ended at a leaf (nothing to judge at depth 3)
-    assert Stats(accepted=[3, 2], emitted=[4, 2], leaf=[False, False]).acceptance_by_depth() == [1, 1, 1, 0]
-    assert Stats(accepted=[3, 2], emitted=[4, 3], leaf=[False, False]).acceptance_by_depth() == [1, 1, 1 / 2, 0]
-    assert Stats(accepted=[3, 2], emitted=[4, 3], leaf=[False, True]).acceptance_by_depth() == [1, 1, 1, 0]
+    assert Stats(accepted=[3, 2], emitted=[4, 2],
+                 leaf=[False, False]).acceptance_by_depth() == [1, 1, 1, 0]
+    assert Stats(accepted=[3, 2], emitted=[4, 3],
+                 leaf=[False, False]).acceptance_by_depth() == [1, 1, 1 / 2, 0]
+    assert Stats(accepted=[3, 2], emitted=[4, 3],
+                 leaf=[False, True]).acceptance_by_depth() == [1, 1, 1, 0]
 
 
 def test_tau_and_alpha_count_the_same_tokens():
-    """generate with budgets that end the last call inside its path or not: tau's tokens are the calls'
-    emitted ones, and alpha reads a cut call as the path of the tokens it emitted."""
+    """generate with budgets that end the last call inside its path or not: tau's tokens are the
+    calls' emitted ones, and alpha reads a cut call as the path of the tokens it emitted."""
     target = tiny(V=16, n_layers=1)
     d = near_oracle(target)
     cuts = 0
@@ -301,30 +333,37 @@ def test_tau_and_alpha_count_the_same_tokens():
         _, s = generate(target, d, prompts(16)[0], Sampling(max_new_tokens=n),
                         TreeShape(top_k=2, depth=4, total_tokens=8))
         assert s.new_tokens == sum(s.emitted) == n - 1 and len(s.emitted) == s.calls
-        assert all(e == a + 1 for a, e in zip(s.accepted[:-1], s.emitted[:-1])) and s.emitted[-1] <= s.accepted[-1] + 1
-        if s.emitted[-1] <= s.accepted[-1]:   # cut inside its path: alpha sees a path of the tokens emitted,
+        assert (all(e == a + 1 for a, e in zip(s.accepted[:-1], s.emitted[:-1]))
+                and s.emitted[-1] <= s.accepted[-1] + 1)
+        # cut inside its path: alpha sees a path of the tokens emitted,
+        if s.emitted[-1] <= s.accepted[-1]:
             cuts += 1                          # with nothing judged below it
             emitted = Stats(accepted=s.accepted[:-1] + s.emitted[-1:], leaf=s.leaf[:-1] + [True])
             assert s.acceptance_by_depth() == emitted.acceptance_by_depth()
         else:
-            assert s.acceptance_by_depth() == Stats(accepted=s.accepted, leaf=s.leaf).acceptance_by_depth()
-    assert cuts > 0                                   # some budgets ended a call inside its accepted path
+            assert s.acceptance_by_depth() == Stats(accepted=s.accepted,
+                                                    leaf=s.leaf).acceptance_by_depth()
+    # some budgets ended a call inside its accepted path
+    assert cuts > 0
 
 
 def test_tau_on_a_one_token_vocabulary():
-    """V = 1: every draft is right. top_k 1, depth 2 -> a 3-node chain, all accepted + 1 bonus per call."""
+    """V = 1: every draft is right. top_k 1, depth 2 -> a 3-node chain, all accepted + 1 bonus per
+    call."""
     target = tiny(V=1)
     d = Drafter.random(target)
-    out, s = generate(target, d, [0, 0], Sampling(max_new_tokens=9), TreeShape(top_k=1, depth=2, total_tokens=3))
+    out, s = generate(target, d, [0, 0], Sampling(max_new_tokens=9),
+                      TreeShape(top_k=1, depth=2, total_tokens=3))
     # 1 prefill token + 2 calls x (3 accepted + 1 bonus) = 9
     assert out == [0] * 9 and s.accepted == [3, 3] and s.new_tokens == 8 and s.tau == 4.0
     assert s.leaf == [True, True] and s.acceptance_by_depth() == [1, 1, 1]
-    out, s = generate(target, d, [0, 0], Sampling(max_new_tokens=10), TreeShape(top_k=1, depth=2, total_tokens=3))
+    out, s = generate(target, d, [0, 0], Sampling(max_new_tokens=10),
+                      TreeShape(top_k=1, depth=2, total_tokens=3))
     # the third call is cut to its first token: tau counts tokens generated, (10 - 1) / 3
     assert len(out) == 10 and s.calls == 3 and s.tau == 3.0
 
 
-def test_statistics_are_consistent():
+def test_generate_statistics_agree_with_the_tokens_emitted():
     target = tiny(V=16, n_layers=1)
     d = near_oracle(target)
     out, s = generate(target, d, prompts(16)[0], Sampling(temperature=1.0, max_new_tokens=40),
@@ -333,9 +372,11 @@ def test_statistics_are_consistent():
     assert sum(s.accepted) + s.calls >= s.new_tokens > sum(s.accepted[:-1]) + s.calls - 1
     assert len(s.draft_entropy_accepted) == len(s.target_entropy_accepted) == sum(s.accepted)
     assert len(s.draft_entropy_rejected) == len(s.target_entropy_rejected) > 0
-    assert all(0 <= h <= math.log(16) + 1e-6 for h in s.draft_entropy_accepted + s.target_entropy_rejected)
+    assert (all(0 <= h <= math.log(16) + 1e-6
+                for h in s.draft_entropy_accepted + s.target_entropy_rejected))
     assert s.draft_time > 0 and s.verify_time > 0 and s.tree_size and max(s.tree_size) <= 13
-    assert set(s.summary()) >= {"tau", "alpha_by_depth", "draft_entropy", "target_entropy", "draft_s", "verify_s"}
+    assert set(s.summary()) >= {"tau", "alpha_by_depth", "draft_entropy", "target_entropy",
+                                "draft_s", "verify_s"}
 
 
 # ----------------------------------------------------------------------------- greedy equivalence
@@ -343,7 +384,8 @@ def test_statistics_are_consistent():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("setup", ["random-2-layer", "near-oracle-1-layer"])
 @pytest.mark.parametrize("chain, top_k, depth, total_tokens",
-                         [(False, 10, 5, 60), (False, 3, 4, 10), (False, 3, 3, None), (True, 10, 4, 10)])
+                         [(False, 10, 5, 60), (False, 3, 4, 10), (False, 3, 3, None),
+                          (True, 10, 4, 10)])
 def test_greedy_is_exactly_the_target(device, setup, chain, top_k, depth, total_tokens):
     V = 64
     if setup == "random-2-layer":
@@ -356,18 +398,20 @@ def test_greedy_is_exactly_the_target(device, setup, chain, top_k, depth, total_
     for prompt in prompts(V):
         ref = generate_plain(target, prompt, 48)
         out, s = generate(target, drafter, prompt, Sampling(max_new_tokens=48),
-                          TreeShape(top_k=top_k, depth=depth, total_tokens=total_tokens, chain=chain))
+                          TreeShape(top_k=top_k, depth=depth, total_tokens=total_tokens,
+                                    chain=chain))
         assert out == ref
         accepted += sum(s.accepted)
         stop = ref[20]   # a stop token: both stop right after its first occurrence
         out, _ = generate(target, drafter, prompt, Sampling(max_new_tokens=48, stop_ids={stop}),
-                          TreeShape(top_k=top_k, depth=depth, total_tokens=total_tokens, chain=chain))
+                          TreeShape(top_k=top_k, depth=depth, total_tokens=total_tokens,
+                                    chain=chain))
         assert out == ref[:ref.index(stop) + 1]
     if setup == "near-oracle-1-layer":
         assert accepted > 100   # long accepted paths were exercised, not just corrections
 
 
-# ----------------------------------------------------------------------------- Monte Carlo at temperature > 0
+# ------------------------------------------------------------------- Monte Carlo at temperature > 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -375,10 +419,11 @@ def test_greedy_is_exactly_the_target(device, setup, chain, top_k, depth, total_
 @pytest.mark.parametrize("mode", ["tree", "chain", "merged"])
 @pytest.mark.parametrize("wrong", [False, True])
 def test_monte_carlo_first_tokens_match_the_target(mode, wrong, compile, device, monkeypatch):
-    """Temperature 1, V = 4: the first two (and three) generated tokens are distributed as the target's;
-    the same test rejects a verifier sampling at temperature 0.5 (its power, shown). `merged` verifies
-    a merged tree whose first part is the drafted tree's depth-1 nodes alone, its second the whole
-    tree: every accepted path deeper than 1 runs on through a second copy (counted)."""
+    """Temperature 1, V = 4: the first two (and three) generated tokens are distributed as the
+    target's; the same test rejects a verifier sampling at temperature 0.5 (its power, shown).
+    `merged` verifies a merged tree whose first part is the drafted tree's depth-1 nodes alone, its
+    second the whole tree: every accepted path deeper than 1 runs on through a second copy
+    (counted)."""
     if wrong:
         broken_sampling(monkeypatch, temperature=0.5)
     target = tiny(V=4, n_layers=1)
@@ -388,20 +433,24 @@ def test_monte_carlo_first_tokens_match_the_target(mode, wrong, compile, device,
     def stub_then_whole(trees):   # draft-side only: a function of the drafted tree
         t, depth = trees[0], trees[0].depths
         keep = [i for i in range(len(t)) if depth[i] <= 1]
-        stub = Tree(*([getattr(t, f)[i] for i in keep] for f in ("tokens", "parents", "logq", "entropy", "origin")))
+        stub = Tree(*([getattr(t, f)[i] for i in keep]
+                      for f in ("tokens", "parents", "logq", "entropy", "origin")))
         return merge([stub, t])
     second_copies = count_second_copies(monkeypatch)
     prompt, n, rng = [1, 2, 3], 1500, TorchRandom(7)
     samples, accepted = [], 0
     for _ in range(n):
         out, s = generate(target, drafter, prompt, Sampling(temperature=1.0, max_new_tokens=3),
-                          TreeShape(top_k=2, depth=2, total_tokens=5, chain=mode == "chain"), compose=stub_then_whole if mode == "merged" else "single", rng=rng,
+                          TreeShape(top_k=2, depth=2, total_tokens=5, chain=mode == "chain"),
+                          compose=stub_then_whole if mode == "merged" else "single", rng=rng,
                           compile=compile)
         samples.append(tuple(out))
         accepted += sum(s.accepted)
-    assert accepted > n / 4                      # the drafts matter: many tokens come from accepted drafts
+    # the drafts matter: many tokens come from accepted drafts
+    assert accepted > n / 4
     if mode == "merged":
-        assert sum(second_copies) > n / 20       # the trie walk was exercised, not only first copies
+        # the trie walk was exercised, not only first copies
+        assert sum(second_copies) > n / 20
     for k in (2, 3):
         p = chi_square_p(Counter(x[:k] for x in samples), exact_first_tokens(target, prompt, k), n)
         print(f"{mode} wrong={wrong} first {k} tokens: chi-square p = {p:.3g}")
@@ -412,16 +461,18 @@ def test_monte_carlo_first_tokens_match_the_target(mode, wrong, compile, device,
 @pytest.mark.parametrize("compile", [None, "static"])
 @pytest.mark.parametrize("wrong", [False, True])
 def test_monte_carlo_with_temperature_and_top_p(wrong, compile, device, monkeypatch):
-    """T = 0.6, top-p 0.8 go through the same processing for every draw: still the target's distribution;
-    the same test rejects a verifier that ignores top-p."""
+    """T = 0.6, top-p 0.8 go through the same processing for every draw: still the target's
+    distribution; the same test rejects a verifier that ignores top-p."""
     if wrong:
         broken_sampling(monkeypatch, top_p=1.0)
     target = tiny(V=4, n_layers=1, seed=3)
     drafter = near_oracle(target).to(device)
     target = target.to(device)
     prompt, n, rng = [0, 3], 1500, TorchRandom(11)
-    samples = [tuple(generate(target, drafter, prompt, Sampling(temperature=0.6, top_p=0.8, max_new_tokens=2),
-                              TreeShape(top_k=2, depth=2, total_tokens=5), rng=rng, compile=compile)[0])
+    samples = [tuple(generate(target, drafter, prompt,
+                              Sampling(temperature=0.6, top_p=0.8, max_new_tokens=2),
+                              TreeShape(top_k=2, depth=2, total_tokens=5), rng=rng,
+                              compile=compile)[0])
                for _ in range(n)]
     expected = exact_first_tokens(target, prompt, 2, 0.6, 0.8)
     p = chi_square_p(Counter(samples), expected, n)
@@ -431,7 +482,8 @@ def test_monte_carlo_with_temperature_and_top_p(wrong, compile, device, monkeypa
 
 def test_cli_reports_errors_in_one_line(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["--prompt", "hi", "--drafter", "random", "--temperature", "-1", "--target", "/nonexistent/dir"])
+        main(["--prompt", "hi", "--drafter", "random", "--temperature", "-1", "--target",
+              "/nonexistent/dir"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1

@@ -17,8 +17,8 @@ from taps import Drafter, Sampling, Tree, TreeShape, generate, main
 
 PROMPTS = [
     "What is 7 * 6?",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May?",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
+    "May. How many clips did Natalia sell altogether in April and May?",
     "Write a haiku about the sea.",
 ]
 
@@ -45,8 +45,8 @@ def test_default_greedy_is_exactly_the_target(default, i, n, tree):
 
 
 def test_default_greedy_with_auto_trees_and_a_draft_vocabulary(default, tmp_path, monkeypatch):
-    """fp32, --tree auto: this machine's calibrated trees (often plain steps for a random drafter) and
-    deep, wide trees (a flat verify cost), with a draft vocabulary of 4,096 tokens."""
+    """fp32, --tree auto: this machine's calibrated trees (often plain steps for a random drafter)
+    and deep, wide trees (a flat verify cost), with a draft vocabulary of 4,096 tokens."""
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path))
     target, tok = default
     drafter = Drafter.random(target, 5)
@@ -55,7 +55,8 @@ def test_default_greedy_with_auto_trees_and_a_draft_vocabulary(default, tmp_path
     ref = generate_plain(target, ids, 12, stop_ids=tok.stop_ids)
     flat = AutoTree(verify_table({1: 10.0, 48: 10.0}, 48), max_depth=4)
     for auto in (flat, AutoTree.for_target(target)):
-        out, stats = generate(target, drafter, ids, Sampling(max_new_tokens=12, stop_ids=tok.stop_ids), auto)
+        out, stats = generate(target, drafter, ids,
+                              Sampling(max_new_tokens=12, stop_ids=tok.stop_ids), auto)
         assert out == ref
     assert stats.calls >= 1
 
@@ -73,23 +74,25 @@ def test_cli_random_drafter_prints_the_target_greedy_reply(default, capsys):
 
 
 def test_cli_refuses_a_drafter_for_another_target(default, tmp_path, capsys):
-    tiny = model.Transformer(model.ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32,
-                                             hidden_dim=128, name="tiny"))
+    tiny = model.Transformer(model.ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2,
+                                             vocab_size=32, hidden_dim=128, name="tiny"))
     Drafter.random(tiny).save(tmp_path / "tiny.safetensors")
     for ckpt, message in [(tmp_path / "tiny.safetensors", "drafter was trained for target 'tiny'"),
                           (tmp_path / "missing.safetensors", "no such drafter checkpoint")]:
         with pytest.raises(SystemExit) as e:
             main(["--prompt", "hi", "--drafter", str(ckpt), "--device", "cpu"])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+        assert (e.value.code == 2 and err.startswith("error: ") and message in err
+                and err.count("\n") == 1)
 
 
 def test_default_greedy_of_merged_trees_through_second_copies(default, monkeypatch):
-    """fp32, compose merged: the first drafter's tree holds the target's next token as a leaf (with two
-    wrong siblings), the second the same token with the target's next four below it, so every accepted
-    path deeper than 1 runs on through a second copy of a token path (the trie walk of `verify_tree`).
-    The trees are read off the target's own greedy reply -- any tree is fine for greedy verification,
-    which must still emit exactly the target's tokens and keep the right keys and values."""
+    """fp32, compose merged: the first drafter's tree holds the target's next token as a leaf (with
+    two wrong siblings), the second the same token with the target's next four below it, so every
+    accepted path deeper than 1 runs on through a second copy of a token path (the trie walk of
+    `verify_tree`). The trees are read off the target's own greedy reply -- any tree is fine for
+    greedy verification, which must still emit exactly the target's tokens and keep the right keys
+    and values."""
     target, tok = default
     ids, _ = tok.encode_chat([{"role": "user", "content": PROMPTS[1]}], add_generation_prompt=True)
     n = 24
@@ -107,7 +110,8 @@ def test_default_greedy_of_merged_trees_through_second_copies(default, monkeypat
             tokens, parents = [root, nxt[0], *wrong], [None, 0, 0, 0]
         else:
             tokens, parents = [root, *nxt], [None, *range(len(nxt))]
-        return Tree(tokens, parents, [-float(d) for d in range(len(tokens))], [None] + [0.0] * (len(tokens) - 1))
+        return Tree(tokens, parents, [-float(d) for d in range(len(tokens))],
+                    [None] + [0.0] * (len(tokens) - 1))
 
     monkeypatch.setattr(taps, "draft_tree", oracle_tree)
     second_copies = count_second_copies(monkeypatch)
@@ -119,9 +123,10 @@ def test_default_greedy_of_merged_trees_through_second_copies(default, monkeypat
 
 
 def test_cli_compiled_static_path_prints_the_same_reply(default, capsys):
-    """`--compile` (here aot_eager: inductor's cold compile is too slow for the suite) decodes on the
-    static path and prints the reply the eager path prints."""
-    args = ["--prompt", PROMPTS[0], "--drafter", "random", "--max-new-tokens", "16", "--device", "cpu"]
+    """`--compile` (here aot_eager: inductor's cold compile is too slow for the suite) decodes on
+    the static path and prints the reply the eager path prints."""
+    args = ["--prompt", PROMPTS[0], "--drafter", "random", "--max-new-tokens", "16", "--device",
+            "cpu"]
     replies = []
     for extra in ([], ["--compile", "aot_eager"]):
         main(args + extra)

