@@ -28,7 +28,6 @@ generation (`Stats`, `generate`) · CLI.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math

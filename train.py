@@ -32,7 +32,6 @@ loop · CLI.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
