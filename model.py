@@ -411,7 +411,7 @@ def build_mask(mask, B, T, L, device):
 
 # ----------------------------------------------------------------------------- static steps
 
-PREFILL_CHUNK = 64   # a prompt is scored in chunks of the study tree's bucket: no graph of its own
+PREFILL_CHUNK = 64   # a prompt is scored eagerly, in chunks of fixed shape: no graph of its own
 
 
 def compile_step(fn, device, backend: str = "inductor"):
@@ -446,7 +446,7 @@ class StaticSteps:
                                          length unchanged: the tree is provisional until `keep`
         keep(path, n)                    the accepted path stays (`pad_path`, `StaticCache.keep`)
         prefill(prompt)                  (B, P) ids -> (logits (B, V) after the last, features
-                                         (B, P, H)); length = P. Chunks through `score`.
+                                         (B, P, H)); length = P. Chunks through `score`, eagerly.
 
     backend None runs the roles eagerly: the reference, equal to today's `forward` in float64 bit
     for bit under SDPA's math kernel (the CPU flash kernel's sums depend on the key count, so there
@@ -520,7 +520,10 @@ class StaticSteps:
             n = min(C, P - start)
             chunk = prompt.new_zeros(B, C)               # a fresh tensor: strides are guarded too
             chunk[:, :n] = prompt[:, start:start + n]
-            hs.append(self.score(chunk, depths, rows, torch.full((), n, device=dev))[:, :n])
+            # eager, on the same static cache: one call per prompt, compute-bound, so a compiled
+            # graph of its own would add a cold compile (~40 s on a CPU) and save nothing
+            n_real = torch.full((), n, device=dev)
+            hs.append(StaticSteps.score(self, chunk, depths, rows, n_real)[:, :n])
             self.cache.length.add_(n)
         h = torch.cat(hs, 1)                                                 # (B, P, H)
         return self.model.head(h[:, -1]).float(), h
