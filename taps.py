@@ -196,6 +196,9 @@ class Tree:
     # the drafters that drafted each node: one, or several for a node that merge(dedup=True)
     # united; the root's is empty. None (the default): drafter 0 drafted every node (see `tag`)
     origin: Optional[tuple[frozenset[int], ...]] = None
+    # what `prune` cut this tree from (a reference, no copy), read by a trace (extras/trace.py)
+    # to show the nodes drafted and dropped; not part of the tree: equality ignores it
+    pool: Optional["Tree"] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):       # lists given are stored as tuples: the tree cannot change
         n, origin = len(self.tokens), self.origin
@@ -393,6 +396,7 @@ def prune(tree: Tree, n: int) -> Tree:
     Fixed here, not in `merge`, because this is where a tree must come out, whatever composed
     the input: a de-duplicated merged tree (`AutoTree` prunes it again) can hold a child that
     outscores its parent, and ranking by raw logq kept such a child without its parent.
+    The result keeps a reference to `tree` (`Tree.pool`): a trace shows what was dropped.
     """
     if n >= len(tree):
         return tree
@@ -402,7 +406,7 @@ def prune(tree: Tree, n: int) -> Tree:
     new_id = {old: new for new, old in enumerate(keep)}
     pick = lambda xs: [xs[i] for i in keep]
     return Tree(pick(tree.tokens), [None] + [new_id[tree.parents[i]] for i in keep[1:]],
-                pick(tree.logq), pick(tree.entropy), pick(tree.origin))
+                pick(tree.logq), pick(tree.entropy), pick(tree.origin), pool=tree)
 
 
 # ----------------------------------------------------------------------------- the drafter (eq. 3)

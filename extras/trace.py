@@ -10,13 +10,21 @@ random source's own (`TorchRandom.u`). Nothing is recomputed, so it cannot disag
 happened; the target's p(s) of a tree's test is r(s) times the mass the earlier rejections at
 that node left (r starts as p, and each rejection keeps 1 - r(s) of it).
 
+It also records the nodes each drafter drafted that `prune` dropped (`taps.Tree.pool`, what a
+pruned tree was cut from), as `Pruned` nodes numbered on from the verified tree's: shown dimmed
+(`✂ ... pruned`), drawn grey and dashed, listed in the JSON. A pool node is matched to the
+verified tree by its drafter and token path, which maps it through any composition (a routed
+tree is verified as it is, a merged one offset, a de-duplicated one united); a dropped node's
+parent is the verified node it hangs from, or another dropped node. Only the verified trees'
+pools count: a tree routing passed over is summarised in the routing, not listed node by node.
+
 Three views of one trace:
 * `render_text` (`taps.py --show`): each call as an indented tree, the accepted path expanded,
   rejected children with their r(s), wide nodes folded to a few children and a count of the rest.
 * `record` / `save` (`--trace FILE.jsonl`, also `eval.py --trace`): one JSON object per call.
 * `render_html` (`--trace-html FILE.html`): one self-contained page, an inline SVG per call.
 
-JSON lines, schema 2: {"schema": 2, "generation": g (0, 1, ... per `generate` run), "call": i
+JSON lines, schema 3: {"schema": 3, "generation": g (0, 1, ... per `generate` run), "call": i
 (from 0), "meta": {...what the caller set, e.g. prompt, run, turn}, "tree": {"tokens", "text",
 "parents" (the root's null), "depth", "origin" (the drafters of each node: [d], or several for a
 united node; the root's []), "logq", "q" (null where unknown: a node under another drafter's),
@@ -27,11 +35,9 @@ for a merged tree, as `taps.Stats.routed`)},
 "tests": [{"node", "child", "token", "r", "p", "u", "accepted"}], "draw": {"node", "token",
 "text", "kind" (bonus or correction), "prob" (in the distribution drawn from), "residual_mass"
 (of p left by the node's rejections; a chain's: of max(0, p - q))}, "path", "emitted",
-"emitted_text", "draft_s", "verify_s", "tau" (of the generation so far)}. Numbers that are not
-finite are null.
-
-Not recorded: the nodes a drafter drafted and `prune` dropped (the pool before eq. 6's rerank);
-the trace starts at the tree the target verified.
+"emitted_text", "draft_s", "verify_s", "tau" (of the generation so far), "pruned": [{"id"
+(from len(tokens) on), "token", "text", "parent" (a tree node, or an earlier pruned id), "depth",
+"origin", "logq", "q"}] (new in schema 3)}. Numbers that are not finite are null.
 """
 from __future__ import annotations
 
@@ -50,7 +56,7 @@ import taps
 from model import TapsError, mean
 from extras.runtime import atomic_write, check_writable, writing
 
-SCHEMA = 2
+SCHEMA = 3
 
 
 def _value(v):
@@ -93,6 +99,61 @@ class Draw:
 
 
 @dataclass
+class Pruned:
+    """A node a drafter drafted and `prune` dropped, numbered on from the verified tree's nodes:
+    its parent is a verified node or an earlier pruned one."""
+    id: int
+    token: int
+    parent: int
+    depth: int
+    origin: frozenset[int]
+    logq: float
+    q: float                  # given its parent, in the pool it was drafted in
+    text: Optional[str] = None
+
+
+def _pools(tree: taps.Tree):
+    """What a tree was pruned from, and what that was pruned from, ..."""
+    while tree.pool is not None:
+        tree = tree.pool
+        yield tree
+
+
+def pruned(tree: taps.Tree, drafted: dict[int, taps.Tree],
+           decode: Optional[Callable[[int], str]] = None) -> list[Pruned]:
+    """The nodes drafted for a call and dropped by `prune`: of each composed tree in `drafted`
+    (drafter -> its tree), and of the verified tree's own pools where it is none of them (`AutoTree`
+    prunes a merged tree again). A pool node whose drafter and token path the verified tree (or an
+    earlier pool) holds is that node; the others are new, numbered in pool order."""
+    known, out = {}, []      # (drafter, token path) -> node id
+
+    def add(t: taps.Tree, origin: Optional[frozenset[int]] = None):
+        paths, ids = [()], [0]
+        for i in range(1, len(t)):
+            paths.append(paths[t.parents[i]] + (t.tokens[i],))
+            o = t.origin[i] if origin is None else origin   # a pool is drafted before `tag`
+            node = i if t is tree else next((known[d, paths[i]] for d in o
+                                             if (d, paths[i]) in known), None)
+            if node is None:
+                node = len(tree) + len(out)
+                out.append(Pruned(node, t.tokens[i], ids[t.parents[i]], len(paths[i]), o,
+                                  t.logq[i], math.exp(t.logq[i] - t.logq[t.parents[i]]),
+                                  decode and decode(t.tokens[i])))
+            ids.append(node)
+            for d in o:
+                known.setdefault((d, paths[i]), node)
+
+    add(tree)
+    if all(t is not tree for t in drafted.values()):
+        for pool in _pools(tree):
+            add(pool)
+    for d, t in drafted.items():
+        for pool in _pools(t):
+            add(pool, frozenset({d}))
+    return out
+
+
+@dataclass
 class Routing:
     """A composition's decision: each drafter's tree summarised, and whose was verified: one
     drafter's, or all of theirs for a merged tree (as `taps.Stats.routed`)."""
@@ -118,6 +179,7 @@ class Call:
     draft_s: float
     verify_s: float
     tau: float                   # new tokens / calls of this generation, up to this call
+    pruned: list[Pruned] = field(default_factory=list)   # ids from len(tree) on
     first: tuple[int, ...] = field(init=False)   # a merged tree's copies are verified as one
 
     def __post_init__(self):
@@ -147,6 +209,13 @@ class Call:
             out.append("accepted" if f in on_path else "rejected" if f in tested else "untried")
         return out
 
+    def children(self) -> list[list[int]]:
+        """Each node's children, the pruned nodes' included (ids from len(tree) on)."""
+        kids = [list(k) for k in self.tree.children] + [[] for _ in self.pruned]
+        for x in self.pruned:
+            kids[x.parent].append(x.id)
+        return kids
+
     def accepted_from(self) -> list[frozenset[int]]:
         """The drafters of each accepted node's first copy, where its test was made (several: a
         united node of merged-dedup), as `taps.Stats.accepted_from` counts the first."""
@@ -169,7 +238,7 @@ class Trace:
         self._reset()
 
     def _reset(self):
-        self._tests, self._draw, self._routing = [], None, None
+        self._tests, self._draw, self._routing, self._drafted = [], None, None, {}
         self._left: dict[int, object] = {}   # node -> mass of p its rejections left
 
     def watch(self, compose=None, rng=None):
@@ -185,12 +254,13 @@ class Trace:
 
         def composed(trees):
             tree = compose(trees)
+            chosen = next((frozenset({i}) for i, t in enumerate(trees) if t is tree),  # routed
+                          frozenset(range(len(trees))))                                # merged
             if len(trees) > 1:
                 self._routing = Routing(name, [
                     {"drafter": i, "nodes": len(t) - 1, "confidence": mean(t.confidence[1:]),
-                     "entropy": mean(t.entropy[1:])} for i, t in enumerate(trees)],
-                    next((frozenset({i}) for i, t in enumerate(trees) if t is tree),  # routed
-                         frozenset(range(len(trees)))))                               # merged
+                     "entropy": mean(t.entropy[1:])} for i, t in enumerate(trees)], chosen)
+            self._drafted = {i: trees[i] for i in sorted(chosen)}   # their pools: `pruned`
             return tree
         return composed
 
@@ -217,7 +287,7 @@ class Trace:
         c = Call(max(self.generation, 0), self._calls - 1, dict(self.meta), tree, text,
                  self._routing, self._tests, self._draw, list(path), list(emitted),
                  self.decode and "".join(map(self.decode, emitted)), draft_s, verify_s,
-                 self._emitted / self._calls)
+                 self._emitted / self._calls, pruned(tree, self._drafted, self.decode))
         self._reset()
         if self.sink is not None:
             self.sink(record(c))
@@ -244,6 +314,9 @@ def record(c: Call) -> dict:
                  "kind": d.kind, "prob": _num(d.prob), "residual_mass": _num(d.residual_mass)},
         "path": c.path, "emitted": c.emitted, "emitted_text": c.emitted_text,
         "draft_s": c.draft_s, "verify_s": c.verify_s, "tau": c.tau,
+        "pruned": [{"id": x.id, "token": x.token, "text": x.text, "parent": x.parent,
+                    "depth": x.depth, "origin": sorted(x.origin), "logq": _num(x.logq),
+                    "q": _num(x.q)} for x in c.pruned],
     }
 
 
@@ -264,8 +337,8 @@ def _g(x) -> str:
 
 
 ANSI = {"accepted": "\033[32m", "rejected": "\033[31m", "dim": "\033[2m", "bold": "\033[1m"}
-MARK = {"root": "", "accepted": "✓", "rejected": "✗", "untried": "·"}
-RANK = {"accepted": 0, "rejected": 1, "untried": 2}
+MARK = {"root": "", "accepted": "✓", "rejected": "✗", "untried": "·", "pruned": "✂"}
+RANK = {"accepted": 0, "rejected": 1, "untried": 2, "pruned": 3}
 
 
 def summary(c: Call) -> str:
@@ -300,12 +373,16 @@ def render_call(c: Call, width: int = 4, colour: bool = False) -> str:
     """A call as an indented tree. Only the accepted path is expanded; every node shows its
     status mark, token, node id and q, tested ones p, r and the uniform u; at most `width`
     children per node (accepted first, then rejected, then the untried with the best scores), the
-    rest counted. Merged trees name each node's drafter (d0, d1; several: a united node)."""
+    rest counted; the nodes `prune` dropped last, dimmed. Merged trees name each node's drafter
+    (d0, d1; several: a united node)."""
     paint = (lambda kind, s: f"{ANSI[kind]}{s}\033[0m") if colour else (lambda kind, s: s)
-    t, status, q, tested = c.tree, c.status(), c.q(), c.tested()
-    kids, sizes = t.children, [1] * len(t)
-    for i in range(len(t) - 1, 0, -1):
-        sizes[t.parents[i]] += sizes[i]
+    t, status, q, tested, kids = c.tree, c.status(), c.q(), c.tested(), c.children()
+    cut = {x.id: x for x in c.pruned}
+    status += ["pruned"] * len(cut)
+    logq = [*t.logq, *(x.logq for x in c.pruned)]
+    sizes = [1] * len(kids)
+    for i in range(len(kids) - 1, 0, -1):   # a parent precedes its children, pruned ones too
+        sizes[cut[i].parent if i in cut else t.parents[i]] += sizes[i]
     merged = len(set(c.origin[1:])) > 1
     lines = [paint("bold", summary(c))]
     if c.routing is not None:
@@ -313,6 +390,12 @@ def render_call(c: Call, width: int = 4, colour: bool = False) -> str:
 
     def node_line(i: int) -> str:
         s = status[i]
+        if i in cut:
+            x = cut[i]
+            who = f"  {_who(x.origin)}" if merged else ""
+            below = f"  (+{sizes[i] - 1} below)" if sizes[i] > 1 else ""
+            return paint("dim", f"{MARK[s]} {label(x.token, x.text)} #{i}{who}  q {_g(x.q)}  "
+                                f"pruned{below}")
         text = label(t.tokens[i], c.text[i] if c.text else None)
         parts = [f"{MARK[s]} {text} #{i}".strip()]
         if i == 0:
@@ -333,7 +416,7 @@ def render_call(c: Call, width: int = 4, colour: bool = False) -> str:
         return paint("dim" if dim else s, line) if s != "root" else line
 
     def walk(i: int, prefix: str):
-        ranked = sorted(kids[i], key=lambda j: (RANK[status[j]], -t.logq[j], j))
+        ranked = sorted(kids[i], key=lambda j: (RANK[status[j]], -logq[j], j))
         shown = sorted(ranked[:width])
         rest = ranked[width:]
         for n, j in enumerate(shown):
@@ -342,7 +425,8 @@ def render_call(c: Call, width: int = 4, colour: bool = False) -> str:
             if status[j] == "accepted":
                 walk(j, prefix + ("    " if last else "│   "))
         if rest:
-            counts = [(sum(status[j] == s for j in rest), s) for s in ("rejected", "untried")]
+            counts = [(sum(status[j] == s for j in rest), s)
+                      for s in ("rejected", "untried", "pruned")]
             what = ", ".join(f"{k} {s.replace('untried', 'not tried')}" for k, s in counts if k)
             lines.append(prefix + "└── " + paint("dim", f"… {len(rest)} more: {what}"))
 
@@ -368,7 +452,8 @@ def show(trace: Trace):
 
 COL, BOX_W, BOX_H, ROW, PAD = 214, 104, 18, 24, 12
 FILL = {"root": "#dddddd", "accepted": "#bfe8c4", "rejected": "#f5c2c2", "untried": "#f7f7f7",
-        "draw": "#cfe0ff"}
+        "pruned": "#ffffff", "draw": "#cfe0ff"}
+PRUNED = "#aaaaaa"     # a pruned node's outline and text
 DRAFTER = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
@@ -381,7 +466,7 @@ def _stroke(origin: frozenset[int]) -> str:
 def layout(c: Call) -> dict:
     """(column, row) of every node and of the draw ("draw", a last child of its node): leaves
     take rows in depth-first order, a parent sits midway between its first and last child."""
-    kids, pos, rows = c.tree.children, {}, 0
+    kids, pos, rows = c.children(), {}, 0
 
     def place(i, depth):
         nonlocal rows
@@ -397,8 +482,8 @@ def layout(c: Call) -> dict:
 
 def svg_call(c: Call) -> str:
     """One call's tree as inline SVG: fill by status (the draw in blue), outline by drafter
-    (dashed: a copy verified as its first), edges labelled with q and, where tested, p; hover a
-    node for its numbers."""
+    (dashed: a copy verified as its first; grey and dashed: a pruned node), edges labelled with q
+    and, where tested, p; hover a node for its numbers."""
     t, status, q, tested, pos = c.tree, c.status(), c.q(), c.tested(), layout(c)
     xy = {i: (PAD + d * COL, PAD + r * ROW) for i, (d, r) in pos.items()}
     width = PAD * 2 + max(d for d, _ in pos.values()) * COL + BOX_W
@@ -416,17 +501,20 @@ def svg_call(c: Call) -> str:
         out.append(f'<text x="{x2 - 4:.0f}" y="{y2 - 3:.1f}" text-anchor="end" font-size="9" '
                    f'fill="#444444">{esc(text)}</text>')
 
-    def box(i, fill, stroke, text, tip, dashed=False):
+    def box(i, fill, stroke, text, tip, dashed=False, ink="#000000"):
         x, y = xy[i]
         short = text if len(text) <= 14 else text[:13] + "…"
         dash = ' stroke-dasharray="3 2" fill-opacity="0.5"' if dashed else ""
         out.append(f'<g><title>{esc(tip)}</title><rect x="{x:.0f}" y="{y:.1f}" width="{BOX_W}" '
                    f'height="{BOX_H}" rx="4" fill="{fill}" stroke="{stroke}" stroke-width="2"'
-                   f'{dash}/><text x="{x + 5:.0f}" y="{y + 13:.1f}">{esc(short)}</text></g>')
+                   f'{dash}/><text x="{x + 5:.0f}" y="{y + 13:.1f}" fill="{ink}">{esc(short)}'
+                   f'</text></g>')
 
     for i in range(1, len(t)):
         x = tested.get(c.first[i])
         edge(t.parents[i], i, f"q {_g(q[i])}" + (f" p {_g(x.p)}" if x else ""))
+    for x in c.pruned:
+        edge(x.parent, x.id, f"q {_g(x.q)}", dashed=True)
     d = c.draw
     edge(d.node, "draw", f"{d.kind} {_g(d.prob)}", dashed=True)
     for i in range(len(t)):
@@ -439,6 +527,10 @@ def svg_call(c: Call) -> str:
         if x:
             tip.append(f"p {_g(x.p)}, r {_g(x.r)}" + (f", u {_g(x.u)}" if x.u is not None else ""))
         box(i, FILL[status[i]], _stroke(c.origin[i]), text, "; ".join(tip), c.first[i] != i)
+    for x in c.pruned:
+        box(x.id, FILL["pruned"], PRUNED, label(x.token, x.text),
+            f"#{x.id} token {x.token}: drafted by {_who(x.origin)} and pruned; q {_g(x.q)}, "
+            f"log q {_g(x.logq)}", True, PRUNED)
     box("draw", FILL["draw"], "#3060c0", label(d.token, d.text),
         f"drawn after #{d.node} ({d.kind}): probability {_g(d.prob)}, residual mass "
         f"{_g(d.residual_mass)}")
@@ -459,6 +551,7 @@ def render_html(trace: Trace, title: str = "taps trace") -> str:
     ids = [f"call-{c.generation}-{c.index}" for c in trace.calls]
     key = "".join(f'<span class="key" style="background:{FILL[s]}">{s}</span>'
                   for s in ("accepted", "rejected", "untried", "draw"))
+    key += f'<span class="key" style="border: 2px dashed {PRUNED}; color: {PRUNED}">pruned</span>'
     drafters = sorted({o for c in trace.calls for o in c.origin[1:]}, key=sorted)
     key += "".join(f'<span class="key" style="border-color:{_stroke(o)}">drafter {_who(o)}</span>'
                    for o in drafters)
@@ -469,8 +562,8 @@ def render_html(trace: Trace, title: str = "taps trace") -> str:
            f'<p>Fill: status of the node (a dashed outline: a merged tree\'s copy of a token path, '
            f'verified as one node); outline: the drafter. {key}</p>',
            '<p>Edges: q, the draft probability given the parent, and p, the target\'s, where the '
-           'child was tested; hover a node for r(s), the uniform drawn and log q. The nodes '
-           'drafted and pruned before the call are not shown.</p><ol>']
+           'child was tested; hover a node for r(s), the uniform drawn and log q. Grey, dashed: '
+           'nodes a drafter drafted and the rerank (prune) dropped before the call.</p><ol>']
     out += [f'<li><a href="#{a}">{esc(summary(c))}</a></li>' for a, c in zip(ids, trace.calls)]
     out.append("</ol>")
     for n, (a, c) in enumerate(zip(ids, trace.calls)):

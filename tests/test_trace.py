@@ -55,9 +55,13 @@ def hand_call():
       c: r = 1/2, u .25 -> accepted (p(c) = 1/2 * 1/2 = 1/4)
       d: r = 1/4, u .5  -> rejected, residual (2/3, 1/3, 0, 0), 3/4 left
       b: r = 1/3, u .5  -> rejected, residual (1, 0, 0, 0), 3/4 * 2/3 = 1/2 left (p(b) = 1/4)
-      the correction: a, probability 1. Path 0 -> 2, emitted c a."""
-    tree = Tree([0, 1, 2, 3, 1], [None, 0, 0, 2, 2], [0.0, -0.5, -1.0, -2.0, -3.0],
-                [None] + [0.0] * 4)
+      the correction: a, probability 1. Path 0 -> 2, emitted c a.
+    The tree is `prune`d from a pool that also drafted d after the root and a after b."""
+    pool = Tree([0, 1, 2, 3, 1, 3, 0], [None, 0, 0, 2, 2, 0, 1],
+                [0.0, -0.5, -1.0, -2.0, -3.0, -4.0, -5.0], [None] + [0.0] * 6)
+    tree = taps.prune(pool, 5)
+    assert tree.pool is pool and tree == Tree([0, 1, 2, 3, 1], [None, 0, 0, 2, 2],
+                                              [0.0, -0.5, -1.0, -2.0, -3.0], [None] + [0.0] * 4)
     p = {0: [1 / 8, 1 / 2, 1 / 4, 1 / 8], 2: [1 / 2, 1 / 4, 0, 1 / 4]}
     trace = Trace(decode=lambda t: "abcd"[t])
     rng = Scripted([0.75, 0.25, 0.5, 0.5])
@@ -84,6 +88,11 @@ def test_a_traced_call_records_each_test_and_the_draw_by_hand():
     assert line["schema"] == SCHEMA and line["tree"]["depth"] == [0, 1, 1, 2, 2]
     assert line["draw"] == {"node": 2, "token": 0, "text": "a", "kind": "correction",
                             "prob": 1.0, "residual_mass": pytest.approx(0.5)}
+    assert line["pruned"] == [
+        {"id": 5, "token": 3, "text": "d", "parent": 0, "depth": 1, "origin": [0], "logq": -4.0,
+         "q": pytest.approx(np.exp(-4.0))},
+        {"id": 6, "token": 0, "text": "a", "parent": 1, "depth": 2, "origin": [0], "logq": -5.0,
+         "q": pytest.approx(np.exp(-4.5))}]
     assert json.loads(json.dumps(line)) == line
 
 
@@ -91,16 +100,17 @@ HEADER = ('call 1: 4 nodes, 1 accepted from d0, + correction -> 2 tokens "ca"; t
           'draft 1.0 ms, verify 2.0 ms\n  "a" #0  (root)\n')
 DRAWN = '  drew "a" after #2, the correction from the residual (mass 0.5 left): probability 1'
 SNAPSHOT = HEADER + """\
-  ├── ✗ "b" #1  q 0.607  p 0.5 r 0.5 u 0.75
-  └── ✓ "c" #2  q 0.368  p 0.25 r 0.5 u 0.25
-      ├── ✗ "d" #3  q 0.368  p 0.25 r 0.25 u 0.5
-      └── ✗ "b" #4  q 0.135  p 0.25 r 0.333 u 0.5
+  ├── ✗ "b" #1  q 0.607  p 0.5 r 0.5 u 0.75  (+1 below)
+  ├── ✓ "c" #2  q 0.368  p 0.25 r 0.5 u 0.25
+  │   ├── ✗ "d" #3  q 0.368  p 0.25 r 0.25 u 0.5
+  │   └── ✗ "b" #4  q 0.135  p 0.25 r 0.333 u 0.5
+  └── ✂ "d" #5  q 0.0183  pruned
 """ + DRAWN
 FOLDED = HEADER + """\
   ├── ✓ "c" #2  q 0.368  p 0.25 r 0.5 u 0.25
   │   ├── ✗ "d" #3  q 0.368  p 0.25 r 0.25 u 0.5
   │   └── … 1 more: 1 rejected
-  └── … 1 more: 1 rejected
+  └── … 2 more: 1 rejected, 1 pruned
 """ + DRAWN
 
 
@@ -110,6 +120,7 @@ def test_a_call_renders_as_its_text_snapshot():
     assert render_call(c, width=1) == FOLDED       # one child per node, the accepted first
     coloured = render_call(c, colour=True)
     assert "\033[32m" in coloured and "\033[31m" in coloured and "\033[" not in SNAPSHOT
+    assert '\033[2m✂ "d" #5' in coloured                 # a pruned node: dimmed
 
 
 # ----------------------------------------------------------------------------- generate, traced
@@ -167,6 +178,39 @@ def test_the_trace_holds_every_call_as_it_happened(models, case, temperature):
             if several:
                 assert c.routing.chosen == routed and len(c.routing.trees) == 2
         assert trace.calls[-1].tau == pytest.approx(stats.tau)
+
+
+def paths(parents, tokens) -> list[tuple]:
+    """Each node's token path from the root (parents precede children)."""
+    out = [()]
+    for p, t in zip(parents[1:], tokens[1:]):
+        out.append(out[p] + (t,))
+    return out
+
+
+@pytest.mark.parametrize("compose", ["single", "route", "merged", "merged-dedup"])
+def test_the_trace_records_the_nodes_prune_dropped(models, compose):
+    """A study shape whose total_tokens (8) is below its pool (3 + 3 * 9 = 30 per drafter): the
+    verified tree and the pruned nodes are, drafter by drafter, the pool (every node once, by
+    token path), and a pruned node hangs from a verified node, directly or through pruned ones."""
+    trace, *_ = traced(models, compose, 1.0, TreeShape(3, 3, 8))
+    for c in trace.calls:
+        n, cut = len(c.tree), c.pruned
+        assert [x.id for x in cut] == list(range(n, n + len(cut)))
+        parents = [*c.tree.parents, *(x.parent for x in cut)]
+        tokens = [*c.tree.tokens, *(x.token for x in cut)]
+        origin = [*c.origin, *(x.origin for x in cut)]
+        assert all(x.parent < x.id and x.depth == 1 + ([*c.tree.depths, *(y.depth for y in cut)]
+                                                       [x.parent]) for x in cut)
+        every = paths(parents, tokens)
+        for d in c.routing.chosen if c.routing else [0]:
+            mine = [every[i] for i in range(1, len(every)) if d in origin[i]]
+            assert len(mine) == len(set(mine)) == 3 + 3 * 3 ** 2   # top_k + depth top_k^2
+        if compose in ("single", "route"):   # the verified tree is a drafter's own: its pool
+            pool = c.tree.pool
+            assert len(cut) == len(pool) - n == 30 + 1 - 9
+            assert sorted(every) == sorted(paths(pool.parents, pool.tokens))
+            assert {x.origin for x in cut} <= {c.origin[1]}
 
 
 def test_recorded_p_is_the_target_own(models):
@@ -261,6 +305,8 @@ def test_html_is_one_self_contained_page_with_one_svg_per_call(models, tmp_path)
     page = render_html(trace, "a <title> & more")
     root = ET.fromstring(page)
     assert len(list(root.iter(SVG))) == len(trace.calls) > 1
+    pruned = sum(len(c.pruned) for c in trace.calls)            # drawn grey and dashed
+    assert pruned and page.count('stroke="#aaaaaa" stroke-width="2" stroke-dasharray') == pruned
     assert "<script" not in page and "src=" not in page and "<link" not in page
     assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "").replace(
         'xmlns="http://www.w3.org/1999/xhtml"', "")   # nothing to fetch: namespaces only
@@ -337,7 +383,10 @@ def test_show_trace_and_page_on_the_embedded_default(default, tmp_path, capsys):
     lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
     assert len(lines) == calls and {tuple(x["routing"]["chosen"]) for x in lines} == {(0, 1)}
     assert {tuple(o) for x in lines for o in x["tree"]["origin"][1:]} == {(0,), (1,)}
+    assert all(len(x["tree"]["tokens"]) - 1 + len(x["pruned"]) == 2 * (4 + 3 * 4 ** 2)
+               for x in lines)                              # two pools of top_k + depth top_k^2
     assert len(list(ET.parse(page).getroot().iter(SVG))) == calls
+    assert "and pruned;" in page.read_text()                # what the rerank dropped, drawn
 
 
 @pytest.mark.parametrize("compose", [["--compose", "route-entropy"], ["--chain"]])
