@@ -269,7 +269,8 @@ class Tree:
             path.append(self.parents[path[-1]])
         return path[::-1]
 
-    def path_logq(self) -> list[float]:
+    @cached_property
+    def path_logq(self) -> tuple[float, ...]:
         """Each node's score as a rank: the lowest logq on its path from the root. A node is
         accepted only after every node above it, so it is worth no more than the weakest of them.
         An EAGLE-2 tree's scores already fall along every path (log q <= 0), so these are its
@@ -278,7 +279,7 @@ class Tree:
         score = list(self.logq)
         for i in range(1, len(self)):                     # parents precede children
             score[i] = min(score[i], score[self.parents[i]])
-        return score
+        return tuple(score)
 
 
 @dataclass(frozen=True)
@@ -400,7 +401,7 @@ def prune(tree: Tree, n: int) -> Tree:
     """
     if n >= len(tree):
         return tree
-    score = tree.path_logq()
+    score = tree.path_logq
     order = sorted(range(1, len(tree)), key=lambda i: -score[i])   # stable: ties by node order
     keep = [0] + sorted(order[:n - 1])
     new_id = {old: new for new, old in enumerate(keep)}
@@ -1076,6 +1077,12 @@ def lazy_head(device) -> bool:
     return torch.device(device).type != "cuda"
 
 
+def target_head(verifier, tree: Tree, h: torch.Tensor, sampling: Sampling):
+    """p_at for the verifiers on the verifier's device: `TargetHead` or `HostHead`."""
+    head = TargetHead if lazy_head(verifier.device) else HostHead
+    return head(verifier.target, tree, h, sampling)
+
+
 def _emit(out: list[int], new: list[int], sampling: Sampling) -> tuple[int, bool]:
     """Append tokens until a stop token (kept) or the budget: (tokens appended, generation over)."""
     for n, x in enumerate(new, 1):
@@ -1131,8 +1138,7 @@ def speculative_tree(policy: "TreePolicy", states: list, verifier, root_token: i
     tree = policy.draft(states, verifier.target, root_token, compose)
     t1 = time.perf_counter()
     h = verifier.score(tree)                                                  # (N, H)
-    head = TargetHead if lazy_head(verifier.device) else HostHead
-    p_at = head(verifier.target, tree, h, sampling)
+    p_at = target_head(verifier, tree, h, sampling)
     return (tree, h, p_at, *verify_tree(tree, p_at, rng, trace), t1 - t0)
 
 
@@ -1146,10 +1152,9 @@ def speculative_chain(state: DraftState, verifier, root_token: int, length: int,
     tree, q = draft_chain(state, verifier.target, root_token, length, sampling.temperature,
                           sampling.top_p, rng)
     t1 = time.perf_counter()
-    h = verifier.score(tag(tree, 0))                                          # (N, H)
-    p_at = (TargetHead if lazy_head(verifier.device) else HostHead)(verifier.target, tree, h,
-                                                                   sampling)
-    q = q if lazy_head(verifier.device) else q.cpu()                       # beside p
+    h = verifier.score(tree)             # (N, H); an untagged tree's nodes are drafter 0's
+    p_at = target_head(verifier, tree, h, sampling)
+    q = q if isinstance(p_at, TargetHead) else q.cpu()                    # beside p
     return (tree, h, p_at, *verify_chain(tree.tokens, q, p_at, rng, trace), t1 - t0)
 
 

@@ -252,7 +252,7 @@ class AutoTree:
         """The tree pruned to the best size for the time drafting has taken since t0. Nodes are
         valued by the scores `prune` ranks them by (`Tree.path_logq`), so the best N is counted
         over the very nodes prune keeps, a composed tree's included."""
-        n, _, _ = self.best(torch.tensor(tree.path_logq()[1:]), clock(dev) - t0)
+        n, _, _ = self.best(torch.tensor(tree.path_logq[1:]), clock(dev) - t0)
         return prune(tree, n)
 
     def start(self, states: list, target: Transformer, root_token: int):
@@ -301,7 +301,7 @@ class AutoTree:
         starts afresh). A plain step (the root alone) measures neither."""
         if len(tree) == 1:
             return
-        self.predicted += sum(math.exp(s) for s in tree.path_logq()[1:])   # as `size` valued them
+        self.predicted += sum(math.exp(s) for s in tree.path_logq[1:])   # as `size` valued them
         self.accepted += accepted
         keep = 0.0 if self.fresh else 0.9
         self.spec_tokens = keep * self.spec_tokens + accepted + 1

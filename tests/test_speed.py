@@ -181,7 +181,7 @@ def test_prune_keeps_the_parent_of_a_child_that_outscores_it():
     b = tag(Tree([0, 5, 7], [None, 0, 1], [0.0, -0.1, -0.5], [None, 1.0, 1.0]), 1)
     m = merge([a, b], dedup=True)
     assert m.tokens == (0, 5, 7) and m.logq == (0.0, -2.0, -0.5) and raw_rank_breaks(m, 2)
-    assert m.path_logq() == [0.0, -2.0, -2.0]
+    assert m.path_logq == (0.0, -2.0, -2.0)
     assert prune(m, 2).tokens == (0, 5) and prune(m, 3).tokens == (0, 5, 7)
 
 
@@ -214,7 +214,7 @@ def test_prune_returns_a_tree_of_the_best_nodes_whatever_it_is_given(kind, seed,
                for j, i in enumerate(kept) if j)
     # the best: a node's rank is the lowest score on its path, and no node left out outranks a kept
     # one
-    score = tree.path_logq()
+    score = list(tree.path_logq)
     assert score == [min(tree.logq[j] for j in tree.path_to(i)) for i in range(len(tree))]
     left = [score[i] for i in range(len(tree)) if i not in set(kept)]
     assert max(left, default=-math.inf) <= min((score[i] for i in kept[1:]), default=math.inf)
