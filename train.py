@@ -797,9 +797,9 @@ def main(argv=None):
         heldout, train_sets, vocab_sets = training_sets(
             target, tokenizer, cfg, args.data_dir, args.extract_batch, args.features == "online",
             args.features_only, world)
-        say = print if world.main else lambda *a: None
+        note = print if world.main else lambda *a: None   # not `say`: the error handler's
         if args.features_only:
-            return say(f"[feature caches of size {cfg.size} ready in "
+            return note(f"[feature caches of size {cfg.size} ready in "
                        f"{time.perf_counter() - t0:.0f} s]")
         def choose() -> bool:   # rank 0 decides (measuring at most once), every rank follows
             amp, why = decide_amp(args.amp, target, state_path(out), args.resume)
@@ -808,12 +808,12 @@ def main(argv=None):
         cfg = dataclasses.replace(cfg, amp=bool(world.pick(choose, device)))
         t1 = time.perf_counter()
         n = sum(fs.meta["conversations"] for fs in train_sets)
-        say(f"[target + features ready in {t1 - t0:.0f} s; training {cfg.backbone} on "
+        note(f"[target + features ready in {t1 - t0:.0f} s; training {cfg.backbone} on "
             f"{cfg.domain}: {n} conversations, {cfg.epochs} epochs, lr {cfg.lr}]")
         train(cfg, target, train_sets, heldout, out, args.resume, args.save_interval,
               tokenizer.stop_ids, args.overwrite, vocab_sets, world)
         world.close()
-        say(f"[{out} (log {out.with_name(out.stem + '.jsonl')}): training "
+        note(f"[{out} (log {out.with_name(out.stem + '.jsonl')}): training "
             f"{time.perf_counter() - t1:.0f} s, total {time.perf_counter() - t0:.0f} s]")
 
 

@@ -517,6 +517,14 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     # nothing there)
     T.main([a for a in mix[4:] if a not in ("--epochs", "1")] + ["--features-only"])
     T.main(mix + ["--overwrite"])
+    # an error during training itself (features ready, progress printed): still one line
+    def fail(*args, **kw):
+        raise TapsError("disk full")
+    monkeypatch.setattr(T, "train", fail)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        T.main(mix + ["--overwrite"])
+    assert capsys.readouterr().err == "error: disk full\n"
 
 
 def online(target, examples, shard_size=4, name="a"):
