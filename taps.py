@@ -282,15 +282,21 @@ class Tree:
         return tuple(score)
 
 
+def flag(default, help: str):
+    """A config field that is also a command-line flag of that name, with this help (the
+    scripts' `extras.runtime.add_fields`): one definition of a knob for every script."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TreeShape:
     """The draft tree of eq. 6: each of `depth` steps expands the top_k children of the top_k
     best frontier nodes, then the `total_tokens` best nodes are kept (None: the whole pool). The
     study's EAGLE-2 setting is 10 / 5 / 60. chain=True drafts a sampled chain of depth + 1
     tokens instead, verified by eqs. 1-2."""
-    top_k: int = field(default=10, metadata={"help": "study tree: children per node"})
-    depth: int = field(default=5, metadata={"help": "study tree (and --chain): steps"})
-    total_tokens: Optional[int] = field(default=60, metadata={"help": "study tree: nodes kept"})
+    top_k: int = flag(10, "study tree: children per node")
+    depth: int = flag(5, "study tree (and --chain): steps")
+    total_tokens: Optional[int] = flag(60, "study tree: nodes kept")
     chain: bool = False
 
     @property
@@ -822,10 +828,9 @@ COMPOSE: dict[str, Callable[[list[Tree]], Tree]] = {
 class Sampling:
     """What `generate` draws and when it stops: p (and a chain's q) after temperature (0 =
     greedy) and top-p, at most max_new_tokens tokens, the last a stop token if one comes."""
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
-    top_p: float = field(default=1.0, metadata={"help": "keep the most likely tokens up to this "
-                                                        "total probability (1 = all)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "most tokens to generate"})
+    temperature: float = flag(0.0, "0 = greedy")
+    top_p: float = flag(1.0, "keep the most likely tokens up to this total probability (1 = all)")
+    max_new_tokens: int = flag(256, "most tokens to generate")
     stop_ids: frozenset = frozenset()
 
     def __post_init__(self):

@@ -38,7 +38,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -52,7 +52,7 @@ from extras.distributed import SINGLE, World
 from extras.features import HELDOUT_DOMAINS, MIXES, SHARD_SIZE, logits
 from extras.runtime import atomic_write, writing
 from model import ModelArgs, TapsError, Transformer, target_identity
-from taps import Drafter
+from taps import Drafter, flag
 
 BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + context alignment (eqs. 8-9)
     "eagle": dict(topk_w=0.0, align_steps=0),
@@ -78,23 +78,19 @@ DRAFT_VOCAB = 4096   # tokens a drafter proposes from (results/speed.md: tau and
 class TrainConfig:
     """A run. None: the size's value (SIZES) or the backbone's (BACKBONES). A field with a "help"
     is train.py's flag of the same name (`extras.runtime.add_fields`)."""
-    domain: str = field(default="math", metadata={"help": (
-        f"training corpus: {', '.join(TRAIN_DOMAINS)} (mixtures read the caches of both domains "
-        f"at the size)")})
-    backbone: str = field(default="eagle", metadata={"help": f"objective: {', '.join(BACKBONES)}"})
-    size: str = field(default="demo", metadata={"help": f"configuration: {', '.join(SIZES)}"})
-    n_train: Optional[int] = field(default=None, metadata={
-        "help": "conversations per training domain (default: the size's)"})
-    max_len: Optional[int] = field(default=None, metadata={
-        "help": "tokens per conversation, longer ones truncated (default: the size's)"})
-    n_heldout: Optional[int] = field(default=None, metadata={
-        "help": "held-out conversations per domain for agreement (default: the size's)"})
-    epochs: Optional[int] = field(default=None, metadata={
-        "help": "passes over the training data (default: the size's)"})
-    lr: Optional[float] = field(default=None, metadata={
-        "help": "peak learning rate (default: the size's)"})
-    batch_size: Optional[int] = field(default=None, metadata={
-        "help": "conversations per step, right-padded (default: the size's)"})
+    domain: str = flag("math", f"training corpus: {', '.join(TRAIN_DOMAINS)} (mixtures read the "
+                       f"caches of both domains at the size)")
+    backbone: str = flag("eagle", f"objective: {', '.join(BACKBONES)}")
+    size: str = flag("demo", f"configuration: {', '.join(SIZES)}")
+    n_train: Optional[int] = flag(None, "conversations per training domain (default: the size's)")
+    max_len: Optional[int] = flag(None, "tokens per conversation, longer ones truncated "
+                                        "(default: the size's)")
+    n_heldout: Optional[int] = flag(None, "held-out conversations per domain for agreement "
+                                          "(default: the size's)")
+    epochs: Optional[int] = flag(None, "passes over the training data (default: the size's)")
+    lr: Optional[float] = flag(None, "peak learning rate (default: the size's)")
+    batch_size: Optional[int] = flag(None, "conversations per step, right-padded "
+                                           "(default: the size's)")
     warmup: Optional[float] = None   # fraction of all steps spent in linear warmup
     v_w: float = 1.0                 # feature regression weight (eq. 4)
     p_w: float = 0.1                 # cross-entropy weight (eq. 4)
@@ -104,12 +100,11 @@ class TrainConfig:
     noise: float = 0.2               # EAGLE's uniform input-feature noise, scaled by 512 / length
     grad_clip: float = 0.5           # clip each gradient value to [-0.5, 0.5], as EAGLE does
     head_chunk: int = 2048           # loss positions per full-vocabulary logit block
-    draft_vocab: int = field(default=0, metadata={"help": (
-        "draft vocabulary (Drafter.vocab): the most frequent target tokens in the training data "
-        "(0 = every token, as the study; train.py's default %(default)s)")})
+    draft_vocab: int = flag(0, "draft vocabulary (Drafter.vocab): the most frequent target tokens "
+                               "in the training data (0 = every token, as the study; train.py's "
+                               "default %(default)s)")
     amp: bool = True                 # bf16 autocast (the CLI measures which is faster: auto_amp)
-    seed: int = field(default=0, metadata={
-        "help": "seeds the drafter's weights, the batch order and the input noise"})
+    seed: int = flag(0, "seeds the drafter's weights, the batch order and the input noise")
 
     def __post_init__(self):
         for name, value, known in (("domain", self.domain, TRAIN_DOMAINS),
