@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from extras.checkpoint import load_target
-from extras.runtime import check_device, check_memory, describe, machine
+from extras.runtime import check_device, check_memory, describe, machine, one_line_errors
 from model import (ModelArgs, StaticSteps, TapsError, Transformer, bucket, clock, generate_plain,
                    pad_tree)
 
@@ -225,8 +225,7 @@ def scorer(model: Transformer, steps, prompt: list, trees: dict):
             model(tokens[None], P + depths[None], mask[None], cache, head=False)
             cache.truncate(P)
         return sliced
-    steps.fit(P + bucket(max(trees)))
-    steps.prefill(ids)
+    steps.prefill(ids)   # `compare` fitted the cache for the largest tree
     padded = {n: pad_tree(*tree) for n, tree in trees.items()}
     return lambda n: steps.score(*padded[n])
 
@@ -260,15 +259,12 @@ def gpu_check(n_new: int = 64, device="cuda"):
     """`make gpu-check`, after the CUDA-parametrised tests: eager vs the compiled static path (CUDA
     graphs) on random weights of each GPU_CHECK target, one table (each target's rows are also
     printed as they come, so a run cut short still shows what it measured)."""
-    from extras.runtime import one_line_errors
     with one_line_errors():
         check_device(device)
         print(describe(machine(device)) + "\n", flush=True)
         rows = []
         for shape, dtype in GPU_CHECK:
-            model = random_target(shape, device, dtype)
-            prompt = torch.randint(model.args.vocab_size, (40,),
-                                   generator=torch.Generator().manual_seed(0)).tolist()
+            model, prompt = bench_target(None, shape, device, dtype)
             rows += compare(model, prompt, device, n_new, sizes=(61,), reps=2)
             print_comparison(rows[-3:])
             print(flush=True)

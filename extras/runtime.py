@@ -90,6 +90,7 @@ CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os
 SEED_MAX = 2 ** 32 - 1      # a seed * 1_000_003 + i (eval, train) stays within torch's 64 bits
 POOL_MAX = 1 << 20          # study-tree pool nodes: grow_tree keeps each in Python lists (memory)
 AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+LAMBDA = (lambda v: 0 <= v <= 1, "in [0, 1] (theta = lam * theta_0 + (1 - lam) * theta_1)")
 # What every numeric flag may be, by its name (one meaning in every script): a test and the range
 # in words. `check_flags` applies it to a parsed command line before any model loads.
 RANGES = {
@@ -97,9 +98,7 @@ RANGES = {
     "total_tokens": AT_LEAST_1, "epochs": AT_LEAST_1, "n_train": AT_LEAST_1,
     "n_heldout": AT_LEAST_1,
     "seed": (lambda v: 0 <= v <= SEED_MAX, f"between 0 and {SEED_MAX}"),
-    "lam": (lambda v: 0 <= v <= 1, "in [0, 1] (theta = lam * theta_0 + (1 - lam) * theta_1)"),
-    "lam_sweep": (lambda v: 0 <= v <= 1, "in [0, 1] (theta = lam * theta_0 + (1 - lam) * "
-                                         "theta_1)"),
+    "lam": LAMBDA, "lam_sweep": LAMBDA,
     "threads": (lambda v: 1 <= v <= CORES, f"between 1 and {CORES} (the CPU cores this process "
                                            f"may use; more only make the threads wait)"),
     "lr": (lambda v: 0 < v <= 1, "in (0, 1] (each AdamW step moves a weight by about lr)"),

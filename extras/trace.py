@@ -180,10 +180,10 @@ class Call:
     verify_s: float
     tau: float                   # new tokens / calls of this generation, up to this call
     pruned: list[Pruned] = field(default_factory=list)   # ids from len(tree) on
-    first: tuple[int, ...] = field(init=False)   # a merged tree's copies are verified as one
 
-    def __post_init__(self):
-        self.first = self.tree.first
+    @property
+    def first(self) -> tuple[int, ...]:   # a merged tree's copies are verified as one
+        return self.tree.first
 
     @property
     def origin(self) -> tuple[frozenset[int], ...]:
