@@ -23,7 +23,7 @@ test: install
 # the study's tree in fp32 (greedy output checked bit for bit) on LIMIT items per benchmark at
 # T = 0 and LIMIT_1 at T = 1, then the speed table (auto trees, bf16 where it pays); at the end,
 # which table answers which question, where the files are (runs/demo*), and this machine's speed.
-LIMIT ?= 5
+LIMIT ?= 3
 LIMIT_1 ?= 1
 demo: install
 	$(PY) -m extras.demo --limit $(LIMIT) --limit-1 $(LIMIT_1)

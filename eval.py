@@ -91,11 +91,16 @@ def items(text: str, kind=str) -> list:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
             from None
-    twice = [x for i, x in enumerate(values) if x in values[:i]]
-    if twice:
-        raise argparse.ArgumentTypeError(f"{twice[0]} is given twice in {text!r}; give each "
-                                         f"once")
+    twice = repeated(values)
+    if twice is not None:
+        raise argparse.ArgumentTypeError(f"{twice} is given twice in {text!r}; give each once")
     return values
+
+
+def repeated(values: list, keys=None):
+    """The first of `values` whose key (the value itself unless `keys` are given) came before."""
+    keys = values if keys is None else keys
+    return next((v for i, v in enumerate(values) if keys[i] in keys[:i]), None)
 
 
 def floats(text: str) -> list[float]:
@@ -112,9 +117,9 @@ def drafter_names(paths: list) -> list[str]:
     one file name apart (a/eagle-math, b/eagle-math): one name per results file. One file given
     twice is refused."""
     full = [Path(p).resolve() for p in paths]
-    twice = [p for i, p in enumerate(paths) if full[i] in full[:i]]
-    if twice:
-        raise TapsError(f"--drafters {twice[0]}: given twice; give each drafter once")
+    twice = repeated(paths, full)
+    if twice is not None:
+        raise TapsError(f"--drafters {twice}: given twice; give each drafter once")
     parts = [Path(p).parent.parts + (Path(p).stem,) for p in map(str, full)]
     for n in range(1, max(map(len, parts)) + 1):
         names = ["/".join(q[-n:]) for q in parts]
@@ -441,8 +446,8 @@ def setup(args, dec: Decoding, json_base: Path, argv) -> tuple:
                 idents, shared, args.total_tokens, args.lam_sweep or [args.lam],
                 args.equal_budget)
     paths = [json_path(json_base, r, len(runs) > 1) for r in runs]
-    if len(set(paths)) < len(paths):   # never one results file written twice in one run
-        twice = next(p for i, p in enumerate(paths) if p in paths[:i])
+    twice = repeated(paths)            # never one results file written twice in one run
+    if twice is not None:
         raise TapsError(f"two runs would write {twice}; name the drafters' files apart")
     if args.tree == "auto":   # each run calibrates its drafters' confidence on its own calls
         for r in runs:

@@ -274,6 +274,24 @@ class StaticCache(nn.Module):
     def reset(self):
         self.length.zero_()
 
+    def fit(self, n: int) -> "StaticCache":
+        """This cache if it has n slots, else an empty one of the same layout with room for n (the
+        next static length: one more compile per step that uses it)."""
+        if n <= self.size:
+            return self
+        B, nkv, _, hd = self.k0.shape
+        return StaticCache(self.n_layers, nkv, hd, n, self.k0.dtype, self.k0.device, B)
+
+
+def chunks(x: torch.Tensor, size: int):
+    """x (B, L, ...) in fixed-shape pieces (B, size, ...), the last zero-padded, each with its real
+    length n. Fresh tensors, not views: a compiled step guards strides too."""
+    for start in range(0, x.shape[1], size):
+        n = min(size, x.shape[1] - start)
+        piece = x.new_zeros(x.shape[0], size, *x.shape[2:])
+        piece[:, :n] = x[:, start:start + n]
+        yield piece, n
+
 
 def static_mask(rows, n, slots, length, size: int) -> torch.Tensor:
     """The (1, 1, T, S) boolean mask of T new tokens over all S slots of a StaticCache.
@@ -470,23 +488,18 @@ class StaticSteps:
 
     def __init__(self, model: Transformer, size: int = STATIC_UNIT, backend: Optional[str] = None,
                  batch_size: int = 1):
-        self.model, self.batch_size = model, batch_size
-        self.cache = self.new_cache(size)
+        self.model = model
+        a, p = model.args, model.embed_tokens.weight
+        self.cache = StaticCache(a.n_layers, a.n_kv_heads, a.head_dim, size, p.dtype, p.device,
+                                 batch_size)
         if backend is not None:
             device = model.embed_tokens.weight.device
             for role in ("decode", "score", "keep"):
                 setattr(self, role, compile_step(getattr(self, role), device, backend))
 
-    def new_cache(self, size: int) -> StaticCache:
-        a, p = self.model.args, self.model.embed_tokens.weight
-        return StaticCache(a.n_layers, a.n_kv_heads, a.head_dim, size, p.dtype, p.device,
-                           self.batch_size)
-
     def fit(self, n: int):
-        """Room for n slots: a longer cache, of the next static length, when this one is shorter
-        (what it held is dropped: call before `prefill`)."""
-        if n > self.cache.size:
-            self.cache = self.new_cache(n)
+        """Room for n slots (`StaticCache.fit`; what it held is dropped: call before `prefill`)."""
+        self.cache = self.cache.fit(n)
 
     def decode(self, token):
         c = self.cache
@@ -516,10 +529,7 @@ class StaticSteps:
         depths = torch.arange(C, device=dev)
         rows = torch.ones(C, C, dtype=torch.bool, device=dev).tril()          # causal
         hs = []
-        for start in range(0, P, C):
-            n = min(C, P - start)
-            chunk = prompt.new_zeros(B, C)               # a fresh tensor: strides are guarded too
-            chunk[:, :n] = prompt[:, start:start + n]
+        for chunk, n in chunks(prompt, C):
             # eager, on the same static cache: one call per prompt, compute-bound, so a compiled
             # graph of its own would add a cold compile (~40 s on a CPU) and save nothing
             n_real = torch.full((), n, device=dev)

@@ -42,8 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (PREFILL_CHUNK, STATIC_UNIT, TREE_BUCKETS, Block, KVCache, ModelArgs,
-                   StaticCache, StaticSteps, TapsError, Transformer, bucket, build_mask, clock,
-                   compile_step, context_budget, logits_to_probs, mean, pad_path, pad_tree,
+                   StaticCache, StaticSteps, TapsError, Transformer, bucket, build_mask, chunks,
+                   clock, compile_step, context_budget, logits_to_probs, mean, pad_path, pad_tree,
                    static_mask, target_identity)
 
 
@@ -597,18 +597,13 @@ class DraftSteps:
 
     def __init__(self, drafter: Drafter, target: Transformer, backend: Optional[str] = None):
         self.drafter, self.target = drafter, target
-        self.cache = self.new_cache(STATIC_UNIT)
-        dev = drafter.fc.weight.device
-        self.step = self._step if backend is None else compile_step(self._step, dev, backend)
-
-    def new_cache(self, size: int) -> StaticCache:
-        a, p = self.drafter.args, self.drafter.fc.weight
-        return StaticCache(1, a.n_kv_heads, a.head_dim, size, p.dtype, p.device)
+        a, p = drafter.args, drafter.fc.weight
+        self.cache = StaticCache(1, a.n_kv_heads, a.head_dim, STATIC_UNIT, p.dtype, p.device)
+        self.step = self._step if backend is None else compile_step(self._step, p.device, backend)
 
     def fit(self, n: int):
-        """Room for n slots (what the cache held is dropped)."""
-        if n > self.cache.size:
-            self.cache = self.new_cache(n)
+        """Room for n slots (`StaticCache.fit`; what the cache held is dropped)."""
+        self.cache = self.cache.fit(n)
 
     def _step(self, tokens, feats, pos, slots, rows, n):
         c = self.cache
@@ -631,12 +626,7 @@ class StaticDraftState(DraftState):
         size = self.chunk if total <= self.chunk else PREFILL_CHUNK
         at = torch.arange(size, device=dev)
         rows = torch.ones(size, size, dtype=torch.bool, device=dev).tril()    # causal
-        for start in range(0, total, size):
-            n = min(size, total - start)
-            x = tokens.new_zeros(1, size)                  # fresh tensors: strides are guarded
-            x[0, :n] = tokens[start:start + n]
-            f = feats.new_zeros(1, size, feats.shape[-1])
-            f[0, :n] = feats[start:start + n]
+        for (x, n), (f, _) in zip(chunks(tokens[None], size), chunks(feats[None], size)):
             h = self.steps.step(x, f, (c.length + at)[None], c.length + at, rows,
                                 torch.full((), n, device=dev))                 # (1, size, H)
             c.length.add_(n)

@@ -60,7 +60,7 @@ BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + context alignment (
 }
 SIZES = {   # n_train: conversations per domain (None: the whole training split)
     # minutes on a CPU; the lr is high because the run is short
-    "demo": dict(n_train={"math": 2000, "chat": 600}, max_len=320, n_heldout=24, epochs=3, lr=1e-3,
+    "demo": dict(n_train={"math": 1000, "chat": 400}, max_len=320, n_heldout=24, epochs=3, lr=1e-3,
                  batch_size=2, warmup=0.05),
     # GSM8K's whole train split (685k assistant tokens) and about as many chat tokens: one EAGLE
     # drafter in about an hour on 2 cores once the features are cached (--features-only)

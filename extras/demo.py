@@ -1,7 +1,7 @@
 """`make demo`: the study on the embedded default, small, in five steps that say what they do and
 about how long each will take on this machine, then what was shown and where.
 
-    python -m extras.demo [--limit 5] [--limit-1 1] [--dry-run]
+    python -m extras.demo [--limit 3] [--limit-1 1] [--dry-run]
 
 The steps: the math and the chat EAGLE drafter at the demo size (each skipped when its checkpoint
 exists), both specialists and the three compositions at the study's tree in fp32 (greedy output
@@ -16,7 +16,6 @@ anyway: the calibration behind --tree auto and --dtype auto, and train.py --amp 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import subprocess
 import sys
@@ -137,7 +136,7 @@ def summary(elapsed: float) -> str:
               for key in dict.fromkeys((r["dtype"], r["benchmark"]) for r in rows)]
     speed = "\n\n".join(speed_table(g, rows[:rows.index(g[0])]) for g in groups)
     atomic_write(TABLES, lambda p: p.write_text(
-        tables(runs).replace(first, f"{first}\n\n{study}", 1)
+        tables(runs, note=study)
         + f"\n\n### Speed\n\n{speed}\n\n{verdict_line(rows)}\n"))
     return "\n".join([
         f"\n== make demo: done in {elapsed / 60:.0f} min; what it showed ==\n", first, "",
@@ -159,16 +158,14 @@ def summary(elapsed: float) -> str:
 
 
 def main(argv=None):
-    from extras.runtime import one_line_errors
-    ap = argparse.ArgumentParser(description="make demo: train, evaluate, time, explain.")
-    ap.add_argument("--limit", type=int, default=5, help="items per benchmark at T = 0")
+    from extras.runtime import AT_LEAST_1, Parser, check_flags, one_line_errors
+    ap = Parser(description="make demo: train, evaluate, time, explain.")
+    ap.add_argument("--limit", type=int, default=3, help="items per benchmark at T = 0")
     ap.add_argument("--limit-1", type=int, default=1, help="items per benchmark at T = 1")
     ap.add_argument("--dry-run", action="store_true", help="print the steps and estimates only")
-    args = ap.parse_args(argv)
     with one_line_errors(interrupted="finished steps are kept; make demo skips trained drafters"):
-        if min(args.limit, args.limit_1) < 1:
-            raise TapsError(f"--limit and --limit-1 must be >= 1, got {args.limit} and "
-                            f"{args.limit_1}")
+        args = ap.parse_args(argv)
+        check_flags(args, limit_1=AT_LEAST_1)
         print("[measuring this machine once (cached): the estimates below scale the development "
               "Xeon's times by it]", flush=True)
         m = Machine.measure()

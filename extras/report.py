@@ -321,13 +321,14 @@ def table1(t: float, rs: list[dict], benches: list[str]) -> str:
             + "".join(f"\n\n{n}" for n in notes))
 
 
-def tables(runs: list[dict]) -> str:
-    """The study's tables from run dicts {"config", "results"} (one per method and temperature)."""
+def tables(runs: list[dict], note: str = "") -> str:
+    """The study's tables from run dicts {"config", "results"} (one per method and temperature);
+    `note` goes under the first Table 1 (the demo's line on the study's tree)."""
     out = []
     for t, rs, benches, drafter_paths in by_temperature(runs):
         names = [BENCH_NAMES[b] for b in benches]
         drafter_names = [Path(p).stem for p in drafter_paths]
-        out.append(table1(t, rs, benches))
+        out.append(table1(t, rs, benches) + (f"\n\n{note}" if note and not out else ""))
 
         rows = []
         for name, a, b in comparisons(rs, benches):

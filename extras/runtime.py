@@ -250,12 +250,16 @@ def default_device() -> str:
 
 SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile",
                "avx_vnni")
+# Environment variables that cap which instructions ATen's and oneDNN's kernels use
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
 
 def machine(device="cpu") -> dict:
     """What a timing ran on: the CPU model, its matmul-relevant flags, torch threads, the GPU if
     used. `flags_sha` fingerprints the whole flag list, so two VMs of one CPU model but different
-    features differ."""
+    features differ. `isa_limits` are the ISA_LIMITS set: they cap the kernels below the flags
+    (AVX2 makes an AMX machine time like one without fast bf16), so a calibration made without
+    them is not reused under them, and a table says it was measured under them."""
     cpu, flags = platform.processor() or platform.machine(), []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -270,12 +274,15 @@ def machine(device="cpu") -> dict:
     gpu = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else None
     return {"cpu": cpu, "flags": [f for f in SPEED_FLAGS if f in flags],
             "flags_sha": hashlib.sha1(" ".join(sorted(flags)).encode()).hexdigest()[:12],
+            "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)},
             "threads": torch.get_num_threads(), "torch": torch.__version__, "gpu": gpu}
 
 
 def describe(m: dict) -> str:
     """One line for the top of a speed table: what it was measured on."""
-    return (f"# {m['cpu']} ({', '.join(m['flags']) or 'no AVX2'}), {m['threads']} threads, "
+    limits = " ".join(f"{k}={v}" for k, v in m.get("isa_limits", {}).items())  # older: none
+    return (f"# {m['cpu']} ({', '.join(m['flags']) or 'no AVX2'}{'; ' + limits if limits else ''}"
+            f"), {m['threads']} threads, "
             f"torch {m['torch']}{', ' + m['gpu'] if m['gpu'] else ''}")
 
 

@@ -477,7 +477,7 @@ def test_demo_steps_say_what_they_do_and_estimate_from_this_machines_calibration
     xeon = demo.Machine({d: {demo.N: t} for d, t in demo.XEON_VERIFY.items()}, "bf16", True)
     monkeypatch.setattr(demo.Machine, "measure", classmethod(lambda cls: xeon))
     monkeypatch.chdir(tmp_path)
-    demo.main(["--dry-run"])                    # the development Xeon itself: its own times
+    demo.main(["--dry-run", "--limit", "5"])     # the development Xeon itself: its own times
     out = capsys.readouterr().out
     assert "[make demo: 5 steps, about 24 min on this machine]" in out
     assert ("[1/5] training the math drafter (the target's features first) (about 11 min; "
@@ -496,6 +496,9 @@ def test_demo_steps_say_what_they_do_and_estimate_from_this_machines_calibration
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / demo.DRAFTERS[0]).write_text("")
     assert [bool(s.skip) for s in demo.plan(xeon, 5, 1)] == [True, False, False, False, False]
+    with pytest.raises(SystemExit):
+        demo.main(["--limit-1", "0"])
+    assert capsys.readouterr().err == "error: --limit-1 must be >= 1, got 0\n"
 
 
 def test_demo_ends_with_what_was_shown_and_where(setup, monkeypatch):

@@ -19,6 +19,7 @@ from model import TapsError, generate_plain, mean
 import extras.autotree
 from extras.autotree import AutoTree, calibrate, verify_table
 from extras.checkpoint import load_drafter
+from extras.runtime import ISA_LIMITS, describe, machine
 from taps import (COMPOSE, Drafter, Sampling, TorchRandom, Tree, average, generate, merge, prune,
                   tag, verify_chain, verify_tree)
 from conftest import (DEVICES, EXACT_CASES, broken_sampling, chi_square_p, exact_first_tokens,
@@ -276,6 +277,22 @@ def test_calibration_is_cached_per_machine_and_never_trusted_from_elsewhere(tmp_
     path.write_text("{not json")
     assert calibrate(target, path) == {1: 0.5, 8: 1.0} and len(calls) == 3
     assert "unreadable calibration file; measuring again" in capsys.readouterr().err
+
+
+def test_a_calibration_made_without_isa_limits_is_not_reused_under_them(tmp_path, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes an AMX machine time like one without fast bf16: the same CPU
+    under that limit is another machine to the cache, and its tables say so."""
+    for k in ISA_LIMITS:
+        monkeypatch.delenv(k, raising=False)
+    target, path, calls = tiny(V=32, name="tiny-isa"), tmp_path / "calibration.json", []
+    monkeypatch.setattr(extras.autotree, "measure_verify", lambda t: calls.append(1) or {1: 0.5})
+    calibrate(target, path)
+    assert "=" not in describe(machine())
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    calibrate(target, path)
+    calibrate(target, path)
+    assert len(calls) == 2 and len(json.loads(path.read_text())) == 2
+    assert "; ONEDNN_MAX_CPU_ISA=AVX2)" in describe(machine())
 
 
 @pytest.fixture(autouse=True)
