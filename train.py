@@ -421,19 +421,23 @@ def read_step_times(entry) -> dict:
     return s
 
 
-def auto_amp(target: Transformer, path=None) -> tuple[bool, str]:
-    """Training's precision where --amp is not given, and why: bf16 autocast on CUDA; on a CPU,
-    whichever of a training step in fp32 and one under bf16 autocast (`measure_amp`) is faster --
-    autocast is about twice as fast on cores with AMX and about twice as slow where bf16 is
-    emulated (results/REPORT.md). Measured once per (machine, target, dtype, threads) and cached
-    beside the tree-size calibration (`extras.autotree.cached`). Decided by measuring, not by
-    CPU flags, as `--dtype auto` is."""
-    if target.embed_tokens.weight.device.type == "cuda":
-        return True, "CUDA"
+def step_times(target: Transformer, path=None) -> dict:
+    """`measure_amp` on this machine, measured once per (machine, target, dtype, threads) and
+    cached beside the tree-size calibration (`extras.autotree.cached`)."""
     from extras.autotree import cached, calibration_key
     key = calibration_key(target, measured="training step, fp32 vs bf16 autocast")
-    s = cached(key, lambda: {"train_step_s": measure_amp(target)}, read_step_times,
-               "timing a training step in fp32 and under bf16 autocast", path)
+    return cached(key, lambda: {"train_step_s": measure_amp(target)}, read_step_times,
+                  "timing a training step in fp32 and under bf16 autocast", path)
+
+
+def auto_amp(target: Transformer, path=None) -> tuple[bool, str]:
+    """Training's precision where --amp is not given, and why: bf16 autocast on CUDA; on a CPU,
+    whichever of a training step in fp32 and one under bf16 autocast is faster (`step_times`) --
+    autocast is about twice as fast on cores with AMX and many times slower where bf16 is
+    emulated (results/REPORT.md). Decided by measuring, not by CPU flags, as `--dtype auto` is."""
+    if target.embed_tokens.weight.device.type == "cuda":
+        return True, "CUDA"
+    s = step_times(target, path)
     return s["bf16"] < s["fp32"], (f"a step measured {1000 * s['bf16']:.0f} ms under autocast, "
                                    f"{1000 * s['fp32']:.0f} ms in fp32 on this machine")
 

@@ -9,10 +9,11 @@ checked bit for bit) on --limit items per benchmark at T = 0 and --limit-1 at T 
 speed table (plain decoding vs the study's tree vs the auto tree, in bf16 too where it pays). A
 rerun replaces the demo's own result files in runs/.
 
-Estimates: each step's time on the development Xeon (results/REPORT.md), scaled by how fast this
-machine scores tokens in the dtype the step runs in here, which taps measures once per machine
-anyway: the calibration behind --tree auto and --dtype auto, and train.py --amp auto's step timing
-($TAPS_CACHE/calibration.json), so the steps then reuse what this measured.
+Estimates: each step's time on the reference machine (REFERENCE; results/REPORT.md), scaled by
+how fast this machine scores tokens or takes a training step in the dtype the step runs in here,
+which taps measures once per machine anyway: the calibration behind --tree auto and --dtype auto,
+and train.py --amp auto's step timing ($TAPS_CACHE/calibration.json), so the steps then reuse
+what this measured.
 """
 from __future__ import annotations
 
@@ -33,26 +34,31 @@ TABLES = Path("runs/demo.md")
 EVAL = ["eval.py", "--compose", "single,average,route,merged", "--max-new-tokens", "48",
         "--drafters", *DRAFTERS, "--json", str(JSON), "--force"]
 
-# `make demo` on the development Xeon (2 cores, AMX-BF16, idle, a fresh clone; results/REPORT.md):
-# seconds per part and the dtype its matmuls ran in there. The speed table's ~2 min are split
-# evenly between its fp32 and bf16 halves.
-XEON = {"features": (351, "bf16"), "train math": (328, "bf16"), "train chat": (65, "bf16"),
-        "eval T=0": (433, "fp32"), "eval T=1": (113, "fp32"), "speed fp32": (63, "fp32"),
-        "speed bf16": (63, "bf16")}
-XEON_LIMITS = {"eval T=0": 5, "eval T=1": 1}   # items per benchmark those evaluations ran
-# What a part costs elsewhere scales with the cost of scoring N = 64 tokens in its dtype there:
-# the same Xeon's calibration (results/speed.md) took 1.83x as long in fp32 as in bf16, and so did
-# features (1,600 vs 840 tokens/s: 1.9x) and training (issue 28: 63 vs 34 s, 1.85x) on it.
+# `make demo` measured part by part on the reference machine (results/REPORT.md, "`make demo`,
+# measured"): a 2-core Xeon (AVX-512 BF16, no AMX) with ATen and oneDNN limited to AVX2, where
+# every part ran in fp32, from a fresh clone. Seconds per part, and the cost that sets it: the
+# target scoring tokens ("verify": features, evaluation, speed) or the drafter's training step.
+REFERENCE = {"features": (470, "verify"), "train math": (124, "train"),
+             "train chat": (74, "train"), "eval T=0": (371, "verify"),
+             "eval T=1": (146, "verify"), "speed": (77, "verify")}
+REFERENCE_LIMITS = {"eval T=0": 3, "eval T=1": 1}   # items per benchmark those evaluations ran
+# The two costs on the reference machine in fp32: scoring N = 64 tokens (--tree auto's
+# calibration) and one training step (train.py --amp auto's). On another machine a part takes its
+# reference time times the ratio of its kind's cost there, in the dtype it runs in there, to this:
+# AMX, emulated bf16 and slower cores each scale the parts their own way, and training by the
+# drafter's step, not the target's.
 N = 64
-XEON_VERIFY = {"fp32": 0.0895, "bf16": 0.0489}
+REFERENCE_COST = {"verify": 0.121, "train": 0.065}
 
 
 @dataclass
 class Machine:
     """What the estimates read: this machine's calibration per dtype ({"fp32": {n: s}, "bf16":
-    ...}), the dtype --dtype auto takes (features, the speed table's second dtype) and whether
-    train.py --amp auto trains under bf16 autocast."""
+    ...}), its training step per precision ({"fp32": s, "bf16": s}), the dtype --dtype auto takes
+    (features, the speed table's second dtype) and whether train.py --amp auto trains under bf16
+    autocast."""
     verify_s: dict
+    train_step_s: dict
     dtype: str
     amp: bool
 
@@ -61,19 +67,21 @@ class Machine:
         """Measured once per machine (cached); the steps read the same cache entries."""
         from extras.autotree import auto_dtype, calibrate
         from extras.checkpoint import load_target
-        from train import auto_amp   # the demo stands on the scripts: train's own measurement
+        from train import auto_amp, step_times   # the demo stands on the scripts' measurements
         target, _ = load_target(None, "cpu", torch.float32)
         dtype = auto_dtype(target)                   # calibrates fp32 and bf16
         curves = {"fp32": calibrate(target), "bf16": calibrate(copy.deepcopy(target).bfloat16())}
-        amp, _ = auto_amp(target.to(dtype))          # keyed by the dtype train.py's target has
-        return cls(curves, "bf16" if dtype == torch.bfloat16 else "fp32", amp)
+        target = target.to(dtype)                    # keyed by the dtype train.py's target has
+        amp, _ = auto_amp(target)
+        return cls(curves, step_times(target), "bf16" if dtype == torch.bfloat16 else "fp32", amp)
 
     def seconds(self, part: str, dtype: str, items: int = 0) -> float:
-        """`part`'s Xeon time scaled by the cost of its target calls here in `dtype` (and by the
-        items evaluated)."""
-        xeon_s, xeon_dtype = XEON[part]
-        scale = self.verify_s[dtype][N] / XEON_VERIFY[xeon_dtype]
-        return xeon_s * scale * (items / XEON_LIMITS[part] if part in XEON_LIMITS else 1)
+        """`part`'s reference time scaled by what its kind of work costs here in `dtype` (and by
+        the items evaluated)."""
+        ref_s, kind = REFERENCE[part]
+        here = self.verify_s[dtype][N] if kind == "verify" else self.train_step_s[dtype]
+        return (ref_s * here / REFERENCE_COST[kind]
+                * (items / REFERENCE_LIMITS[part] if part in REFERENCE_LIMITS else 1))
 
 
 @dataclass
@@ -106,8 +114,7 @@ def plan(m: Machine, limit: int, limit_1: int) -> list[Step]:
              f"{' and bf16' if m.dtype == 'bf16' else ''}",
              ["eval.py", "--speed", "--max-new-tokens", "64", "--drafters", *DRAFTERS,
               "--json", str(SPEED_JSON), "--force"],
-             m.seconds("speed fp32", "fp32")
-             + (m.seconds("speed bf16", "bf16") if m.dtype == "bf16" else 0.0))]
+             m.seconds("speed", "fp32") + (m.seconds("speed", "bf16") if m.dtype == "bf16" else 0))]
     return steps
 
 
@@ -166,8 +173,8 @@ def main(argv=None):
     with one_line_errors(interrupted="finished steps are kept; make demo skips trained drafters"):
         args = ap.parse_args(argv)
         check_flags(args, limit_1=AT_LEAST_1)
-        print("[measuring this machine once (cached): the estimates below scale the development "
-              "Xeon's times by it]", flush=True)
+        print("[measuring this machine once (cached): the estimates below scale the reference "
+              "machine's times by it]", flush=True)
         m = Machine.measure()
         print(f"[this machine: target features in {m.dtype}, training "
               f"{'under bf16 autocast' if m.amp else 'in fp32'}, the study's tables in fp32]")

@@ -474,28 +474,36 @@ def test_speed_table_compares_plain_study_and_auto_in_one_process(setup, monkeyp
 def test_demo_steps_say_what_they_do_and_estimate_from_this_machines_calibration(
         tmp_path, monkeypatch, capsys):
     import extras.demo as demo
-    xeon = demo.Machine({d: {demo.N: t} for d, t in demo.XEON_VERIFY.items()}, "bf16", True)
-    monkeypatch.setattr(demo.Machine, "measure", classmethod(lambda cls: xeon))
+    R, C, N, about = demo.REFERENCE, demo.REFERENCE_COST, demo.N, demo.minutes
+    ref = demo.Machine({"fp32": {N: C["verify"]}, "bf16": {N: 9 * C["verify"]}},
+                       {"fp32": C["train"], "bf16": 25 * C["train"]}, "fp32", False)
+    monkeypatch.setattr(demo.Machine, "measure", classmethod(lambda cls: ref))
     monkeypatch.chdir(tmp_path)
-    demo.main(["--dry-run", "--limit", "5"])     # the development Xeon itself: its own times
+    demo.main(["--dry-run"])                    # the reference machine itself: its own times
     out = capsys.readouterr().out
-    assert "[make demo: 5 steps, about 24 min on this machine]" in out
-    assert ("[1/5] training the math drafter (the target's features first) (about 11 min; "
-            "about 24 min left" in out)
-    assert "[2/5] training the chat drafter (about 1 min; about 12 min left in all)" in out
-    assert ("[5/5] the speed table: plain decoding vs the study's tree vs the auto tree, fp32 and "
-            "bf16 (about 2 min" in out)
-    fp32_only = demo.Machine({"fp32": {demo.N: 2 * demo.XEON_VERIFY["fp32"]},
-                              "bf16": {demo.N: 9 * demo.XEON_VERIFY["bf16"]}}, "fp32", False)
-    steps = demo.plan(fp32_only, 10, 1)         # bf16 emulated, fp32 at half the Xeon's speed
-    ratio = 2 * demo.XEON_VERIFY["fp32"] / demo.XEON_VERIFY["bf16"]
-    assert (steps[0].seconds == pytest.approx((351 + 328) * ratio)
-            and steps[1].seconds == pytest.approx(65 * ratio))
-    assert (steps[2].seconds == pytest.approx(433 * 2 * 10 / 5)
-            and steps[4].seconds == pytest.approx(63 * 2))
+    total = sum(s for s, _ in R.values())
+    first = R["features"][0] + R["train math"][0]
+    assert f"[make demo: 5 steps, {about(total)} on this machine]" in out
+    assert (f"[1/5] training the math drafter (the target's features first) ({about(first)}; "
+            f"{about(total)} left in all)" in out)
+    assert (f"[2/5] training the chat drafter ({about(R['train chat'][0])}; "
+            f"{about(total - first)} left in all)" in out)
+    assert ("[5/5] the speed table: plain decoding vs the study's tree vs the auto tree, fp32 "
+            f"({about(R['speed'][0])}" in out)
+    # an AMX-like machine: scoring in bf16 at 0.4x the reference, fp32 at 0.7x, a training step
+    # under autocast at 0.5x: features in bf16, training under autocast, speed in both dtypes
+    amx = demo.Machine({"fp32": {N: 0.7 * C["verify"]}, "bf16": {N: 0.4 * C["verify"]}},
+                       {"fp32": 0.8 * C["train"], "bf16": 0.5 * C["train"]}, "bf16", True)
+    steps = demo.plan(amx, 6, 2)
+    assert (steps[0].seconds == pytest.approx(0.4 * R["features"][0] + 0.5 * R["train math"][0])
+            and steps[1].seconds == pytest.approx(0.5 * R["train chat"][0]))
+    assert (steps[2].seconds == pytest.approx(0.7 * R["eval T=0"][0] * 6 / 3)
+            and steps[3].seconds == pytest.approx(0.7 * R["eval T=1"][0] * 2 / 1))
+    assert steps[4].seconds == pytest.approx((0.7 + 0.4) * R["speed"][0])
+    assert "fp32 and bf16" in steps[4].title
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / demo.DRAFTERS[0]).write_text("")
-    assert [bool(s.skip) for s in demo.plan(xeon, 5, 1)] == [True, False, False, False, False]
+    assert [bool(s.skip) for s in demo.plan(ref, 5, 1)] == [True, False, False, False, False]
     with pytest.raises(SystemExit):
         demo.main(["--limit-1", "0"])
     assert capsys.readouterr().err == "error: --limit-1 must be >= 1, got 0\n"
