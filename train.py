@@ -725,7 +725,8 @@ def main(argv=None):
     ap.add_argument("--device", default=default_device())
     ap.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
                     help="target dtype for features and the loss (default auto: bf16 on CUDA and "
-                         "on CPUs whose measured bf16 matmuls are faster, else fp32)")
+                         "on CPUs where bf16 measures faster at a conversation's length, else "
+                         "fp32)")
     ap.add_argument("--data-dir", help="data directory (default: $TAPS_DATA or ../shared/data)")
     ap.add_argument("--amp", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
                     help="bf16 autocast: auto (default) times a training step each way once per "
@@ -789,7 +790,8 @@ def main(argv=None):
         world, device = World.from_env(args.device)
         t0 = time.perf_counter()
         from extras.autotree import load_for   # --dtype auto: bf16 where it measures faster
-        target, tokenizer = world.same_dtype(*load_for(args.target, device, args.dtype))
+        target, tokenizer = world.same_dtype(*load_for(args.target, device, args.dtype,
+                                                       tokens=cfg.max_len))   # a conversation
         check_target_limits(cfg, target.args)
         check_vocab_size(cfg.draft_vocab, target.args.vocab_size, tokenizer.stop_ids)
         from extras.features import training_sets   # the target's features: cached, or online

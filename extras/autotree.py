@@ -145,25 +145,28 @@ def verify_table(curve: dict, n_max: int) -> torch.Tensor:
     return y[j] + slope * (grid - x[j])
 
 
-def auto_dtype(target: Transformer) -> torch.dtype:
-    """The dtype that pays for speculative decoding: bf16 on CUDA; on a CPU, bf16 when the
-    calibration measures scoring 16 tokens (a typical verified tree) faster in bf16 than in fp32 --
-    true on cores with AMX or AVX512-BF16, false where bf16 is emulated. Decided by measuring, not
-    by CPU flags."""
+def auto_dtype(target: Transformer, tokens: int = 16) -> torch.dtype:
+    """The dtype that pays for calls scoring about `tokens` tokens at once: a verified tree (16,
+    typical) or, for training's features, a whole conversation. bf16 on CUDA; on a CPU, bf16 when
+    the calibration measures the largest size it has within `tokens` faster in bf16 than in fp32:
+    true on cores with AMX, false where bf16 is emulated, and on AVX512-BF16 without AMX it can
+    differ by size (16 tokens faster in bf16, 256 slower: results/REPORT.md). Decided by
+    measuring, not by CPU flags."""
     if target.embed_tokens.weight.device.type == "cuda":
         return torch.bfloat16
     fp32 = calibrate(target.float())
     bf16 = calibrate(copy.deepcopy(target).to(torch.bfloat16))
-    return torch.bfloat16 if bf16[16] < fp32[16] else torch.float32
+    n = max((k for k in fp32 if k <= tokens), default=min(fp32))
+    return torch.bfloat16 if bf16[n] < fp32[n] else torch.float32
 
 
-def load_for(path, device, dtype: Optional[str]):
+def load_for(path, device, dtype: Optional[str], tokens: int = 16):
     """(target, tokenizer) in the --dtype named (None: the device's default); 'auto' is bf16 on
-    CUDA, and on a CPU loads fp32 and keeps `auto_dtype`'s choice."""
+    CUDA, and on a CPU loads fp32 and keeps `auto_dtype`'s choice for calls of `tokens`."""
     if dtype != "auto" or str(device).startswith("cuda"):
         return load_target(path, device, resolve_dtype(None if dtype == "auto" else dtype, device))
     target, tokenizer = load_target(path, device, torch.float32)
-    return target.to(auto_dtype(target)), tokenizer
+    return target.to(auto_dtype(target, tokens)), tokenizer
 
 
 @dataclass

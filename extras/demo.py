@@ -54,11 +54,12 @@ REFERENCE_COST = {"verify": 0.121, "train": 0.065}
 @dataclass
 class Machine:
     """What the estimates read: this machine's calibration per dtype ({"fp32": {n: s}, "bf16":
-    ...}), its training step per precision ({"fp32": s, "bf16": s}), the dtype --dtype auto takes
-    (features, the speed table's second dtype) and whether train.py --amp auto trains under bf16
-    autocast."""
+    ...}), its training step per precision ({"fp32": s, "bf16": s}), the dtype train.py's --dtype
+    auto takes for the features (calls of a conversation), the one that pays for verifying a tree
+    (the speed table's second dtype), and whether train.py --amp auto trains under autocast."""
     verify_s: dict
     train_step_s: dict
+    features: str
     dtype: str
     amp: bool
 
@@ -67,13 +68,15 @@ class Machine:
         """Measured once per machine (cached); the steps read the same cache entries."""
         from extras.autotree import auto_dtype, calibrate
         from extras.checkpoint import load_target
-        from train import auto_amp, step_times   # the demo stands on the scripts' measurements
+        from train import SIZES, auto_amp, step_times   # the scripts' own measurements
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16"}
         target, _ = load_target(None, "cpu", torch.float32)
-        dtype = auto_dtype(target)                   # calibrates fp32 and bf16
+        features = auto_dtype(target, tokens=SIZES["demo"]["max_len"])   # calibrates both dtypes
         curves = {"fp32": calibrate(target), "bf16": calibrate(copy.deepcopy(target).bfloat16())}
-        target = target.to(dtype)                    # keyed by the dtype train.py's target has
+        dtype = auto_dtype(target)
+        target = target.to(features)                 # keyed by the dtype train.py's target has
         amp, _ = auto_amp(target)
-        return cls(curves, step_times(target), "bf16" if dtype == torch.bfloat16 else "fp32", amp)
+        return cls(curves, step_times(target), name[features], name[dtype], amp)
 
     def seconds(self, part: str, dtype: str, items: int = 0) -> float:
         """`part`'s reference time scaled by what its kind of work costs here in `dtype` (and by
@@ -100,7 +103,8 @@ def plan(m: Machine, limit: int, limit_1: int) -> list[Step]:
         steps.append(Step(f"training the {domain} drafter"
                           + (" (the target's features first)" if domain == "math" else ""),
                           ["train.py", "--domain", domain, "--backbone", "eagle", "--size", "demo"],
-                          sum(m.seconds(p, m.dtype if p == "features" else train) for p in parts),
+                          sum(m.seconds(p, m.features if p == "features" else train)
+                              for p in parts),
                           f"{out} exists" if Path(out).exists() else ""))
     steps += [
         Step(f"evaluating both specialists and three compositions at T = 0, {limit} items per "
@@ -176,8 +180,9 @@ def main(argv=None):
         print("[measuring this machine once (cached): the estimates below scale the reference "
               "machine's times by it]", flush=True)
         m = Machine.measure()
-        print(f"[this machine: target features in {m.dtype}, training "
-              f"{'under bf16 autocast' if m.amp else 'in fp32'}, the study's tables in fp32]")
+        print(f"[this machine: target features in {m.features}, training "
+              f"{'under bf16 autocast' if m.amp else 'in fp32'}, the study's tables in fp32, the "
+              f"speed table in fp32{' and bf16' if m.dtype == 'bf16' else ''}]")
         steps = plan(m, args.limit, args.limit_1)
         left = lambda i: sum(s.seconds for s in steps[i:] if not s.skip)
         print(f"[make demo: {len(steps)} steps, {minutes(left(0))} on this machine]", flush=True)

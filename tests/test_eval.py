@@ -1,5 +1,6 @@
 """eval.py on a tiny random target with a fake tokenizer and fake benchmark files: well-formed JSON,
 every composition equal to plain greedy decoding, tables, the report mode, and bad input."""
+import dataclasses
 import json
 import math
 
@@ -476,7 +477,7 @@ def test_demo_steps_say_what_they_do_and_estimate_from_this_machines_calibration
     import extras.demo as demo
     R, C, N, about = demo.REFERENCE, demo.REFERENCE_COST, demo.N, demo.minutes
     ref = demo.Machine({"fp32": {N: C["verify"]}, "bf16": {N: 9 * C["verify"]}},
-                       {"fp32": C["train"], "bf16": 25 * C["train"]}, "fp32", False)
+                       {"fp32": C["train"], "bf16": 25 * C["train"]}, "fp32", "fp32", False)
     monkeypatch.setattr(demo.Machine, "measure", classmethod(lambda cls: ref))
     monkeypatch.chdir(tmp_path)
     demo.main(["--dry-run"])                    # the reference machine itself: its own times
@@ -493,7 +494,7 @@ def test_demo_steps_say_what_they_do_and_estimate_from_this_machines_calibration
     # an AMX-like machine: scoring in bf16 at 0.4x the reference, fp32 at 0.7x, a training step
     # under autocast at 0.5x: features in bf16, training under autocast, speed in both dtypes
     amx = demo.Machine({"fp32": {N: 0.7 * C["verify"]}, "bf16": {N: 0.4 * C["verify"]}},
-                       {"fp32": 0.8 * C["train"], "bf16": 0.5 * C["train"]}, "bf16", True)
+                       {"fp32": 0.8 * C["train"], "bf16": 0.5 * C["train"]}, "bf16", "bf16", True)
     steps = demo.plan(amx, 6, 2)
     assert (steps[0].seconds == pytest.approx(0.4 * R["features"][0] + 0.5 * R["train math"][0])
             and steps[1].seconds == pytest.approx(0.5 * R["train chat"][0]))
@@ -501,6 +502,11 @@ def test_demo_steps_say_what_they_do_and_estimate_from_this_machines_calibration
             and steps[3].seconds == pytest.approx(0.7 * R["eval T=1"][0] * 2 / 1))
     assert steps[4].seconds == pytest.approx((0.7 + 0.4) * R["speed"][0])
     assert "fp32 and bf16" in steps[4].title
+    # AVX512-BF16 without AMX: a conversation's features pay in fp32, a tree's scoring in bf16
+    mixed = dataclasses.replace(amx, features="fp32", amp=False)
+    steps = demo.plan(mixed, 3, 1)
+    assert steps[0].seconds == pytest.approx(0.7 * R["features"][0] + 0.8 * R["train math"][0])
+    assert steps[4].seconds == pytest.approx((0.7 + 0.4) * R["speed"][0])
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / demo.DRAFTERS[0]).write_text("")
     assert [bool(s.skip) for s in demo.plan(ref, 5, 1)] == [True, False, False, False, False]

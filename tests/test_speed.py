@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 import taps
 from model import TapsError, generate_plain, mean
 import extras.autotree
-from extras.autotree import AutoTree, calibrate, verify_table
+from extras.autotree import AutoTree, auto_dtype, calibrate, verify_table
 from extras.checkpoint import load_drafter
 from extras.runtime import ISA_LIMITS, describe, machine
 from taps import (COMPOSE, Drafter, Sampling, TorchRandom, Tree, average, generate, merge, prune,
@@ -277,6 +277,20 @@ def test_calibration_is_cached_per_machine_and_never_trusted_from_elsewhere(tmp_
     path.write_text("{not json")
     assert calibrate(target, path) == {1: 0.5, 8: 1.0} and len(calls) == 3
     assert "unreadable calibration file; measuring again" in capsys.readouterr().err
+
+
+def test_auto_dtype_decides_at_the_size_of_the_calls_it_is_for(monkeypatch):
+    """AVX512-BF16 without AMX (this session's Xeon): 16 tokens score faster in bf16, 256 slower,
+    so trees verify in bf16 and a conversation's features are extracted in fp32."""
+    curves = {torch.float32: {1: 0.04, 16: 0.069, 192: 0.255, 256: 0.333},
+              torch.bfloat16: {1: 0.04, 16: 0.066, 192: 0.323, 256: 0.466}}
+    monkeypatch.setattr(extras.autotree, "calibrate",
+                        lambda t: curves[t.embed_tokens.weight.dtype])
+    target = tiny(V=32, name="tiny-dtype")
+    assert auto_dtype(target) == torch.bfloat16                   # a tree of about 16 nodes
+    assert auto_dtype(target, tokens=320) == torch.float32        # up to 320: the 256 size
+    assert auto_dtype(target, tokens=100) == torch.bfloat16       # largest size within: 16
+    assert auto_dtype(target, tokens=0) == torch.float32          # below every size: 1, a tie
 
 
 def test_a_calibration_made_without_isa_limits_is_not_reused_under_them(tmp_path, monkeypatch):
