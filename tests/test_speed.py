@@ -412,6 +412,10 @@ def test_the_speed_lines_read_the_run_and_explain_bf16_partings():
             and "bfloat16" not in xs.study_tree_line(slow))
     assert xs.verdict_line(slow).startswith("Speed on this machine, float32, auto tree vs plain "
                                             "decoding: GSM8K")
+    # bf16 timed (a 16-token call calibrated faster) but decoding slower: fp32 is what pays
+    no_gain = speed_rows_of("bfloat16", (22.9, 20.7), (15.4, 11.6), (21.8, 18.1))
+    assert xs.verdict_line(fp32 + no_gain).startswith("Speed on this machine, float32, auto tree")
+    assert "bfloat16" not in xs.study_tree_line(fp32 + no_gain)
 
     table = xs.speed_table(bf16[:3], fp32)
     notes = [x for x in table.split("\n") if x.startswith(("note", "ERROR"))]
