@@ -778,7 +778,7 @@ def main(argv=None):
         out = Path(args.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
         if not args.features_only:   # the destination, before any extraction or training
             files = Checkpointer(out, cfg)   # its checks; `train` saves under the final cfg
-            if args.resume:
+            if args.resume:          # first: check_writable makes --out's folder
                 files.check_resume()
             for path in (files.out, files.state):
                 check_writable(path, "--out")
