@@ -137,8 +137,6 @@ def plan(methods: list[str], temperatures: list[float], drafters: list, names: l
     runs = []
     for t in temperatures:
         for method in methods:
-            if method != "single" and k < 2:
-                raise TapsError(f"compose {method!r} takes two or more drafters, got {k}")
             base = dict(shared, compose=method, temperature=t, tree_budget=total_tokens,
                         equal_budget=False, drafters=idents, **{"lambda": None})
             if method == "single":
@@ -358,13 +356,13 @@ def check_args(ap, args):
     twice or too few for a composition, and the study tree against what it allocates and the
     target's vocabulary and context."""
     from extras.checkpoint import target_args
-    from extras.runtime import check_device, check_flags, check_tree_flags, given, refuse_unused
+    from extras.runtime import (check_device, check_flags, check_tree_flags, refuse_idle,
+                                refuse_unused)
     check_flags(args)
     if args.trace and (args.report or args.speed):
         raise TapsError("--trace records an evaluation's verifier calls: leave it out with "
                         "--report and --speed")
-    on = given(ap, args)
-    idle = lambda flags, where, advice="": refuse_unused(ap, args, on - set(flags), where, advice)
+    idle = lambda flags, where, advice="": refuse_idle(ap, args, flags, where, advice)
     if args.report:
         return refuse_unused(ap, args, {"--report", "--figures"}, "with --report (it prints the "
                              "tables of saved runs)")

@@ -493,9 +493,8 @@ class StaticSteps:
         self.cache = StaticCache(a.n_layers, a.n_kv_heads, a.head_dim, size, p.dtype, p.device,
                                  batch_size)
         if backend is not None:
-            device = model.embed_tokens.weight.device
             for role in ("decode", "score", "keep"):
-                setattr(self, role, compile_step(getattr(self, role), device, backend))
+                setattr(self, role, compile_step(getattr(self, role), p.device, backend))
 
     def fit(self, n: int):
         """Room for n slots (`StaticCache.fit`; what it held is dropped: call before `prefill`)."""

@@ -1235,8 +1235,8 @@ def main(argv=None):
     from extras.autotree import TREES, AutoTree, load_for   # --tree auto, --dtype auto
     from extras.checkpoint import load_drafter, target_args
     from extras.runtime import (DTYPES, Parser, add_fields, check_device, check_files,
-                                check_flags, check_tree_flags, default_device, given,
-                                one_line_errors, refuse_unused)
+                                check_flags, check_tree_flags, default_device,
+                                one_line_errors, refuse_idle)
     from extras.trace import Trace, check_destinations, save, show   # --show, --trace(-html)
     ap = Parser(description="Speculative decoding with EAGLE drafters (lossless: the reply is "
                             "distributed exactly as the target's own).")
@@ -1270,11 +1270,11 @@ def main(argv=None):
         # the study tree's flags do nothing with an auto tree; a chain reads --depth alone
         idle = ({"--total-tokens", "--top-k", "--tree"} if args.chain else
                 {"--total-tokens", "--depth", "--top-k"} if args.tree == "auto" else set())
-        refuse_unused(ap, args, given(ap, args) - idle, *(
+        refuse_idle(ap, args, idle, *(
             ("with --chain (it drafts --depth + 1 tokens)",) if args.chain else
             ("with --tree auto (the default)", "add --tree study to use the fixed tree")))
         if args.temperature == 0:
-            refuse_unused(ap, args, given(ap, args) - {"--top-p"}, "at --temperature 0 (greedy)")
+            refuse_idle(ap, args, {"--top-p"}, "at --temperature 0 (greedy)")
         # a chain verifies depth + 1 tokens: its depth is its node budget
         shape = TreeShape(args.top_k, args.depth, args.depth if args.chain else args.total_tokens,
                           args.chain)

@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data import DataError
-from extras.distributed import SINGLE, World
+from extras.distributed import SINGLE, World, check_split, wrap
 from extras.features import HELDOUT_DOMAINS, MIXES, SHARD_SIZE, logits
 from extras.runtime import atomic_write, writing
-from model import ModelArgs, TapsError, Transformer, target_identity
+from model import ModelArgs, TapsError, Transformer, clock, target_identity
 from taps import Drafter, flag
 
 BACKBONES = {  # HASS = EAGLE + top-K distillation (eq. 7) + context alignment (eqs. 8-9)
@@ -386,7 +386,6 @@ def measure_amp(target: Transformer, reps: int = 3) -> dict:
     the default draft vocabulary, in fp32 and under bf16 autocast: {"fp32": s, "bf16": s}, each the
     median of `reps` after a warm-up, the two interleaved so that a drifting machine slows both
     alike. Torch's random state is left as it was (a run stays reproducible)."""
-    from model import clock
     dev = target.embed_tokens.weight.device
     (B, n), V = AMP_STEP, target.args.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -619,7 +618,6 @@ def train(cfg: TrainConfig, target: Transformer, train_sets, heldout: dict, out,
     domains' sets of the size, so every drafter of a size shares one vocabulary). The training
     state is saved atomically every `save_interval` seconds and after each epoch; resume=True
     continues from it. Under torchrun, `world` is this rank (`extras.distributed.World`)."""
-    from extras.distributed import check_split, wrap
     world = world or SINGLE
     check_split(cfg.batch_size, world.size)
     ckpt = Checkpointer(out, cfg)
@@ -773,7 +771,6 @@ def main(argv=None):
         overrides = {k: getattr(args, k) for k in overridable if getattr(args, k) is not None}
         cfg = TrainConfig(domain=args.domain or "math", backbone=args.backbone, size=args.size,
                           draft_vocab=args.draft_vocab, **overrides)
-        from extras.distributed import World, check_split
         check_split(cfg.batch_size, int(os.environ.get("WORLD_SIZE", 1)))   # before joining
         out = Path(args.out or f"checkpoints/{cfg.backbone}-{cfg.domain}.safetensors")
         if not args.features_only:   # the destination, before any extraction or training
@@ -785,14 +782,15 @@ def main(argv=None):
             if not (args.resume or args.overwrite):
                 files.refuse_to_replace()
         limits = target_args(args.target)           # its config alone, no weights read
-        if limits:
+        if limits:                                  # else checked once the target is loaded
             check_target_limits(cfg, limits)
         world, device = World.from_env(args.device)
         t0 = time.perf_counter()
         from extras.autotree import load_for   # --dtype auto: bf16 where it measures faster
         target, tokenizer = world.same_dtype(*load_for(args.target, device, args.dtype,
                                                        tokens=cfg.max_len))   # a conversation
-        check_target_limits(cfg, target.args)
+        if not limits:
+            check_target_limits(cfg, target.args)
         check_vocab_size(cfg.draft_vocab, target.args.vocab_size, tokenizer.stop_ids)
         from extras.features import training_sets   # the target's features: cached, or online
         heldout, train_sets, vocab_sets = training_sets(

@@ -145,19 +145,29 @@ def verify_table(curve: dict, n_max: int) -> torch.Tensor:
     return y[j] + slope * (grid - x[j])
 
 
-def auto_dtype(target: Transformer, tokens: int = 16) -> torch.dtype:
-    """The dtype that pays for calls scoring about `tokens` tokens at once: a verified tree (16,
-    typical) or, for training's features, a whole conversation. bf16 on CUDA; on a CPU, bf16 when
-    the calibration measures the largest size it has within `tokens` faster in bf16 than in fp32:
-    true on cores with AMX, false where bf16 is emulated, and on AVX512-BF16 without AMX it can
-    differ by size (16 tokens faster in bf16, 256 slower: results/REPORT.md). Decided by
-    measuring, not by CPU flags."""
-    if target.embed_tokens.weight.device.type == "cuda":
-        return torch.bfloat16
-    fp32 = calibrate(target.float())
-    bf16 = calibrate(copy.deepcopy(target).to(torch.bfloat16))
+def curves(target: Transformer) -> dict:
+    """The target's calibration (`calibrate`) in fp32 and in bf16: {"fp32": {n: s}, "bf16": ...}."""
+    return {"fp32": calibrate(target.float()),
+            "bf16": calibrate(copy.deepcopy(target).to(torch.bfloat16))}
+
+
+def faster_dtype(curve: dict, tokens: int = 16) -> torch.dtype:
+    """bf16 when `curves` measured the largest size within `tokens` faster in bf16 than in fp32
+    (the least size, below all of them), else fp32."""
+    fp32, bf16 = curve["fp32"], curve["bf16"]
     n = max((k for k in fp32 if k <= tokens), default=min(fp32))
     return torch.bfloat16 if bf16[n] < fp32[n] else torch.float32
+
+
+def auto_dtype(target: Transformer, tokens: int = 16) -> torch.dtype:
+    """The dtype that pays for calls scoring about `tokens` tokens at once: a verified tree (16,
+    typical) or, for training's features, a whole conversation. bf16 on CUDA; on a CPU, the one
+    the calibration measured faster at that size (`faster_dtype`): bf16 on cores with AMX, fp32
+    where bf16 is emulated, and on AVX512-BF16 without AMX it can differ by size (16 tokens
+    faster in bf16, 256 slower: results/REPORT.md). Decided by measuring, not by CPU flags."""
+    if target.embed_tokens.weight.device.type == "cuda":
+        return torch.bfloat16
+    return faster_dtype(curves(target), tokens)
 
 
 def load_for(path, device, dtype: Optional[str], tokens: int = 16):

@@ -15,6 +15,7 @@ from extras.checkpoint import load_target
 from extras.runtime import check_device, check_memory, describe, machine, one_line_errors
 from model import (ModelArgs, StaticSteps, TapsError, Transformer, bucket, clock, generate_plain,
                    pad_tree)
+from taps import Drafter, Sampling, Tree, generate
 
 
 # named architectures for `--bench --shape`: random weights, so a speed needs no download
@@ -90,7 +91,6 @@ def measure(model, prompt: list, device, n_new=128):
     """Plain decoding at batch 1 against the memory bound -- every weight is read once per token, so
     tok/s <= copy bandwidth / weight bytes -- then the cost of scoring N tokens, and one call of the
     study's tree (draft + verify) against a plain step, with the full and a 32k draft vocabulary."""
-    from taps import Drafter, Sampling, generate
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(device, 1 << (30 if torch.device(device).type == "cuda" else 28))
@@ -147,15 +147,12 @@ SCORE_SIZES = (16, 61)   # an auto-sized CPU tree, and the study's 60 nodes + ro
 
 
 def random_tree(n: int, device):
-    """n tokens' ancestor mask (N, N) and depths (N,) of a random tree (each node's parent drawn
-    from the nodes before it): what a verifier call scores."""
+    """The ancestor mask (N, N) and depths (N,) of a random `Tree` of n nodes (each node's parent
+    drawn from the nodes before it): what a verifier call scores."""
     g = torch.Generator().manual_seed(n)
-    mask, depths = torch.eye(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
-    for i in range(1, n):
-        parent = int(torch.randint(i, (), generator=g))
-        mask[i] |= mask[parent]
-        depths[i] = depths[parent] + 1
-    return mask.to(device), depths.to(device)
+    parents = [None] + [int(torch.randint(i, (), generator=g)) for i in range(1, n)]
+    tree = Tree([0] * n, parents, [0.0] * n, [None] * n)
+    return tree.mask.to(device), torch.tensor(tree.depths, device=device)
 
 
 def timed_call(device, fn) -> tuple[float, object]:

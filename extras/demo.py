@@ -17,7 +17,6 @@ what this measured.
 """
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 import time
@@ -66,17 +65,17 @@ class Machine:
     @classmethod
     def measure(cls) -> "Machine":
         """Measured once per machine (cached); the steps read the same cache entries."""
-        from extras.autotree import auto_dtype, calibrate
+        from extras.autotree import curves, faster_dtype   # as --dtype auto decides
         from extras.checkpoint import load_target
         from train import SIZES, auto_amp, step_times   # the scripts' own measurements
         name = {torch.float32: "fp32", torch.bfloat16: "bf16"}
         target, _ = load_target(None, "cpu", torch.float32)
-        features = auto_dtype(target, tokens=SIZES["demo"]["max_len"])   # calibrates both dtypes
-        curves = {"fp32": calibrate(target), "bf16": calibrate(copy.deepcopy(target).bfloat16())}
-        dtype = auto_dtype(target)
+        verify_s = curves(target)
+        features = faster_dtype(verify_s, tokens=SIZES["demo"]["max_len"])   # a conversation
+        dtype = faster_dtype(verify_s)                                       # a tree
         target = target.to(features)                 # keyed by the dtype train.py's target has
         amp, _ = auto_amp(target)
-        return cls(curves, step_times(target), name[features], name[dtype], amp)
+        return cls(verify_s, step_times(target), name[features], name[dtype], amp)
 
     def seconds(self, part: str, dtype: str, items: int = 0) -> float:
         """`part`'s reference time scaled by what its kind of work costs here in `dtype` (and by

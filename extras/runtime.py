@@ -78,11 +78,21 @@ def given(ap: argparse.ArgumentParser, args) -> set:
 
 def refuse_unused(ap, args, used: set, where: str, advice: str = ""):
     """A flag that does nothing `where` (a mode, a tree) is refused, not silently ignored: the
-    user believes it applied. used: the --names that do something there."""
-    idle = sorted(given(ap, args) - used)
-    if idle:
-        one = len(idle) == 1
-        raise TapsError(f"{', '.join(idle)} {'does' if one else 'do'} nothing {where}; "
+    user believes it applied. used: the --names that do something there (`refuse_idle` names
+    instead those that do nothing)."""
+    refuse(sorted(given(ap, args) - set(used)), where, advice)
+
+
+def refuse_idle(ap, args, idle, where: str, advice: str = ""):
+    """`refuse_unused` from the other side: the flags of `idle` that were given do nothing
+    `where`, and are refused."""
+    refuse(sorted(given(ap, args) & set(idle)), where, advice)
+
+
+def refuse(flags: list, where: str, advice: str = ""):
+    if flags:
+        one = len(flags) == 1
+        raise TapsError(f"{', '.join(flags)} {'does' if one else 'do'} nothing {where}; "
                         f"{advice or ('drop it' if one else 'drop them')}")
 
 

@@ -155,8 +155,9 @@ def pruned(tree: taps.Tree, drafted: dict[int, taps.Tree],
 
 @dataclass
 class Routing:
-    """A composition's decision: each drafter's tree summarised, and whose was verified: one
-    drafter's, or all of theirs for a merged tree (as `taps.Stats.routed`)."""
+    """A composition's decision: each drafter's tree summarised, and whose the composition chose:
+    one drafter's (routed), or all of theirs (merged). `taps.Stats.routed` counts instead the
+    drafters whose nodes the verified tree holds, which an `AutoTree` prune can narrow."""
     compose: str
     trees: list[dict]         # per drafter: nodes, mean confidence exp(logq), mean entropy
     chosen: frozenset[int]
@@ -273,9 +274,10 @@ class Trace:
             self._left[node] = left * (1 - r)
 
     def draw(self, node, token, r, residual_mass=None):
-        tested = any(t.node == node for t in self._tests)
+        # a draw follows tests at its node only when they all failed: each left its mass there
+        rejected = node in self._left
         mass = self._left.get(node, 1) if residual_mass is None else _value(residual_mass)
-        self._draw = Draw(node, int(token), "correction" if tested else "bonus",
+        self._draw = Draw(node, int(token), "correction" if rejected else "bonus",
                           _value(r[token] / r.sum()), mass, self.decode and self.decode(token))
 
     def call(self, tree: taps.Tree, path: list[int], emitted: list[int], draft_s: float = 0.0,
@@ -284,7 +286,7 @@ class Trace:
         self._calls += 1
         self._emitted += len(emitted)
         text = [self.decode(t) for t in tree.tokens] if self.decode else None
-        c = Call(max(self.generation, 0), self._calls - 1, dict(self.meta), tree, text,
+        c = Call(self.generation, self._calls - 1, dict(self.meta), tree, text,
                  self._routing, self._tests, self._draw, list(path), list(emitted),
                  self.decode and "".join(map(self.decode, emitted)), draft_s, verify_s,
                  self._emitted / self._calls, pruned(tree, self._drafted, self.decode))
